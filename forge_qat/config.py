@@ -1,0 +1,159 @@
+"""The run configuration of `forge train`: one dataclass, read from YAML and overridden by flags.
+
+The CLI builds one `--kebab-case` option per field from the `help` metadata here, so a new option is
+one field. Combinations are validated in `TrainConfig.__post_init__`; values that depend on the model
+(learning rate, precision) are resolved once in `resolve()` and logged by the trainer.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from forge_qat.errors import ConfigError, InputError, choices_message
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Schedule = Literal["cosine", "linear", "constant"]
+NO_RECIPE = "none"
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # what to train
+    model: str = _opt("tiny-llama", "Local Hugging Face model directory (safetensors), or a built-in preset.")
+    data: str = _opt("builtin:python-docs", "Training text: a .txt/.jsonl file, a directory of them, or builtin:NAME.")
+    eval_data: str | None = _opt("builtin:python-docs-eval", "Held-out text for periodic eval loss ('none' to skip).")
+    output_dir: str = _opt("forge-runs/demo", "Run directory: checkpoints, metrics.jsonl, run metadata.")
+    # QAT and other linear-layer swaps (at most one; see forge_qat.prepare.LINEAR_SWAPS)
+    qat_recipe: str | None = _opt(None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
+    fake_quant_after_steps: int = _opt(0, "Train this many steps in float before enabling fake quantization.")
+    fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+): tensorwise, rowwise, rowwise_with_gw_hp.")
+    # optimisation
+    max_steps: int = _opt(300, "Optimizer steps to train for.")
+    batch_size: int = _opt(8, "Sequences per micro-batch.")
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
+    seq_len: int = _opt(128, "Tokens per training sequence (texts are packed).")
+    lr: float | None = _opt(None, "Peak learning rate. Default: 1e-3 for a preset trained from scratch, 2e-5 for a pretrained model.")
+    lr_schedule: Schedule = _opt("cosine", "Decay after warmup: cosine, linear or constant.")
+    warmup_steps: int = _opt(20, "Linear warmup steps.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    precision: Precision = _opt("auto", "Autocast precision: auto (bf16 where supported), bf16, fp16 (CUDA only), fp32.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
+    seed: int = _opt(0, "Seed for model init, data order and dropout.")
+    # evaluation, logging and checkpoints
+    eval_every: int = _opt(50, "Steps between eval-loss measurements (0: only at the end).")
+    eval_batches: int = _opt(8, "Micro-batches per eval measurement.")
+    save_every: int = _opt(100, "Steps between checkpoints (the last step is always saved).")
+    save_total_limit: int = _opt(2, "Checkpoints kept in output_dir (oldest removed first).")
+    resume: bool = _opt(False, "Continue from the latest checkpoint in output_dir.", cli_only=True)
+    overwrite: bool = _opt(False, "Replace an existing output_dir.", cli_only=True)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "fake_quant_after_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        for name, choices in (("precision", Precision), ("lr_schedule", Schedule)):
+            valid = list(typing.get_args(choices))
+            if getattr(self, name) not in valid:
+                raise ConfigError(choices_message(name.replace("_", " "), getattr(self, name), valid))
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: choose one")
+        self._validate_linear_swaps()
+
+    def _validate_linear_swaps(self) -> None:
+        from forge_qat.prepare import LINEAR_SWAPS
+
+        chosen = [s for s in LINEAR_SWAPS if getattr(self, s.option) not in (None, NO_RECIPE)]
+        if len(chosen) > 1:
+            given = " and ".join(f"{s.flag} {getattr(self, s.option)}" for s in chosen)
+            raise ConfigError(f"{given} both replace the linear layers; choose one")
+        for swap in chosen:
+            value = getattr(self, swap.option)
+            if value not in swap.choices():
+                raise ConfigError(choices_message(swap.option.replace("_", " "), value, swap.choices()))
+        if self.fake_quant_after_steps and self.active_qat_recipe is None:
+            raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+
+    @property
+    def active_qat_recipe(self) -> str | None:
+        """The QAT recipe this run applies: the registry default unless 'none' or float8 was chosen."""
+        from forge_qat.recipes import DEFAULT_RECIPE
+
+        if self.qat_recipe == NO_RECIPE or (self.qat_recipe is None and self.fp8_recipe):
+            return None
+        return self.qat_recipe or DEFAULT_RECIPE
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_data not in (None, NO_RECIPE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fields_for_cli() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The scalar type a field holds (Optional and Literal unwrapped), for YAML checks and the CLI."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    if typing.get_origin(hint) is Literal:
+        return str
+    return hint
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    expected = field_type(f)
+    if value is None and f.default is None:
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config; unknown keys and wrongly typed values are errors naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("cli_only")}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: {choices_message('key', key, sorted(known))}")
+        values[name] = _check_value(key, value, known[name], str(path))
+    return values
+
+
+def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < YAML file < explicit overrides (None means 'not given')."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)

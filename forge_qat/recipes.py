@@ -1,0 +1,134 @@
+"""The recipe registry: the one place a QAT recipe name is written.
+
+Training (prepare), finalize (convert), the CLI's choices, `forge recipes`, the docs table and the
+Jinja templates' `qat_recipes()` all read `RECIPES`. Adding a recipe is one `Recipe` record.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8DynamicActivationInt4WeightConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8DynamicActivationIntxWeightConfig,
+    PerGroup,
+    PerRow,
+)
+
+from forge_qat import hardware
+from forge_qat.errors import UnknownRecipeError, choices_message
+from forge_qat.fake_quant import AffineSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """Something convert needs from the machine, checked at call time (so tests can monkeypatch)."""
+
+    description: str
+    is_met: Callable[[], bool]
+
+
+CUDA = Requirement("a CUDA GPU", lambda: hardware.cuda_available())
+SM89 = Requirement("CUDA compute capability 8.9+ (Ada/Hopper)", lambda: hardware.has_cuda_capability(8, 9))
+SM90 = Requirement("CUDA compute capability 9.0+ (Hopper)", lambda: hardware.has_cuda_capability(9, 0))
+MSLK = Requirement("the mslk kernel package (pip install mslk)", lambda: hardware.has_mslk())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    """One QAT scheme: how to fake-quantize it in training and how to convert it for deployment."""
+
+    name: str
+    """kebab-case name used on the command line, in configs and in checkpoint metadata."""
+    description: str
+    """One line for tables and help."""
+    base_config: Callable[[], AOBaseConfig]
+    """Builds the torchao PTQ config that `QATConfig(base, step="convert")` applies."""
+    fake_quant: tuple[AffineSpec | None, AffineSpec | None] | None = None
+    """(activation, weight) fake quantization for prepare when torchao cannot infer it from the
+    base config; None means `QATConfig(base, step="prepare")` infers it."""
+    convert_requires: tuple[Requirement, ...] = ()
+    """What the real low-bit kernels of convert need; training (fake quant) runs anywhere."""
+    safetensors: bool = True
+    """Whether torchao can flatten the converted tensor subclass into safetensors."""
+    weight_bits: int = 8
+    """Bits per quantized weight value, for size estimates."""
+    group_size: int | None = None
+    """in_features must be a multiple of this for a linear layer to be quantized."""
+
+    def missing_for_convert(self) -> list[str]:
+        """Descriptions of the convert requirements this machine does not meet (empty: can convert)."""
+        return [r.description for r in self.convert_requires if not r.is_met()]
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="int8-dynamic-act-int4-weight",
+            description="int8 per-token dynamic activations, int4 per-group(32) symmetric weights",
+            base_config=lambda: Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(32)
+            ),
+            weight_bits=4,
+            group_size=32,
+        ),
+        Recipe(
+            name="int8-dynamic-act-int8-weight",
+            description="int8 per-token symmetric activations, int8 per-channel weights (fast on x86 CPUs)",
+            base_config=lambda: Int8DynamicActivationInt8WeightConfig(),
+            # torchao has no QAT mapping for this config; these match Int8Tensor's real kernel:
+            # per-row symmetric, float32 scales, float32 eps (torchao/quantization/quantize_/workflows/int8).
+            fake_quant=(
+                AffineSpec(bits=8, granularity="per_token", symmetric=True,
+                           eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
+                AffineSpec(bits=8, granularity="per_channel", symmetric=True,
+                           eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
+            ),
+            weight_bits=8,
+        ),
+        Recipe(
+            name="int4-weight-only",
+            description="int4 per-group(128) weights, bf16 activations (CUDA + mslk kernels)",
+            base_config=lambda: Int4WeightOnlyConfig(group_size=128),
+            convert_requires=(CUDA, MSLK),
+            weight_bits=4,
+            group_size=128,
+        ),
+        Recipe(
+            name="float8-dynamic-act-float8-weight",
+            description="float8 e4m3 per-row dynamic activations and weights (CUDA sm89+)",
+            base_config=lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            convert_requires=(CUDA, SM89),
+            weight_bits=8,
+        ),
+        Recipe(
+            name="float8-dynamic-act-int4-weight",
+            description="float8 per-row activations, int4 preshuffled weights (Hopper + mslk)",
+            base_config=lambda: Float8DynamicActivationInt4WeightConfig(),
+            convert_requires=(CUDA, SM90, MSLK),
+            # Int4PreshuffledTensor is not among torchao's safetensors-flattenable subclasses.
+            safetensors=False,
+            weight_bits=4,
+            group_size=128,
+        ),
+    )
+}
+
+DEFAULT_RECIPE = "int8-dynamic-act-int4-weight"
+
+
+def recipe_names() -> list[str]:
+    return list(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registry record for `name`, or an error listing every valid name."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UnknownRecipeError(choices_message("recipe", name, recipe_names())) from None

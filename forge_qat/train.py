@@ -1,0 +1,208 @@
+"""Single-process training loop: load, prepare (QAT or float8), train, evaluate, checkpoint, resume.
+
+Called by `forge train` (through `run_training`) and by the end-to-end tests. Reports progress to an
+optional `TrainObserver`; it never prints.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import get_scheduler
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat import hardware
+from forge_qat.config import NO_RECIPE, TrainConfig
+from forge_qat.data import PackedData, batch_indices, load_packed
+from forge_qat.errors import ConfigError, HardwareError
+from forge_qat.models import load_model, ModelSource
+from forge_qat.prepare import prepare_float8_training, prepare_qat, set_fake_quant_enabled
+from forge_qat.recipes import get_recipe
+
+log = logging.getLogger(__name__)
+
+
+class TrainObserver(Protocol):
+    def on_start(self, total_steps: int, start_step: int) -> None: ...
+    def on_step(self, record: dict[str, Any]) -> None: ...
+    def on_checkpoint(self, path: Path) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    output_dir: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    final_eval_loss: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Values derived from the config and the machine, decided once and logged."""
+
+    device: torch.device
+    precision: str
+    lr: float
+    qat_recipe: str | None
+
+
+def resolve(cfg: TrainConfig) -> Resolved:
+    device = torch.device("cuda" if hardware.cuda_available() else "cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if hardware.bf16_supported() else ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise HardwareError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    if precision == "bf16" and not hardware.bf16_supported():
+        raise HardwareError("this GPU does not support bf16; use --precision fp16 or fp32")
+    lr = cfg.lr if cfg.lr is not None else (1e-3 if ModelSource(cfg.model).is_preset else 2e-5)
+    return Resolved(device, precision, lr, cfg.active_qat_recipe)
+
+
+def autocast(res: Resolved):
+    if res.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if res.precision == "bf16" else torch.float16
+    return torch.autocast(res.device.type, dtype=dtype)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # Decay matrices only; norms and biases are conventionally left undecayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batches: int, res: Resolved) -> float:
+    """Mean loss over the first `max_batches` micro-batches of `data`, in a fixed order."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for start in range(0, min(len(data), batch_size * max_batches), batch_size):
+        batch = {k: v.to(res.device) for k, v in data.batch(torch.arange(start, min(start + batch_size, len(data)))).items()}
+        with autocast(res):
+            losses.append(model(**batch).loss.float().item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> TrainResult:
+    """Train as `cfg` says; returns where the final checkpoint is."""
+    res = resolve(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_io.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg.to_dict())
+    log.info("device %s, precision %s, lr %g, QAT recipe %s", res.device, res.precision, res.lr,
+             res.qat_recipe or "none (float)")
+    if res.qat_recipe:
+        missing = get_recipe(res.qat_recipe).missing_for_convert()
+        if missing:
+            log.warning("training %s with fake quantization works here, but finalize will need %s",
+                        res.qat_recipe, " and ".join(missing))
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    if res.qat_recipe:
+        n = prepare_qat(model, res.qat_recipe)
+        log.info("fake quantization (%s) installed on %d linear layers", res.qat_recipe, n)
+    elif cfg.fp8_recipe:
+        n = prepare_float8_training(model, cfg.fp8_recipe)
+        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with inputs that don't require grad (frozen embeddings) and with
+        # autocast, and recomputes the fake quantizers exactly in backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(res.device).train()
+
+    train_data = load_packed(cfg.data, tokenizer, cfg.seq_len)
+    eval_data = load_packed(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.has_eval else None
+    optimizer = _optimizer(model, cfg, res.lr)
+    scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+    start_step = 0
+    if cfg.resume:
+        start_step = _restore(out, model, optimizer, scheduler, cfg)
+    if start_step >= cfg.max_steps:
+        raise ConfigError(f"{out} is already trained to step {start_step}; raise --max-steps to continue")
+
+    meta = {"qat_recipe": res.qat_recipe, "fp8_recipe": cfg.fp8_recipe, "precision": res.precision,
+            "lr": res.lr, "train_config": cfg.to_dict()}
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    observer and observer.on_start(cfg.max_steps, start_step)
+    metrics = (out / ckpt_io.METRICS).open("a")
+    loss = eval_loss = float("nan")
+    last_ckpt = None
+    try:
+        for step in range(start_step, cfg.max_steps):
+            if res.qat_recipe:
+                set_fake_quant_enabled(model, step >= cfg.fake_quant_after_steps)
+            t0 = time.perf_counter()
+            loss = _train_step(model, optimizer, scheduler, train_data, cfg, res, step)
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+            if res.qat_recipe:
+                record["fake_quant"] = step >= cfg.fake_quant_after_steps
+            if eval_data is not None and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                record["eval_loss"] = eval_loss = evaluate(model, eval_data, cfg.batch_size, cfg.eval_batches, res)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            observer and observer.on_step(record)
+            if not math.isfinite(loss):
+                raise ConfigError(f"loss became {loss} at step {done}; lower --lr or check the data")
+            if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+                state = {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "torch_rng": torch.get_rng_state()}
+                last_ckpt = ckpt_io.save_checkpoint(out, done, model, tokenizer, meta, state, cfg.save_total_limit)
+                observer and observer.on_checkpoint(last_ckpt)
+    finally:
+        metrics.close()
+    return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
+
+
+def _train_step(model, optimizer, scheduler, data: PackedData, cfg: TrainConfig, res: Resolved, step: int) -> float:
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
+        batch = {k: v.to(res.device) for k, v in data.batch(idx).items()}
+        with autocast(res):
+            loss = model(**batch).loss
+        (loss / cfg.grad_accum).backward()
+        total += loss.detach().float().item()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum
+
+
+def _restore(out: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    ckpts = ckpt_io.checkpoint_dirs(out)
+    if not ckpts:
+        raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
+    step, path = ckpts[-1]
+    meta = ckpt_io.read_checkpoint_meta(path)
+    if meta.get("qat_recipe") != cfg.active_qat_recipe:
+        raise ConfigError(f"--resume: {path} was trained with QAT recipe {meta.get('qat_recipe') or NO_RECIPE}, "
+                          f"this run asks for {cfg.active_qat_recipe or NO_RECIPE}")
+    ckpt_io.load_weights_into(model, path)
+    state = ckpt_io.load_trainer_state(path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    ckpt_io.trim_metrics(out, step)
+    log.info("resumed from %s (step %d)", path, step)
+    return step
