@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torchao.quantization.qat import FakeQuantizedLinear
 
 Granularity = Literal["per_token", "per_group", "per_channel"]
 
@@ -123,6 +124,11 @@ class AffineFakeQuantizer(torch.nn.Module):
         self.spec = spec
         self.enabled = True
 
+    @property
+    def config(self) -> AffineSpec:
+        """torchao's convert step reads `weight_fake_quantizer.config` (to detect range learning)."""
+        return self.spec
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -130,3 +136,79 @@ class AffineFakeQuantizer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.spec)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FakeQuantPlan:
+    """How a recipe fake-quantizes a linear layer when torchao cannot infer it from the base config."""
+
+    activation: AffineSpec | None
+    weight: AffineSpec | None
+    integer_matmul: bool = False
+    """Multiply on the integer grid and scale afterwards, as int8 x int8 kernels do (see IntegerGridLinear)."""
+
+
+def _to_grid(t: torch.Tensor, spec: AffineSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer values (as floats), per-row scale and in-range mask of a symmetric quantization."""
+    scale, _ = choose_qparams(t, spec)
+    q = t * (1.0 / scale)
+    q.round_()
+    grid = q.clamp(spec.qmin, spec.qmax)
+    return grid, scale, grid == q
+
+
+class _IntegerGridLinear(torch.autograd.Function):
+    """y = ((x_q @ w_q^T) * s_x) * s_w, in the order of torchao's Int8Tensor linear on CPU and CUDA
+    (`int_scaled_matmul`, then the weight scale). Products of int8 values summed in fp32 are exact
+    for in_features up to 1040, so the forward matches the converted kernel bit for bit there; a
+    fake quantizer that scales first (`F.linear(fq(x), fq(w))`) differs by float rounding, which
+    flips rounding decisions of later layers and compounds with depth. Backward is the usual
+    straight-through estimator, masked where values were clipped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act_spec: AffineSpec, weight_spec: AffineSpec):
+        with torch.autocast(x.device.type, enabled=False):
+            xg = x.reshape(-1, x.shape[-1])
+            xq, xs, x_in = _to_grid(xg, act_spec)
+            wq, ws, w_in = _to_grid(weight, weight_spec)
+            y = (xq @ wq.t().to(xq.dtype)) * xs
+            y = y.to(x.dtype) * ws.reshape(1, -1)
+            if bias is not None:
+                y = y + bias
+        ctx.save_for_backward(xq.to(torch.int8), xs, x_in, wq.to(torch.int8), ws, w_in)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xq, xs, x_in, wq, ws, w_in = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).float()
+            grad_x = grad_w = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ (wq.float() * ws)).mul_(x_in).to(x_dtype).reshape(*grad.shape[:-1], -1)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.t() @ (xq.float() * xs)).mul_(w_in).to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g.sum(0).to(w_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def integer_grid_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        act_spec: AffineSpec, weight_spec: AffineSpec) -> torch.Tensor:
+    if not (act_spec.symmetric and weight_spec.symmetric):
+        raise ValueError("integer-grid fake quantization needs symmetric activations and weights")
+    return _IntegerGridLinear.apply(x, weight, bias, act_spec, weight_spec)
+
+
+class IntegerGridFakeQuantizedLinear(FakeQuantizedLinear):
+    """torchao's `FakeQuantizedLinear` (so torchao's convert step recognises it) whose forward
+    multiplies on the integer grid while both fake quantizers are enabled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, weight = self.activation_fake_quantizer, self.weight_fake_quantizer
+        if act is not None and weight is not None and act.enabled and weight.enabled:
+            return integer_grid_linear(x, self.weight, self.bias, act.spec, weight.spec)
+        return super().forward(x)

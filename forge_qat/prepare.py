@@ -18,7 +18,7 @@ from torchao.quantization.quant_primitives import ZeroPointDomain
 
 from forge_qat import hardware
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
-from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec
+from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, FakeQuantPlan, IntegerGridFakeQuantizedLinear
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,19 @@ def _fused_spec(quantizer: torch.nn.Module) -> AffineSpec | None:
     return None
 
 
-def _install_quantizers(linear: FakeQuantizedLinear, act: AffineSpec | None, weight: AffineSpec | None):
-    linear.activation_fake_quantizer = AffineFakeQuantizer(act) if act else None
-    linear.weight_fake_quantizer = AffineFakeQuantizer(weight) if weight else None
+def _fake_quantized(linear: torch.nn.Linear, plan: FakeQuantPlan) -> FakeQuantizedLinear:
+    """The prepared replacement of `linear`, sharing its Parameter objects.
+
+    Built on the meta device and then given the original parameters, so no full-size weight is
+    allocated in passing (torchao's `from_linear` allocates one per layer before discarding it).
+    """
+    cls = IntegerGridFakeQuantizedLinear if plan.integer_matmul else FakeQuantizedLinear
+    new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.activation_fake_quantizer = AffineFakeQuantizer(plan.activation) if plan.activation else None
+    new.weight_fake_quantizer = AffineFakeQuantizer(plan.weight) if plan.weight else None
+    return new
 
 
 def prepare_qat(model: torch.nn.Module, recipe_name: str) -> int:
@@ -93,13 +103,10 @@ def prepare_qat(model: torch.nn.Module, recipe_name: str) -> int:
                     if spec is not None:
                         setattr(module, slot, AffineFakeQuantizer(spec))
     else:
-        act, weight = recipe.fake_quant
         modules = dict(model.named_modules())
         for name in names:
-            fq = FakeQuantizedLinear.from_linear(modules[name])
-            _install_quantizers(fq, act, weight)
             parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, fq)
+            setattr(modules[parent] if parent else model, child, _fake_quantized(modules[name], recipe.fake_quant))
     return sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
 
 

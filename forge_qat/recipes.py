@@ -21,7 +21,7 @@ from torchao.quantization import (
 
 from forge_qat import hardware
 from forge_qat.errors import UnknownRecipeError, choices_message
-from forge_qat.fake_quant import AffineSpec
+from forge_qat.fake_quant import AffineSpec, FakeQuantPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +48,9 @@ class Recipe:
     """One line for tables and help."""
     base_config: Callable[[], AOBaseConfig]
     """Builds the torchao PTQ config that `QATConfig(base, step="convert")` applies."""
-    fake_quant: tuple[AffineSpec | None, AffineSpec | None] | None = None
-    """(activation, weight) fake quantization for prepare when torchao cannot infer it from the
-    base config; None means `QATConfig(base, step="prepare")` infers it."""
+    fake_quant: FakeQuantPlan | None = None
+    """Fake quantization for prepare when torchao cannot infer it from the base config; None means
+    `QATConfig(base, step="prepare")` infers it."""
     convert_requires: tuple[Requirement, ...] = ()
     """What the real low-bit kernels of convert need; training (fake quant) runs anywhere."""
     safetensors: bool = True
@@ -81,13 +81,15 @@ RECIPES: dict[str, Recipe] = {
             name="int8-dynamic-act-int8-weight",
             description="int8 per-token symmetric activations, int8 per-channel weights (fast on x86 CPUs)",
             base_config=lambda: Int8DynamicActivationInt8WeightConfig(),
-            # torchao has no QAT mapping for this config; these match Int8Tensor's real kernel:
-            # per-row symmetric, float32 scales, float32 eps (torchao/quantization/quantize_/workflows/int8).
-            fake_quant=(
-                AffineSpec(bits=8, granularity="per_token", symmetric=True,
-                           eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
-                AffineSpec(bits=8, granularity="per_channel", symmetric=True,
-                           eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
+            # torchao has no QAT mapping for this config; this plan matches Int8Tensor's real kernel:
+            # per-row symmetric, float32 scales and eps (torchao/quantization/quantize_/workflows/int8),
+            # integer matmul scaled afterwards (torchao/kernel/intmm.py).
+            fake_quant=FakeQuantPlan(
+                activation=AffineSpec(bits=8, granularity="per_token", symmetric=True,
+                                      eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
+                weight=AffineSpec(bits=8, granularity="per_channel", symmetric=True,
+                                  eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
+                integer_matmul=True,
             ),
             weight_bits=8,
         ),

@@ -1,0 +1,70 @@
+"""Run configuration: YAML keys, flag precedence, contradictory options."""
+
+import pytest
+
+from forge_qat.config import build_config, load_yaml
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.recipes import DEFAULT_RECIPE
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = build_config()
+    assert cfg.model == "tiny-llama" and cfg.data.startswith("builtin:")
+    assert cfg.active_qat_recipe == DEFAULT_RECIPE
+
+
+def test_flags_override_yaml_override_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 7\nlr: 1\nqat_recipe: int8-dynamic-act-int8-weight\n")
+    cfg = build_config(path, max_steps=9)
+    assert (cfg.max_steps, cfg.lr, cfg.qat_recipe) == (9, 1.0, "int8-dynamic-act-int8-weight")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("max_stepz: 3\n", "max_stepz"),
+    ("max_steps: three\n", "max_steps"),
+    ("- a list\n", "mapping"),
+    ("max_steps: [\n", "not valid YAML"),
+])
+def test_bad_yaml_names_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        build_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_yaml(tmp_path / "none.yaml")
+
+
+def test_qat_and_fp8_are_mutually_exclusive():
+    with pytest.raises(ConfigError) as e:
+        build_config(qat_recipe=DEFAULT_RECIPE, fp8_recipe="rowwise")
+    assert "--qat-recipe" in str(e.value) and "--fp8-recipe" in str(e.value)
+    # fp8 alone turns the default QAT recipe off rather than conflicting with it
+    assert build_config(fp8_recipe="rowwise").active_qat_recipe is None
+
+
+def test_unknown_recipe_and_values():
+    with pytest.raises(ConfigError, match="int8-dynamic-act-int4-weight"):
+        build_config(qat_recipe="int2-dream")
+    with pytest.raises(ConfigError, match="fp8 recipe"):
+        build_config(fp8_recipe="blockwise", qat_recipe="none")
+    with pytest.raises(ConfigError, match="precision"):
+        build_config(precision="fp64")
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_config(batch_size=0)
+    with pytest.raises(ConfigError, match="needs a QAT recipe"):
+        build_config(qat_recipe="none", fake_quant_after_steps=3)
+
+
+def test_shipped_run_configs_are_valid():
+    from forge_qat.resources import data_dir
+
+    configs = sorted(data_dir("recipes").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        header = path.read_text().splitlines()[:6]
+        assert any("forge train" in line for line in header), f"{path.name} must say how to run it"
+        build_config(path)

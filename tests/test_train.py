@@ -1,0 +1,174 @@
+"""End-to-end training on the micro preset: CLI, checkpoints, resume, delayed fake quant, bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import micro_train_args
+from typer.testing import CliRunner
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.cli import app
+from forge_qat.config import TrainConfig
+from forge_qat.errors import OutputExistsError
+from forge_qat.train import run_training
+
+runner = CliRunner()
+
+
+def _flags(**kw) -> list[str]:
+    out = []
+    for k, v in kw.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_hf_checkpoints(tmp_path, text_file):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", *_flags(**micro_train_args(out, text_file, eval_data=str(text_file),
+                                                                      eval_every=2))])
+    assert result.exit_code == 0, result.output
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "fake_quant"} <= r.keys() for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    ckpts = ckpt_io.checkpoint_dirs(out)
+    assert [s for s, _ in ckpts] == [2, 4]
+    final = ckpts[-1][1]
+    meta = json.loads((final / "forge_checkpoint.json").read_text())
+    assert meta["qat_recipe"] == "int8-dynamic-act-int4-weight" and meta["step"] == 4
+
+    # Stock transformers loads it; keys are the original model's, weights are float.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge_qat.models import preset_model
+
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    reference, _ = preset_model("micro-llama")
+    assert set(loaded.state_dict()) == set(reference.state_dict())
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values())
+    assert not torch.equal(loaded.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+
+
+def test_training_reduces_loss_with_qat(tmp_path, text_file):
+    result = run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file, max_steps=30, batch_size=4,
+                                                         save_every=0)))
+    losses = [r["loss"] for r in _metrics(tmp_path / "r")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert result.checkpoint.name == "checkpoint-000030"
+
+
+class _CrashAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_start(self, total_steps, start_step): ...
+    def on_checkpoint(self, path): ...
+
+    def on_step(self, record):
+        if record["step"] == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_continues_identically(tmp_path, text_file):
+    args = micro_train_args(tmp_path / "a", text_file, max_steps=6, save_every=3, grad_accum=2,
+                            fake_quant_after_steps=2)
+    run_training(TrainConfig(**args))
+    straight = _metrics(tmp_path / "a")
+
+    args_b = dict(args, output_dir=str(tmp_path / "b"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(TrainConfig(**args_b), observer=_CrashAt(5))
+    assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    run_training(TrainConfig(**dict(args_b, resume=True)))
+    resumed = _metrics(tmp_path / "b")
+
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["fake_quant"] for r in resumed] == [False, False, True, True, True, True]
+    a_final = ckpt_io.checkpoint_dirs(tmp_path / "a")[-1][1] / "model.safetensors"
+    b_final = ckpt_io.checkpoint_dirs(tmp_path / "b")[-1][1] / "model.safetensors"
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(a_final), load_file(b_final)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_delayed_fake_quant_changes_training(tmp_path, text_file):
+    common = micro_train_args(tmp_path, text_file, max_steps=3, save_every=0)
+    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "d0"))))
+    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "d2"), fake_quant_after_steps=2)))
+    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "f"), qat_recipe="none")))
+    qat, delayed, float_ = (_metrics(tmp_path / d) for d in ("d0", "d2", "f"))
+    assert delayed[0]["loss"] == float_[0]["loss"] != qat[0]["loss"]
+    assert delayed[2]["loss"] != float_[2]["loss"]
+
+
+def test_chat_data_and_memory_options_train(tmp_path, chat_file):
+    run_training(TrainConfig(**micro_train_args(tmp_path / "c", chat_file, gradient_checkpointing=True,
+                                                grad_accum=2, precision="bf16",
+                                                qat_recipe="int8-dynamic-act-int8-weight")))
+    assert all(r["loss"] == r["loss"] for r in _metrics(tmp_path / "c"))  # finite, not NaN
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_file, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def flaky_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file)))
+    assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "r")] == [2]
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")], "temporary dirs left behind"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "checkpoint-000002")
+
+
+def test_output_dir_guard(tmp_path, text_file):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_training(TrainConfig(**micro_train_args(foreign, text_file)))
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    run_training(TrainConfig(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run_training(TrainConfig(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
+
+
+@pytest.mark.parametrize("extra, exit_code, message", [
+    (["--qat-recipe", "int3-magic"], 2, "int8-dynamic-act-int4-weight"),
+    (["--qat-recipe", "int8-dynamic-act-int4-weight", "--fp8-recipe", "rowwise"], 2, "--fp8-recipe rowwise"),
+    (["--model", "/no/such/model"], 1, "/no/such/model does not exist"),
+    (["--precision", "fp16"], 1, "fp16 autocast needs a CUDA device"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, text_file, extra, exit_code, message):
+    args = micro_train_args(tmp_path / "r", text_file)
+    result = runner.invoke(app, ["train", *_flags(**args), *extra])
+    assert result.exit_code == exit_code
+    assert message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+
+
+def test_cli_bad_model_dir_and_config(tmp_path, text_file):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    result = runner.invoke(app, ["train", *_flags(**micro_train_args(tmp_path / "r", text_file)),
+                                 "--model", str(model_dir)])
+    assert result.exit_code == 1 and "has no config.json" in result.output
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 3\n")
+    result = runner.invoke(app, ["train", str(cfg)])
+    assert result.exit_code == 2 and "learning_rate" in result.output
