@@ -14,7 +14,7 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, Optional  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -83,7 +83,8 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Project directory to create.")],
-    template: Annotated[str, typer.Option(help="Project template (an unknown name lists the choices).")] = "qat-finetune",
+    template: Annotated[str, typer.Option(help="Project template (an unknown name lists the choices).")] = (
+        "qat-finetune"),
     recipe: Annotated[str, typer.Option(help=f"QAT recipe: {', '.join(recipe_names())}.")] = DEFAULT_RECIPE,
     model: Annotated[str, typer.Option(help="Model directory written into the config.")] = "models/base",
     data: Annotated[str, typer.Option(help="Training data written into the config.")] = "data/train.jsonl",
@@ -154,7 +155,7 @@ def _config_path(value: str | None) -> Path | None:
     raise InputError(f"config {value} is not a file; " + choices_message("shipped config", value, names))
 
 
-def _train_command(config: Optional[str] = None, **flags: Any) -> None:
+def _train_command(config: str | None = None, **flags: Any) -> None:
     from forge_qat.train import run_training
 
     _setup_logging()
@@ -176,7 +177,7 @@ def _train_signature() -> inspect.Signature:
     from forge_qat.prepare import LINEAR_SWAPS
 
     params = [inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                annotation=Annotated[Optional[str], typer.Argument(
+                                annotation=Annotated[str | None, typer.Argument(
                                     help="YAML run config, or the name of one shipped in recipes/.")])]
     for f in config_mod.fields_for_cli():
         flag = "--" + f.name.replace("_", "-")
@@ -186,7 +187,7 @@ def _train_signature() -> inspect.Signature:
         choices = next((" Choices: " + ", ".join(s.choices()) + "." for s in LINEAR_SWAPS if s.option == f.name), "")
         option = typer.Option(*decl, help=f.metadata["help"] + choices + default_note, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Optional[kind], option]))
+                                        annotation=Annotated[kind | None, option]))
     return inspect.Signature(params)
 
 

@@ -29,24 +29,28 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # what to train
     model: str = _opt("tiny-llama", "Local Hugging Face model directory (safetensors), or a built-in preset.")
-    data: str = _opt("builtin:python-docs", "Training text: a .txt/.jsonl file, a directory of them, or builtin:NAME.")
+    data: str = _opt("builtin:python-docs",
+                     "Training text: a .txt/.jsonl file, a directory of them, or builtin:NAME.")
     eval_data: str | None = _opt("builtin:python-docs-eval", "Held-out text for periodic eval loss ('none' to skip).")
     output_dir: str = _opt("forge-runs/demo", "Run directory: checkpoints, metrics.jsonl, run metadata.")
     # QAT and other linear-layer swaps (at most one; see forge_qat.prepare.LINEAR_SWAPS)
-    qat_recipe: str | None = _opt(None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
+    qat_recipe: str | None = _opt(
+        None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
     fake_quant_after_steps: int = _opt(0, "Train this many steps in float before enabling fake quantization.")
-    fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+): tensorwise, rowwise, rowwise_with_gw_hp.")
+    fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+ only).")
     # optimisation
     max_steps: int = _opt(300, "Optimizer steps to train for.")
     batch_size: int = _opt(8, "Sequences per micro-batch.")
     grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
     seq_len: int = _opt(128, "Tokens per training sequence (texts are packed).")
-    lr: float | None = _opt(None, "Peak learning rate. Default: 1e-3 for a preset trained from scratch, 2e-5 for a pretrained model.")
+    lr: float | None = _opt(
+        None, "Peak learning rate. Default: 1e-3 for a preset trained from scratch, 2e-5 for a pretrained model.")
     lr_schedule: Schedule = _opt("cosine", "Decay after warmup: cosine, linear or constant.")
     warmup_steps: int = _opt(20, "Linear warmup steps.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
-    precision: Precision = _opt("auto", "Autocast precision: auto (bf16 where supported), bf16, fp16 (CUDA only), fp32.")
+    precision: Precision = _opt(
+        "auto", "Autocast precision: auto (bf16 where supported), bf16, fp16 (CUDA only), fp32.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
     seed: int = _opt(0, "Seed for model init, data order and dropout.")
     # evaluation, logging and checkpoints
@@ -126,7 +130,7 @@ def _check_value(key: str, value: Any, f: dataclasses.Field, source: str) -> Any
         return None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
         raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, got {value!r}")
     return value
 

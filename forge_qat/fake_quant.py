@@ -80,7 +80,7 @@ class _FakeQuantize(torch.autograd.Function):
     """quantize -> clamp -> dequantize with a straight-through, clip-masked gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype) -> torch.Tensor:
         xg = _grouped(x, spec)
         scale, zero_point = choose_qparams(xg, spec)
         inv_scale = 1.0 / scale
@@ -96,20 +96,25 @@ class _FakeQuantize(torch.autograd.Function):
         clamped.mul_(scale)
         ctx.save_for_backward(scale, inv_scale, in_range)
         ctx.grad_dtype = x.dtype
-        return clamped.to(x.dtype).view(x.shape)
+        return clamped.to(out_dtype).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         scale, inv_scale, in_range = ctx.saved_tensors
-        g = grad.reshape(in_range.shape) * scale
+        # Same op sequence (and dtype) as autograd through torchao's quantize/dequantize.
+        g = grad.reshape(in_range.shape).to(ctx.grad_dtype) * scale
         g.masked_fill_(~in_range, 0)
         g.mul_(inv_scale)
-        return g.to(ctx.grad_dtype).view(grad.shape), None
+        return g.to(ctx.grad_dtype).view(grad.shape), None, None
 
 
-def fake_quantize(x: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
-    """Fake-quantize `x` (any leading dims; scales along the last dim) as described by `spec`."""
-    return _FakeQuantize.apply(x, spec)
+def fake_quantize(x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fake-quantize `x` (any leading dims; scales along the last dim) as described by `spec`.
+
+    `out_dtype` (default: x's dtype) is the dtype the result is rounded to once at the end; giving the
+    autocast dtype when the consumer is an autocast op produces exactly what autocast's own cast would.
+    """
+    return _FakeQuantize.apply(x, spec, out_dtype or x.dtype)
 
 
 class AffineFakeQuantizer(torch.nn.Module):
@@ -132,7 +137,12 @@ class AffineFakeQuantizer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize(x, self.spec)
+        # The consumer is F.linear in FakeQuantizedLinear, which autocast runs in the autocast dtype:
+        # emitting that dtype here skips a full-size cast per call (autocast cannot cache casts of
+        # non-leaf tensors) and its backward, with bit-identical results.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return fake_quantize(x, self.spec, out_dtype)
 
     def extra_repr(self) -> str:
         return repr(self.spec)

@@ -5,7 +5,7 @@ Jinja templates' `qat_recipes()` all read `RECIPES`. Adding a recipe is one `Rec
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torchao.core.config import AOBaseConfig
@@ -56,7 +56,9 @@ class Recipe:
     safetensors: bool = True
     """Whether torchao can flatten the converted tensor subclass into safetensors."""
     weight_bits: int = 8
-    """Bits per quantized weight value, for size estimates."""
+    """Bits of information per quantized weight value."""
+    storage_bits: int = 8
+    """Bits each weight value occupies in the artifact (int4 values may be stored unpacked in int8)."""
     group_size: int | None = None
     """in_features must be a multiple of this for a linear layer to be quantized."""
 
@@ -75,6 +77,7 @@ RECIPES: dict[str, Recipe] = {
                 weight_dtype=torch.int4, weight_granularity=PerGroup(32)
             ),
             weight_bits=4,
+            storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
             group_size=32,
         ),
         Recipe(
@@ -99,6 +102,7 @@ RECIPES: dict[str, Recipe] = {
             base_config=lambda: Int4WeightOnlyConfig(group_size=128),
             convert_requires=(CUDA, MSLK),
             weight_bits=4,
+            storage_bits=4,
             group_size=128,
         ),
         Recipe(
@@ -116,6 +120,7 @@ RECIPES: dict[str, Recipe] = {
             # Int4PreshuffledTensor is not among torchao's safetensors-flattenable subclasses.
             safetensors=False,
             weight_bits=4,
+            storage_bits=4,
             group_size=128,
         ),
     )

@@ -21,7 +21,7 @@ from forge_qat import hardware
 from forge_qat.config import NO_RECIPE, TrainConfig
 from forge_qat.data import PackedData, batch_indices, load_packed
 from forge_qat.errors import ConfigError, HardwareError
-from forge_qat.models import load_model, ModelSource
+from forge_qat.models import ModelSource, load_model
 from forge_qat.prepare import prepare_float8_training, prepare_qat, set_fake_quant_enabled
 from forge_qat.recipes import get_recipe
 
@@ -90,7 +90,8 @@ def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batc
     model.eval()
     losses = []
     for start in range(0, min(len(data), batch_size * max_batches), batch_size):
-        batch = {k: v.to(res.device) for k, v in data.batch(torch.arange(start, min(start + batch_size, len(data)))).items()}
+        indices = torch.arange(start, min(start + batch_size, len(data)))
+        batch = {k: v.to(res.device) for k, v in data.batch(indices).items()}
         with autocast(res):
             losses.append(model(**batch).loss.float().item())
     model.train(was_training)

@@ -24,7 +24,7 @@ def test_chat_supervises_only_the_last_assistant_turn(tmp_path):
             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n")
     (ids, labels), = load_examples(str(path), tok)
-    learned = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    learned = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
     assert tok.decode(learned).startswith("four")
     assert "hello" not in tok.decode(learned)
     assert len(ids) == len(labels) and labels[0] == IGNORE_INDEX
@@ -69,7 +69,7 @@ def test_packing_and_too_little_data(text_file, tmp_path):
 def test_batch_order_depends_only_on_seed_and_position():
     a = [batch_indices(10, 3, seed=1, batch_number=i) for i in range(7)]
     b = [batch_indices(10, 3, seed=1, batch_number=i) for i in range(7)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     epoch0 = torch.cat(a[:3])
     assert len(set(epoch0.tolist())) == 9  # no repeats within an epoch
     assert not torch.equal(batch_indices(10, 3, seed=2, batch_number=0), a[0])

@@ -58,3 +58,29 @@ def test_disabled_quantizer_is_identity():
     fq.enabled = False
     x = torch.randn(shape)
     assert fq(x) is x
+
+
+def test_prepared_linear_matches_torchao_under_autocast():
+    """Emitting the autocast dtype from the fused quantizer is the same as autocast's own cast."""
+    import copy
+
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from forge_qat.prepare import prepare_qat
+    from forge_qat.recipes import get_recipe
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32))
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    prepare_qat(ours, "int8-dynamic-act-int4-weight")
+    quantize_(theirs, QATConfig(get_recipe("int8-dynamic-act-int4-weight").base_config(), step="prepare"))
+    x = torch.randn(4, 10, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ours, out_theirs = ours(x), theirs(x)
+    assert out_ours.dtype == out_theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(out_ours, out_theirs, rtol=0, atol=0)
+    out_ours.float().square().sum().backward()
+    out_theirs.float().square().sum().backward()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

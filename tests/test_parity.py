@@ -91,5 +91,5 @@ def test_integer_grid_linear_gradient_is_straight_through():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.backward(grad)
     ref.backward(grad)
-    for got, want in zip(leaves, refs):
+    for got, want in zip(leaves, refs, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)

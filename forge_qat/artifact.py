@@ -1,0 +1,117 @@
+"""Write a quantized model as a Hugging Face artifact, shard by shard, as tensors arrive.
+
+Called by finalize. Safetensors where torchao can flatten every tensor subclass, `.bin` otherwise;
+shards are written when full (so a streaming caller never holds more than one shard) and named and
+indexed the way `transformers` loads them. Stock `from_pretrained` reads the result through its
+torchao quantizer, which needs two things we reproduce from `save_pretrained`: every shard's
+metadata carries the full `tensor_names` list (transformers merges shard metadata with dict.update),
+and `config.json` carries a `TorchAoConfig` as `quantization_config`.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
+from torchao.utils import TorchAOBaseTensor
+
+from forge_qat.errors import ConfigError
+
+Format = Literal["auto", "safetensors", "bin"]
+FORMATS = ("auto", "safetensors", "bin")
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def unflattenable(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of tensors whose subclass torchao's safetensors support cannot flatten."""
+    return [name for name, t in tensors.items()
+            if isinstance(t, TorchAOBaseTensor) and type(t).__name__ not in ALLOWED_TENSORS_SUBCLASSES]
+
+
+def choose_format(requested: Format, recipe_safetensors: bool, blockers: list[str]) -> tuple[str, str]:
+    """(format, reason). An explicit safetensors request that cannot be honoured is an error."""
+    if requested not in FORMATS:
+        raise ConfigError(f"unknown format {requested!r}; valid formats: {', '.join(FORMATS)}")
+    why_not = ""
+    if not recipe_safetensors:
+        why_not = "the recipe's converted tensors are not among torchao's safetensors-flattenable subclasses"
+    elif blockers:
+        why_not = f"torchao cannot flatten {len(blockers)} tensor(s) for safetensors, e.g. {blockers[0]}"
+    if requested == "safetensors" and why_not:
+        raise ConfigError(f"--format safetensors is not possible: {why_not}; use --format bin or auto")
+    if requested == "bin":
+        return "bin", "requested with --format bin"
+    if why_not:
+        return "bin", why_not
+    return "safetensors", "torchao flattens every quantized tensor"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies, counting the inner tensors of torchao subclasses."""
+    if isinstance(t, TorchAOBaseTensor):
+        names = list(t.tensor_data_names) + list(getattr(t, "optional_tensor_data_names", None) or [])
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates tensors and writes a shard whenever `max_shard_bytes` would be exceeded."""
+
+    directory: Path
+    fmt: Literal["safetensors", "bin"]
+    tensor_names: list[str]
+    """Every tensor name the artifact will hold, known up front (the loader needs it in each shard)."""
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    _pending_bytes: int = 0
+    _shards: list[tuple[Path, list[str]]] = field(default_factory=list)
+    total_bytes: int = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.tensor_names:
+            raise ValueError(f"{name} was not announced to the writer")
+        size = tensor_bytes(tensor)
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self._pending[name] = tensor.detach().contiguous() if not isinstance(tensor, TorchAOBaseTensor) else tensor
+        self._pending_bytes += size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.directory / f".shard-{len(self._shards):05d}.{self.fmt}"
+        if self.fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            tensors, metadata = flatten_tensor_state_dict(self._pending)
+            metadata["tensor_names"] = json.dumps(self.tensor_names)
+            metadata["format"] = "pt"
+            save_file(tensors, path, metadata=metadata)
+            keys = list(tensors)
+        else:
+            torch.save(self._pending, path)
+            keys = list(self._pending)
+        self._shards.append((path, keys))
+        self.total_bytes += path.stat().st_size
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give shards their final names and write the index if sharded."""
+        self.flush()
+        stem, ext = ("model", "safetensors") if self.fmt == "safetensors" else ("pytorch_model", "bin")
+        n = len(self._shards)
+        final = [self.directory / (f"{stem}.{ext}" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}")
+                 for i in range(n)]
+        for (tmp, _), dst in zip(self._shards, final, strict=True):
+            os.replace(tmp, dst)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {k: dst.name for (_, keys), dst in zip(self._shards, final, strict=True)
+                                    for k in keys}}
+            (self.directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+        return final

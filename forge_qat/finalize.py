@@ -1,0 +1,221 @@
+"""Finalize: turn a trained float checkpoint into a deployable low-bit artifact, and verify it.
+
+Called by `forge finalize` and the demo. A forge checkpoint holds float weights (fake quantizers keep
+no state), so finalize re-applies prepare through the same registry record used in training and then
+converts. The artifact is written to a temporary directory, reloaded with stock `transformers` and
+compared with the in-memory converted model, and only then renamed into place.
+"""
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, TorchAoConfig
+
+from forge_qat import __version__
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_format, tensor_bytes, unflattenable
+from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError, choices_message
+from forge_qat.models import check_model_dir, load_model
+from forge_qat.prepare import (
+    SKIPPED_MODULE_NAMES,
+    check_convert_hardware,
+    convert_qat,
+    prepare_qat,
+    quantizable_linears,
+)
+from forge_qat.recipes import Recipe, get_recipe, recipe_names
+
+log = logging.getLogger(__name__)
+ARTIFACT_META = "forge_artifact.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalizeRequest:
+    source: Path
+    dest: Path
+    qat_convert: str | None = None
+    """Recipe to convert with; None means the one recorded in the checkpoint."""
+    ptq: str | None = None
+    """Explicit post-training quantization with this recipe (for baselines)."""
+    fmt: str = "auto"
+    dry_run: bool = False
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    checkpoint: Path
+    recipe: Recipe
+    mode: str  # "qat" or "ptq"
+    notes: tuple[str, ...]
+
+
+@dataclass
+class FinalizeReport:
+    dest: Path | None
+    recipe: str
+    mode: str
+    notes: list[str]
+    linear_layers: int
+    converted: int
+    by_module: dict[str, int]
+    float_bytes: int
+    artifact_bytes: int
+    format: str = ""
+    format_reason: str = ""
+    bits_per_weight: float = 0.0
+    max_logit_diff_vs_float: float = math.nan
+    reload_max_diff: float = math.nan
+    dry_run: bool = False
+    shards: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dest"] = str(self.dest) if self.dest else None
+        return d
+
+
+def plan_finalize(req: FinalizeRequest) -> Plan:
+    """Decide checkpoint, recipe and QAT-vs-PTQ from the request and the checkpoint metadata only."""
+    if req.qat_convert and req.ptq:
+        raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
+    if not req.source.exists():
+        raise InputError(f"source {req.source} does not exist")
+    ckpt = ckpt_io.resolve_checkpoint(req.source)
+    check_model_dir(ckpt)
+    meta = ckpt_io.read_checkpoint_meta(ckpt) or {}
+    trained = meta.get("qat_recipe")
+    if req.ptq:
+        return Plan(ckpt, get_recipe(req.ptq), "ptq", ())
+    name = req.qat_convert or trained
+    if name is None:
+        raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
+                          f"(valid recipes: {', '.join(recipe_names())})")
+    recipe = get_recipe(name)
+    if trained is None:
+        note = f"{ckpt} was not QAT-trained: converting it with {name} is post-training quantization"
+        return Plan(ckpt, recipe, "ptq", (note,))
+    if trained != name:
+        note = f"{ckpt} was QAT-trained with {trained}; converting with {name} is post-training quantization"
+        return Plan(ckpt, recipe, "ptq", (note,))
+    return Plan(ckpt, recipe, "qat", ())
+
+
+def sample_batch(tokenizer, vocab_size: int, length: int = 64) -> torch.Tensor:
+    """A fixed, real-text batch for verification: CPython's own documentation."""
+    from pydoc_data.topics import topics
+
+    ids = tokenizer(topics["if"] + topics["while"], add_special_tokens=False)["input_ids"][: 2 * length]
+    ids = torch.tensor(ids, dtype=torch.long).clamp_(max=vocab_size - 1)
+    return ids.view(2, -1)
+
+
+def _module_kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of tied parameters (safetensors can't store aliases).
+    transformers' `remove_tied_weights_from_state_dict` reads storage pointers, which torchao's
+    tensor subclasses don't have, so ties are found by Parameter identity instead."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(p) in seen else seen.add(id(p)))
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
+def _dry_run(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
+    config = AutoConfig.from_pretrained(plan.checkpoint)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    chosen = quantizable_linears(skeleton, plan.recipe)
+    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantized = {f"{n}.weight" for n in chosen}
+    float_bytes = artifact = 0
+    state = _dedup_state_dict(skeleton)
+    for name, t in state.items():
+        float_bytes += t.numel() * 4
+        if name in quantized:
+            group = plan.recipe.group_size or t.shape[-1]
+            artifact += t.numel() * plan.recipe.storage_bits // 8 + (t.numel() // group) * 5
+        else:
+            artifact += t.numel() * 4
+    return FinalizeReport(dest=None, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
+                          linear_layers=len(linears), converted=len(chosen),
+                          by_module=dict(Counter(_module_kind(n) for n in chosen)),
+                          float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
+                          format=choose_format(req.fmt, plan.recipe.safetensors, [])[0])
+
+
+def finalize(req: FinalizeRequest) -> FinalizeReport:
+    """Prepare + convert the checkpoint through the registry, write, reload and verify the artifact."""
+    plan = plan_finalize(req)
+    check_convert_hardware(plan.recipe.name)  # before loading anything
+    if req.dry_run:
+        return _dry_run(plan, req)
+    if req.dest.exists() and not req.overwrite:
+        raise OutputExistsError(f"destination {req.dest} exists; pass --overwrite to replace it")
+    for note in plan.notes:
+        log.warning(note)
+
+    model, tokenizer = load_model(str(plan.checkpoint))
+    model.eval()
+    float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
+    sample = sample_batch(tokenizer, model.config.vocab_size)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        float_logits = model(sample).logits
+        prepare_qat(model, plan.recipe.name)
+        converted_names = [n for n, m in model.named_modules() if type(m).__name__.endswith("FakeQuantizedLinear")]
+        converted = convert_qat(model, plan.recipe.name)
+        quant_logits = model(sample).logits
+    if converted == 0:
+        raise ConversionError("0 linear layers were converted")
+
+    state = _dedup_state_dict(model)
+    fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, unflattenable(state))
+    not_converted = sorted({n for n in linears if n not in converted_names}
+                           | set(SKIPPED_MODULE_NAMES) & set(linears))
+    quantized_numel = sum(t.numel() for k, t in state.items() if k.removesuffix(".weight") in converted_names)
+    quantized_bytes = sum(tensor_bytes(t) for k, t in state.items() if k.removesuffix(".weight") in converted_names)
+
+    with ckpt_io.atomic_dir(req.dest) as tmp:
+        writer = ShardWriter(tmp, fmt, list(state), req.max_shard_bytes)
+        for name in list(state):
+            writer.add(name, state.pop(name))
+        shards = writer.close()
+        model.config.quantization_config = TorchAoConfig(quant_type=plan.recipe.base_config(),
+                                                         modules_to_not_convert=not_converted)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp)
+        with torch.no_grad():
+            reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
+        if reload_diff > 1e-5:
+            raise ConversionError(f"the written artifact does not reproduce the converted model "
+                                  f"(max logit difference {reload_diff:.3e}); nothing was written")
+        report = FinalizeReport(
+            dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
+            linear_layers=len(linears), converted=converted,
+            by_module=dict(Counter(_module_kind(n) for n in converted_names)),
+            float_bytes=float_bytes, artifact_bytes=writer.total_bytes, format=fmt, format_reason=reason,
+            bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
+            max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
+            reload_max_diff=reload_diff, shards=[s.name for s in shards],
+        )
+        meta = {"forge_qat_version": __version__, "source": str(plan.checkpoint), **report.to_dict()}
+        meta["dest"] = str(req.dest)
+        (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2))
+    return report
+
+
+def check_recipe_name(name: str | None) -> None:
+    if name is not None and name not in recipe_names():
+        raise ConfigError(choices_message("recipe", name, recipe_names()))
