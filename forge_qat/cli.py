@@ -133,7 +133,7 @@ class _RichTrainObserver:
     def on_checkpoint(self, path: Path) -> None:
         self.progress.console.print(f"checkpoint {path}")
 
-    def stop(self) -> None:
+    def on_end(self) -> None:
         self.progress.stop()
 
 
@@ -165,8 +165,6 @@ def _train_command(config: str | None = None, **flags: Any) -> None:
         result = run_training(cfg, observer)
     except ForgeError as e:
         raise _fail(e) from None
-    finally:
-        observer.stop()
     eval_part = f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else ""
     console.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}{eval_part}; "
                   f"checkpoint {result.checkpoint}")
@@ -198,6 +196,178 @@ def train(**kwargs: Any) -> None:
 
 train.__signature__ = _train_signature()
 app.command(help=train.__doc__)(train)
+
+
+# ---- forge finalize -----------------------------------------------------------------------------
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise ConfigError(f"cannot read size {text!r}; write it like 500MB or 2GB")
+
+
+def print_finalize_report(report) -> None:
+    verb = "would convert" if report.dry_run else "converted"
+    console.print(f"[bold]{report.recipe}[/] ({report.mode.upper()}): {verb} {report.converted}/"
+                  f"{report.linear_layers} linear layers "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(report.by_module.items()))})")
+    ratio = report.artifact_bytes / report.float_bytes if report.float_bytes else float("nan")
+    size_word = "expected size" if report.dry_run else "artifact"
+    console.print(f"{size_word} {_size(report.artifact_bytes)} vs float32 {_size(report.float_bytes)} "
+                  f"({ratio:.2f}x), format {report.format}")
+    if not report.dry_run:
+        console.print(f"format reason: {report.format_reason}")
+        console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
+                      f"max |logit| change vs float: {report.max_logit_diff_vs_float:.4f}; "
+                      f"reloaded artifact matches: max diff {report.reload_max_diff:.1e}")
+        console.print(f"wrote {report.dest}")
+
+
+@app.command("finalize")
+def finalize_command(
+    source: Annotated[Path, typer.Option(help="Checkpoint directory, or a run directory (its latest checkpoint).")],
+    dest: Annotated[Path, typer.Option(help="Artifact directory to write.")],
+    qat_convert: Annotated[str | None, typer.Option(
+        help=f"Recipe to convert with (default: the one the checkpoint was trained with). "
+             f"Choices: {', '.join(recipe_names())}.")] = None,
+    ptq: Annotated[str | None, typer.Option(help="Post-training quantization with this recipe (baselines).")] = None,
+    format: Annotated[str, typer.Option(help="auto (safetensors where torchao can flatten), safetensors, bin.")]
+    = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
+    dry_run: Annotated[bool, typer.Option(help="Report what would be converted; write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """Convert a trained checkpoint to real low-bit tensors and write a deployable artifact."""
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    _setup_logging()
+    try:
+        report = finalize(FinalizeRequest(source=source, dest=dest, qat_convert=qat_convert, ptq=ptq, fmt=format,
+                                          dry_run=dry_run, overwrite=overwrite,
+                                          max_shard_bytes=_parse_size(max_shard_size)))
+    except ForgeError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_finalize_report(report)
+
+
+# ---- forge eval / compare -------------------------------------------------------------------------
+
+def _results_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("model", "kind", "eval loss", "perplexity", "tokens"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.get("label", r["model"]), r["kind"], f"{r['loss']:.4f}", f"{r['perplexity']:.3f}",
+                      str(r["tokens"]))
+    return table
+
+
+@app.command("eval")
+def eval_command(
+    models: Annotated[list[str], typer.Argument(help="Checkpoints, run directories or finalized artifacts.")],
+    data: Annotated[str, typer.Option(help="Held-out text: .txt/.jsonl, a directory, or builtin:NAME.")]
+    = "builtin:python-docs-eval",
+    fake_quant: Annotated[str | None, typer.Option(
+        help="Evaluate float checkpoints with this recipe's fake quantization applied.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+):
+    """Perplexity of one or more models on held-out text."""
+    from forge_qat.evaluate import evaluate_model
+
+    _setup_logging()
+    try:
+        if fake_quant:
+            from forge_qat.recipes import get_recipe
+
+            get_recipe(fake_quant)
+        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=fake_quant).to_dict()
+                   for m in models]
+    except ForgeError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        console.print(_results_table(results, f"eval on {data}"))
+
+
+def print_comparison(comparison) -> None:
+    console.print(_results_table(comparison.rows(), "float vs PTQ vs QAT"))
+    rec = comparison.recovered
+    if rec == rec:  # not NaN
+        console.print(f"QAT recovers {rec:.0%} of the PTQ degradation in eval loss")
+    else:
+        console.print("PTQ did not degrade eval loss here, so there is nothing for QAT to recover")
+
+
+@app.command("compare")
+def compare_command(
+    float_model: Annotated[str, typer.Option("--float", help="The float fine-tuned checkpoint or run directory.")],
+    ptq_model: Annotated[str, typer.Option("--ptq", help="The artifact finalized from it with --ptq.")],
+    qat_model: Annotated[str, typer.Option("--qat", help="The artifact finalized from the QAT run.")],
+    data: Annotated[str, typer.Option(help="Held-out text.")] = "builtin:python-docs-eval",
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the runs' loss curves here.")] = None,
+    runs: Annotated[list[Path] | None, typer.Option(help="Run directories to plot (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+):
+    """Float fine-tune vs PTQ of it vs QAT-converted, and how much of the PTQ loss QAT recovers."""
+    from forge_qat.evaluate import compare, plot_loss_curves
+
+    _setup_logging()
+    try:
+        comparison = compare(float_model, ptq_model, qat_model, data)
+        if plot:
+            plot_loss_curves({p.name: p for p in runs or []}, plot)
+    except ForgeError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(json.dumps(comparison.to_dict(), indent=2))
+    else:
+        print_comparison(comparison)
+        if plot:
+            console.print(f"wrote {plot}")
+
+
+# ---- forge demo -----------------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the demo's runs and artifacts go.")] = Path("forge-runs/demo"),
+    recipe: Annotated[str, typer.Option(help=f"QAT recipe. Choices: {', '.join(recipe_names())}.")]
+    = DEFAULT_RECIPE,
+    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
+    qat_steps: Annotated[int, typer.Option(help="Final steps of the QAT run with fake quantization on.")] = 100,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-demo output directory.")] = False,
+):
+    """The embedded default end to end: train float and QAT, finalize both, compare. No downloads."""
+    from forge_qat.demo import run_demo
+
+    _setup_logging()
+    try:
+        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, overwrite=overwrite,
+                          observer=lambda stage: _RichTrainObserver(),
+                          on_stage=lambda s: console.print(f"[bold cyan]{s}"))
+    except ForgeError as e:
+        raise _fail(e) from None
+    for report in (result.ptq_report, result.qat_report):
+        print_finalize_report(report)
+    print_comparison(result.comparison)
+    console.print(f"loss curves: {result.plot}")
 
 
 def main() -> None:

@@ -74,8 +74,8 @@ def check_model_dir(path: Path) -> None:
         raise InputError(f"model {path} is not a directory")
     if not (path / "config.json").is_file():
         raise InputError(f"model directory {path} has no config.json")
-    if not any(path.glob("*.safetensors")):
-        raise InputError(f"model directory {path} has no *.safetensors weights")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise InputError(f"model directory {path} has no *.safetensors (or finalized pytorch_model*.bin) weights")
 
 
 def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

@@ -32,6 +32,7 @@ class TrainObserver(Protocol):
     def on_start(self, total_steps: int, start_step: int) -> None: ...
     def on_step(self, record: dict[str, Any]) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
+    def on_end(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> Tra
                 observer and observer.on_checkpoint(last_ckpt)
     finally:
         metrics.close()
+        observer and observer.on_end()
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 

@@ -1,0 +1,123 @@
+"""Finalize cost and the converted model's CPU speed, per CPU-convertible recipe, in one run.
+
+For a SmolLM2-135M-shaped model (540 MB of float32 weights, random init, saved as an HF checkpoint):
+  - finalize wall time and peak RSS (each finalize in its own subprocess, RSS from getrusage)
+  - artifact size / float32 checkpoint size
+  - forward latency of the finalized artifact vs the float32 model (both loaded with stock
+    transformers), interleaved, for a prefill-shaped batch (1 x 256 tokens) and a decode-shaped
+    batch (8 sequences x 1 token, no KV cache)
+
+    python bench/finalize.py                 # full size
+    python bench/finalize.py --layers 4      # quick look
+"""
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import smollm_shape  # noqa: E402
+
+_CHILD = """
+import logging, resource, sys, time, json
+for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
+    logging.getLogger(n).setLevel(logging.ERROR)
+from pathlib import Path
+from forge_qat.finalize import FinalizeRequest, finalize
+t = time.perf_counter()
+r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=sys.argv[3]))
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "artifact_bytes": r.artifact_bytes, "float_bytes": r.float_bytes, "converted": r.converted}))
+"""
+
+
+def make_checkpoint(root: Path, layers: int) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from forge_qat.models import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(smollm_shape(layers))
+    path = root / "float"
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def latency_ms(model, ids: torch.Tensor, rounds: int) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            t = time.perf_counter()
+            model(ids)
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.recipes import RECIPES
+
+    recipes = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
+    results = {"config": vars(args) | {"threads": torch.get_num_threads()}, "recipes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ckpt = make_checkpoint(root, args.layers)
+        for name in recipes:
+            done = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), str(root / name), name],
+                                  capture_output=True, text=True, check=True)
+            results["recipes"][name] = json.loads(done.stdout.strip().splitlines()[-1])
+
+        baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        models = {"float32": AutoModelForCausalLM.from_pretrained(ckpt).eval()}
+        models |= {n: AutoModelForCausalLM.from_pretrained(root / n).eval() for n in recipes}
+        shapes = {"prefill_1x256": torch.randint(0, 259, (1, 256)), "decode_8x1": torch.randint(0, 259, (8, 1))}
+        for shape, ids in shapes.items():
+            for m in models.values():  # warm-up
+                latency_ms(m, ids, 2)
+            times = {n: [] for n in models}
+            for _ in range(args.rounds):
+                for n, m in models.items():
+                    times[n] += latency_ms(m, ids, 1)
+            med = {n: statistics.median(t) for n, t in times.items()}
+            for n in recipes:
+                results["recipes"][n][f"{shape}_ms"] = med[n]
+                results["recipes"][n][f"{shape}_vs_float32"] = med[n] / med["float32"]
+            results[f"float32_{shape}_ms"] = med["float32"]
+        results["bench_process_rss_mb_before_loading"] = baseline_rss
+
+    float_mb = next(iter(results["recipes"].values()))["float_bytes"] / 1e6
+    print(f"SmolLM2-135M shape, {args.layers} layers, float32 weights {float_mb:.0f} MB, "
+          f"{torch.get_num_threads()} threads, latency median of {args.rounds} interleaved rounds")
+    print(f"  float32: prefill 1x256 {results['float32_prefill_1x256_ms']:.1f} ms, "
+          f"decode 8x1 {results['float32_decode_8x1_ms']:.1f} ms")
+    for n, r in results["recipes"].items():
+        print(f"  {n}: finalize {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+              f"artifact {r['artifact_bytes'] / r['float_bytes']:.2f}x float32; "
+              f"prefill {r['prefill_1x256_ms']:.1f} ms ({r['prefill_1x256_vs_float32']:.2f}x), "
+              f"decode {r['decode_8x1_ms']:.1f} ms ({r['decode_8x1_vs_float32']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Perplexity of float checkpoints, fake-quant models and finalized artifacts; comparison and plots.
+
+Called by `forge eval`, `forge compare` and the demo. Models are evaluated in float32 without
+autocast, so float, fake-quant and converted models are measured by the same arithmetic.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.data import IGNORE_INDEX, load_packed
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.models import load_model
+from forge_qat.prepare import prepare_qat
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    model: str
+    kind: str
+    loss: float
+    perplexity: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_kind(model: torch.nn.Module, fake_quant: str | None) -> str:
+    if fake_quant:
+        return f"fake-quant ({fake_quant})"
+    qc = getattr(model.config, "quantization_config", None)
+    return "quantized artifact" if qc else "float"
+
+
+@torch.no_grad()
+def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
+                   max_batches: int | None = None, fake_quant: str | None = None) -> EvalResult:
+    """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
+    target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
+    model, tokenizer = load_model(str(target))
+    if fake_quant:
+        prepare_qat(model, fake_quant)
+    model.eval()
+    packed = load_packed(data, tokenizer, seq_len)
+    total, count = 0.0, 0
+    n = len(packed) if max_batches is None else min(len(packed), max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        batch = packed.batch(torch.arange(start, min(start + batch_size, n)))
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += model(**batch).loss.item() * tokens
+        count += tokens
+    loss = total / count
+    return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    float_result: EvalResult
+    ptq_result: EvalResult
+    qat_result: EvalResult
+
+    @property
+    def recovered(self) -> float:
+        """Fraction of the PTQ degradation (in eval loss) that QAT recovers: 1 = all, 0 = none."""
+        degradation = self.ptq_result.loss - self.float_result.loss
+        if degradation <= 0:
+            return math.nan
+        return (self.ptq_result.loss - self.qat_result.loss) / degradation
+
+    def rows(self) -> list[dict]:
+        return [dict(label=label, **r.to_dict()) for label, r in
+                (("float fine-tune", self.float_result), ("PTQ of float", self.ptq_result),
+                 ("QAT converted", self.qat_result))]
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows(), "qat_recovers_fraction_of_ptq_degradation": self.recovered}
+
+
+def compare(float_model: str, ptq_model: str, qat_model: str, data: str, **kw) -> Comparison:
+    return Comparison(*(evaluate_model(m, data, **kw) for m in (float_model, ptq_model, qat_model)))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / ckpt_io.METRICS
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no {ckpt_io.METRICS}; give forge run directories to plot")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_loss_curves(runs: dict[str, Path], out: Path) -> Path:
+    """PNG of train loss (light) and eval loss (points) against step, one colour per run."""
+    if not runs:
+        raise ConfigError("no runs to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for i, (label, run_dir) in enumerate(runs.items()):
+        records = read_metrics(run_dir)
+        color = f"C{i}"
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, alpha=0.35, lw=1,
+                label=f"{label} train")
+        evals = [r for r in records if "eval_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color=color, ms=4,
+                    label=f"{label} eval")
+        switch = next((r["step"] for r in records if r.get("fake_quant")), None)
+        if switch and switch > 1:
+            ax.axvline(switch, color=color, ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("forge_qat training curves (dotted: fake quantization starts)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,213 @@
+"""Finalize: the QAT round trip end to end, formats, PTQ semantics, hardware gate, bad input.
+
+The tool that inspired us shipped a finalize that silently did nothing on QAT checkpoints; these
+tests train a real checkpoint, finalize it, and load the artifact in a process that never imports
+forge_qat.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import micro_train_args
+from typer.testing import CliRunner
+
+from forge_qat import hardware
+from forge_qat.cli import app
+from forge_qat.config import TrainConfig
+from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
+from forge_qat.finalize import FinalizeRequest, finalize, plan_finalize
+from forge_qat.train import run_training
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, request):
+    """One QAT run and one float run on the micro preset, shared by this module's tests."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "train.txt"
+    data.write_text(topics["if"] + topics["while"] + topics["for"])
+    run_training(TrainConfig(**micro_train_args(root / "qat", data, max_steps=3, save_every=0)))
+    run_training(TrainConfig(**micro_train_args(root / "float", data, max_steps=3, save_every=0,
+                                                qat_recipe="none")))
+    return root
+
+
+def test_qat_round_trip_loads_in_stock_transformers(runs, tmp_path):
+    dest = tmp_path / "artifact"
+    result = runner.invoke(app, ["finalize", "--source", str(runs / "qat"), "--dest", str(dest), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["mode"] == "qat" and report["recipe"] == "int8-dynamic-act-int4-weight"
+    assert report["converted"] == 14 and report["linear_layers"] == 15  # all but lm_head
+    assert report["format"] == "safetensors" and report["reload_max_diff"] == 0.0
+    assert report["max_logit_diff_vs_float"] > 0  # conversion really changed the numerics
+    assert (dest / "model.safetensors").is_file() and not list(dest.glob("*.bin"))
+
+    # A fresh interpreter that never imports forge_qat loads and generates.
+    probe = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from torchao.utils import TorchAOBaseTensor
+m = AutoModelForCausalLM.from_pretrained({str(dest)!r})
+tok = AutoTokenizer.from_pretrained({str(dest)!r})
+w = m.model.layers[0].mlp.up_proj.weight
+assert isinstance(w, TorchAOBaseTensor), type(w)
+out = m.generate(**tok("The if statement", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+assert out.shape[1] > 5
+assert not any(name.startswith("forge_qat") for name in sys.modules)
+print(type(w).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("IntxUnpackedToInt8Tensor")
+
+
+def test_artifact_matches_fake_quant_model(runs, tmp_path):
+    """The converted artifact computes what training's fake-quant forward computed."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.checkpoint import resolve_checkpoint
+    from forge_qat.finalize import sample_batch
+    from forge_qat.models import load_model
+    from forge_qat.prepare import prepare_qat
+
+    report = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "a"))
+    fake, tok = load_model(str(resolve_checkpoint(runs / "qat")))
+    prepare_qat(fake, report.recipe)
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)
+
+
+def test_bin_format_and_sharding(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    binary = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "bin", fmt="bin"))
+    assert binary.format == "bin" and (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    sharded = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "shards", max_shard_bytes=20_000))
+    assert len(sharded.shards) > 2
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(sharded.shards)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "shards")
+    assert type(m.model.layers[1].self_attn.o_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+def test_int8_int8_recipe_finalizes(runs, tmp_path):
+    report = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "i8", ptq="int8-dynamic-act-int8-weight"))
+    assert report.mode == "ptq" and report.converted == 14 and report.format == "safetensors"
+    assert report.notes == []  # explicit --ptq: no warning
+
+
+def test_safetensors_that_cannot_be_honoured_is_an_error(runs, tmp_path, monkeypatch):
+    import forge_qat.finalize as fin
+
+    monkeypatch.setattr(fin, "unflattenable", lambda state: ["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ConfigError, match="--format safetensors is not possible"):
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", fmt="safetensors"))
+    assert not (tmp_path / "x").exists()
+    auto = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "auto"))
+    assert auto.format == "bin" and "cannot flatten" in auto.format_reason
+
+
+def test_ptq_semantics(runs):
+    float_ckpt = runs / "float"
+    with pytest.raises(ConfigError, match="records no QAT recipe"):
+        plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x"))
+    plan = plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight"))
+    assert plan.mode == "ptq" and "not QAT-trained" in plan.notes[0]
+    plan = plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int8-weight"))
+    assert plan.mode == "ptq" and "post-training quantization" in plan.notes[0]
+    assert plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x")).mode == "qat"
+    with pytest.raises(ConfigError, match="give one"):
+        plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight",
+                                      ptq="int8-dynamic-act-int4-weight"))
+
+
+def test_hardware_gate_fails_before_loading(runs, tmp_path, monkeypatch):
+    import forge_qat.finalize as fin
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the hardware check")
+
+    monkeypatch.setattr(fin, "load_model", must_not_load)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    with pytest.raises(HardwareError, match="CUDA"):
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq="float8-dynamic-act-float8-weight"))
+    # with the gate open the same request gets past it (and reaches loading)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: True)
+    with pytest.raises(AssertionError, match="loaded before"):
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq="float8-dynamic-act-float8-weight"))
+
+
+def test_dry_run_writes_nothing(runs, tmp_path):
+    result = runner.invoke(app, ["finalize", "--source", str(runs / "qat"), "--dest", str(tmp_path / "d"),
+                                 "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] and report["converted"] == 14
+    assert report["by_module"] == {k: 2 for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj")}
+    assert 0 < report["artifact_bytes"] < report["float_bytes"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_input(runs, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        finalize(FinalizeRequest(source=tmp_path / "nope", dest=tmp_path / "x"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no config.json"):
+        finalize(FinalizeRequest(source=tmp_path / "empty", dest=tmp_path / "x"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "taken"))
+    result = runner.invoke(app, ["finalize", "--source", str(runs / "qat"), "--dest", str(tmp_path / "y"),
+                                 "--qat-convert", "int3"])
+    assert result.exit_code == 2 and "int8-dynamic-act-int4-weight" in result.output
+
+
+def test_failed_write_leaves_no_artifact(runs, tmp_path, monkeypatch):
+    import forge_qat.artifact as art
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == [], "temporary output must be removed"
+    assert art  # imported for the monkeypatch target's module to be loaded
+
+
+def test_eval_and_compare(runs, tmp_path):
+    from forge_qat.evaluate import compare, evaluate_model, plot_loss_curves
+
+    qat = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "qat"))
+    ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=qat.recipe))
+    data = str(runs / "train.txt")
+    float_eval = evaluate_model(str(runs / "float"), data, seq_len=32)
+    fake = evaluate_model(str(runs / "float"), data, seq_len=32, fake_quant=qat.recipe)
+    ptq_eval = evaluate_model(str(ptq.dest), data, seq_len=32)
+    assert float_eval.kind == "float" and ptq_eval.kind == "quantized artifact"
+    assert fake.loss == pytest.approx(ptq_eval.loss, abs=1e-5)  # fake quant == converted
+    assert float_eval.perplexity == pytest.approx(torch.tensor(float_eval.loss).exp().item())
+
+    c = compare(str(runs / "float"), str(ptq.dest), str(qat.dest), data, seq_len=32)
+    degradation = c.ptq_result.loss - c.float_result.loss
+    if degradation > 0:
+        assert c.recovered == pytest.approx((c.ptq_result.loss - c.qat_result.loss) / degradation)
+    png = plot_loss_curves({"float": runs / "float", "qat": runs / "qat"}, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = runner.invoke(app, ["compare", "--float", str(runs / "float"), "--ptq", str(ptq.dest), "--qat",
+                                 str(qat.dest), "--data", data, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["label"] for r in json.loads(result.stdout)["rows"]] == ["float fine-tune", "PTQ of float",
+                                                                        "QAT converted"]
