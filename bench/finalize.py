@@ -32,13 +32,16 @@ from train_step import smollm_shape  # noqa: E402
 
 _CHILD = """
 import logging, resource, sys, time, json
+from transformers.utils import logging as hf_logging
+hf_logging.disable_progress_bar()
 for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
     logging.getLogger(n).setLevel(logging.ERROR)
 from pathlib import Path
 from forge_qat.finalize import FinalizeRequest, finalize
 t = time.perf_counter()
 r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=sys.argv[3]))
-print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb,
                   "artifact_bytes": r.artifact_bytes, "float_bytes": r.float_bytes, "converted": r.converted}))
 """
 
@@ -66,6 +69,36 @@ def latency_ms(model, ids: torch.Tensor, rounds: int) -> list[float]:
     return out
 
 
+def linear_2048(recipes: list[str], rounds: int) -> dict[str, float]:
+    """Median ms of one 2048x2048 linear on a batch of 8, float32 and converted (interleaved)."""
+    import copy
+
+    from torchao.quantization import quantize_
+
+    from forge_qat.recipes import get_recipe
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(2048, 2048, bias=False)
+    layers = {"float32": base}
+    for n in recipes:
+        layers[n] = copy.deepcopy(base)
+        quantize_(layers[n], get_recipe(n).base_config())
+    x = torch.randn(8, 2048)
+    times = {n: [] for n in layers}
+    calls = 50  # per timing: a layer called back to back, as in a decode loop
+    with torch.no_grad():
+        for _ in range(3):
+            for m in layers.values():
+                m(x)
+        for _ in range(rounds):
+            for n, m in layers.items():
+                t = time.perf_counter()
+                for _ in range(calls):
+                    m(x)
+                times[n].append((time.perf_counter() - t) * 1e3 / calls)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
@@ -74,8 +107,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from forge_qat.recipes import RECIPES
+
+    hf_logging.disable_progress_bar()
 
     recipes = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
     results = {"config": vars(args) | {"threads": torch.get_num_threads()}, "recipes": {}}
@@ -104,6 +140,7 @@ def main() -> None:
                 results["recipes"][n][f"{shape}_vs_float32"] = med[n] / med["float32"]
             results[f"float32_{shape}_ms"] = med["float32"]
         results["bench_process_rss_mb_before_loading"] = baseline_rss
+    results["linear_2048_batch8_ms"] = linear_2048(recipes, args.rounds)
 
     float_mb = next(iter(results["recipes"].values()))["float_bytes"] / 1e6
     print(f"SmolLM2-135M shape, {args.layers} layers, float32 weights {float_mb:.0f} MB, "
@@ -115,6 +152,9 @@ def main() -> None:
               f"artifact {r['artifact_bytes'] / r['float_bytes']:.2f}x float32; "
               f"prefill {r['prefill_1x256_ms']:.1f} ms ({r['prefill_1x256_vs_float32']:.2f}x), "
               f"decode {r['decode_8x1_ms']:.1f} ms ({r['decode_8x1_vs_float32']:.2f}x)")
+    lin = results["linear_2048_batch8_ms"]
+    print("  2048x2048 linear, batch 8: " + ", ".join(
+        f"{n} {ms:.3f} ms ({ms / lin['float32']:.2f}x)" for n, ms in lin.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -118,11 +118,12 @@ def test_safetensors_that_cannot_be_honoured_is_an_error(runs, tmp_path, monkeyp
 
 def test_ptq_semantics(runs):
     float_ckpt = runs / "float"
+    i4, i8 = "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight"
     with pytest.raises(ConfigError, match="records no QAT recipe"):
         plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x"))
-    plan = plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight"))
+    plan = plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert=i4))
     assert plan.mode == "ptq" and "not QAT-trained" in plan.notes[0]
-    plan = plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int8-weight"))
+    plan = plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=i8))
     assert plan.mode == "ptq" and "post-training quantization" in plan.notes[0]
     assert plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x")).mode == "qat"
     with pytest.raises(ConfigError, match="give one"):
@@ -211,3 +212,24 @@ def test_eval_and_compare(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["label"] for r in json.loads(result.stdout)["rows"]] == ["float fine-tune", "PTQ of float",
                                                                         "QAT converted"]
+
+
+def test_forge_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--output-dir", str(out), "--steps", "4", "--qat-steps", "2"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "float vs PTQ vs QAT" in result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [r["kind"] for r in comparison["rows"]] == ["float", "quantized artifact", "quantized artifact"]
+    assert (out / "loss_curves.png").is_file()
+    qat_metrics = [json.loads(x) for x in (out / "qat" / "metrics.jsonl").read_text().splitlines()]
+    float_metrics = [json.loads(x) for x in (out / "float" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fake_quant"] for r in qat_metrics] == [False, False, True, True]
+    assert qat_metrics[1]["loss"] == float_metrics[1]["loss"]  # identical until fake quant starts
+    # a second run reuses its own directory; a foreign one is refused
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x").write_text("mine")
+    refused = runner.invoke(app, ["demo", "--output-dir", str(foreign), "--steps", "2", "--qat-steps", "1"])
+    assert refused.exit_code == 1 and "not a forge demo directory" in refused.output

@@ -93,3 +93,11 @@ def test_integer_grid_linear_gradient_is_straight_through():
     ref.backward(grad)
     for got, want in zip(leaves, refs, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_converting_an_unprepared_model_is_an_error():
+    from forge_qat.errors import ConversionError
+
+    model, _ = preset_model("micro-llama")
+    with pytest.raises(ConversionError, match="nothing to convert"):
+        convert_qat(model, "int8-dynamic-act-int4-weight")
