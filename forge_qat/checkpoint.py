@@ -107,11 +107,20 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[st
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / CHECKPOINT_META).write_text(json.dumps({"step": step, "forge_qat_version": __version__, **meta},
-                                                      indent=2))
+        write_checkpoint_meta(tmp, step, meta)
+    prune_checkpoints(output_dir, keep)
+    return final
+
+
+def write_checkpoint_meta(directory: Path, step: int, meta: dict[str, Any]) -> None:
+    """Written last: its presence marks a checkpoint complete."""
+    (directory / CHECKPOINT_META).write_text(json.dumps({"step": step, "forge_qat_version": __version__, **meta},
+                                                        indent=2))
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
     for _, old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from typing import Annotated, Any  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.logging import RichHandler  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from forge_qat import config as config_mod  # noqa: E402
@@ -109,32 +108,10 @@ def init(
 
 # ---- forge train --------------------------------------------------------------------------------
 
-class _RichTrainObserver:
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console,
-        )
-        self.task = None
+def _observer():
+    from forge_qat.progress import RichTrainObserver
 
-    def on_start(self, total_steps: int, start_step: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
-                                           loss="-", eval="-", tps="-")
-
-    def on_step(self, record: dict[str, Any]) -> None:
-        fields = {"loss": f"{record['loss']:.4f}", "tps": f"{record['tokens_per_s']:,.0f}"}
-        if "eval_loss" in record:
-            fields["eval"] = f"{record['eval_loss']:.4f}"
-        self.progress.update(self.task, completed=record["step"], **fields)
-
-    def on_checkpoint(self, path: Path) -> None:
-        self.progress.console.print(f"checkpoint {path}")
-
-    def on_end(self) -> None:
-        self.progress.stop()
+    return RichTrainObserver(err_console)
 
 
 def _config_path(value: str | None) -> Path | None:
@@ -159,10 +136,20 @@ def _train_command(config: str | None = None, **flags: Any) -> None:
     from forge_qat.train import run_training
 
     _setup_logging()
-    observer = _RichTrainObserver()
     try:
         cfg = config_mod.build_config(_config_path(config), **flags)
-        result = run_training(cfg, observer)
+        if cfg.nproc > 1 or cfg.uses_deepspeed:
+            from forge_qat.distributed.launch import RankFailedError, launch, launched_by_a_launcher
+
+            if not launched_by_a_launcher():
+                try:
+                    launch(cfg)
+                except RankFailedError as e:
+                    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                    raise typer.Exit(e.exit_code) from None
+                console.print(f"all {cfg.nproc} rank(s) finished; checkpoints in {cfg.output_dir}")
+                return
+        result = run_training(cfg, _observer())
     except ForgeError as e:
         raise _fail(e) from None
     eval_part = f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else ""
@@ -360,7 +347,7 @@ def demo(
     _setup_logging()
     try:
         result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, overwrite=overwrite,
-                          observer=lambda stage: _RichTrainObserver(),
+                          observer=lambda stage: _observer(),
                           on_stage=lambda s: console.print(f"[bold cyan]{s}"))
     except ForgeError as e:
         raise _fail(e) from None

@@ -53,6 +53,12 @@ class TrainConfig:
         "auto", "Autocast precision: auto (bf16 where supported), bf16, fp16 (CUDA only), fp32.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
     seed: int = _opt(0, "Seed for model init, data order and dropout.")
+    # distributed (forge_qat.distributed): DeepSpeed ZeRO across processes and machines
+    nproc: int = _opt(1, "Processes to launch on this machine (each a rank); >1 needs --zero-stage.")
+    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage (0: no DeepSpeed, 1, 2 or 3).")
+    deepspeed_config: str | None = _opt(None, "DeepSpeed JSON to use instead of the generated one.")
+    dist_timeout_s: int = _opt(300, "Collective timeout: a hung or dead rank fails the job after this.")
+    freeze_embeddings: bool = _opt(False, "Keep the input (and tied output) embedding frozen.")
     # evaluation, logging and checkpoints
     eval_every: int = _opt(50, "Steps between eval-loss measurements (0: only at the end).")
     eval_batches: int = _opt(8, "Micro-batches per eval measurement.")
@@ -74,6 +80,12 @@ class TrainConfig:
             valid = list(typing.get_args(choices))
             if getattr(self, name) not in valid:
                 raise ConfigError(choices_message(name.replace("_", " "), getattr(self, name), valid))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.nproc < 1 or self.dist_timeout_s < 1:
+            raise ConfigError("nproc and dist_timeout_s must be at least 1")
+        if self.nproc > 1 and not (self.zero_stage or self.deepspeed_config):
+            raise ConfigError(f"--nproc {self.nproc} needs DeepSpeed: add --zero-stage 3 (or --deepspeed-config)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         self._validate_linear_swaps()
@@ -100,6 +112,10 @@ class TrainConfig:
         if self.qat_recipe == NO_RECIPE or (self.qat_recipe is None and self.fp8_recipe):
             return None
         return self.qat_recipe or DEFAULT_RECIPE
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return bool(self.zero_stage or self.deepspeed_config)
 
     @property
     def has_eval(self) -> bool:

@@ -93,21 +93,35 @@ def prepare_qat(model: torch.nn.Module, recipe_name: str) -> int:
     where it can; those it expresses as `IntxFakeQuantizer` are swapped for the fused equivalents.
     """
     recipe = get_recipe(recipe_name)
-    names = set(quantizable_linears(model, recipe))
-    if recipe.fake_quant is None:
-        quantize_(model, QATConfig(recipe.base_config(), step="prepare"), filter_fn=_filter_for(names))
-        for module in model.modules():
-            if isinstance(module, FakeQuantizedLinear):
-                for slot in ("activation_fake_quantizer", "weight_fake_quantizer"):
-                    spec = _fused_spec(getattr(module, slot))
-                    if spec is not None:
-                        setattr(module, slot, AffineFakeQuantizer(spec))
-    else:
-        modules = dict(model.named_modules())
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, _fake_quantized(modules[name], recipe.fake_quant))
+    modules = dict(model.named_modules())
+    for name in quantizable_linears(model, recipe):
+        linear = modules[name]
+        if recipe.fake_quant is None:
+            prepared = _torchao_prepared(linear, recipe)
+        else:
+            prepared = _fake_quantized(linear, recipe.fake_quant)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, prepared)
     return sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
+
+
+def _torchao_prepared(linear: torch.nn.Linear, recipe: Recipe) -> FakeQuantizedLinear:
+    """torchao's `QATConfig(base, step="prepare")` applied to a meta-device twin of `linear`, which
+    then takes `linear`'s own Parameters: torchao chooses the fake quantizers, but no full-size
+    weight is allocated (its `from_linear` would allocate one per layer; under ZeRO-3 that is the
+    whole layer on every rank). Quantizers with a fused equivalent are swapped for it."""
+    twin = torch.nn.ModuleDict({"linear": torch.nn.Linear(linear.in_features, linear.out_features,
+                                                          linear.bias is not None, device="meta",
+                                                          dtype=linear.weight.dtype)})
+    quantize_(twin, QATConfig(recipe.base_config(), step="prepare"))
+    prepared = twin["linear"]
+    prepared.weight = linear.weight
+    prepared.bias = linear.bias
+    for slot in ("activation_fake_quantizer", "weight_fake_quantizer"):
+        spec = _fused_spec(getattr(prepared, slot))
+        if spec is not None:
+            setattr(prepared, slot, AffineFakeQuantizer(spec))
+    return prepared
 
 
 def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:

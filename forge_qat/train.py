@@ -1,7 +1,9 @@
-"""Single-process training loop: load, prepare (QAT or float8), train, evaluate, checkpoint, resume.
+"""The training loop: load, prepare (QAT or float8), train, evaluate, checkpoint, resume.
 
-Called by `forge train` (through `run_training`) and by the end-to-end tests. Reports progress to an
-optional `TrainObserver`; it never prints.
+Called by `forge train` (through `run_training`), the distributed worker and the tests. The loop is
+the same on one process and under DeepSpeed ZeRO; what differs (building the model, stepping,
+checkpointing) is a `Backend`: `SingleProcess` here, `forge_qat.distributed.zero.ZeroBackend` for
+ZeRO. Reports progress to an optional `TrainObserver` on rank 0; it never prints.
 """
 
 import contextlib
@@ -38,7 +40,7 @@ class TrainObserver(Protocol):
 @dataclass(frozen=True, slots=True)
 class TrainResult:
     output_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None
     steps: int
     final_loss: float
     final_eval_loss: float | None
@@ -74,19 +76,104 @@ def autocast(res: Resolved):
     return torch.autocast(res.device.type, dtype=dtype)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    # Decay matrices only; norms and biases are conventionally left undecayed.
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    # model.parameters() yields each Parameter once, so tied or shared parameters appear once here
+    # (DeepSpeed would otherwise reject the duplicate). Decay matrices only.
     params = [p for p in model.parameters() if p.requires_grad]
+    is_matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 keeps the true shape in ds_shape
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def apply_linear_swaps(model: torch.nn.Module, cfg: TrainConfig, res: Resolved) -> None:
+    if res.qat_recipe:
+        n = prepare_qat(model, res.qat_recipe)
+        log.info("fake quantization (%s) installed on %d linear layers", res.qat_recipe, n)
+    elif cfg.fp8_recipe:
+        n = prepare_float8_training(model, cfg.fp8_recipe)
+        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
+        # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class Backend(Protocol):
+    """What differs between one process and DeepSpeed ZeRO."""
+
+    rank: int
+    world_size: int
+
+    def build(self, cfg: TrainConfig, res: Resolved) -> tuple[torch.nn.Module, Any]: ...
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None: ...
+    def micro_step(self, batch: dict[str, torch.Tensor], res: Resolved, grad_accum: int) -> float: ...
+    def optimizer_step(self, cfg: TrainConfig) -> None: ...
+    def mean(self, value: float) -> float: ...
+    def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
+    def restore(self, ckpt: Path) -> None: ...
+
+
+class SingleProcess:
+    """Plain PyTorch on one device, autocast for mixed precision."""
+
+    rank, world_size = 0, 1
+
+    def build(self, cfg: TrainConfig, res: Resolved):
+        model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        apply_linear_swaps(model, cfg, res)
+        self.model = model.to(res.device)
+        return self.model, tokenizer
+
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def micro_step(self, batch, res: Resolved, grad_accum: int) -> float:
+        with autocast(res):
+            loss = self.model(**batch).loss
+        (loss / grad_accum).backward()
+        return loss.detach().float().item()
+
+    def optimizer_step(self, cfg: TrainConfig) -> None:
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path:
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        return ckpt_io.save_checkpoint(out, step, self.model, tokenizer, meta, state, keep)
+
+    def restore(self, ckpt: Path) -> None:
+        ckpt_io.load_weights_into(self.model, ckpt)
+        state = ckpt_io.load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def make_backend(cfg: TrainConfig) -> Backend:
+    if cfg.uses_deepspeed:
+        from forge_qat.distributed.zero import ZeroBackend
+
+        return ZeroBackend(cfg)
+    return SingleProcess()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batches: int, res: Resolved) -> float:
-    """Mean loss over the first `max_batches` micro-batches of `data`, in a fixed order."""
+    """Mean loss over the first `max_batches` micro-batches of `data`, in a fixed order.
+
+    Every rank evaluates the same batches: under ZeRO-3 each forward is a collective."""
     was_training = model.training
     model.eval()
     losses = []
@@ -99,50 +186,42 @@ def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batc
     return sum(losses) / len(losses)
 
 
-def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> TrainResult:
-    """Train as `cfg` says; returns where the final checkpoint is."""
+def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
+                 backend: Backend | None = None) -> TrainResult:
+    """Train as `cfg` says; returns where the final checkpoint is (on rank 0)."""
+    backend = backend or make_backend(cfg)
     res = resolve(cfg)
+    main = backend.rank == 0
+    observer = observer if main else None
     out = Path(cfg.output_dir)
-    ckpt_io.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg.to_dict())
-    log.info("device %s, precision %s, lr %g, QAT recipe %s", res.device, res.precision, res.lr,
-             res.qat_recipe or "none (float)")
-    if res.qat_recipe:
-        missing = get_recipe(res.qat_recipe).missing_for_convert()
-        if missing:
+    if main:
+        ckpt_io.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg.to_dict())
+        log.info("device %s, precision %s, lr %g, QAT recipe %s, %d process(es)", res.device, res.precision,
+                 res.lr, res.qat_recipe or "none (float)", backend.world_size)
+        if res.qat_recipe and (missing := get_recipe(res.qat_recipe).missing_for_convert()):
             log.warning("training %s with fake quantization works here, but finalize will need %s",
                         res.qat_recipe, " and ".join(missing))
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-    if res.qat_recipe:
-        n = prepare_qat(model, res.qat_recipe)
-        log.info("fake quantization (%s) installed on %d linear layers", res.qat_recipe, n)
-    elif cfg.fp8_recipe:
-        n = prepare_float8_training(model, cfg.fp8_recipe)
-        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: works with inputs that don't require grad (frozen embeddings) and with
-        # autocast, and recomputes the fake quantizers exactly in backward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(res.device).train()
-
+    model, tokenizer = backend.build(cfg, res)
+    model.train()
     train_data = load_packed(cfg.data, tokenizer, cfg.seq_len)
     eval_data = load_packed(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.has_eval else None
-    optimizer = _optimizer(model, cfg, res.lr)
+    optimizer = build_optimizer(model, cfg, res.lr)
     scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    backend.setup(model, optimizer, scheduler, cfg)
 
-    start_step = 0
-    if cfg.resume:
-        start_step = _restore(out, model, optimizer, scheduler, cfg)
+    start_step = _restore(out, backend, cfg, res) if cfg.resume else 0
     if start_step >= cfg.max_steps:
         raise ConfigError(f"{out} is already trained to step {start_step}; raise --max-steps to continue")
 
     meta = {"qat_recipe": res.qat_recipe, "fp8_recipe": cfg.fp8_recipe, "precision": res.precision,
-            "lr": res.lr, "train_config": cfg.to_dict()}
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            "lr": res.lr, "world_size": backend.world_size, "train_config": cfg.to_dict()}
+    global_batch = cfg.batch_size * backend.world_size
+    tokens_per_step = global_batch * cfg.grad_accum * cfg.seq_len
     observer and observer.on_start(cfg.max_steps, start_step)
-    metrics = (out / ckpt_io.METRICS).open("a")
+    metrics = (out / ckpt_io.METRICS).open("a") if main else None
     loss = eval_loss = float("nan")
     last_ckpt = None
     try:
@@ -150,7 +229,16 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> Tra
             if res.qat_recipe:
                 set_fake_quant_enabled(model, step >= cfg.fake_quant_after_steps)
             t0 = time.perf_counter()
-            loss = _train_step(model, optimizer, scheduler, train_data, cfg, res, step)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                # Every rank draws the same global micro-batch and trains on its slice, so N ranks
+                # see exactly the sequences one process with an N-times larger batch would.
+                idx = batch_indices(len(train_data), global_batch, cfg.seed, step * cfg.grad_accum + micro)
+                idx = idx[backend.rank * cfg.batch_size:(backend.rank + 1) * cfg.batch_size]
+                batch = {k: v.to(res.device) for k, v in train_data.batch(idx).items()}
+                total += backend.micro_step(batch, res, cfg.grad_accum)
+            backend.optimizer_step(cfg)
+            loss = backend.mean(total / cfg.grad_accum)
             elapsed = time.perf_counter() - t0
             done = step + 1
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
@@ -159,53 +247,40 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> Tra
                 record["fake_quant"] = step >= cfg.fake_quant_after_steps
             if eval_data is not None and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
                 record["eval_loss"] = eval_loss = evaluate(model, eval_data, cfg.batch_size, cfg.eval_batches, res)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             observer and observer.on_step(record)
             if not math.isfinite(loss):
                 raise ConfigError(f"loss became {loss} at step {done}; lower --lr or check the data")
             if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
-                state = {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "torch_rng": torch.get_rng_state()}
-                last_ckpt = ckpt_io.save_checkpoint(out, done, model, tokenizer, meta, state, cfg.save_total_limit)
-                observer and observer.on_checkpoint(last_ckpt)
+                last_ckpt = backend.save(out, done, tokenizer, meta, cfg.save_total_limit)
+                observer and last_ckpt and observer.on_checkpoint(last_ckpt)
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
         observer and observer.on_end()
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 
-def _train_step(model, optimizer, scheduler, data: PackedData, cfg: TrainConfig, res: Resolved, step: int) -> float:
-    total = 0.0
-    for micro in range(cfg.grad_accum):
-        idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
-        batch = {k: v.to(res.device) for k, v in data.batch(idx).items()}
-        with autocast(res):
-            loss = model(**batch).loss
-        (loss / cfg.grad_accum).backward()
-        total += loss.detach().float().item()
-    if cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum
-
-
-def _restore(out: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved) -> int:
     ckpts = ckpt_io.checkpoint_dirs(out)
     if not ckpts:
         raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
     step, path = ckpts[-1]
     meta = ckpt_io.read_checkpoint_meta(path)
-    if meta.get("qat_recipe") != cfg.active_qat_recipe:
+    if meta.get("qat_recipe") != res.qat_recipe:
         raise ConfigError(f"--resume: {path} was trained with QAT recipe {meta.get('qat_recipe') or NO_RECIPE}, "
-                          f"this run asks for {cfg.active_qat_recipe or NO_RECIPE}")
-    ckpt_io.load_weights_into(model, path)
-    state = ckpt_io.load_trainer_state(path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    ckpt_io.trim_metrics(out, step)
-    log.info("resumed from %s (step %d)", path, step)
+                          f"this run asks for {res.qat_recipe or NO_RECIPE}")
+    written_by = meta.get("world_size", 1)
+    if written_by != backend.world_size or bool(meta["train_config"].get("zero_stage")) != cfg.uses_deepspeed:
+        raise ConfigError(
+            f"--resume: {path} holds optimizer state for {written_by} process(es)"
+            f"{' under DeepSpeed' if meta['train_config'].get('zero_stage') else ''}; this run has "
+            f"{backend.world_size}{' under DeepSpeed' if cfg.uses_deepspeed else ''}. Resume with the same "
+            f"--nproc/--zero-stage, or start a new run from its weights with --model {path}")
+    backend.restore(path)
+    if backend.rank == 0:
+        ckpt_io.trim_metrics(out, step)
+        log.info("resumed from %s (step %d)", path, step)
     return step

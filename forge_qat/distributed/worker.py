@@ -1,0 +1,59 @@
+"""One rank of a multi-process `forge train`: `python -m forge_qat.distributed.worker CONFIG.json`.
+
+Started by `forge_qat.distributed.launch` (or any launcher that sets RANK/WORLD_SIZE/MASTER_*).
+Reports a failure in one line to stderr and to $FORGE_ERROR_FILE, and exits non-zero.
+"""
+
+import json
+import logging
+import os
+import sys
+import traceback
+
+for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from transformers.utils import logging as hf_logging
+
+    from forge_qat.config import TrainConfig
+    from forge_qat.errors import ConfigError, ForgeError
+    from forge_qat.progress import RichTrainObserver
+    from forge_qat.train import run_training
+
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", 0))
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s", force=True,
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    logging.getLogger("forge_qat").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        cfg = TrainConfig(**json.loads(open(argv[0]).read()))
+        result = run_training(cfg, RichTrainObserver(console) if rank == 0 else None)
+    except ForgeError as e:
+        return _report(str(e), 2 if isinstance(e, ConfigError) else 1)
+    except Exception as e:  # a bug or a library failure: keep the traceback for the log
+        traceback.print_exc()
+        return _report(f"{type(e).__name__}: {e}", 1)
+    if rank == 0:
+        console.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _report(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    path = os.environ.get("FORGE_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            f.write(message)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

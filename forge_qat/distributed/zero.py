@@ -1,0 +1,264 @@
+"""DeepSpeed ZeRO training backend: partitioned construction, streamed loading, rank-0 consolidation.
+
+Used by `forge_qat.train.run_training` when the run config asks for DeepSpeed. Under ZeRO-3 no rank
+ever holds the whole model: the model is created partitioned (`deepspeed.zero.Init`) without
+initialising the weights it is about to overwrite; rank 0 reads the safetensors shards one tensor at
+a time and fills each partitioned parameter through `GatheredParameters(..., modifier_rank=0)`; QAT
+prepare swaps modules around the same partitioned `Parameter` objects before
+`deepspeed.initialize`; and float checkpoints are consolidated on rank 0 one parameter at a time
+into shards written as they fill.
+"""
+
+import json
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+# forge_qat/distributed/__init__.py, imported before this module, has set DS_ACCELERATOR.
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.artifact import ShardWriter
+from forge_qat.config import TrainConfig
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.models import PRESETS, check_model_dir, load_model, preset_model
+
+DS_STATE = "deepspeed"
+DS_TAG = "state"
+
+
+def init_process_group(timeout_s: int) -> tuple[int, int]:
+    """Join the job described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---- the DeepSpeed config ------------------------------------------------------------------------
+
+def generated_ds_config(cfg: TrainConfig, precision: str, world_size: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage or 3},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # forge passes torch's AdamW, which ZeRO handles but does not list as "tested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def ds_config(cfg: TrainConfig, precision: str, world_size: int) -> dict[str, Any]:
+    """The generated config, or the user's JSON checked against the run config ("auto" defers)."""
+    generated = generated_ds_config(cfg, precision, world_size)
+    if not cfg.deepspeed_config:
+        return generated
+    path = Path(cfg.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    checks = [
+        ("train_micro_batch_size_per_gpu", user.get("train_micro_batch_size_per_gpu"), cfg.batch_size, "batch_size"),
+        ("gradient_accumulation_steps", user.get("gradient_accumulation_steps"), cfg.grad_accum, "grad_accum"),
+        ("zero_optimization.stage", user.get("zero_optimization", {}).get("stage"),
+         cfg.zero_stage or None, "zero_stage"),
+        ("bf16.enabled", user.get("bf16", {}).get("enabled"), precision == "bf16", f"precision {precision}"),
+        ("fp16.enabled", user.get("fp16", {}).get("enabled"), precision == "fp16", f"precision {precision}"),
+    ]
+    for key, theirs, ours, our_name in checks:
+        if theirs not in (None, "auto") and ours is not None and theirs != ours:
+            raise ConfigError(f"{path}: {key} is {theirs}, but the run config has {our_name} = {ours}; "
+                              f"make them agree or set it to \"auto\" in the JSON")
+    merged = {**generated, **{k: v for k, v in user.items() if v != "auto"}}
+    merged["zero_optimization"] = {**generated["zero_optimization"],
+                                   **{k: v for k, v in user.get("zero_optimization", {}).items() if v != "auto"}}
+    for section in ("bf16", "fp16"):
+        merged[section] = generated[section]
+    return merged
+
+
+# ---- streamed loading ----------------------------------------------------------------------------
+
+class _TensorSource:
+    """Rank 0's view of the pretrained weights: one tensor at a time, never the whole state dict."""
+
+    def __init__(self, files: list[Path] | None = None, state: dict[str, torch.Tensor] | None = None):
+        from safetensors import safe_open
+
+        self._state = state
+        self._where: dict[str, Any] = {}
+        self._handles = [safe_open(str(f), framework="pt") for f in files or []]
+        for h in self._handles:
+            for k in h.keys():
+                self._where[k] = h
+
+    def keys(self) -> set[str]:
+        return set(self._state) if self._state is not None else set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name] if self._state is not None else self._where[name].get_tensor(name)
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Parameter names that are second names of an earlier parameter (e.g. a tied lm_head)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(p) in seen else seen.add(id(p)))
+    return tied
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def stream_load_weights(model: torch.nn.Module, source: _TensorSource | None, rank: int) -> None:
+    """Fill a ZeRO-partitioned model from rank 0's tensors, one parameter at a time (collective)."""
+    params = dict(model.named_parameters())  # tied parameters once, under their first name
+    buffers = {n for n in model.state_dict() if n not in params and n not in _tied_aliases(model)}
+    problem = None
+    if rank == 0:
+        available = source.keys()
+        missing = sorted(set(params) - available)
+        unexpected = sorted(available - set(params) - buffers - _tied_aliases(model))
+        if missing or unexpected:
+            problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    problem = _broadcast(problem)
+    if problem:
+        raise InputError(problem)
+    for name, p in params.items():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(source.get(name).to(p.dtype))
+    for name, buf in model.named_buffers():
+        if name in buffers:
+            value = source.get(name) if rank == 0 and name in source.keys() else buf
+            dist.broadcast(value.to(buf.dtype), src=0)
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+
+class ZeroBackend:
+    """`forge_qat.train.Backend` for DeepSpeed ZeRO (stage 3 partitions parameters too)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.rank, self.world_size = init_process_group(cfg.dist_timeout_s)
+        self.cfg = cfg
+
+    def build(self, cfg: TrainConfig, res):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.initialization import no_init_weights
+
+        from forge_qat.train import apply_linear_swaps
+
+        self.ds_config = ds_config(cfg, res.precision, self.world_size)
+        if self.ds_config["zero_optimization"]["stage"] != 3:
+            # Stages 1 and 2 partition optimizer state and gradients only: every rank holds the model.
+            model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+            apply_linear_swaps(model, cfg, res)
+            self.model = model
+            return model, tokenizer
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(res.precision, torch.float32)
+        if cfg.model in PRESETS:
+            # Every rank builds the same config and tokenizer; rank 0 alone holds the (tiny) seeded
+            # float model as the source, so weights equal a single-process run's exactly.
+            reference, tokenizer = preset_model(cfg.model, cfg.seed)
+            config = reference.config
+            source = _TensorSource(state=reference.state_dict()) if self.rank == 0 else None
+            del reference
+        else:
+            path = Path(cfg.model)
+            check_model_dir(path)
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            source = _TensorSource(files=sorted(path.glob("*.safetensors"))) if self.rank == 0 else None
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # zero.Init builds tied modules with separate parameters; tie before loading so the shared
+        # parameter is filled (and later optimised) once.
+        model.tie_weights()
+        stream_load_weights(model, source, self.rank)
+        del source
+        apply_linear_swaps(model, cfg, res)
+        self.model = model
+        return model, tokenizer
+
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+
+    def micro_step(self, batch, res, grad_accum: int) -> float:
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
+        self.engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
+        return loss.detach().float().item()
+
+    def optimizer_step(self, cfg: TrainConfig) -> None:
+        pass
+
+    def mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None:
+        """DeepSpeed state (for --resume) plus an HF float checkpoint consolidated on rank 0."""
+        final = out / f"checkpoint-{step:06d}"
+        tmp = out / f".{final.name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp / DS_STATE), tag=DS_TAG,
+                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
+        consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank)
+        if self.rank == 0:
+            self.model.config.save_pretrained(tmp)
+            if self.model.generation_config is not None:
+                self.model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            ckpt_io.write_checkpoint_meta(tmp, step, meta)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpt_io.prune_checkpoints(out, keep)
+        dist.barrier()
+        return final if self.rank == 0 else None
+
+    def restore(self, ckpt: Path) -> None:
+        state_dir = ckpt / DS_STATE
+        if not state_dir.is_dir():
+            raise InputError(f"--resume: {ckpt} has no DeepSpeed state ({DS_STATE}/)")
+        _, client = self.engine.load_checkpoint(str(state_dir), tag=DS_TAG)
+        if client is None:
+            raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
+        torch.set_rng_state(client["torch_rng"])
+
+
+def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank: int,
+                           max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Gather each parameter in turn (all ranks) and let rank 0 append it to the current output
+    shard; rank 0 never holds more than one parameter plus one shard."""
+    params = dict(model.named_parameters())
+    writer = ShardWriter(directory, "safetensors", list(params), max_shard_bytes) if rank == 0 else None
+    for name, p in params.items():
+        with deepspeed.zero.GatheredParameters([p]):
+            if writer:
+                writer.add(name, p.data.detach().to("cpu", copy=True))
+    if writer:
+        writer.close()

@@ -1,0 +1,37 @@
+"""The rich progress bar for training, shared by the CLI and the distributed worker (rank 0)."""
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RichTrainObserver:
+    """A `forge_qat.train.TrainObserver` showing step, loss, eval loss, tokens/s and time left."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def on_start(self, total_steps: int, start_step: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                           loss="-", eval="-", tps="-")
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        fields = {"loss": f"{record['loss']:.4f}", "tps": f"{record['tokens_per_s']:,.0f}"}
+        if "eval_loss" in record:
+            fields["eval"] = f"{record['eval_loss']:.4f}"
+        self.progress.update(self.task, completed=record["step"], **fields)
+
+    def on_checkpoint(self, path: Path) -> None:
+        self.progress.console.print(f"checkpoint {path}")
+
+    def on_end(self) -> None:
+        self.progress.stop()
