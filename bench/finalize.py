@@ -1,7 +1,7 @@
 """Finalize cost and the converted model's CPU speed, per CPU-convertible recipe, in one run.
 
 For a SmolLM2-135M-shaped model (540 MB of float32 weights, random init, saved as an HF checkpoint):
-  - finalize wall time and peak RSS (each finalize in its own subprocess, RSS from getrusage)
+  - finalize wall time and peak RSS (each finalize in its own subprocess; VmHWM, see bench/memory.py)
   - artifact size / float32 checkpoint size
   - forward latency of the finalized artifact vs the float32 model (both loaded with stock
     transformers), interleaved, for a prefill-shaped batch (1 x 256 tokens) and a decode-shaped
@@ -14,7 +14,6 @@ For a SmolLM2-135M-shaped model (540 MB of float32 weights, random init, saved a
 import argparse
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_step import smollm_shape  # noqa: E402
 
 _CHILD = """
-import logging, resource, sys, time, json
+import logging, sys, time, json
+sys.path.insert(0, sys.argv[4])
+from memory import peak_rss_bytes
 from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
@@ -40,7 +41,7 @@ from pathlib import Path
 from forge_qat.finalize import FinalizeRequest, finalize
 t = time.perf_counter()
 r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=sys.argv[3]))
-rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss_mb = peak_rss_bytes() / 1e6
 print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb,
                   "artifact_bytes": r.artifact_bytes, "float_bytes": r.float_bytes, "converted": r.converted}))
 """
@@ -119,11 +120,11 @@ def main() -> None:
         root = Path(tmp)
         ckpt = make_checkpoint(root, args.layers)
         for name in recipes:
-            done = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), str(root / name), name],
+            done = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), str(root / name), name,
+                                   str(Path(__file__).parent)],
                                   capture_output=True, text=True, check=True)
             results["recipes"][name] = json.loads(done.stdout.strip().splitlines()[-1])
 
-        baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         models = {"float32": AutoModelForCausalLM.from_pretrained(ckpt).eval()}
         models |= {n: AutoModelForCausalLM.from_pretrained(root / n).eval() for n in recipes}
         shapes = {"prefill_1x256": torch.randint(0, 259, (1, 256)), "decode_8x1": torch.randint(0, 259, (8, 1))}
@@ -139,7 +140,6 @@ def main() -> None:
                 results["recipes"][n][f"{shape}_ms"] = med[n]
                 results["recipes"][n][f"{shape}_vs_float32"] = med[n] / med["float32"]
             results[f"float32_{shape}_ms"] = med["float32"]
-        results["bench_process_rss_mb_before_loading"] = baseline_rss
     results["linear_2048_batch8_ms"] = linear_2048(recipes, args.rounds)
 
     float_mb = next(iter(results["recipes"].values()))["float_bytes"] / 1e6

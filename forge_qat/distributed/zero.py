@@ -2,13 +2,14 @@
 
 Used by `forge_qat.train.run_training` when the run config asks for DeepSpeed. Under ZeRO-3 no rank
 ever holds the whole model: the model is created partitioned (`deepspeed.zero.Init`) without
-initialising the weights it is about to overwrite; rank 0 reads the safetensors shards one tensor at
-a time and fills each partitioned parameter through `GatheredParameters(..., modifier_rank=0)`; QAT
+initialising the weights it is about to overwrite; rank 0 reads the safetensors shards one
+partition slice at a time and sends each rank its slice (see `_fill_partition`); QAT
 prepare swaps modules around the same partitioned `Parameter` objects before
 `deepspeed.initialize`; and float checkpoints are consolidated on rank 0 one parameter at a time
 into shards written as they fill.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -92,24 +93,89 @@ def ds_config(cfg: TrainConfig, precision: str, world_size: int) -> dict[str, An
 
 # ---- streamed loading ----------------------------------------------------------------------------
 
-class _TensorSource:
-    """Rank 0's view of the pretrained weights: one tensor at a time, never the whole state dict."""
+class PartitionedInit(deepspeed.zero.Init):
+    """`deepspeed.zero.Init` for a model whose weights are about to be overwritten.
 
-    def __init__(self, files: list[Path] | None = None, state: dict[str, torch.Tensor] | None = None):
-        from safetensors import safe_open
+    Stock `Init._zero_init_param` broadcasts every newly built parameter in full from rank 0 before
+    partitioning it, so that ranks agree on the random init. Here the init is discarded (weights are
+    streamed in next), and that broadcast makes every other rank materialise a full-size receive
+    buffer per parameter (measured: +525 MB peak on rank 1 for a 538 MB model, vs +380 MB on rank 0).
+    Partitioning without it is exactly what stock Init does minus the broadcast; the streamed load
+    then writes every partition (tests/test_distributed.py checks the result bit for bit).
+    """
 
-        self._state = state
-        self._where: dict[str, Any] = {}
-        self._handles = [safe_open(str(f), framework="pt") for f in files or []]
-        for h in self._handles:
-            for k in h.keys():
-                self._where[k] = h
+    def _zero_init_param(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsReader:
+    """Rank 0's view of the pretrained weights: one tensor at a time, read with plain file I/O.
+
+    Not `safetensors.safe_open`: it memory-maps whole shards, and every page read through the map
+    stays in the process's RSS until the file is closed, so streaming a model through it costs its
+    full size on rank 0 (measured: +600 MB for a 538 MB model). The format is an 8-byte header
+    length, a JSON header of byte ranges, then the raw bytes: a tensor can be read straight into the
+    gathered parameter's storage.
+    """
+
+    def __init__(self, files: list[Path]):
+        import struct
+
+        self._index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self._index[name] = (path, _SAFETENSORS_DTYPES[info["dtype"]], info["shape"],
+                                     8 + length + begin, 8 + length + end)
 
     def keys(self) -> set[str]:
-        return set(self._state) if self._state is not None else set(self._where)
+        return set(self._index)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._state[name] if self._state is not None else self._where[name].get_tensor(name)
+    def shape(self, name: str) -> list[int]:
+        return self._index[name][2]
+
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of the flattened tensor, read into `out`."""
+        path, dtype, _, begin, end = self._index[name]
+        size = dtype.itemsize
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        target = out if direct else torch.empty(out.numel(), dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(begin + start * size)
+            want = out.numel() * size
+            if begin + start * size + want > end or f.readinto(target.view(-1).view(torch.uint8).numpy()) != want:
+                raise InputError(f"{path} is truncated: {name} is incomplete")
+        if not direct:
+            out.copy_(target.view(out.shape))
+
+
+class StateDictSource:
+    """Tensors already in memory (a built-in preset, built on rank 0 only)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def keys(self) -> set[str]:
+        return set(self._state)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._state[name].shape)
+
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        out.copy_(self._state[name].reshape(-1)[start:start + out.numel()])
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -126,8 +192,36 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def stream_load_weights(model: torch.nn.Module, source: _TensorSource | None, rank: int) -> None:
-    """Fill a ZeRO-partitioned model from rank 0's tensors, one parameter at a time (collective)."""
+def _fill_partition(p: torch.nn.Parameter, name: str, source, rank: int, world: int) -> None:
+    """Give every rank its ZeRO-3 partition of `p`, read by rank 0 one partition at a time.
+
+    Not `GatheredParameters(..., modifier_rank=0)`: that all-gathers the whole tensor on every rank,
+    and DeepSpeed's CPU all-gather peaks at twice its size (measured: +227 MB for a 113 MB
+    embedding), so a rank would hold its partitions plus two full tensors. A ZeRO-3 partition is a
+    contiguous slice of the flattened parameter (rank r holds [r*n, r*n + n) with n = ceil(numel /
+    world), zero-padded; `Init._partition_param` in deepspeed/runtime/zero/partition_parameters.py),
+    so rank 0 reads each rank's slice straight from the file and sends it: rank 0 never holds more
+    than one slice, the others nothing extra. tests/test_distributed.py checks the result bit for bit.
+    """
+    part = p.ds_tensor
+    n, numel = part.numel(), p.ds_numel
+    if rank != 0:
+        dist.recv(part, src=0)
+        return
+    buffer = torch.empty(n, dtype=part.dtype) if world > 1 else None
+    for r in reversed(range(world)):  # rank 0's own slice last, straight into its partition
+        out = part if r == 0 else buffer
+        count = max(0, min(n, numel - r * n))
+        if count:
+            source.read_flat(name, r * n, out[:count])
+        out[count:].zero_()
+        if r:
+            dist.send(out, dst=r)
+
+
+def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | StateDictSource | None,
+                        rank: int) -> None:
+    """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective)."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
     buffers = {n for n in model.state_dict() if n not in params and n not in _tied_aliases(model)}
     problem = None
@@ -135,20 +229,23 @@ def stream_load_weights(model: torch.nn.Module, source: _TensorSource | None, ra
         available = source.keys()
         missing = sorted(set(params) - available)
         unexpected = sorted(available - set(params) - buffers - _tied_aliases(model))
-        if missing or unexpected:
+        wrong = [f"{k} {source.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
+                 if k in available and list(source.shape(k)) != list(p.ds_shape)]
+        if missing or unexpected or wrong:
             problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                       + (f", wrong shape {wrong[:4]}" if wrong else ""))
     problem = _broadcast(problem)
     if problem:
         raise InputError(problem)
+    world = dist.get_world_size()
     for name, p in params.items():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if rank == 0:
-                p.data.copy_(source.get(name).to(p.dtype))
+        _fill_partition(p, name, source, rank, world)
     for name, buf in model.named_buffers():
         if name in buffers:
-            value = source.get(name) if rank == 0 and name in source.keys() else buf
-            dist.broadcast(value.to(buf.dtype), src=0)
+            if rank == 0 and name in source.keys():
+                source.read_flat(name, 0, buf.view(-1))
+            dist.broadcast(buf, src=0)
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -179,19 +276,23 @@ class ZeroBackend:
             # float model as the source, so weights equal a single-process run's exactly.
             reference, tokenizer = preset_model(cfg.model, cfg.seed)
             config = reference.config
-            source = _TensorSource(state=reference.state_dict()) if self.rank == 0 else None
+            source = StateDictSource(reference.state_dict()) if self.rank == 0 else None
             del reference
         else:
             path = Path(cfg.model)
             check_model_dir(path)
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            source = _TensorSource(files=sorted(path.glob("*.safetensors"))) if self.rank == 0 else None
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=dtype), no_init_weights():
+            source = SafetensorsReader(sorted(path.glob("*.safetensors"))) if self.rank == 0 else None
+        # No dtype= here: deepspeed 0.19's Init._set_dtype turns any explicit dtype into bf16 on the
+        # CPU accelerator (an operator-precedence slip); without one it follows the config's
+        # bf16/fp16 flags, which encode the same precision.
+        with PartitionedInit(config_dict_or_path=self.ds_config), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         # zero.Init builds tied modules with separate parameters; tie before loading so the shared
-        # parameter is filled (and later optimised) once.
+        # parameter is filled (and later optimised) once, and let the orphan's partition go.
         model.tie_weights()
+        gc.collect()
         stream_load_weights(model, source, self.rank)
         del source
         apply_linear_swaps(model, cfg, res)

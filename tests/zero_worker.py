@@ -1,0 +1,49 @@
+"""A rank for the distributed tests: forge's worker, optionally made to fail on one rank.
+
+FORGE_TEST_FAIL="RANK:BATCH" makes that rank raise when it draws micro-batch number BATCH, in the
+middle of a training step, while the other ranks go on into the step's collectives.
+FORGE_TEST_LOAD_ONLY=DIR builds the model through the ZeRO backend (streamed load), consolidates
+it into DIR on rank 0 and exits, with no optimizer or training involved.
+"""
+
+import os
+import sys
+
+from forge_qat.distributed import worker
+
+if os.environ.get("FORGE_TEST_FAIL"):
+    fail_rank, fail_batch = map(int, os.environ["FORGE_TEST_FAIL"].split(":"))
+    if int(os.environ["RANK"]) == fail_rank:
+        import forge_qat.train as train
+
+        real = train.batch_indices
+
+        def failing(n, batch, seed, batch_number):
+            if batch_number == fail_batch:
+                raise RuntimeError(f"injected failure at micro-batch {batch_number}")
+            return real(n, batch, seed, batch_number)
+
+        train.batch_indices = failing
+
+if os.environ.get("FORGE_TEST_LOAD_ONLY"):
+    import json
+    from pathlib import Path
+
+    from forge_qat.config import TrainConfig
+    from forge_qat.distributed.zero import ZeroBackend, consolidate_hf_weights
+    from forge_qat.errors import ForgeError
+    from forge_qat.train import resolve
+
+    cfg = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
+    backend = ZeroBackend(cfg)
+    try:
+        model, _ = backend.build(cfg, resolve(cfg))
+    except ForgeError as e:
+        sys.exit(worker._report(str(e), 1))
+    out = Path(os.environ["FORGE_TEST_LOAD_ONLY"])
+    if backend.rank == 0:
+        out.mkdir(parents=True)
+    consolidate_hf_weights(model, out if backend.rank == 0 else None, backend.rank, max_shard_bytes=50_000)
+    sys.exit(0)
+
+sys.exit(worker.main())
