@@ -172,3 +172,27 @@ def test_ds_config_contradictions_and_nproc_limits(tmp_path):
         check_nproc(10_000)
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
         TrainConfig(nproc=2)
+
+
+def test_torchrun_launches_forge_train(tmp_path, data):
+    """The standard launcher contract: torchrun starts `forge train` (module mode) once per rank."""
+    import subprocess
+
+    flags = []
+    for k, v in micro_train_args(tmp_path / "t", data, max_steps=2, zero_stage=3, dist_timeout_s=60,
+                                 precision="bf16").items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--standalone", "-m", "forge_qat.cli", "train", *flags],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((ckpt_io.checkpoint_dirs(tmp_path / "t")[-1][1] / "forge_checkpoint.json").read_text())
+    assert meta["world_size"] == 2 and meta["precision"] == "bf16"
+
+
+def test_finalize_reads_a_zero3_checkpoint(tmp_path, data):
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    launch(TrainConfig(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+    report = finalize(FinalizeRequest(source=tmp_path / "z", dest=tmp_path / "artifact"))
+    assert report.mode == "qat" and report.converted == 14 and report.reload_max_diff == 0.0

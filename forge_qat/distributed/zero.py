@@ -248,6 +248,21 @@ def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | Stat
             dist.broadcast(buf, src=0)
 
 
+def _cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:
+    """Under DeepSpeed mixed precision (no autocast) weights are bf16/fp16 but a model may hand a
+    linear layer fp32 activations (e.g. from an fp32 norm): the fake quantizers run in the weight's
+    dtype, so activations are cast to match before them."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    def cast(module, args):
+        x = args[0]
+        return (x.to(module.weight.dtype), *args[1:]) if x.dtype != module.weight.dtype else None
+
+    for module in model.modules():
+        if isinstance(module, FakeQuantizedLinear):
+            module.register_forward_pre_hook(cast)
+
+
 # ---- the backend ---------------------------------------------------------------------------------
 
 class ZeroBackend:
@@ -296,6 +311,8 @@ class ZeroBackend:
         stream_load_weights(model, source, self.rank)
         del source
         apply_linear_swaps(model, cfg, res)
+        if res.precision != "fp32":
+            _cast_inputs_to_weight_dtype(model)
         self.model = model
         return model, tokenizer
 
