@@ -46,6 +46,8 @@ class FinalizeRequest:
     dry_run: bool = False
     overwrite: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    streaming: bool | None = None
+    """Convert block by block with bounded memory (None: when the float weights exceed 2 GB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class FinalizeReport:
     max_logit_diff_vs_float: float = math.nan
     reload_max_diff: float = math.nan
     dry_run: bool = False
+    streaming: bool = False
     shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -164,6 +167,8 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     for note in plan.notes:
         log.warning(note)
 
+    if _use_streaming(req, plan):
+        return _finalize_streaming(plan, req)
     model, tokenizer = load_model(str(plan.checkpoint))
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
@@ -190,11 +195,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         for name in list(state):
             writer.add(name, state.pop(name))
         shards = writer.close()
-        model.config.quantization_config = TorchAoConfig(quant_type=plan.recipe.base_config(),
-                                                         modules_to_not_convert=not_converted)
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, not_converted)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
@@ -210,9 +211,69 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
             max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
             reload_max_diff=reload_diff, shards=[s.name for s in shards],
         )
-        meta = {"forge_qat_version": __version__, "source": str(plan.checkpoint), **report.to_dict()}
-        meta["dest"] = str(req.dest)
-        (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2))
+        _write_report(tmp, plan, report)
+    return report
+
+
+def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe,
+                  not_converted: list[str]) -> None:
+    """What makes the shards a model stock transformers loads: config with quantization_config,
+    generation config, tokenizer."""
+    config.quantization_config = TorchAoConfig(quant_type=recipe.base_config(),
+                                               modules_to_not_convert=not_converted)
+    config.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _write_report(directory: Path, plan: Plan, report: "FinalizeReport") -> None:
+    meta = {"forge_qat_version": __version__, "source": str(plan.checkpoint), **report.to_dict()}
+    (directory / ARTIFACT_META).write_text(json.dumps(meta, indent=2))
+
+
+STREAMING_THRESHOLD_BYTES = 2 * 1024**3
+
+
+def _use_streaming(req: FinalizeRequest, plan: Plan) -> bool:
+    if req.streaming is not None:
+        return req.streaming
+    return sum(f.stat().st_size for f in plan.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES
+
+
+def _finalize_streaming(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
+    """Block-by-block finalize (forge_qat.stream_convert): bounded memory, structural verification
+    of the shards instead of a full reload (which would need the whole quantized model)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from forge_qat.stream_convert import write_streamed
+    from forge_qat.weights import SafetensorsReader
+
+    config = AutoConfig.from_pretrained(plan.checkpoint)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    skeleton.tie_weights()
+    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, [])
+    tokenizer = AutoTokenizer.from_pretrained(plan.checkpoint)
+    try:
+        generation_config = GenerationConfig.from_pretrained(plan.checkpoint)
+    except OSError:
+        generation_config = None
+    with ckpt_io.atomic_dir(req.dest) as tmp:
+        stats, shards, total = write_streamed(skeleton, SafetensorsReader.from_dir(plan.checkpoint), plan.recipe,
+                                              tmp, fmt, req.max_shard_bytes)
+        not_converted = sorted(set(linears) - set(stats.converted))
+        _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, not_converted)
+        report = FinalizeReport(
+            dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
+            linear_layers=len(linears), converted=len(stats.converted),
+            by_module=dict(Counter(_module_kind(n) for n in stats.converted)),
+            float_bytes=stats.float_bytes, artifact_bytes=total, format=fmt, format_reason=reason,
+            bits_per_weight=8 * stats.quantized_bytes / max(stats.quantized_numel, 1),
+            streaming=True, shards=[s.name for s in shards],
+        )
+        _write_report(tmp, plan, report)
     return report
 
 

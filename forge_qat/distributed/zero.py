@@ -27,6 +27,7 @@ from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.models import PRESETS, check_model_dir, load_model, preset_model
+from forge_qat.weights import SafetensorsReader, StateDictSource
 
 DS_STATE = "deepspeed"
 DS_TAG = "state"
@@ -107,75 +108,6 @@ class PartitionedInit(deepspeed.zero.Init):
     def _zero_init_param(self, param):
         self._convert_to_deepspeed_param(param)
         param.partition()
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class SafetensorsReader:
-    """Rank 0's view of the pretrained weights: one tensor at a time, read with plain file I/O.
-
-    Not `safetensors.safe_open`: it memory-maps whole shards, and every page read through the map
-    stays in the process's RSS until the file is closed, so streaming a model through it costs its
-    full size on rank 0 (measured: +600 MB for a 538 MB model). The format is an 8-byte header
-    length, a JSON header of byte ranges, then the raw bytes: a tensor can be read straight into the
-    gathered parameter's storage.
-    """
-
-    def __init__(self, files: list[Path]):
-        import struct
-
-        self._index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
-        for path in files:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                self._index[name] = (path, _SAFETENSORS_DTYPES[info["dtype"]], info["shape"],
-                                     8 + length + begin, 8 + length + end)
-
-    def keys(self) -> set[str]:
-        return set(self._index)
-
-    def shape(self, name: str) -> list[int]:
-        return self._index[name][2]
-
-    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
-        """Elements [start, start + out.numel()) of the flattened tensor, read into `out`."""
-        path, dtype, _, begin, end = self._index[name]
-        size = dtype.itemsize
-        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
-        target = out if direct else torch.empty(out.numel(), dtype=dtype)
-        with open(path, "rb") as f:
-            f.seek(begin + start * size)
-            want = out.numel() * size
-            if begin + start * size + want > end or f.readinto(target.view(-1).view(torch.uint8).numpy()) != want:
-                raise InputError(f"{path} is truncated: {name} is incomplete")
-        if not direct:
-            out.copy_(target.view(out.shape))
-
-
-class StateDictSource:
-    """Tensors already in memory (a built-in preset, built on rank 0 only)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self._state = state
-
-    def keys(self) -> set[str]:
-        return set(self._state)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._state[name].shape)
-
-    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
-        out.copy_(self._state[name].reshape(-1)[start:start + out.numel()])
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
