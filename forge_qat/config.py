@@ -59,6 +59,8 @@ class TrainConfig:
     deepspeed_config: str | None = _opt(None, "DeepSpeed JSON to use instead of the generated one.")
     dist_timeout_s: int = _opt(300, "Collective timeout: a hung or dead rank fails the job after this.")
     freeze_embeddings: bool = _opt(False, "Keep the input (and tied output) embedding frozen.")
+    finalize: str | None = _opt(None, "After training, finalize the last checkpoint with this recipe into "
+                                      "OUTPUT_DIR/final-RECIPE (under ZeRO-3: gathered block by block).")
     # evaluation, logging and checkpoints
     eval_every: int = _opt(50, "Steps between eval-loss measurements (0: only at the end).")
     eval_batches: int = _opt(8, "Micro-batches per eval measurement.")
@@ -103,6 +105,10 @@ class TrainConfig:
                 raise ConfigError(choices_message(swap.option.replace("_", " "), value, swap.choices()))
         if self.fake_quant_after_steps and self.active_qat_recipe is None:
             raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+        if self.finalize is not None:
+            from forge_qat.recipes import get_recipe
+
+            get_recipe(self.finalize)
 
     @property
     def active_qat_recipe(self) -> str | None:

@@ -56,6 +56,8 @@ class Plan:
     recipe: Recipe
     mode: str  # "qat" or "ptq"
     notes: tuple[str, ...]
+    zero_dir: Path | None = None
+    """A ZeRO-3 DeepSpeed checkpoint to read the weights from (config and tokenizer: `checkpoint`)."""
 
 
 @dataclass
@@ -90,12 +92,18 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
         raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
     if not req.source.exists():
         raise InputError(f"source {req.source} does not exist")
-    ckpt = ckpt_io.resolve_checkpoint(req.source)
-    check_model_dir(ckpt)
+    from forge_qat.distributed.zero_checkpoint import is_zero_checkpoint
+
+    zero_dir = req.source if is_zero_checkpoint(req.source) else None
+    ckpt = req.source.parent if zero_dir else ckpt_io.resolve_checkpoint(req.source)
+    if zero_dir and not (ckpt / "config.json").is_file():
+        raise InputError(f"ZeRO checkpoint {zero_dir} needs config.json and the tokenizer in {ckpt}")
+    if not zero_dir:
+        check_model_dir(ckpt)
     meta = ckpt_io.read_checkpoint_meta(ckpt) or {}
     trained = meta.get("qat_recipe")
     if req.ptq:
-        return Plan(ckpt, get_recipe(req.ptq), "ptq", ())
+        return Plan(ckpt, get_recipe(req.ptq), "ptq", (), zero_dir)
     name = req.qat_convert or trained
     if name is None:
         raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
@@ -103,11 +111,11 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
     recipe = get_recipe(name)
     if trained is None:
         note = f"{ckpt} was not QAT-trained: converting it with {name} is post-training quantization"
-        return Plan(ckpt, recipe, "ptq", (note,))
+        return Plan(ckpt, recipe, "ptq", (note,), zero_dir)
     if trained != name:
         note = f"{ckpt} was QAT-trained with {trained}; converting with {name} is post-training quantization"
-        return Plan(ckpt, recipe, "ptq", (note,))
-    return Plan(ckpt, recipe, "qat", ())
+        return Plan(ckpt, recipe, "ptq", (note,), zero_dir)
+    return Plan(ckpt, recipe, "qat", (), zero_dir)
 
 
 def sample_batch(tokenizer, vocab_size: int, length: int = 64) -> torch.Tensor:
@@ -167,8 +175,12 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     for note in plan.notes:
         log.warning(note)
 
+    if plan.zero_dir:
+        from forge_qat.distributed.zero_checkpoint import ZeroCheckpointReader
+
+        return finalize_streaming(plan, req, ZeroCheckpointReader(plan.zero_dir))
     if _use_streaming(req, plan):
-        return _finalize_streaming(plan, req)
+        return finalize_streaming(plan, req)
     model, tokenizer = load_model(str(plan.checkpoint))
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
@@ -241,9 +253,10 @@ def _use_streaming(req: FinalizeRequest, plan: Plan) -> bool:
     return sum(f.stat().st_size for f in plan.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES
 
 
-def _finalize_streaming(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
+def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> FinalizeReport:
     """Block-by-block finalize (forge_qat.stream_convert): bounded memory, structural verification
-    of the shards instead of a full reload (which would need the whole quantized model)."""
+    of the shards instead of a full reload (which would need the whole quantized model). `reader`
+    supplies the float weights (default: the checkpoint's safetensors shards)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from forge_qat.stream_convert import write_streamed
@@ -261,8 +274,8 @@ def _finalize_streaming(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
     except OSError:
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
-        stats, shards, total = write_streamed(skeleton, SafetensorsReader.from_dir(plan.checkpoint), plan.recipe,
-                                              tmp, fmt, req.max_shard_bytes)
+        reader = reader or SafetensorsReader.from_dir(plan.checkpoint)
+        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes)
         not_converted = sorted(set(linears) - set(stats.converted))
         _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, not_converted)
         report = FinalizeReport(

@@ -116,6 +116,7 @@ class Backend(Protocol):
     def mean(self, value: float) -> float: ...
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
     def restore(self, ckpt: Path) -> None: ...
+    def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path | None: ...
 
 
 class SingleProcess:
@@ -159,6 +160,11 @@ class SingleProcess:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+
+    def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path:
+        from forge_qat.finalize import FinalizeRequest, finalize
+
+        return finalize(FinalizeRequest(source=ckpt, dest=dest, qat_convert=recipe, overwrite=True)).dest
 
 
 def make_backend(cfg: TrainConfig) -> Backend:
@@ -260,6 +266,10 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         if metrics:
             metrics.close()
         observer and observer.on_end()
+    if cfg.finalize:
+        artifact = backend.finalize(last_ckpt, cfg.finalize, out / f"final-{cfg.finalize}")
+        if artifact:
+            log.info("finalized %s", artifact)
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 

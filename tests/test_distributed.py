@@ -196,3 +196,51 @@ def test_finalize_reads_a_zero3_checkpoint(tmp_path, data):
     launch(TrainConfig(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
     report = finalize(FinalizeRequest(source=tmp_path / "z", dest=tmp_path / "artifact"))
     assert report.mode == "qat" and report.converted == 14 and report.reload_max_diff == 0.0
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory, data):
+    """A 2-rank ZeRO-3 QAT run (fp32) that also finalizes itself at the end (--finalize)."""
+    root = tmp_path_factory.mktemp("zero_run")
+    launch(TrainConfig(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight")),
+           worker=WORKER)
+    return root / "run"
+
+
+def test_three_ways_to_finalize_a_zero3_run_agree(zero_run, tmp_path):
+    """(1) streaming from the consolidated HF checkpoint, (2) straight from the per-rank ZeRO
+    partitions, (3) gathered live at the end of training: one artifact."""
+    from test_streaming import assert_same_artifact
+
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    ckpt = ckpt_io.checkpoint_dirs(zero_run)[-1][1]
+    from_hf = finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "hf", streaming=True))
+    from_zero = finalize(FinalizeRequest(source=ckpt / "deepspeed", dest=tmp_path / "zero"))
+    assert from_hf.mode == from_zero.mode == "qat" and from_zero.streaming
+    assert from_hf.converted == from_zero.converted == 14
+    live = zero_run / "final-int8-dynamic-act-int4-weight"
+    assert_same_artifact(tmp_path / "hf", tmp_path / "zero")
+    assert_same_artifact(tmp_path / "hf", live)
+
+
+def test_broken_zero_checkpoints_name_the_file(zero_run, tmp_path):
+    import shutil
+
+    from forge_qat.errors import InputError
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    ckpt = ckpt_io.checkpoint_dirs(zero_run)[-1][1]
+    for breakage in ("missing rank", "truncated"):
+        copy = tmp_path / breakage.replace(" ", "-")
+        shutil.copytree(ckpt, copy)
+        rank1 = next((copy / "deepspeed").glob("*/*pp_rank_1_*optim_states.pt"))
+        if breakage == "missing rank":
+            rank1.unlink()
+            match = f"missing {rank1.name}"
+        else:
+            rank1.write_bytes(rank1.read_bytes()[: rank1.stat().st_size // 2])
+            match = f"{rank1.name} is truncated"
+        with pytest.raises(InputError, match=match):
+            finalize(FinalizeRequest(source=copy / "deepspeed", dest=tmp_path / "out"))
+        assert not (tmp_path / "out").exists()

@@ -139,3 +139,21 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     in_memory_growth = peaks[(24, "0")] - peaks[(4, "0")]
     assert in_memory_growth > 0.8 * growth_model, peaks  # the control really grows
     assert streaming_growth < 0.1 * growth_model, peaks
+
+
+def test_disk_full_while_streaming_removes_the_output(qat_run, tmp_path, monkeypatch):
+    calls = []
+    real = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+
+    def fills_up(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("safetensors.torch.save_file", fills_up)
+    before = {p: p.stat().st_mtime_ns for p in qat_run.rglob("*") if p.is_file()}
+    with pytest.raises(OSError, match="No space left"):
+        finalize(FinalizeRequest(source=qat_run, dest=tmp_path / "out", streaming=True, max_shard_bytes=30_000))
+    assert list(tmp_path.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in qat_run.rglob("*") if p.is_file()} == before  # source untouched

@@ -290,6 +290,20 @@ class ZeroBackend:
         dist.barrier()
         return final if self.rank == 0 else None
 
+    def finalize(self, ckpt: Path | None, recipe: str, dest: Path) -> Path | None:
+        """Convert the live partitioned model, gathered to rank 0 one block at a time; only rank 0
+        converts and writes. The artifact equals a streaming finalize of the saved checkpoint."""
+        if self.rank != 0:
+            follow_gathers(self.model)
+            dist.barrier()
+            return None
+        from forge_qat.finalize import FinalizeRequest, finalize_streaming, plan_finalize
+
+        req = FinalizeRequest(source=ckpt, dest=dest, qat_convert=recipe, overwrite=True)
+        report = finalize_streaming(plan_finalize(req), req, LiveGatherReader(self.model))
+        dist.barrier()
+        return report.dest
+
     def restore(self, ckpt: Path) -> None:
         state_dir = ckpt / DS_STATE
         if not state_dir.is_dir():
@@ -298,6 +312,54 @@ class ZeroBackend:
         if client is None:
             raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
         torch.set_rng_state(client["torch_rng"])
+
+
+class LiveGatherReader:
+    """Rank 0's reader over the live ZeRO-3 model: the first read from a block gathers that whole
+    block (a collective the other ranks join in `follow_gathers`), later reads are served from it."""
+
+    def __init__(self, model: torch.nn.Module):
+        from forge_qat.stream_convert import plan_blocks
+
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        self.blocks = plan_blocks(model)
+        self.block_of = {n: i for i, b in enumerate(self.blocks) for n in b.names}
+        self._stash: dict[str, torch.Tensor] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.block_of)
+
+    def shape(self, name: str) -> list[int]:
+        p = self.params.get(name)
+        return list(p.ds_shape) if p is not None else list(self.buffers[name].shape)
+
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        if name not in self._stash:
+            block = self.blocks[self.block_of[name]]
+            self._stash = _gather_block(self.model, self.params, block.names, keep=True)
+        out.copy_(self._stash[name].reshape(-1)[start:start + out.numel()])
+
+
+def _gather_block(model, params: dict, names: list[str], keep: bool) -> dict[str, torch.Tensor]:
+    block_params = [params[n] for n in names if n in params]
+    with deepspeed.zero.GatheredParameters(block_params):
+        if not keep:
+            return {}
+        kept = {n: params[n].data.detach().to("cpu", copy=True) for n in names if n in params}
+    buffers = dict(model.named_buffers())
+    kept.update({n: buffers[n] for n in names if n in buffers})
+    return kept
+
+
+def follow_gathers(model: torch.nn.Module) -> None:
+    """What ranks other than 0 do while rank 0 finalizes: join each block's gather, in order."""
+    from forge_qat.stream_convert import plan_blocks
+
+    params = dict(model.named_parameters())
+    for block in plan_blocks(model):
+        _gather_block(model, params, block.names, keep=False)
 
 
 def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank: int,
