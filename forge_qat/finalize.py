@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import AutoConfig, AutoModelForCausalLM, TorchAoConfig
 
 from forge_qat import __version__
@@ -29,6 +30,7 @@ from forge_qat.prepare import (
     quantizable_linears,
 )
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
+from forge_qat.weights import tied_aliases
 
 log = logging.getLogger(__name__)
 ARTIFACT_META = "forge_artifact.json"
@@ -132,12 +134,8 @@ def _module_kind(name: str) -> str:
 
 
 def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without the second name of tied parameters (safetensors can't store aliases).
-    transformers' `remove_tied_weights_from_state_dict` reads storage pointers, which torchao's
-    tensor subclasses don't have, so ties are found by Parameter identity instead."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(p) in seen else seen.add(id(p)))
+    """state_dict without the second name of tied parameters (safetensors can't store aliases)."""
+    tied = tied_aliases(model)
     return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
@@ -189,7 +187,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     with torch.no_grad():
         float_logits = model(sample).logits
         prepare_qat(model, plan.recipe.name)
-        converted_names = [n for n, m in model.named_modules() if type(m).__name__.endswith("FakeQuantizedLinear")]
+        converted_names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
         converted = convert_qat(model, plan.recipe.name)
         quant_logits = model(sample).logits
     if converted == 0:

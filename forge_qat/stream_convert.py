@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torchao.quantization.qat import FakeQuantizedLinear
 
 from forge_qat.artifact import ShardWriter, tensor_bytes
 from forge_qat.errors import ConversionError, InputError
 from forge_qat.prepare import convert_qat, prepare_qat, quantizable_linears
 from forge_qat.recipes import Recipe
+from forge_qat.weights import tied_aliases
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,6 @@ class Block:
     @property
     def module_name(self) -> str:
         return self.prefix[:-1]
-
-
-def tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Second names of parameters that appear twice (a tied lm_head): stored once."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(p) in seen else seen.add(id(p)))
-    return tied
 
 
 def _decoder_layers_prefix(model: torch.nn.Module) -> str | None:
@@ -117,7 +111,7 @@ def convert_blocks(model: torch.nn.Module, reader, recipe: Recipe, stats: Stream
         with torch.no_grad():
             if quantizable_linears(holder, recipe):
                 prepare_qat(holder, recipe.name)
-                names = [n for n, m in holder.named_modules() if type(m).__name__.endswith("FakeQuantizedLinear")]
+                names = [n for n, m in holder.named_modules() if isinstance(m, FakeQuantizedLinear)]
                 convert_qat(holder, recipe.name)
                 stats.converted += [f"{parent_name}.{n}" if parent_name else n for n in names]
         converted = getattr(holder, last)

@@ -1,7 +1,8 @@
-"""Read model weights one tensor (or one slice of a tensor) at a time, with bounded memory.
+"""Model weights by name: which names alias another, and reading one tensor (or one slice of a
+tensor) at a time with bounded memory.
 
-Called by the ZeRO-3 streamed loader (forge_qat.distributed.zero) and the streaming finalize
-(forge_qat.stream_convert).
+Called by finalize, the streaming finalize (forge_qat.stream_convert) and the ZeRO-3 streamed loader
+(forge_qat.distributed.zero).
 """
 
 import json
@@ -10,6 +11,18 @@ from pathlib import Path
 import torch
 
 from forge_qat.errors import InputError
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Second names of parameters that appear twice (a tied lm_head): stored and loaded once.
+
+    By Parameter identity, not transformers' `remove_tied_weights_from_state_dict`, which reads
+    storage pointers that torchao's tensor subclasses don't have."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(p) in seen else seen.add(id(p)))
+    return tied
+
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -27,7 +27,7 @@ from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.models import PRESETS, check_model_dir, load_model, preset_model
-from forge_qat.weights import SafetensorsReader, StateDictSource
+from forge_qat.weights import SafetensorsReader, StateDictSource, tied_aliases
 
 DS_STATE = "deepspeed"
 DS_TAG = "state"
@@ -110,14 +110,6 @@ class PartitionedInit(deepspeed.zero.Init):
         param.partition()
 
 
-def _tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Parameter names that are second names of an earlier parameter (e.g. a tied lm_head)."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(p) in seen else seen.add(id(p)))
-    return tied
-
-
 def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -155,12 +147,12 @@ def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | Stat
                         rank: int) -> None:
     """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective)."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
-    buffers = {n for n in model.state_dict() if n not in params and n not in _tied_aliases(model)}
+    buffers = {n for n in model.state_dict() if n not in params and n not in tied_aliases(model)}
     problem = None
     if rank == 0:
         available = source.keys()
         missing = sorted(set(params) - available)
-        unexpected = sorted(available - set(params) - buffers - _tied_aliases(model))
+        unexpected = sorted(available - set(params) - buffers - tied_aliases(model))
         wrong = [f"{k} {source.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
                  if k in available and list(source.shape(k)) != list(p.ds_shape)]
         if missing or unexpected or wrong:
