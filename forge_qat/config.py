@@ -179,7 +179,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults < YAML file < explicit overrides (None means 'not given')."""
+    """Defaults < YAML file < explicit overrides (None means 'not given').
+
+    `--resume` without a YAML file continues the run with the configuration it recorded in its
+    output directory, so `forge train --resume --output-dir RUN` needs nothing else."""
     values = load_yaml(yaml_path) if yaml_path else {}
+    if overrides.get("resume") and not yaml_path:
+        values = recorded_config(Path(overrides.get("output_dir") or TrainConfig.output_dir))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
+
+
+def recorded_config(output_dir: Path) -> dict[str, Any]:
+    """The config a run directory was started with (minus the one-off flags)."""
+    import json
+
+    from forge_qat.checkpoint import RUN_MARKER
+
+    marker = output_dir / RUN_MARKER
+    if not marker.is_file():
+        raise InputError(f"--resume: {output_dir} is not a forge run directory (no {RUN_MARKER})")
+    recorded = json.loads(marker.read_text()).get("config", {})
+    known = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("cli_only")}
+    return {k: v for k, v in recorded.items() if k in known}

@@ -173,3 +173,18 @@ def test_cli_bad_model_dir_and_config(tmp_path, text_file):
     cfg.write_text("learning_rate: 3\n")
     result = runner.invoke(app, ["train", str(cfg)])
     assert result.exit_code == 2 and "learning_rate" in result.output
+
+
+def test_cli_resume_continues_with_the_recorded_config(tmp_path, text_file):
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["train", *_flags(**micro_train_args(out, text_file, max_steps=2, lr=0.002))])
+    assert first.exit_code == 0, first.output
+    # Only the run directory and the new step budget: model, data, lr, ... come from forge_run.json.
+    again = runner.invoke(app, ["train", "--resume", "--output-dir", str(out), "--max-steps", "4"])
+    assert again.exit_code == 0, again.output
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    meta = json.loads((ckpt_io.checkpoint_dirs(out)[-1][1] / "forge_checkpoint.json").read_text())
+    assert meta["train_config"]["model"] == "micro-llama" and meta["train_config"]["lr"] == 0.002
+    assert meta["train_config"]["max_steps"] == 4
+    missing = runner.invoke(app, ["train", "--resume", "--output-dir", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "not a forge run directory" in missing.output
