@@ -26,10 +26,9 @@ class ZeroCheckpointReader:
     def __init__(self, directory: Path, tag: str | None = None):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        tag_dir = directory / (tag or (directory / "latest").read_text().strip()
-                               if (directory / "latest").is_file() else tag or "")
+        tag_dir = directory / self._tag(directory, tag)
         if not tag_dir.is_dir() or not any(tag_dir.glob("*_optim_states.pt")):
-            raise InputError(f"{directory} is not a ZeRO checkpoint (no */*_optim_states.pt)")
+            raise InputError(f"{tag_dir} is not a ZeRO checkpoint tag directory (no *_optim_states.pt)")
         self._check_rank_files(tag_dir)
         try:
             # zero_to_fp32 reports progress with print(); keep stdout clean for `forge ... --json`.
@@ -39,6 +38,19 @@ class ZeroCheckpointReader:
         except (ValueError, RuntimeError, EOFError, OSError) as e:
             raise InputError(f"cannot read ZeRO checkpoint {tag_dir}: {e}") from None
         self._current: tuple[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _tag(directory: Path, tag: str | None) -> str:
+        """The given tag, else the one named in `latest`, else the only tag directory there is."""
+        if tag:
+            return tag
+        if (directory / "latest").is_file():
+            return (directory / "latest").read_text().strip()
+        tags = sorted({f.parent.name for f in directory.glob("*/*_optim_states.pt")})
+        if len(tags) != 1:
+            raise InputError(f"{directory} holds {len(tags)} ZeRO checkpoint tags {tags} and no 'latest' file; "
+                             f"write the tag to use into {directory / 'latest'}")
+        return tags[0]
 
     @staticmethod
     def _check_rank_files(tag_dir: Path) -> None:
