@@ -72,8 +72,11 @@ class ShardWriter:
     _shards: list[tuple[Path, list[str]]] = field(default_factory=list)
     total_bytes: int = 0
 
+    def __post_init__(self) -> None:
+        self._announced = set(self.tensor_names)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.tensor_names:
+        if name not in self._announced:
             raise ValueError(f"{name} was not announced to the writer")
         size = tensor_bytes(tensor)
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:

@@ -19,6 +19,7 @@ import torch
 
 from forge_qat import __version__
 from forge_qat.errors import InputError, OutputExistsError
+from forge_qat.weights import tied_aliases
 
 RUN_MARKER = "forge_run.json"
 CHECKPOINT_META = "forge_checkpoint.json"
@@ -136,12 +137,10 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     for f in sorted(ckpt.glob("*.safetensors")):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise InputError(f"{ckpt} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+    missing = set(missing) - tied_aliases(model)  # a tied parameter is stored under its first name only
+    if missing or unexpected:
+        raise InputError(f"{ckpt} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    if tied:
-        model.tie_weights()
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:

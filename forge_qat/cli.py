@@ -41,6 +41,14 @@ def _setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _emit(as_json: bool, data: Any, render) -> None:
+    """A command's result: JSON on stdout for scripts (`--json`), or rich output for people."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        render()
+
+
 def _fail(e: ForgeError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     return typer.Exit(2 if isinstance(e, ConfigError) else 1)
@@ -62,9 +70,6 @@ def recipe_rows() -> list[dict[str, Any]]:
 def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """List QAT recipes and whether training and finalize can run on this machine."""
     rows = recipe_rows()
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
     table = Table(title="QAT recipes")
     table.add_column("recipe", no_wrap=True)
     table.add_column("description")
@@ -74,7 +79,7 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
         name = row["name"] + (" (default)" if row["default"] else "")
         finalize = "yes" if row["finalize"] else "no: needs " + ", ".join(row["finalize_needs"])
         table.add_row(name, row["description"], "yes", finalize)
-    console.print(table)
+    _emit(as_json, rows, lambda: console.print(table))
 
 
 # ---- forge init ---------------------------------------------------------------------------------
@@ -253,10 +258,7 @@ def finalize_command(
                                           max_shard_bytes=_parse_size(max_shard_size)))
     except ForgeError as e:
         raise _fail(e) from None
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print_finalize_report(report)
+    _emit(as_json, report.to_dict(), lambda: print_finalize_report(report))
 
 
 # ---- forge eval / compare -------------------------------------------------------------------------
@@ -295,10 +297,7 @@ def eval_command(
                    for m in models]
     except ForgeError as e:
         raise _fail(e) from None
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        console.print(_results_table(results, f"eval on {data}"))
+    _emit(as_json, results, lambda: console.print(_results_table(results, f"eval on {data}")))
 
 
 def print_comparison(comparison) -> None:
@@ -330,12 +329,9 @@ def compare_command(
             plot_loss_curves({p.name: p for p in runs or []}, plot)
     except ForgeError as e:
         raise _fail(e) from None
-    if as_json:
-        print(json.dumps(comparison.to_dict(), indent=2))
-    else:
-        print_comparison(comparison)
-        if plot:
-            console.print(f"wrote {plot}")
+    _emit(as_json, comparison.to_dict(), lambda: print_comparison(comparison))
+    if plot and not as_json:
+        console.print(f"wrote {plot}")
 
 
 # ---- forge demo -----------------------------------------------------------------------------------

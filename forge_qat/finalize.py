@@ -20,10 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, TorchAoConfig
 from forge_qat import __version__
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_format, tensor_bytes, unflattenable
-from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError, choices_message
+from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
 from forge_qat.models import check_model_dir, load_model
 from forge_qat.prepare import (
-    SKIPPED_MODULE_NAMES,
     check_convert_hardware,
     convert_qat,
     prepare_qat,
@@ -188,17 +187,16 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         float_logits = model(sample).logits
         prepare_qat(model, plan.recipe.name)
         converted_names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
-        converted = convert_qat(model, plan.recipe.name)
+        converted = convert_qat(model, plan.recipe.name)  # raises when nothing was prepared
         quant_logits = model(sample).logits
-    if converted == 0:
-        raise ConversionError("0 linear layers were converted")
 
     state = _dedup_state_dict(model)
     fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, unflattenable(state))
-    not_converted = sorted({n for n in linears if n not in converted_names}
-                           | set(SKIPPED_MODULE_NAMES) & set(linears))
-    quantized_numel = sum(t.numel() for k, t in state.items() if k.removesuffix(".weight") in converted_names)
-    quantized_bytes = sum(tensor_bytes(t) for k, t in state.items() if k.removesuffix(".weight") in converted_names)
+    not_converted = sorted(set(linears) - set(converted_names))
+    quantized = [state[f"{n}.weight"] for n in converted_names]
+    quantized_numel = sum(t.numel() for t in quantized)
+    quantized_bytes = sum(tensor_bytes(t) for t in quantized)
+    del quantized
 
     with ckpt_io.atomic_dir(req.dest) as tmp:
         writer = ShardWriter(tmp, fmt, list(state), req.max_shard_bytes)
@@ -287,7 +285,3 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
         _write_report(tmp, plan, report)
     return report
 
-
-def check_recipe_name(name: str | None) -> None:
-    if name is not None and name not in recipe_names():
-        raise ConfigError(choices_message("recipe", name, recipe_names()))

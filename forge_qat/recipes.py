@@ -55,8 +55,6 @@ class Recipe:
     """What the real low-bit kernels of convert need; training (fake quant) runs anywhere."""
     safetensors: bool = True
     """Whether torchao can flatten the converted tensor subclass into safetensors."""
-    weight_bits: int = 8
-    """Bits of information per quantized weight value."""
     storage_bits: int = 8
     """Bits each weight value occupies in the artifact (int4 values may be stored unpacked in int8)."""
     group_size: int | None = None
@@ -76,7 +74,6 @@ RECIPES: dict[str, Recipe] = {
             base_config=lambda: Int8DynamicActivationIntxWeightConfig(
                 weight_dtype=torch.int4, weight_granularity=PerGroup(32)
             ),
-            weight_bits=4,
             storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
             group_size=32,
         ),
@@ -94,14 +91,12 @@ RECIPES: dict[str, Recipe] = {
                                   eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
                 integer_matmul=True,
             ),
-            weight_bits=8,
         ),
         Recipe(
             name="int4-weight-only",
             description="int4 per-group(128) weights, bf16 activations (CUDA + mslk kernels)",
             base_config=lambda: Int4WeightOnlyConfig(group_size=128),
             convert_requires=(CUDA, MSLK),
-            weight_bits=4,
             storage_bits=4,
             group_size=128,
         ),
@@ -110,7 +105,6 @@ RECIPES: dict[str, Recipe] = {
             description="float8 e4m3 per-row dynamic activations and weights (CUDA sm89+)",
             base_config=lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
             convert_requires=(CUDA, SM89),
-            weight_bits=8,
         ),
         Recipe(
             name="float8-dynamic-act-int4-weight",
@@ -119,7 +113,6 @@ RECIPES: dict[str, Recipe] = {
             convert_requires=(CUDA, SM90, MSLK),
             # Int4PreshuffledTensor is not among torchao's safetensors-flattenable subclasses.
             safetensors=False,
-            weight_bits=4,
             storage_bits=4,
             group_size=128,
         ),

@@ -74,7 +74,6 @@ class StreamStats:
     float_bytes: int = 0
     quantized_bytes: int = 0
     quantized_numel: int = 0
-    largest_block_bytes: int = 0
 
 
 def _materialise(model: torch.nn.Module, block: Block, reader) -> torch.nn.Module:
@@ -90,13 +89,13 @@ def _materialise(model: torch.nn.Module, block: Block, reader) -> torch.nn.Modul
     return module
 
 
-def convert_blocks(model: torch.nn.Module, reader, recipe: Recipe, stats: StreamStats
+def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (state-dict name, tensor) in state-dict order, one converted block at a time."""
-    missing = sorted({n for b in plan_blocks(model) for n in b.names} - reader.keys())
+    missing = sorted({n for b in blocks for n in b.names} - reader.keys())
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
-    for block in plan_blocks(model):
+    for block in blocks:
         module = _materialise(model, block, reader)
         float_params = list(module.parameters())
         # A holder gives the block its own last name, so the registry's layer rules (skip lm_head)
@@ -104,21 +103,22 @@ def convert_blocks(model: torch.nn.Module, reader, recipe: Recipe, stats: Stream
         parent_name, _, last = block.module_name.rpartition(".")
         holder = torch.nn.Module()
         holder.add_module(last, module)
-        block_float = sum(tensor_bytes(t) for t in module.state_dict().values())
         stats.float_bytes += sum(tensor_bytes(t) for k, t in module.state_dict().items()
                                  if block.prefix + k in block.names)
-        stats.largest_block_bytes = max(stats.largest_block_bytes, block_float)
+        block_converted: list[str] = []
         with torch.no_grad():
             if quantizable_linears(holder, recipe):
                 prepare_qat(holder, recipe.name)
                 names = [n for n, m in holder.named_modules() if isinstance(m, FakeQuantizedLinear)]
                 convert_qat(holder, recipe.name)
-                stats.converted += [f"{parent_name}.{n}" if parent_name else n for n in names]
+                block_converted = [f"{parent_name}.{n}" if parent_name else n for n in names]
+        stats.converted += block_converted
+        quantized = {f"{n}.weight" for n in block_converted}
         converted = getattr(holder, last)
         state = converted.state_dict(prefix=block.prefix)
         for name in block.names:
             tensor = state.pop(name)
-            if name.removesuffix(".weight") in stats.converted:
+            if name in quantized:
                 stats.quantized_numel += tensor.numel()
                 stats.quantized_bytes += tensor_bytes(tensor)
             yield name, tensor
@@ -192,9 +192,10 @@ def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Pa
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
     release_large_frees_to_os()
     stats = StreamStats()
-    names = [n for b in plan_blocks(model) for n in b.names]
+    blocks = plan_blocks(model)  # made once, on the intact skeleton
+    names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
-    for name, tensor in convert_blocks(model, reader, recipe, stats):
+    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats):
         writer.add(name, tensor)
     if not stats.converted:
         raise ConversionError("0 linear layers were converted")

@@ -66,10 +66,6 @@ class SafetensorsReader:
     def keys(self) -> set[str]:
         return set(self._index)
 
-    def nbytes(self, name: str) -> int:
-        _, _, _, begin, end = self._index[name]
-        return end - begin
-
     def shape(self, name: str) -> list[int]:
         return self._index[name][2]
 

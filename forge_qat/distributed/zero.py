@@ -147,12 +147,13 @@ def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | Stat
                         rank: int) -> None:
     """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective)."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
-    buffers = {n for n in model.state_dict() if n not in params and n not in tied_aliases(model)}
+    tied = tied_aliases(model)
+    buffers = {n for n in model.state_dict() if n not in params and n not in tied}
     problem = None
     if rank == 0:
         available = source.keys()
         missing = sorted(set(params) - available)
-        unexpected = sorted(available - set(params) - buffers - tied_aliases(model))
+        unexpected = sorted(available - set(params) - buffers - tied)
         wrong = [f"{k} {source.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
                  if k in available and list(source.shape(k)) != list(p.ds_shape)]
         if missing or unexpected or wrong:
@@ -330,17 +331,16 @@ class LiveGatherReader:
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
         if name not in self._stash:
             block = self.blocks[self.block_of[name]]
-            self._stash = _gather_block(self.model, self.params, block.names, keep=True)
+            self._stash = _gather_block(self.params, self.buffers, block.names, keep=True)
         out.copy_(self._stash[name].reshape(-1)[start:start + out.numel()])
 
 
-def _gather_block(model, params: dict, names: list[str], keep: bool) -> dict[str, torch.Tensor]:
+def _gather_block(params: dict, buffers: dict, names: list[str], keep: bool) -> dict[str, torch.Tensor]:
     block_params = [params[n] for n in names if n in params]
     with deepspeed.zero.GatheredParameters(block_params):
         if not keep:
             return {}
         kept = {n: params[n].data.detach().to("cpu", copy=True) for n in names if n in params}
-    buffers = dict(model.named_buffers())
     kept.update({n: buffers[n] for n in names if n in buffers})
     return kept
 
@@ -351,7 +351,7 @@ def follow_gathers(model: torch.nn.Module) -> None:
 
     params = dict(model.named_parameters())
     for block in plan_blocks(model):
-        _gather_block(model, params, block.names, keep=False)
+        _gather_block(params, {}, block.names, keep=False)
 
 
 def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank: int,
