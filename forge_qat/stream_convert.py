@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torchao.quantization.qat import FakeQuantizedLinear
 
 from forge_qat.artifact import ShardWriter, tensor_bytes
+from forge_qat.coverage import plan
 from forge_qat.errors import ConversionError, InputError
-from forge_qat.prepare import convert_qat, prepare_qat, quantizable_linears
+from forge_qat.prepare import convert_qat, prepare_qat
 from forge_qat.recipes import Recipe
 from forge_qat.weights import tied_aliases
 
@@ -89,8 +89,8 @@ def _materialise(model: torch.nn.Module, block: Block, reader) -> torch.nn.Modul
     return module
 
 
-def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats,
+                   after_block=lambda: None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (state-dict name, tensor) in state-dict order, one converted block at a time."""
     missing = sorted({n for b in blocks for n in b.names} - reader.keys())
     if missing:
@@ -107,13 +107,12 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: 
                                  if block.prefix + k in block.names)
         block_converted: list[str] = []
         with torch.no_grad():
-            if quantizable_linears(holder, recipe):
-                prepare_qat(holder, recipe.name)
-                names = [n for n, m in holder.named_modules() if isinstance(m, FakeQuantizedLinear)]
-                convert_qat(holder, recipe.name)
+            if plan(holder, recipe).quantized:
+                prepare_qat(holder, recipe)
+                names = convert_qat(holder, recipe)
                 block_converted = [f"{parent_name}.{n}" if parent_name else n for n in names]
         stats.converted += block_converted
-        quantized = {f"{n}.weight" for n in block_converted}
+        quantized = set(block_converted)
         converted = getattr(holder, last)
         state = converted.state_dict(prefix=block.prefix)
         for name in block.names:
@@ -129,12 +128,15 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: 
             p.data = p.data.new_empty(0)
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, last, torch.nn.Module())
-        del holder, converted, state, module, float_params
         # torchao's quantize handlers give each converted module an `extra_repr` bound to itself: a
-        # reference cycle that keeps the block's tensors alive until the cyclic GC happens to run.
-        # The cycles are young: collecting generations 0-1 frees them at a fraction of the cost of a
-        # full collection (measured on 24 layers: 5.4 s vs 10.6 s end to end, same peak memory).
-        gc.collect(1)
+        # reference cycle that keeps the block's tensors alive until the cyclic GC happens to reach it,
+        # which a young-generation collection misses once the cycle has been promoted (peak memory then
+        # grows with depth). Dropping the bound method frees the block by reference counting.
+        for m in holder.modules():
+            m.__dict__.pop("extra_repr", None)
+        del holder, converted, state, module, float_params
+        gc.collect(1)  # any other young cycles, at a fraction of a full collection's cost
+        after_block()
 
 
 def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
@@ -164,41 +166,50 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
         raise ConversionError(f"tensors missing from the written shards: {unaccounted[:5]}")
 
 
-def release_large_frees_to_os() -> None:
-    """Make glibc return every large freed block to the OS at once (no-op elsewhere).
-
-    By default glibc raises its mmap threshold after the first large free, so block-sized buffers
-    come from the heap afterwards, and freed heap memory is rarely returned: peak RSS then creeps
-    up with the number of blocks although nothing is alive (measured: 4 -> 24 layers of 10.5 MB,
-    +9 MB and ~2x the block size above the fixed-threshold figure). A fixed 1 MiB threshold keeps
-    the streaming finalize's peak at about one block plus one shard.
-    """
+def _libc():
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return
-    if mallopt is not None:
-        M_MMAP_THRESHOLD = -3
-        mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_large_frees_to_os():
+    """Make glibc return freed memory to the OS as blocks go by; returns the per-block trim (no-op
+    elsewhere than glibc).
+
+    By default glibc raises its mmap threshold after the first large free, so block-sized buffers
+    come from the heap afterwards, and freed heap memory is rarely returned: peak RSS then creeps
+    up with the number of blocks although nothing is alive (measured: 4 -> 24 layers of 10.5 MB,
+    +9 MB and ~2x the block size above the fixed-threshold figure). A fixed 1 MiB threshold sends
+    large buffers to mmap; `malloc_trim(0)` after each block gives back the free pages the smaller
+    ones leave inside the heap (how much is left there depends on allocation order, so without it
+    the same code grew 1.5 MB per layer after an unrelated change to what prepare allocates).
+    """
+    libc = _libc()
+    if libc is None:
+        return lambda: None
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    return lambda: libc.malloc_trim(0)
 
 
 def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Path, fmt: str,
                    max_shard_bytes: int) -> tuple[StreamStats, list[Path], int]:
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
-    release_large_frees_to_os()
+    trim = release_large_frees_to_os()
     stats = StreamStats()
     blocks = plan_blocks(model)  # made once, on the intact skeleton
     names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
-    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats):
+    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim):
         writer.add(name, tensor)
     if not stats.converted:
-        raise ConversionError("0 linear layers were converted")
+        raise ConversionError("no weight was converted")
     shards = writer.close()
     verify_shards(directory, fmt, names)
     return stats, shards, writer.total_bytes
