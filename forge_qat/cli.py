@@ -210,9 +210,13 @@ def _parse_size(text: str) -> int:
 
 def print_finalize_report(report) -> None:
     verb = "would convert" if report.dry_run else "converted"
-    console.print(f"[bold]{report.recipe}[/] ({report.mode.upper()}): {verb} {report.converted}/"
-                  f"{report.linear_layers} linear layers "
+    cov = report.coverage
+    console.print(f"[bold]{report.recipe}[/] ({report.mode.upper()}): {verb} {report.converted} weights "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(report.by_module.items()))})")
+    kept = ", ".join(f"{reason} {n:,}" for reason, n in sorted(cov["kept_float"].items())) or "nothing"
+    console.print(f"quantized {cov['quantized_share']:.1%} of the matmul weights by parameter count "
+                  f"({cov['quantized_params']:,} of {cov['matmul_params']:,}; MoE experts "
+                  f"{cov['expert_params_quantized']:,}); kept in float: {kept}")
     ratio = report.artifact_bytes / report.float_bytes if report.float_bytes else float("nan")
     size_word = "expected size" if report.dry_run else "artifact"
     console.print(f"{size_word} {_size(report.artifact_bytes)} vs float32 {_size(report.float_bytes)} "
@@ -289,11 +293,10 @@ def eval_command(
 
     _setup_logging()
     try:
-        if fake_quant:
-            from forge_qat.recipes import get_recipe
+        from forge_qat.recipes import get_recipe
 
-            get_recipe(fake_quant)
-        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=fake_quant).to_dict()
+        recipe = get_recipe(fake_quant) if fake_quant else None
+        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=recipe).to_dict()
                    for m in models]
     except ForgeError as e:
         raise _fail(e) from None

@@ -16,6 +16,7 @@ from forge_qat.data import IGNORE_INDEX, load_packed
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.models import load_model
 from forge_qat.prepare import prepare_qat
+from forge_qat.recipes import Recipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +31,16 @@ class EvalResult:
         return asdict(self)
 
 
-def model_kind(model: torch.nn.Module, fake_quant: str | None) -> str:
+def model_kind(model: torch.nn.Module, fake_quant: Recipe | None) -> str:
     if fake_quant:
-        return f"fake-quant ({fake_quant})"
+        return f"fake-quant ({fake_quant.name})"
     qc = getattr(model.config, "quantization_config", None)
     return "quantized artifact" if qc else "float"
 
 
 @torch.no_grad()
 def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
-                   max_batches: int | None = None, fake_quant: str | None = None) -> EvalResult:
+                   max_batches: int | None = None, fake_quant: Recipe | None = None) -> EvalResult:
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
     target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
     model, tokenizer = load_model(str(target))

@@ -14,20 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import AutoConfig, AutoModelForCausalLM, TorchAoConfig
 
 from forge_qat import __version__
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_format, tensor_bytes, unflattenable
+from forge_qat.coverage import Coverage, check_useful
+from forge_qat.coverage import plan as plan_coverage
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
 from forge_qat.models import check_model_dir, load_model
-from forge_qat.prepare import (
-    check_convert_hardware,
-    convert_qat,
-    prepare_qat,
-    quantizable_linears,
-)
+from forge_qat.prepare import check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.weights import tied_aliases
 
@@ -67,9 +63,11 @@ class FinalizeReport:
     recipe: str
     mode: str
     notes: list[str]
-    linear_layers: int
     converted: int
+    """Weights converted to torchao tensors: linear layers and MoE expert stacks."""
     by_module: dict[str, int]
+    coverage: dict
+    """`forge_qat.coverage.Coverage.to_dict()`: what was quantized and what stayed float, by parameters."""
     float_bytes: int
     artifact_bytes: int
     format: str = ""
@@ -128,8 +126,10 @@ def sample_batch(tokenizer, vocab_size: int, length: int = 64) -> torch.Tensor:
     return ids.view(2, -1)
 
 
-def _module_kind(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+def _weight_kind(name: str) -> str:
+    """`q_proj` for `...q_proj.weight`, `experts.gate_up_proj` for an expert stack."""
+    module, _, param = name.rpartition(".")
+    return module.rpartition(".")[2] if param == "weight" else f"{module.rpartition('.')[2]}.{param}"
 
 
 def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,29 +142,26 @@ def _dry_run(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
     config = AutoConfig.from_pretrained(plan.checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    chosen = quantizable_linears(skeleton, plan.recipe)
-    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
-    quantized = {f"{n}.weight" for n in chosen}
+    cov = plan_coverage(skeleton, plan.recipe)
+    check_useful(cov, plan.recipe)
     float_bytes = artifact = 0
-    state = _dedup_state_dict(skeleton)
-    for name, t in state.items():
+    for name, t in _dedup_state_dict(skeleton).items():
         float_bytes += t.numel() * 4
-        if name in quantized:
+        if name in cov.quantized:
             group = plan.recipe.group_size or t.shape[-1]
             artifact += t.numel() * plan.recipe.storage_bits // 8 + (t.numel() // group) * 5
         else:
             artifact += t.numel() * 4
     return FinalizeReport(dest=None, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-                          linear_layers=len(linears), converted=len(chosen),
-                          by_module=dict(Counter(_module_kind(n) for n in chosen)),
-                          float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
+                          converted=len(cov.quantized), by_module=dict(Counter(map(_weight_kind, cov.quantized))),
+                          coverage=cov.to_dict(), float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
                           format=choose_format(req.fmt, plan.recipe.safetensors, [])[0])
 
 
 def finalize(req: FinalizeRequest) -> FinalizeReport:
     """Prepare + convert the checkpoint through the registry, write, reload and verify the artifact."""
     plan = plan_finalize(req)
-    check_convert_hardware(plan.recipe.name)  # before loading anything
+    check_convert_hardware(plan.recipe)  # before loading anything
     if req.dry_run:
         return _dry_run(plan, req)
     if req.dest.exists() and not req.overwrite:
@@ -182,18 +179,15 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
     sample = sample_batch(tokenizer, model.config.vocab_size)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         float_logits = model(sample).logits
-        prepare_qat(model, plan.recipe.name)
-        converted_names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
-        converted = convert_qat(model, plan.recipe.name)  # raises when nothing was prepared
+        cov = prepare_qat(model, plan.recipe)
+        converted = convert_qat(model, plan.recipe)
         quant_logits = model(sample).logits
 
     state = _dedup_state_dict(model)
     fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, unflattenable(state))
-    not_converted = sorted(set(linears) - set(converted_names))
-    quantized = [state[f"{n}.weight"] for n in converted_names]
+    quantized = [state[n] for n in converted]
     quantized_numel = sum(t.numel() for t in quantized)
     quantized_bytes = sum(tensor_bytes(t) for t in quantized)
     del quantized
@@ -203,7 +197,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         for name in list(state):
             writer.add(name, state.pop(name))
         shards = writer.close()
-        _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, not_converted)
+        _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, cov)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
@@ -212,9 +206,9 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
                                   f"(max logit difference {reload_diff:.3e}); nothing was written")
         report = FinalizeReport(
             dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-            linear_layers=len(linears), converted=converted,
-            by_module=dict(Counter(_module_kind(n) for n in converted_names)),
-            float_bytes=float_bytes, artifact_bytes=writer.total_bytes, format=fmt, format_reason=reason,
+            converted=len(converted), by_module=dict(Counter(map(_weight_kind, converted))),
+            coverage=cov.to_dict(), float_bytes=float_bytes, artifact_bytes=writer.total_bytes, format=fmt,
+            format_reason=reason,
             bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
             max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
             reload_max_diff=reload_diff, shards=[s.name for s in shards],
@@ -223,12 +217,15 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     return report
 
 
-def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe,
-                  not_converted: list[str]) -> None:
-    """What makes the shards a model stock transformers loads: config with quantization_config,
-    generation config, tokenizer."""
-    config.quantization_config = TorchAoConfig(quant_type=recipe.base_config(),
-                                               modules_to_not_convert=not_converted)
+def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe, cov: Coverage) -> None:
+    """What makes the shards a model stock transformers loads: config with quantization_config (and the
+    experts implementation that runs quantized expert stacks), generation config, tokenizer."""
+    not_converted = sorted(name.rpartition(".")[0] for name in cov.kept if name.endswith(".weight"))
+    config.quantization_config = TorchAoConfig(quant_type=recipe.base_config(), modules_to_not_convert=not_converted)
+    if cov.experts:
+        # A public config field (`PreTrainedConfig.__init__` reads it back): the eager expert loop selects one
+        # expert's torchao tensor at a time; the default grouped_mm would call ops torchao does not implement.
+        config.experts_implementation = "eager"
     config.save_pretrained(directory)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
@@ -255,6 +252,7 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     supplies the float weights (default: the checkpoint's safetensors shards)."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from forge_qat.layouts import model_layout_reader
     from forge_qat.stream_convert import write_streamed
     from forge_qat.weights import SafetensorsReader
 
@@ -262,7 +260,8 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     skeleton.tie_weights()
-    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    cov = plan_coverage(skeleton, plan.recipe)
+    check_useful(cov, plan.recipe)
     fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, [])
     tokenizer = AutoTokenizer.from_pretrained(plan.checkpoint)
     try:
@@ -270,15 +269,17 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     except OSError:
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
-        reader = reader or SafetensorsReader.from_dir(plan.checkpoint)
+        reader = reader or model_layout_reader(SafetensorsReader.from_dir(plan.checkpoint), skeleton)
         stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes)
-        not_converted = sorted(set(linears) - set(stats.converted))
-        _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, not_converted)
+        if set(stats.converted) != set(cov.quantized):
+            raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the plan "
+                                  f"{len(cov.quantized)}; nothing was written")
+        _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, cov)
         report = FinalizeReport(
             dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-            linear_layers=len(linears), converted=len(stats.converted),
-            by_module=dict(Counter(_module_kind(n) for n in stats.converted)),
-            float_bytes=stats.float_bytes, artifact_bytes=total, format=fmt, format_reason=reason,
+            converted=len(stats.converted), by_module=dict(Counter(map(_weight_kind, stats.converted))),
+            coverage=cov.to_dict(), float_bytes=stats.float_bytes, artifact_bytes=total, format=fmt,
+            format_reason=reason,
             bits_per_weight=8 * stats.quantized_bytes / max(stats.quantized_numel, 1),
             streaming=True, shards=[s.name for s in shards],
         )

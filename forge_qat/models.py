@@ -91,6 +91,9 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTok
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"model directory {path} has no usable tokenizer: {e}") from None
+    # MoE artifacts of int4 recipes select experts through an operator torchao 0.18 lacks.
+    import forge_qat.torchao_compat  # noqa: F401
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:

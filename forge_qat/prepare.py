@@ -1,12 +1,14 @@
-"""Linear-layer swaps: QAT prepare/convert through the registry, and float8 training.
+"""Layer swaps: QAT prepare/convert through the registry (linear layers and MoE expert stacks), and
+float8 training.
 
-Called by training (prepare, fake-quant delay) and by finalize (prepare then convert). Which linear
-layers are quantized is decided here once (`quantizable_linears`), so both phases agree.
+Called by training (prepare, fake-quant delay) and by finalize (prepare then convert). What is quantized
+is decided once by `forge_qat.coverage.plan`, so both phases agree.
 """
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torchao.quantization import quantize_
@@ -16,35 +18,17 @@ from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.quantization.quant_primitives import ZeroPointDomain
 
-from forge_qat import hardware
+from forge_qat import experts, hardware
+from forge_qat.coverage import OUTPUT_HEAD_NAMES, Coverage, check_useful, plan
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
-from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, FakeQuantPlan, IntegerGridFakeQuantizedLinear
+from forge_qat.experts import ProjectionFakeQuant
+from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, IntegerGridFakeQuantizedLinear
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 
+if TYPE_CHECKING:
+    from forge_qat.config import TrainConfig
+
 log = logging.getLogger(__name__)
-
-# Output heads stay in float: they are usually tied to the input embedding, which a linear-only
-# recipe must not quantize, and they are the layer most sensitive to quantization.
-SKIPPED_MODULE_NAMES = ("lm_head",)
-
-
-def quantizable_linears(model: torch.nn.Module, recipe: Recipe) -> dict[str, torch.nn.Linear]:
-    """The linear layers `recipe` applies to, by qualified name."""
-    chosen, misfit = {}, []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] in SKIPPED_MODULE_NAMES:
-            continue
-        if recipe.group_size and module.in_features % recipe.group_size:
-            misfit.append(name)
-            continue
-        chosen[name] = module
-    if misfit:
-        log.warning(
-            "%d linear layer(s) stay in float because in_features is not a multiple of %s's group size "
-            "%d: %s", len(misfit), recipe.name, recipe.group_size, ", ".join(misfit[:5]),
-        )
-    return chosen
-
 
 def _filter_for(names: set[str]) -> Callable[[torch.nn.Module, str], bool]:
     return lambda module, fqn: fqn in names
@@ -71,81 +55,127 @@ def _fused_spec(quantizer: torch.nn.Module) -> AffineSpec | None:
     return None
 
 
-def _fake_quantized(linear: torch.nn.Linear, plan: FakeQuantPlan) -> FakeQuantizedLinear:
-    """The prepared replacement of `linear`, sharing its Parameter objects.
-
-    Built on the meta device and then given the original parameters, so no full-size weight is
-    allocated in passing (torchao's `from_linear` allocates one per layer before discarding it).
-    """
-    cls = IntegerGridFakeQuantizedLinear if plan.integer_matmul else FakeQuantizedLinear
-    new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-    new.weight = linear.weight
-    new.bias = linear.bias
-    new.activation_fake_quantizer = AffineFakeQuantizer(plan.activation) if plan.activation else None
-    new.weight_fake_quantizer = AffineFakeQuantizer(plan.weight) if plan.weight else None
-    return new
-
-
-def prepare_qat(model: torch.nn.Module, recipe_name: str) -> int:
-    """Install `FakeQuantizedLinear` on the recipe's layers, keeping the same Parameter objects.
-
-    Returns the number of layers prepared. torchao infers the fake quantizers from the base config
-    where it can; those it expresses as `IntxFakeQuantizer` are swapped for the fused equivalents.
-    """
-    recipe = get_recipe(recipe_name)
-    modules = dict(model.named_modules())
-    for name in quantizable_linears(model, recipe):
-        linear = modules[name]
-        if recipe.fake_quant is None:
-            prepared = _torchao_prepared(linear, recipe)
-        else:
-            prepared = _fake_quantized(linear, recipe.fake_quant)
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, prepared)
-    return sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
+def _prepared_twin(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                   recipe: Recipe) -> FakeQuantizedLinear:
+    """The recipe's `FakeQuantizedLinear` for a linear of this shape, built on the meta device (no weight is
+    allocated: torchao's `from_linear` would allocate one per layer, under ZeRO-3 the whole layer on every
+    rank). Its fake quantizers are those of the recipe's record where it has one, else those torchao's
+    `QATConfig(base, step="prepare")` chooses, with the quantizers that have a fused equivalent swapped
+    for it."""
+    plan = recipe.fake_quant
+    if plan is not None:
+        cls = IntegerGridFakeQuantizedLinear if plan.integer_matmul else FakeQuantizedLinear
+        twin = cls(in_features, out_features, bias, device="meta", dtype=dtype)
+        twin.activation_fake_quantizer = AffineFakeQuantizer(plan.activation) if plan.activation else None
+        twin.weight_fake_quantizer = AffineFakeQuantizer(plan.weight) if plan.weight else None
+        return twin
+    holder = torch.nn.ModuleDict({"linear": torch.nn.Linear(in_features, out_features, bias, device="meta",
+                                                            dtype=dtype)})
+    quantize_(holder, QATConfig(recipe.base_config(), step="prepare"))
+    twin = holder["linear"]
+    for slot in ("activation_fake_quantizer", "weight_fake_quantizer"):
+        spec = _fused_spec(getattr(twin, slot))
+        if spec is not None:
+            setattr(twin, slot, AffineFakeQuantizer(spec))
+    return twin
 
 
-def _torchao_prepared(linear: torch.nn.Linear, recipe: Recipe) -> FakeQuantizedLinear:
-    """torchao's `QATConfig(base, step="prepare")` applied to a meta-device twin of `linear`, which
-    then takes `linear`'s own Parameters: torchao chooses the fake quantizers, but no full-size
-    weight is allocated (its `from_linear` would allocate one per layer; under ZeRO-3 that is the
-    whole layer on every rank). Quantizers with a fused equivalent are swapped for it."""
-    twin = torch.nn.ModuleDict({"linear": torch.nn.Linear(linear.in_features, linear.out_features,
-                                                          linear.bias is not None, device="meta",
-                                                          dtype=linear.weight.dtype)})
-    quantize_(twin, QATConfig(recipe.base_config(), step="prepare"))
-    prepared = twin["linear"]
+def _fake_quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> FakeQuantizedLinear:
+    """The prepared replacement of `linear`, sharing its Parameter objects."""
+    prepared = _prepared_twin(linear.in_features, linear.out_features, linear.bias is not None,
+                              linear.weight.dtype, recipe)
     prepared.weight = linear.weight
     prepared.bias = linear.bias
-    for slot in ("activation_fake_quantizer", "weight_fake_quantizer"):
-        spec = _fused_spec(getattr(prepared, slot))
-        if spec is not None:
-            setattr(prepared, slot, AffineFakeQuantizer(spec))
     return prepared
+
+
+def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recipe) -> dict[str, ProjectionFakeQuant]:
+    """Per projection of an experts module, the fake quantizers of the recipe's linear of the same shape
+    (none for a stack the plan keeps in float)."""
+    quantizers = {}
+    for proj in experts.projections(module):
+        if proj.weight not in stacks:
+            quantizers[proj.weight] = ProjectionFakeQuant(None, None, integer_grid=False)
+            continue
+        dtype = getattr(module, proj.weight).dtype
+        twin = _prepared_twin(proj.in_features, proj.out_features, proj.bias is not None, dtype, recipe)
+        quantizers[proj.weight] = ProjectionFakeQuant(twin.activation_fake_quantizer, twin.weight_fake_quantizer,
+                                                      integer_grid=isinstance(twin, IntegerGridFakeQuantizedLinear))
+    return quantizers
+
+
+def prepare_qat(model: torch.nn.Module, recipe: Recipe) -> Coverage:
+    """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
+    Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's).
+
+    Returns the plan, counted by parameters. Raises before changing anything when the recipe would
+    quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`)."""
+    cov = plan(model, recipe)
+    check_useful(cov, recipe)
+    modules = dict(model.named_modules())
+    for name, linear in cov.linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, _fake_quantized_linear(linear, recipe))
+    for name, stacks in cov.experts.items():
+        module = modules[name]
+        experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
+    return cov
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe: Recipe | None) -> Coverage | None:
+    """Everything a run config changes in a freshly loaded model before training, in the order torchtune
+    uses (swaps, then activation checkpointing, then sharding by the caller). Shared by one process and
+    ZeRO (whose partitioned Parameters the swaps keep)."""
+    cov = None
+    if qat_recipe is not None:
+        cov = prepare_qat(model, qat_recipe)
+        log.info("fake quantization: %s", cov.describe())
+    elif cfg.fp8_recipe:
+        n = prepare_float8_training(model, cfg.fp8_recipe)
+        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
+        # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return cov
 
 
 def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
     """Turn every fake quantizer on or off (used to delay fake quantization)."""
-    model.apply(lambda m: enable_linear_fake_quant(m, enabled))
+    for module in model.modules():
+        if experts.is_fake_quantized(module):
+            experts.set_fake_quant_enabled(module, enabled)
+        else:
+            enable_linear_fake_quant(module, enabled)
 
 
-def check_convert_hardware(recipe_name: str) -> None:
+def check_convert_hardware(recipe: Recipe) -> None:
     """Raise before any loading when this machine cannot run the recipe's real kernels."""
-    recipe = get_recipe(recipe_name)
     missing = recipe.missing_for_convert()
     if missing:
         raise HardwareError(f"converting {recipe.name} needs {' and '.join(missing)}; this machine has not")
 
 
-def convert_qat(model: torch.nn.Module, recipe_name: str) -> int:
-    """Swap prepared layers for real low-bit tensor subclasses; returns how many were converted."""
-    recipe = get_recipe(recipe_name)
-    check_convert_hardware(recipe.name)
-    names = {n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
-    if not names:
-        raise ConversionError("the model has no fake-quantized linear layers: nothing to convert")
-    quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=_filter_for(names))
-    return len(names)
+def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
+    """Swap prepared layers and expert stacks for real low-bit torchao tensors; returns the names of the
+    converted weights (`...q_proj.weight`, `...experts.gate_up_proj`)."""
+    check_convert_hardware(recipe)
+    linears = {n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
+    stacks = {n: m for n, m in model.named_modules() if experts.is_fake_quantized(m)}
+    if not linears and not stacks:
+        raise ConversionError("the model has no fake-quantized layers: nothing to convert")
+    if linears:
+        quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=_filter_for(linears))
+    converted = [f"{n}.weight" for n in sorted(linears)]
+    for name, module in stacks.items():
+        converted += [f"{name}.{stack}" for stack in experts.convert(module, recipe)]
+    if stacks and hasattr(model, "set_experts_implementation"):
+        # The converted stacks are torchao tensors that select per expert: transformers' eager loop runs them,
+        # its grouped_mm/batched_mm paths (the default) call ops torchao does not implement.
+        model.set_experts_implementation("eager")
+    return converted
 
 
 # ---- float8 training: the other linear-swap option -------------------------------------------
@@ -162,7 +192,7 @@ def prepare_float8_training(model: torch.nn.Module, fp8_recipe: str) -> int:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     names = {n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in SKIPPED_MODULE_NAMES
+             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in OUTPUT_HEAD_NAMES
              and m.in_features % 16 == 0 and m.out_features % 16 == 0}
     convert_to_float8_training(model, module_filter_fn=_filter_for(names),
                                config=Float8LinearConfig.from_recipe_name(fp8_recipe))
@@ -183,7 +213,11 @@ class LinearSwap:
         return "--" + self.option.replace("_", "-")
 
 
+def _prepare_qat_by_name(model: torch.nn.Module, name: str) -> Coverage:
+    return prepare_qat(model, get_recipe(name))
+
+
 LINEAR_SWAPS: tuple[LinearSwap, ...] = (
-    LinearSwap("qat_recipe", recipe_names, prepare_qat),
+    LinearSwap("qat_recipe", recipe_names, _prepare_qat_by_name),
     LinearSwap("fp8_recipe", lambda: list(FP8_RECIPES), prepare_float8_training),
 )

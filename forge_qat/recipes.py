@@ -12,11 +12,13 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
     Float8DynamicActivationInt4WeightConfig,
+    FqnToConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8DynamicActivationIntxWeightConfig,
     PerGroup,
     PerRow,
+    quantize_,
 )
 
 from forge_qat import hardware
@@ -36,6 +38,33 @@ CUDA = Requirement("a CUDA GPU", lambda: hardware.cuda_available())
 SM89 = Requirement("CUDA compute capability 8.9+ (Ada/Hopper)", lambda: hardware.has_cuda_capability(8, 9))
 SM90 = Requirement("CUDA compute capability 9.0+ (Hopper)", lambda: hardware.has_cuda_capability(9, 0))
 MSLK = Requirement("the mslk kernel package (pip install mslk)", lambda: hardware.has_mslk())
+
+
+ExpertStackConverter = Callable[[AOBaseConfig, torch.nn.Module, str], None]
+"""Replaces the 3-D expert stack `module.<name>` (experts, out, in) by its torchao tensor, in place."""
+
+
+def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
+    """torchao's own parameter-level quantization (`FqnToConfig` with a parameter name), for configs whose
+    tensors take 3-D weights: the result selects per expert to the tensor an `nn.Linear` would get."""
+    quantize_(module, FqnToConfig({name: config}), filter_fn=None)
+
+
+def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
+    """`Int8DynamicActivationIntxWeightConfig` asserts 2-D weights in torchao 0.18, but the tensor it
+    builds is defined for any rank: build it for the stack with the config's own arguments and a block of
+    one row per expert (tests check every expert equals its 2-D conversion bit for bit)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = getattr(module, name)
+    g = config.weight_granularity
+    group = g.group_size if isinstance(g, PerGroup) else weight.shape[-1]
+    stack = IntxUnpackedToInt8Tensor.from_hp(
+        weight.detach(), (1,) * (weight.dim() - 1) + (group,), config.weight_dtype,
+        mapping_type=config.weight_mapping_type, activation_quantization="int8_asym_per_token",
+        intx_choose_qparams_algorithm=config.intx_choose_qparams_algorithm,
+    )
+    setattr(module, name, torch.nn.Parameter(stack, requires_grad=False))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,6 +88,9 @@ class Recipe:
     """Bits each weight value occupies in the artifact (int4 values may be stored unpacked in int8)."""
     group_size: int | None = None
     """in_features must be a multiple of this for a linear layer to be quantized."""
+    convert_expert_stack: ExpertStackConverter | None = None
+    """How convert turns a mixture-of-experts stack into a torchao tensor; None: torchao 0.18 offers this
+    recipe no route for 3-D expert weights, and a model with experts is refused before training."""
 
     def missing_for_convert(self) -> list[str]:
         """Descriptions of the convert requirements this machine does not meet (empty: can convert)."""
@@ -76,6 +108,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
             group_size=32,
+            convert_expert_stack=convert_stack_to_intx_unpacked,
         ),
         Recipe(
             name="int8-dynamic-act-int8-weight",
@@ -91,6 +124,7 @@ RECIPES: dict[str, Recipe] = {
                                   eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
                 integer_matmul=True,
             ),
+            convert_expert_stack=convert_stack_with_torchao_handler,
         ),
         Recipe(
             name="int4-weight-only",
@@ -105,6 +139,9 @@ RECIPES: dict[str, Recipe] = {
             description="float8 e4m3 per-row dynamic activations and weights (CUDA sm89+)",
             base_config=lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
             convert_requires=(CUDA, SM89),
+            # Float8Tensor quantizes 3-D weights and selects per expert; needs CUDA, so it is covered by
+            # the GPU suite (tests/gpu), not on CPU.
+            convert_expert_stack=convert_stack_with_torchao_handler,
         ),
         Recipe(
             name="float8-dynamic-act-int4-weight",

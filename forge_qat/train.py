@@ -24,8 +24,8 @@ from forge_qat.config import NO_RECIPE, TrainConfig
 from forge_qat.data import PackedData, batch_indices, load_packed
 from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.models import ModelSource, load_model
-from forge_qat.prepare import prepare_float8_training, prepare_qat, set_fake_quant_enabled
-from forge_qat.recipes import get_recipe
+from forge_qat.prepare import prepare_for_training, set_fake_quant_enabled
+from forge_qat.recipes import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Resolved:
     precision: str
     lr: float
     qat_recipe: str | None
+    recipe: Recipe | None
+    """The registry record of `qat_recipe`, resolved once here."""
 
 
 def resolve(cfg: TrainConfig) -> Resolved:
@@ -66,7 +68,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if precision == "bf16" and not hardware.bf16_supported():
         raise HardwareError("this GPU does not support bf16; use --precision fp16 or fp32")
     lr = cfg.lr if cfg.lr is not None else (1e-3 if ModelSource(cfg.model).is_preset else 2e-5)
-    return Resolved(device, precision, lr, cfg.active_qat_recipe)
+    name = cfg.active_qat_recipe
+    return Resolved(device, precision, lr, name, get_recipe(name) if name else None)
 
 
 def autocast(res: Resolved):
@@ -86,21 +89,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torc
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def apply_linear_swaps(model: torch.nn.Module, cfg: TrainConfig, res: Resolved) -> None:
-    if res.qat_recipe:
-        n = prepare_qat(model, res.qat_recipe)
-        log.info("fake quantization (%s) installed on %d linear layers", res.qat_recipe, n)
-    elif cfg.fp8_recipe:
-        n = prepare_float8_training(model, cfg.fp8_recipe)
-        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
-    if cfg.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
-        # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class Backend(Protocol):
@@ -126,7 +114,7 @@ class SingleProcess:
 
     def build(self, cfg: TrainConfig, res: Resolved):
         model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-        apply_linear_swaps(model, cfg, res)
+        prepare_for_training(model, cfg, res.recipe)
         self.model = model.to(res.device)
         return self.model, tokenizer
 
@@ -204,7 +192,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         ckpt_io.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg.to_dict())
         log.info("device %s, precision %s, lr %g, QAT recipe %s, %d process(es)", res.device, res.precision,
                  res.lr, res.qat_recipe or "none (float)", backend.world_size)
-        if res.qat_recipe and (missing := get_recipe(res.qat_recipe).missing_for_convert()):
+        if res.recipe and (missing := res.recipe.missing_for_convert()):
             log.warning("training %s with fake quantization works here, but finalize will need %s",
                         res.qat_recipe, " and ".join(missing))
 

@@ -43,3 +43,44 @@ def micro_train_args(output_dir, data, **extra):
                 precision="fp32")
     args.update(extra)
     return args
+
+
+MOE_SHAPES = {
+    # 2 layers, 4 experts, top-2; dimensions multiples of the int4 group size (32).
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, head_dim=16),
+    "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+}
+
+
+def tiny_moe(model_type, seed=0):
+    """A tiny MoE model of `model_type` from its transformers config, with the byte tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from forge_qat.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **MOE_SHAPES[model_type])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model, tok
+
+
+def save_tiny_moe(path, model_type, layout, seed=0, max_shard_size="10GB"):
+    """Save a tiny MoE model in a checkpoint layout: "per-expert" (what transformers' save_pretrained and
+    published checkpoints write: experts.0.gate_proj.weight, ...) or "fused" (the model's own 3-D stacks)."""
+    from safetensors.torch import save_file
+
+    model, tok = tiny_moe(model_type, seed)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tok.save_pretrained(path)
+    if layout == "fused":
+        for f in list(path.glob("model*.safetensors*")):
+            f.unlink()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
+    return model

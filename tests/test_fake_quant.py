@@ -73,7 +73,7 @@ def test_prepared_linear_matches_torchao_under_autocast():
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32))
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    prepare_qat(ours, "int8-dynamic-act-int4-weight")
+    prepare_qat(ours, get_recipe("int8-dynamic-act-int4-weight"))
     quantize_(theirs, QATConfig(get_recipe("int8-dynamic-act-int4-weight").base_config(), step="prepare"))
     x = torch.randn(4, 10, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -19,6 +19,7 @@ from forge_qat.cli import app
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
 from forge_qat.finalize import FinalizeRequest, finalize, plan_finalize
+from forge_qat.recipes import get_recipe
 from forge_qat.train import run_training
 
 runner = CliRunner()
@@ -44,7 +45,9 @@ def test_qat_round_trip_loads_in_stock_transformers(runs, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["mode"] == "qat" and report["recipe"] == "int8-dynamic-act-int4-weight"
-    assert report["converted"] == 14 and report["linear_layers"] == 15  # all but lm_head
+    assert report["converted"] == 14 and report["coverage"]["linear_layers"] == 14  # all but lm_head
+    assert report["coverage"]["kept_float"] == {"output head": report["coverage"]["matmul_params"]
+                                                - report["coverage"]["quantized_params"]}
     assert report["format"] == "safetensors" and report["reload_max_diff"] == 0.0
     assert report["max_logit_diff_vs_float"] > 0  # conversion really changed the numerics
     assert (dest / "model.safetensors").is_file() and not list(dest.glob("*.bin"))
@@ -79,7 +82,7 @@ def test_artifact_matches_fake_quant_model(runs, tmp_path):
 
     report = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "a"))
     fake, tok = load_model(str(resolve_checkpoint(runs / "qat")))
-    prepare_qat(fake, report.recipe)
+    prepare_qat(fake, get_recipe(report.recipe))
     real = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     x = sample_batch(tok, fake.config.vocab_size)
     with torch.no_grad():
@@ -191,7 +194,7 @@ def test_eval_and_compare(runs, tmp_path):
     ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=qat.recipe))
     data = str(runs / "train.txt")
     float_eval = evaluate_model(str(runs / "float"), data, seq_len=32)
-    fake = evaluate_model(str(runs / "float"), data, seq_len=32, fake_quant=qat.recipe)
+    fake = evaluate_model(str(runs / "float"), data, seq_len=32, fake_quant=get_recipe(qat.recipe))
     ptq_eval = evaluate_model(str(ptq.dest), data, seq_len=32)
     assert float_eval.kind == "float" and ptq_eval.kind == "quantized artifact"
     assert fake.loss == pytest.approx(ptq_eval.loss, abs=1e-5)  # fake quant == converted

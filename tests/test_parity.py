@@ -9,9 +9,10 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.utils import TorchAOBaseTensor
 
+from forge_qat.coverage import plan
 from forge_qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
 from forge_qat.models import preset_model
-from forge_qat.prepare import convert_qat, prepare_qat, quantizable_linears, set_fake_quant_enabled
+from forge_qat.prepare import convert_qat, prepare_qat, set_fake_quant_enabled
 from forge_qat.recipes import RECIPES, get_recipe
 
 CPU_RECIPES = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
@@ -29,10 +30,10 @@ def test_fake_quant_matches_converted(recipe, preset):
     x = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_logits = model(x).logits
-        expected = len(quantizable_linears(model, get_recipe(recipe)))
-        assert prepare_qat(model, recipe) == expected > 0
+        expected = len(plan(model, get_recipe(recipe)).linears)
+        assert len(prepare_qat(model, get_recipe(recipe)).linears) == expected > 0
         fake_logits = model(x).logits
-        assert convert_qat(model, recipe) == expected
+        assert len(convert_qat(model, get_recipe(recipe))) == expected
         real_logits = model(x).logits
 
     converted = [m for m in model.modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)]
@@ -46,7 +47,7 @@ def test_fake_quant_matches_converted(recipe, preset):
 def test_prepare_keeps_parameters_and_state_dict():
     model, _ = preset_model("micro-llama")
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    prepare_qat(model, "int8-dynamic-act-int4-weight")
+    prepare_qat(model, get_recipe("int8-dynamic-act-int4-weight"))
     after = model.state_dict()
     assert set(after) == set(before)
     assert all(after[k].data_ptr() == ptr for k, ptr in before.items())
@@ -54,7 +55,7 @@ def test_prepare_keeps_parameters_and_state_dict():
 
 def test_default_recipe_uses_fused_quantizers():
     model, _ = preset_model("micro-llama")
-    prepare_qat(model, "int8-dynamic-act-int4-weight")
+    prepare_qat(model, get_recipe("int8-dynamic-act-int4-weight"))
     layers = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
     assert layers and all(isinstance(m.activation_fake_quantizer, AffineFakeQuantizer)
                           and isinstance(m.weight_fake_quantizer, AffineFakeQuantizer) for m in layers)
@@ -66,7 +67,7 @@ def test_fake_quant_can_be_disabled():
     x = torch.randint(0, len(tok), (1, 16))
     with torch.no_grad():
         ref = model(x).logits
-        prepare_qat(model, "int8-dynamic-act-int8-weight")
+        prepare_qat(model, get_recipe("int8-dynamic-act-int8-weight"))
         set_fake_quant_enabled(model, False)
         torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)
         set_fake_quant_enabled(model, True)
@@ -100,4 +101,4 @@ def test_converting_an_unprepared_model_is_an_error():
 
     model, _ = preset_model("micro-llama")
     with pytest.raises(ConversionError, match="nothing to convert"):
-        convert_qat(model, "int8-dynamic-act-int4-weight")
+        convert_qat(model, get_recipe("int8-dynamic-act-int4-weight"))

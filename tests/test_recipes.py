@@ -40,11 +40,11 @@ def test_gpu_recipes_gate_both_ways(name, monkeypatch):
     monkeypatch.setattr(hardware, "cuda_available", lambda: False)
     monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: False)
     with pytest.raises(HardwareError, match="CUDA"):
-        check_convert_hardware(name)
+        check_convert_hardware(get_recipe(name))
     monkeypatch.setattr(hardware, "cuda_available", lambda: True)
     monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: True)
     monkeypatch.setattr(hardware, "has_mslk", lambda: True)
-    check_convert_hardware(name)  # no error once every requirement is met
+    check_convert_hardware(get_recipe(name))  # no error once every requirement is met
     assert get_recipe(name).missing_for_convert() == []
 
 

@@ -52,8 +52,8 @@ def test_streaming_equals_in_memory(qat_run, tmp_path, recipe, shard_bytes):
     in_memory = finalize(FinalizeRequest(dest=tmp_path / "mem", streaming=False, **common))
     streamed = finalize(FinalizeRequest(dest=tmp_path / "stream", streaming=True, **common))
     assert streamed.streaming and not in_memory.streaming
-    assert (streamed.converted, streamed.linear_layers, streamed.artifact_bytes, streamed.float_bytes) == (
-        in_memory.converted, in_memory.linear_layers, in_memory.artifact_bytes, in_memory.float_bytes)
+    assert (streamed.converted, streamed.coverage, streamed.artifact_bytes, streamed.float_bytes) == (
+        in_memory.converted, in_memory.coverage, in_memory.artifact_bytes, in_memory.float_bytes)
     assert_same_artifact(tmp_path / "mem", tmp_path / "stream")
     from transformers import AutoModelForCausalLM
 

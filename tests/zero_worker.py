@@ -43,7 +43,8 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     out = Path(os.environ["FORGE_TEST_LOAD_ONLY"])
     if backend.rank == 0:
         out.mkdir(parents=True)
-    consolidate_hf_weights(model, out if backend.rank == 0 else None, backend.rank, max_shard_bytes=50_000)
+    consolidate_hf_weights(model, out if backend.rank == 0 else None, backend.rank, backend.layout,
+                           max_shard_bytes=50_000)
     sys.exit(0)
 
 sys.exit(worker.main())

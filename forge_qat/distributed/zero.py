@@ -26,7 +26,9 @@ from forge_qat import checkpoint as ckpt_io
 from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.models import PRESETS, check_model_dir, load_model, preset_model
+from forge_qat.prepare import prepare_for_training
 from forge_qat.weights import SafetensorsReader, StateDictSource, tied_aliases
 
 DS_STATE = "deepspeed"
@@ -144,48 +146,65 @@ def _fill_partition(p: torch.nn.Parameter, name: str, source, rank: int, world: 
 
 
 def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | StateDictSource | None,
-                        rank: int) -> None:
-    """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective)."""
+                        rank: int) -> Layout | None:
+    """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective).
+
+    The checkpoint may store tensors in another layout than the model (per-expert MoE weights for fused
+    stacks): rank 0 reads it through `forge_qat.layouts`, so a fused stack's partition is assembled from
+    the per-expert tensors slice by slice and no rank holds a whole stack. Returns the layout on rank 0
+    (consolidation writes checkpoints back in it), None elsewhere."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
     tied = tied_aliases(model)
     buffers = {n for n in model.state_dict() if n not in params and n not in tied}
-    problem = None
+    problem, reader = None, None
     if rank == 0:
-        available = source.keys()
-        missing = sorted(set(params) - available)
-        unexpected = sorted(available - set(params) - buffers - tied)
-        wrong = [f"{k} {source.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
-                 if k in available and list(source.shape(k)) != list(p.ds_shape)]
-        if missing or unexpected or wrong:
-            problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                       + (f", wrong shape {wrong[:4]}" if wrong else ""))
+        try:
+            reader = model_layout_reader(source, model)
+        except InputError as e:
+            problem = str(e)
+        else:
+            available = reader.keys()
+            missing = sorted(set(params) - available)
+            unexpected = reader.layout.unexpected
+            wrong = [f"{k} {reader.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
+                     if k in available and list(reader.shape(k)) != list(p.ds_shape)]
+            if missing or unexpected or wrong:
+                problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
+                           f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                           + (f", wrong shape {wrong[:4]}" if wrong else ""))
     problem = _broadcast(problem)
     if problem:
         raise InputError(problem)
     world = dist.get_world_size()
     for name, p in params.items():
-        _fill_partition(p, name, source, rank, world)
+        _fill_partition(p, name, reader, rank, world)
     for name, buf in model.named_buffers():
         if name in buffers:
-            if rank == 0 and name in source.keys():
-                source.read_flat(name, 0, buf.view(-1))
+            if rank == 0 and name in reader.keys():
+                reader.read_flat(name, 0, buf.view(-1))
             dist.broadcast(buf, src=0)
+    return reader.layout if reader is not None else None
 
 
 def _cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:
     """Under DeepSpeed mixed precision (no autocast) weights are bf16/fp16 but a model may hand a
-    linear layer fp32 activations (e.g. from an fp32 norm): the fake quantizers run in the weight's
-    dtype, so activations are cast to match before them."""
+    fake-quantized layer fp32 activations (e.g. from an fp32 norm): the fake quantizers run in the weight's
+    dtype, so activations are cast to match before them (linear layers and MoE expert stacks alike)."""
     from torchao.quantization.qat import FakeQuantizedLinear
 
-    def cast(module, args):
-        x = args[0]
-        return (x.to(module.weight.dtype), *args[1:]) if x.dtype != module.weight.dtype else None
+    from forge_qat import experts
+
+    def hook(dtype: torch.dtype):
+        def cast(module, args):
+            x = args[0]
+            return (x.to(dtype), *args[1:]) if x.dtype != dtype else None
+        return cast
 
     for module in model.modules():
         if isinstance(module, FakeQuantizedLinear):
-            module.register_forward_pre_hook(cast)
+            module.register_forward_pre_hook(hook(module.weight.dtype))
+        elif experts.is_fake_quantized(module):
+            module.register_forward_pre_hook(hook(module.down_proj.dtype))
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -196,18 +215,20 @@ class ZeroBackend:
     def __init__(self, cfg: TrainConfig):
         self.rank, self.world_size = init_process_group(cfg.dist_timeout_s)
         self.cfg = cfg
+        self.layout: Layout | None = None
+        """How the input checkpoint stores the model's tensors (rank 0): checkpoints are written the same way."""
 
     def build(self, cfg: TrainConfig, res):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.initialization import no_init_weights
 
-        from forge_qat.train import apply_linear_swaps
-
         self.ds_config = ds_config(cfg, res.precision, self.world_size)
         if self.ds_config["zero_optimization"]["stage"] != 3:
             # Stages 1 and 2 partition optimizer state and gradients only: every rank holds the model.
             model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-            apply_linear_swaps(model, cfg, res)
+            if self.rank == 0 and cfg.model not in PRESETS:
+                self.layout = model_layout_reader(SafetensorsReader.from_dir(Path(cfg.model)), model).layout
+            prepare_for_training(model, cfg, res.recipe)
             self.model = model
             return model, tokenizer
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(res.precision, torch.float32)
@@ -233,9 +254,9 @@ class ZeroBackend:
         # parameter is filled (and later optimised) once, and let the orphan's partition go.
         model.tie_weights()
         gc.collect()
-        stream_load_weights(model, source, self.rank)
+        self.layout = stream_load_weights(model, source, self.rank)
         del source
-        apply_linear_swaps(model, cfg, res)
+        prepare_for_training(model, cfg, res.recipe)
         if res.precision != "fp32":
             _cast_inputs_to_weight_dtype(model)
         self.model = model
@@ -269,7 +290,7 @@ class ZeroBackend:
         dist.barrier()
         self.engine.save_checkpoint(str(tmp / DS_STATE), tag=DS_TAG,
                                     client_state={"step": step, "torch_rng": torch.get_rng_state()})
-        consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank)
+        consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank, self.layout)
         if self.rank == 0:
             self.model.config.save_pretrained(tmp)
             if self.model.generation_config is not None:
@@ -354,15 +375,21 @@ def follow_gathers(model: torch.nn.Module) -> None:
         _gather_block(params, {}, block.names, keep=False)
 
 
-def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank: int,
+def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank: int, layout: Layout | None = None,
                            max_shard_bytes: int = 2 * 1024**3) -> None:
     """Gather each parameter in turn (all ranks) and let rank 0 append it to the current output
-    shard; rank 0 never holds more than one parameter plus one shard."""
+    shard, under the checkpoint names and in the layout the model was loaded from (`layout`, rank 0's;
+    e.g. a fused expert stack as the per-expert tensors of the input), so stock `from_pretrained` and
+    forge read it as they read a single-process checkpoint. Rank 0 never holds more than one parameter
+    plus one shard."""
     params = dict(model.named_parameters())
-    writer = ShardWriter(directory, "safetensors", list(params), max_shard_bytes) if rank == 0 else None
+    layout = layout or Layout()
+    writer = (ShardWriter(directory, "safetensors", layout.checkpoint_keys(list(params)), max_shard_bytes)
+              if rank == 0 else None)
     for name, p in params.items():
         with deepspeed.zero.GatheredParameters([p]):
             if writer:
-                writer.add(name, p.data.detach().to("cpu", copy=True))
+                for key, tensor in layout.checkpoint_tensors(name, p.data.detach().to("cpu", copy=True)):
+                    writer.add(key, tensor)
     if writer:
         writer.close()

@@ -1,0 +1,160 @@
+"""What a recipe quantizes in a model, counted by parameters: the one plan prepare, finalize and the
+reports share.
+
+Called by `forge_qat.prepare` (which layers and expert stacks to fake-quantize, and whether the run
+would do anything useful), finalize (what to convert, the report) and the dry run. A model's matmul
+weights are its `nn.Linear` weights, its MoE expert stacks, its routers and any GPT-2 style `Conv1D`
+weights; each is either quantized by the recipe or kept in float for a stated reason. Works on real,
+meta-device and ZeRO-3-partitioned models alike (sizes come from the true shapes).
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from forge_qat import experts as experts_mod
+from forge_qat.errors import ConfigError
+
+# Output heads stay in float: they are usually tied to the input embedding, which a linear-only
+# recipe must not quantize, and they are the layer most sensitive to quantization.
+OUTPUT_HEAD_NAMES = ("lm_head",)
+
+OUTPUT_HEAD = "output head"
+ROUTER = "router"
+MISFIT = "group-size misfit"
+CONV1D = "Conv1D"
+NO_EXPERT_ROUTE = "experts (no route for this recipe)"
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2 and relatives): a linear layer stored (in, out).
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+@dataclass
+class Coverage:
+    """The recipe's plan for one model."""
+
+    recipe: str
+    linears: dict[str, torch.nn.Linear] = field(default_factory=dict)
+    """Linear layers to quantize, by module name."""
+    experts: dict[str, list[str]] = field(default_factory=dict)
+    """Experts modules to quantize, by module name: the stacks (parameter names) to quantize in each."""
+    quantized: dict[str, int] = field(default_factory=dict)
+    """Matmul weights the recipe quantizes: parameter name -> number of elements."""
+    kept: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Matmul weights kept in float: parameter name -> (reason, number of elements)."""
+
+    @property
+    def quantized_numel(self) -> int:
+        return sum(self.quantized.values())
+
+    @property
+    def matmul_numel(self) -> int:
+        return self.quantized_numel + sum(n for _, n in self.kept.values())
+
+    @property
+    def share(self) -> float:
+        return self.quantized_numel / self.matmul_numel if self.matmul_numel else 0.0
+
+    def kept_by_reason(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for reason, n in self.kept.values():
+            totals[reason] += n
+        return dict(totals)
+
+    def expert_numel(self) -> int:
+        return sum(n for name, n in self.quantized.items() if name.rpartition(".")[0] in self.experts)
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        parts = [f"{self.recipe} quantizes {self.share:.1%} of the matmul weights by parameter count "
+                 f"({_count(self.quantized_numel)} of {_count(self.matmul_numel)}): {len(self.linears)} linear "
+                 f"layers"]
+        if self.experts:
+            stacks = sum(len(v) for v in self.experts.values())
+            parts[0] += f" and {stacks} expert stacks in {len(self.experts)} MoE layers ({_count(self.expert_numel())})"
+        kept = self.kept_by_reason()
+        if kept:
+            parts.append("kept in float: " + ", ".join(f"{reason} {_count(n)}" for reason, n in sorted(kept.items())))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "quantized_params": self.quantized_numel, "matmul_params": self.matmul_numel,
+                "quantized_share": self.share, "expert_params_quantized": self.expert_numel(),
+                "linear_layers": len(self.linears), "expert_stacks": sum(len(v) for v in self.experts.values()),
+                "kept_float": self.kept_by_reason(),
+                "kept_float_examples": {r: [n for n, (rr, _) in self.kept.items() if rr == r][:5]
+                                        for r in self.kept_by_reason()}}
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def plan(model: torch.nn.Module, recipe) -> Coverage:
+    """Decide, for every matmul weight of `model`, whether `recipe` quantizes it."""
+    cov = Coverage(recipe.name)
+    modules = dict(model.named_modules())
+    expert_modules = {n: m for n, m in modules.items() if experts_mod.is_experts(m)}
+    moe_blocks = {n.rpartition(".")[0]: experts_mod.num_experts(m) for n, m in expert_modules.items()}
+    fits = lambda in_features: not recipe.group_size or in_features % recipe.group_size == 0  # noqa: E731
+    for name, module in modules.items():
+        parent, _, last = name.rpartition(".")
+        if name in expert_modules:
+            for proj in experts_mod.projections(module):
+                pname = f"{name}.{proj.weight}"
+                numel = _numel(getattr(module, proj.weight))
+                if recipe.convert_expert_stack is None:
+                    cov.kept[pname] = (NO_EXPERT_ROUTE, numel)
+                elif not fits(proj.in_features):
+                    cov.kept[pname] = (MISFIT, numel)
+                else:
+                    cov.quantized[pname] = numel
+                    cov.experts.setdefault(name, []).append(proj.weight)
+        elif isinstance(module, torch.nn.Linear):
+            pname = f"{name}.weight"
+            if last in OUTPUT_HEAD_NAMES:
+                cov.kept[pname] = (OUTPUT_HEAD, _numel(module.weight))
+            elif parent in moe_blocks and (module.out_features == moe_blocks[parent] or last.endswith("gate")):
+                cov.kept[pname] = (ROUTER, _numel(module.weight))
+            elif not fits(module.in_features):
+                cov.kept[pname] = (MISFIT, _numel(module.weight))
+            else:
+                cov.quantized[pname] = _numel(module.weight)
+                cov.linears[name] = module
+        elif _is_conv1d(module):
+            cov.kept[f"{name}.weight"] = (CONV1D, _numel(module.weight))
+        elif parent in moe_blocks and isinstance(module._parameters.get("weight"), torch.Tensor) \
+                and len(getattr(module.weight, "ds_shape", module.weight.shape)) == 2:
+            cov.kept[f"{name}.weight"] = (ROUTER, _numel(module.weight))  # a TopKRouter's (experts, hidden)
+    return cov
+
+
+def check_useful(cov: Coverage, recipe) -> None:
+    """Refuse, before any training or conversion, a plan that would leave quantizable weights silently
+    in float or quantize nothing."""
+    kept = cov.kept_by_reason()
+    if CONV1D in kept:
+        examples = [n for n, (r, _) in cov.kept.items() if r == CONV1D][:3]
+        raise ConfigError(f"this model has GPT-2 style Conv1D layers ({_count(kept[CONV1D])} weights, e.g. "
+                          f"{', '.join(examples)}), which forge does not quantize: forge supports nn.Linear layers "
+                          f"and MoE expert stacks (Llama, Qwen2/3, Qwen3-MoE, Mistral, Mixtral, Gemma, Phi-3, ...)")
+    if NO_EXPERT_ROUTE in kept:
+        from forge_qat.recipes import RECIPES
+
+        usable = [r.name for r in RECIPES.values() if r.convert_expert_stack is not None]
+        raise ConfigError(f"recipe {recipe.name} has no torchao route for mixture-of-experts stacks "
+                          f"({_count(kept[NO_EXPERT_ROUTE])} expert weights here would stay float); use one of: "
+                          f"{', '.join(usable)}")
+    if not cov.quantized:
+        raise ConfigError(f"recipe {recipe.name} would quantize none of this model's matmul weights "
+                          f"({'; '.join(f'{r}: {_count(n)}' for r, n in sorted(kept.items())) or 'none found'})")
