@@ -25,6 +25,7 @@ ROUTER = "router"
 MISFIT = "group-size misfit"
 CONV1D = "Conv1D"
 NO_EXPERT_ROUTE = "experts (no route for this recipe)"
+UNRECOGNISED = "unrecognised 3-D weights"
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -136,6 +137,11 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
         elif parent in moe_blocks and isinstance(module._parameters.get("weight"), torch.Tensor) \
                 and len(getattr(module.weight, "ds_shape", module.weight.shape)) == 2:
             cov.kept[f"{name}.weight"] = (ROUTER, _numel(module.weight))  # a TopKRouter's (experts, hidden)
+        elif not isinstance(module, torch.nn.modules.conv._ConvNd):
+            # Stacked weights of an experts class forge does not recognise: never left in float silently.
+            for pname, p in module.named_parameters(recurse=False):
+                if len(getattr(p, "ds_shape", p.shape)) == 3:
+                    cov.kept[f"{name}.{pname}" if name else pname] = (UNRECOGNISED, _numel(p))
     return cov
 
 
@@ -148,6 +154,11 @@ def check_useful(cov: Coverage, recipe) -> None:
         raise ConfigError(f"this model has GPT-2 style Conv1D layers ({_count(kept[CONV1D])} weights, e.g. "
                           f"{', '.join(examples)}), which forge does not quantize: forge supports nn.Linear layers "
                           f"and MoE expert stacks (Llama, Qwen2/3, Qwen3-MoE, Mistral, Mixtral, Gemma, Phi-3, ...)")
+    if UNRECOGNISED in kept:
+        examples = [n for n, (r, _) in cov.kept.items() if r == UNRECOGNISED][:3]
+        raise ConfigError(f"this model has 3-D weights ({_count(kept[UNRECOGNISED])}, e.g. {', '.join(examples)}) in "
+                          f"modules that are not transformers experts modules (`@use_experts_implementation`); forge "
+                          f"would leave them in float, so it refuses")
     if NO_EXPERT_ROUTE in kept:
         from forge_qat.recipes import RECIPES
 

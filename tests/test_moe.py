@@ -297,3 +297,14 @@ def test_dry_run_reports_expert_coverage(trained):
     report = finalize(FinalizeRequest(source=run, dest=src / "never", dry_run=True))
     assert report.dry_run and report.coverage["expert_stacks"] == 4
     assert report.by_module["experts.gate_up_proj"] == 2 and report.by_module["experts.down_proj"] == 2
+
+
+def test_unrecognised_stacked_weights_are_refused_not_left_float():
+    model, _ = tiny_moe("qwen3_moe")
+    experts_module = model.model.layers[0].mlp.experts
+    for flag in ("has_gate", "is_transposed"):
+        delattr(experts_module, flag)
+    cov = plan(model, get_recipe("int8-dynamic-act-int4-weight"))
+    assert cov.kept["model.layers.0.mlp.experts.gate_up_proj"][0] == "unrecognised 3-D weights"
+    with pytest.raises(ConfigError, match="3-D weights"):
+        prepare_qat(model, get_recipe("int8-dynamic-act-int4-weight"))

@@ -112,6 +112,15 @@ class PartitionedInit(deepspeed.zero.Init):
         param.partition()
 
 
+def _import_architecture(config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lazy mapping imports the modeling module
+    except KeyError:
+        raise InputError(f"transformers has no causal LM class for model type {config.model_type!r}") from None
+
+
 def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -245,6 +254,11 @@ class ZeroBackend:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
             source = SafetensorsReader(sorted(path.glob("*.safetensors"))) if self.rank == 0 else None
+        # Import the architecture's module before zero.Init patches nn.Module subclasses. A class created
+        # inside the context has DeepSpeed keep its undecorated __init__ and restore that on exit, which
+        # drops what class decorators add: every Qwen3MoeExperts built afterwards in this process (the
+        # finalize skeleton) would lack the layout flags transformers' `use_experts_implementation` sets.
+        _import_architecture(config)
         # No dtype= here: deepspeed 0.19's Init._set_dtype turns any explicit dtype into bf16 on the
         # CPU accelerator (an operator-precedence slip); without one it follows the config's
         # bf16/fp16 flags, which encode the same precision.
