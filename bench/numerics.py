@@ -23,6 +23,7 @@ from torchao.quantization.qat import FakeQuantizedLinear  # noqa: E402
 from forge_qat.fake_quant import IntegerGridFakeQuantizedLinear  # noqa: E402
 from forge_qat.models import preset_model  # noqa: E402
 from forge_qat.prepare import convert_qat, prepare_qat  # noqa: E402
+from forge_qat.recipes import get_recipe  # noqa: E402
 
 RECIPE = "int8-dynamic-act-int8-weight"
 
@@ -55,13 +56,13 @@ def int8_gaps() -> None:
         x = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             ref = model(x).logits
-            prepare_qat(model, RECIPE)
+            prepare_qat(model, get_recipe(RECIPE))
             grid = model(x).logits
             layers = [m for m in model.modules() if isinstance(m, IntegerGridFakeQuantizedLinear)]
             for m in layers:  # the same quantizers, scaled before the matmul
                 m.__class__ = FakeQuantizedLinear
             naive = model(x).logits
-            convert_qat(model, RECIPE)
+            convert_qat(model, get_recipe(RECIPE))
             real = model(x).logits
         gap = (ref - real).abs().max().item()
         print(f"  {preset:12s} naive {(naive - real).abs().max().item() / gap:.1%}   "
@@ -70,7 +71,7 @@ def int8_gaps() -> None:
     lin = torch.nn.Linear(64, 64, bias=False)
     x = torch.randn(2, 5, 64)
     holder = torch.nn.ModuleDict({"l": lin})
-    prepare_qat(holder, RECIPE)
+    prepare_qat(holder, get_recipe(RECIPE))
     with torch.no_grad():
         grid_out = holder["l"](x)
         holder["l"].__class__ = FakeQuantizedLinear

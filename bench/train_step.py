@@ -26,7 +26,8 @@ from torchao.quantization import quantize_  # noqa: E402
 from torchao.quantization.qat import QATConfig  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from forge_qat.prepare import prepare_qat, quantizable_linears  # noqa: E402
+from forge_qat.coverage import plan  # noqa: E402
+from forge_qat.prepare import prepare_qat  # noqa: E402
 from forge_qat.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def smollm_shape(layers: int) -> LlamaConfig:
 
 def torchao_as_is(model: torch.nn.Module) -> None:
     recipe = get_recipe(DEFAULT_RECIPE)
-    names = set(quantizable_linears(model, recipe))
+    names = set(plan(model, recipe).linears)
     quantize_(model, QATConfig(recipe.base_config(), step="prepare"), filter_fn=lambda m, fqn: fqn in names)
 
 
@@ -56,8 +57,8 @@ def main() -> None:
     torch.manual_seed(0)
     base = LlamaForCausalLM(smollm_shape(args.layers))
     variants = {"float": lambda m: None, "torchao-qat": torchao_as_is,
-                "forge-qat": lambda m: prepare_qat(m, DEFAULT_RECIPE),
-                "forge-int8-int8": lambda m: prepare_qat(m, "int8-dynamic-act-int8-weight")}
+                "forge-qat": lambda m: prepare_qat(m, get_recipe(DEFAULT_RECIPE)),
+                "forge-int8-int8": lambda m: prepare_qat(m, get_recipe("int8-dynamic-act-int8-weight"))}
     models, optims = {}, {}
     for name, prepare in variants.items():
         models[name] = copy.deepcopy(base)

@@ -62,7 +62,7 @@ def recipe_rows() -> list[dict[str, Any]]:
         missing = r.missing_for_convert()
         rows.append({"name": r.name, "description": r.description, "default": r.name == DEFAULT_RECIPE,
                      "train": True, "finalize": not missing,
-                     "finalize_needs": missing, "safetensors": r.safetensors})
+                     "finalize_needs": missing, "safetensors": r.safetensors, "moe_experts": r.experts_support})
     return rows
 
 
@@ -75,10 +75,11 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     table.add_column("description")
     table.add_column("train here")
     table.add_column("finalize here")
+    table.add_column("MoE experts")
     for row in rows:
         name = row["name"] + (" (default)" if row["default"] else "")
         finalize = "yes" if row["finalize"] else "no: needs " + ", ".join(row["finalize_needs"])
-        table.add_row(name, row["description"], "yes", finalize)
+        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"])
     _emit(as_json, rows, lambda: console.print(table))
 
 

@@ -7,13 +7,13 @@ finalize. transformers 5 keeps a layer's experts as 3-D Parameters in one module
 describe the layout.
 
 Training keeps those Parameters (so checkpoints, ZeRO-3 partitioning and the optimizer see the same
-tensors) and swaps the module's class for a subclass whose forward is transformers' eager expert loop
-with each expert's two matmuls done as the recipe's fake-quantized linear: expert e's weight gets
-exactly what the same weight would get as an `nn.Linear` (per expert, per output row or group), and
-its tokens' activations get the recipe's per-token activation quantization. Convert then quantizes each
-stack with the recipe's `convert_expert_stack` and restores the class; the converted model runs the
-same eager loop, selecting one expert's torchao tensor at a time, so fake-quant and converted logits
-agree as they do for dense layers.
+tensors) and swaps the module's class for a subclass with a fake-quantized forward: expert e's weight
+gets exactly what the same weight would get as an `nn.Linear` (per expert, per output row or group),
+and its tokens' activations get the recipe's per-token activation quantization. In training that runs
+through the batched kernel the float model uses (`_batched_kernel`); in eval mode through transformers'
+eager expert loop. Convert then quantizes each stack with the recipe's `convert_expert_stack` and
+restores the class; the converted model runs the same eager loop, selecting one expert's torchao
+tensor at a time, so fake-quant (eval) and converted logits agree as they do for dense layers.
 
 Under ZeRO-3 a stack is one Parameter of the experts module, gathered by DeepSpeed when the module
 runs; every rank runs every experts module in every layer (the router's choice only decides which
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from forge_qat.errors import ConfigError
-from forge_qat.fake_quant import integer_grid_linear
+from forge_qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +103,21 @@ class FakeQuantizedExperts:
     `nn.utils.parametrize`, which also swaps in a generated subclass): same Parameters, same state dict,
     a forward that fake-quantizes each expert's matmuls.
 
-    The loop is transformers' eager experts forward (`Qwen3MoeExperts.forward`, `MixtralExperts.forward`)
-    in the same op order, so the converted model, which runs that forward, computes the same values.
+    In training it runs the batched kernel the float model would run on fake-quantized operands
+    (`_batched_kernel`). In eval mode, and for recipes whose numerics need it, it runs transformers'
+    eager experts loop (`Qwen3MoeExperts.forward`, `MixtralExperts.forward`) in the same op order, so
+    the converted model, which runs that loop, computes the same values bit for bit.
     """
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        kernel = _batched_kernel(self) if self.training else None
+        if kernel is not None:
+            return _batched_fake_quant_forward(self, kernel, hidden_states, top_k_index, top_k_weights)
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
         fq = getattr(self, FAKE_QUANT_ATTR)
         first, down = projections(self)
         final = torch.zeros_like(hidden_states)
@@ -116,21 +125,85 @@ class FakeQuantizedExperts:
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers'
+        # eager loop does) makes autograd build a full-size zero gradient per expert and add it up,
+        # O(experts^2) memory traffic; unbind's backward stacks the experts' gradients once.
+        w1, w2 = getattr(self, first.weight).unbind(0), getattr(self, down.weight).unbind(0)
+        b1 = getattr(self, first.bias).unbind(0) if first.bias else None
+        b2 = getattr(self, down.bias).unbind(0) if down.bias else None
         for expert_idx in expert_hit:
-            e = expert_idx[0]
+            e = int(expert_idx[0])
             if e == n:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
-            h = fq[first.weight].linear(hidden_states[token_idx], getattr(self, first.weight)[e],
-                                        getattr(self, first.bias)[e] if first.bias else None)
+            h = fq[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None)
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = fq[down.weight].linear(h, getattr(self, down.weight)[e],
-                                       getattr(self, down.bias)[e] if down.bias else None)
+            h = fq[down.weight].linear(h, w2[e], b2[e] if b2 else None)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, h.to(final.dtype))
         return final
+
+
+class _FakeQuantizedView:
+    """The experts module as transformers' batched kernels see it, with fake-quantized stacks and the
+    down projection's input quantizer folded into the gate (or activation), which those kernels apply
+    right before the down projection."""
+
+    def __init__(self, module: torch.nn.Module, stacks: dict[str, torch.Tensor], down_input):
+        self._module, self._stacks, self._down_input = module, stacks, down_input
+
+    def __getattr__(self, name: str):
+        if name in self._stacks:
+            return self._stacks[name]
+        return getattr(self._module, name)
+
+    def _apply_gate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._down_input(self._module._apply_gate(x))
+
+    def act_fn(self, x: torch.Tensor) -> torch.Tensor:
+        return self._down_input(self._module.act_fn(x))
+
+
+def _batched_kernel(module: torch.nn.Module):
+    """transformers' batched experts kernel the model is configured to run (`grouped_mm`, its default, or
+    `batched_mm`), when the recipe allows it; None means the eager loop.
+
+    Those kernels are what the float model trains with, and on a GPU a Python loop over 128 experts
+    starves the device. They are exact here because the recipe's linear is "fake-quantize the input
+    rows, fake-quantize the weight rows/groups, multiply" and both quantizers work row by row: applied
+    to whole stacks and to all tokens at once, each expert still gets exactly its own quantized operands.
+    What differs from the eager loop is only the order of float additions inside the kernels. Integer-grid
+    recipes multiply on the grid, and other kernels (fp8 `deepgemm`, `sonicmoe`) have their own numerics:
+    both keep the eager loop, as does eval mode, so eval losses are the converted model's exactly."""
+    from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
+
+    fq = getattr(module, FAKE_QUANT_ATTR)
+    quantizers = [x for q in fq.values() for x in (q.activation_fake_quantizer, q.weight_fake_quantizer)
+                  if x is not None]
+    # forge's fused quantizer is row-wise for any rank (tests/test_moe.py); torchao's others (float8) are
+    # not proven so on 3-D stacks and keep the eager loop.
+    if module.has_post_expert_norm or any(q.integer_grid for q in fq.values()) \
+            or not all(isinstance(x, AffineFakeQuantizer) for x in quantizers):
+        return None
+    config = getattr(module, "config", None)
+    return {"grouped_mm": grouped_mm_experts_forward, "batched_mm": batched_mm_experts_forward}.get(
+        getattr(config, "_experts_implementation", None))
+
+
+def _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_k_weights):
+    fq = getattr(module, FAKE_QUANT_ATTR)
+    first, down = projections(module)
+
+    def quantize(q, x):
+        return x if q is None else q(x)
+
+    up, dn = fq[first.weight], fq[down.weight]
+    stacks = {first.weight: quantize(up.weight_fake_quantizer, getattr(module, first.weight)),
+              down.weight: quantize(dn.weight_fake_quantizer, getattr(module, down.weight))}
+    view = _FakeQuantizedView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))
+    return kernel(view, quantize(up.activation_fake_quantizer, hidden_states), top_k_index, top_k_weights)
 
 
 _FAKE_QUANTIZED_CLASSES: dict[type, type] = {}

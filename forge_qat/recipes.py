@@ -92,6 +92,15 @@ class Recipe:
     """How convert turns a mixture-of-experts stack into a torchao tensor; None: torchao 0.18 offers this
     recipe no route for 3-D expert weights, and a model with experts is refused before training."""
 
+    @property
+    def experts_support(self) -> str:
+        """How this recipe treats mixture-of-experts stacks, for tables and `forge recipes`."""
+        if self.convert_expert_stack is None:
+            return "no (models with experts are refused)"
+        if self.convert_expert_stack is convert_stack_to_intx_unpacked:
+            return "yes (loading the artifact needs `import forge_qat.torchao_compat`)"
+        return "yes"
+
     def missing_for_convert(self) -> list[str]:
         """Descriptions of the convert requirements this machine does not meet (empty: can convert)."""
         return [r.description for r in self.convert_requires if not r.is_met()]

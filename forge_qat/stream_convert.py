@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from forge_qat.allocator import release_large_frees_to_os
 from forge_qat.artifact import ShardWriter, tensor_bytes
 from forge_qat.coverage import plan
 from forge_qat.errors import ConversionError, InputError
@@ -164,38 +165,6 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
                                                                       for k in stored)]
     if unaccounted:
         raise ConversionError(f"tensors missing from the written shards: {unaccounted[:5]}")
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def release_large_frees_to_os():
-    """Make glibc return freed memory to the OS as blocks go by; returns the per-block trim (no-op
-    elsewhere than glibc).
-
-    By default glibc raises its mmap threshold after the first large free, so block-sized buffers
-    come from the heap afterwards, and freed heap memory is rarely returned: peak RSS then creeps
-    up with the number of blocks although nothing is alive (measured: 4 -> 24 layers of 10.5 MB,
-    +9 MB and ~2x the block size above the fixed-threshold figure). A fixed 1 MiB threshold sends
-    large buffers to mmap; `malloc_trim(0)` after each block gives back the free pages the smaller
-    ones leave inside the heap (how much is left there depends on allocation order, so without it
-    the same code grew 1.5 MB per layer after an unrelated change to what prepare allocates).
-    """
-    libc = _libc()
-    if libc is None:
-        return lambda: None
-    M_MMAP_THRESHOLD = -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    return lambda: libc.malloc_trim(0)
 
 
 def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Path, fmt: str,

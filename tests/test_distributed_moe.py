@@ -102,3 +102,21 @@ def test_three_ways_to_finalize_a_zero3_moe_run_agree(moe_runs, tmp_path):
     in_memory = finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "mem", streaming=False))
     assert in_memory.reload_max_diff == 0.0
     assert_same_artifact(tmp_path / "hf", tmp_path / "mem")
+
+
+def test_experts_without_tokens_on_one_rank_do_not_stall_the_others(tmp_path, data, monkeypatch):
+    """Rank 1 routes every token to experts 0 and 1, rank 0 uses all four: stacks are gathered per
+    experts module, which every rank runs, so both ranks join the same gathers and the run ends in
+    seconds (a per-expert gather would leave rank 0 waiting until the collective timeout)."""
+    import time
+
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", "per-expert")
+    monkeypatch.setenv("FORGE_TEST_SKEW_ROUTER", "1")
+    t0 = time.monotonic()
+    launch(TrainConfig(**micro_train_args(tmp_path / "z", data, model=str(src), nproc=2, zero_stage=3,
+                                          dist_timeout_s=60, max_steps=2, save_every=0,
+                                          gradient_checkpointing=True)), worker=WORKER)
+    assert time.monotonic() - t0 < 50
+    records = [json.loads(line) for line in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] == r["loss"] for r in records)

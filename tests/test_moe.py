@@ -33,12 +33,17 @@ def _experts_modules(model):
     return [m for m in model.modules() if experts.is_experts(m)]
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("recipe", CPU_RECIPES)
-def test_each_expert_gets_the_numerics_of_a_linear_layer(recipe):
+def test_each_expert_gets_the_numerics_of_a_linear_layer(recipe, mode):
     """Forward values and gradients of the fake-quantized experts module equal a loop over experts in
     which each expert's slices are the recipe's prepared `nn.Linear`s (the dense path, tested against
-    torchao elsewhere)."""
+    torchao elsewhere). In train mode the default recipe runs transformers' grouped_mm kernel on whole
+    fake-quantized stacks (same quantized operands, other float summation order); eval mode runs the
+    eager loop of the converted model."""
     model, _ = tiny_moe("qwen3_moe")
+    model.train(mode == "train")
+    batched = mode == "train" and not get_recipe(recipe).fake_quant  # the integer-grid recipe stays eager
     block = model.model.layers[0].mlp
     module = block.experts
     gen = torch.Generator().manual_seed(3)
@@ -66,6 +71,7 @@ def test_each_expert_gets_the_numerics_of_a_linear_layer(recipe):
 
     prepare_qat(model, get_recipe(recipe))
     assert experts.is_fake_quantized(module)
+    assert (experts._batched_kernel(module) is not None) == batched if module.training else True
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     want, got = reference_forward(xr), module(xo, chosen, weights)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

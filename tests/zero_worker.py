@@ -4,6 +4,8 @@ FORGE_TEST_FAIL="RANK:BATCH" makes that rank raise when it draws micro-batch num
 middle of a training step, while the other ranks go on into the step's collectives.
 FORGE_TEST_LOAD_ONLY=DIR builds the model through the ZeRO backend (streamed load), consolidates
 it into DIR on rank 0 and exits, with no optimizer or training involved.
+FORGE_TEST_SKEW_ROUTER=RANK makes every MoE router on that rank send all tokens to experts 0 and 1, so
+the other experts get no tokens there while other ranks use them.
 """
 
 import os
@@ -24,6 +26,19 @@ if os.environ.get("FORGE_TEST_FAIL"):
             return real(n, batch, seed, batch_number)
 
         train.batch_indices = failing
+
+if os.environ.get("FORGE_TEST_SKEW_ROUTER") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_SKEW_ROUTER"]):
+    import torch
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    real_router = modeling_qwen3_moe.Qwen3MoeTopKRouter.forward
+
+    def skewed(self, hidden_states):
+        logits, scores, _ = real_router(self, hidden_states)
+        chosen = torch.tensor([0, 1]).expand(scores.shape[0], 2)
+        return logits, scores, chosen
+
+    modeling_qwen3_moe.Qwen3MoeTopKRouter.forward = skewed
 
 if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     import json

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from forge_qat import checkpoint as ckpt_io
+from forge_qat.allocator import release_large_frees_to_os
 from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
@@ -127,31 +128,41 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+TRANSFER_CHUNK_BYTES = 4 * 1024**2
+"""Rank 0 reads and sends a partition in pieces of this size, so its staging buffer stays small whatever
+the tensor (a fused expert stack's partition is tens of MB)."""
+
+
 def _fill_partition(p: torch.nn.Parameter, name: str, source, rank: int, world: int) -> None:
-    """Give every rank its ZeRO-3 partition of `p`, read by rank 0 one partition at a time.
+    """Give every rank its ZeRO-3 partition of `p`, read by rank 0 one chunk at a time.
 
     Not `GatheredParameters(..., modifier_rank=0)`: that all-gathers the whole tensor on every rank,
     and DeepSpeed's CPU all-gather peaks at twice its size (measured: +227 MB for a 113 MB
     embedding), so a rank would hold its partitions plus two full tensors. A ZeRO-3 partition is a
     contiguous slice of the flattened parameter (rank r holds [r*n, r*n + n) with n = ceil(numel /
     world), zero-padded; `Init._partition_param` in deepspeed/runtime/zero/partition_parameters.py),
-    so rank 0 reads each rank's slice straight from the file and sends it: rank 0 never holds more
-    than one slice, the others nothing extra. tests/test_distributed.py checks the result bit for bit.
+    so rank 0 reads each rank's slice straight from the file, chunk by chunk, and sends it; the other
+    ranks receive the same chunks in the same order straight into their partition.
+    tests/test_distributed.py checks the result bit for bit.
     """
     part = p.ds_tensor
     n, numel = part.numel(), p.ds_numel
+    step = max(1, TRANSFER_CHUNK_BYTES // part.element_size())
+    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
     if rank != 0:
-        dist.recv(part, src=0)
+        for a, b in chunks:
+            dist.recv(part[a:b], src=0)
         return
-    buffer = torch.empty(n, dtype=part.dtype) if world > 1 else None
+    buffer = torch.empty(min(n, step), dtype=part.dtype) if world > 1 else None
     for r in reversed(range(world)):  # rank 0's own slice last, straight into its partition
-        out = part if r == 0 else buffer
-        count = max(0, min(n, numel - r * n))
-        if count:
-            source.read_flat(name, r * n, out[:count])
-        out[count:].zero_()
-        if r:
-            dist.send(out, dst=r)
+        for a, b in chunks:
+            out = part[a:b] if r == 0 else buffer[:b - a]
+            count = max(0, min(b - a, numel - (r * n + a)))
+            if count:
+                source.read_flat(name, r * n + a, out[:count])
+            out[count:].zero_()
+            if r:
+                dist.send(out, dst=r)
 
 
 def stream_load_weights(model: torch.nn.Module, source: SafetensorsReader | StateDictSource | None,
@@ -259,6 +270,7 @@ class ZeroBackend:
         # drops what class decorators add: every Qwen3MoeExperts built afterwards in this process (the
         # finalize skeleton) would lack the layout flags transformers' `use_experts_implementation` sets.
         _import_architecture(config)
+        release_large_frees_to_os()  # the full-size parameters zero.Init frees go back to the OS
         # No dtype= here: deepspeed 0.19's Init._set_dtype turns any explicit dtype into bf16 on the
         # CPU accelerator (an operator-precedence slip); without one it follows the config's
         # bf16/fp16 flags, which encode the same precision.
