@@ -1,6 +1,6 @@
-"""glibc allocator settings for the bounded-memory paths (streaming finalize, ZeRO-3 partitioned build).
+"""glibc allocator settings for the bounded-memory streaming finalize.
 
-Called by `forge_qat.stream_convert` and `forge_qat.distributed.zero`. PyTorch's CPU tensors come from
+Called by `forge_qat.stream_convert`. PyTorch's CPU tensors come from
 malloc, so when large tensors are created and freed one after another, what the process keeps
 resident depends on glibc's heuristics, not on what is alive.
 """
@@ -28,10 +28,10 @@ def release_large_frees_to_os():
     +9 MB and ~2x the block size above the fixed-threshold figure). A fixed 1 MiB threshold sends
     large buffers to mmap; `malloc_trim(0)` after each block gives back the free pages the smaller
     ones leave inside the heap (how much is left there depends on allocation order, so without it
-    the same code grew 1.5 MB per layer after an unrelated change to what prepare allocates). The
-    ZeRO-3 build needs the same: each module's parameters are created full size and freed once
-    partitioned, and without a fixed threshold glibc kept ~55 MB of them resident per rank for a
-    429 MB MoE model (bench/moe.py), above the loader's memory bound.
+    the same code grew 1.5 MB per layer after an unrelated change to what prepare allocates).
+    The setting lasts for the rest of the process and makes every allocation above 1 MiB a fresh
+    mmap (page faults on first touch), which slows training steps: call it only where bounded memory
+    is the point and no training follows in the same process.
     """
     libc = _libc()
     if libc is None:

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from forge_qat import checkpoint as ckpt_io
-from forge_qat.allocator import release_large_frees_to_os
 from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
@@ -270,7 +269,6 @@ class ZeroBackend:
         # drops what class decorators add: every Qwen3MoeExperts built afterwards in this process (the
         # finalize skeleton) would lack the layout flags transformers' `use_experts_implementation` sets.
         _import_architecture(config)
-        release_large_frees_to_os()  # the full-size parameters zero.Init frees go back to the OS
         # No dtype= here: deepspeed 0.19's Init._set_dtype turns any explicit dtype into bf16 on the
         # CPU accelerator (an operator-precedence slip); without one it follows the config's
         # bf16/fp16 flags, which encode the same precision.
