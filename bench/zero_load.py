@@ -51,8 +51,8 @@ def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
     # Fixed costs both modes pay and that do not grow with the model (importing the architecture's
     # module, reading config and tokenizer: ~50 MB) are paid before the measured window, so the figure
     # is the memory the weights take, which is what the bound speaks of.
-    _import_architecture(AutoConfig.from_pretrained(model_dir))
-    AutoTokenizer.from_pretrained(model_dir)
+    _import_architecture(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     dist.barrier()
     reset_peak()
     before = rss_bytes()

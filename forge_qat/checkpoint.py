@@ -8,6 +8,7 @@ Each is written to a hidden temporary directory and renamed into place only when
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -28,10 +29,35 @@ METRICS = "metrics.jsonl"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _is_stale_temporary(path: Path) -> bool:
+    """A hidden `.NAME.tmp-PID` / `.NAME.old-PID` left by a process that no longer runs."""
+    m = re.match(r"^\..+\.(?:tmp|old)-(\d+)$", path.name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporaries (of `name`, or of anything) that dead forge processes left in `directory`."""
+    removed = []
+    for p in directory.iterdir() if directory.is_dir() else ():
+        if _is_stale_temporary(p) and (name is None or p.name.startswith(f".{name}.")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary sibling of `final`; rename it to `final` only if the block completes."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(final.parent, final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -48,25 +74,38 @@ def atomic_dir(final: Path):
         os.replace(tmp, final)
 
 
-def prepare_run_dir(output_dir: Path, *, resume: bool, overwrite: bool, config: dict[str, Any]) -> None:
-    """Create or validate the run directory; refuse to clobber anything that isn't ours."""
-    is_run = (output_dir / RUN_MARKER).is_file()
+def check_run_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Validate the run directory before any work; changes nothing. forge replaces only its own runs."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"output dir {output_dir} exists and is a file")
-    non_empty = output_dir.is_dir() and any(output_dir.iterdir())
+    is_run = (output_dir / RUN_MARKER).is_file()
     if resume:
         if not is_run:
             raise InputError(f"--resume: {output_dir} is not a forge run directory (no {RUN_MARKER})")
         return
+    non_empty = output_dir.is_dir() and any(p for p in output_dir.iterdir() if not _is_stale_temporary(p))
+    if non_empty and not is_run:
+        raise OutputExistsError(f"output dir {output_dir} is not empty and is not a forge run (no {RUN_MARKER}); forge "
+                                f"replaces only its own runs, even with --overwrite: choose another --output-dir")
     if non_empty and not overwrite:
-        what = "a forge run" if is_run else "not a forge run directory"
-        hint = " Pass --resume to continue it or" if is_run else ""
-        raise OutputExistsError(f"output dir {output_dir} exists and is {what}.{hint} pass --overwrite to replace it")
-    if non_empty:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+        raise OutputExistsError(f"output dir {output_dir} holds a forge run. Pass --resume to continue it or "
+                                f"--overwrite to replace it (once the new run's model and data have loaded)")
+
+
+def start_run_dir(output_dir: Path, config: dict[str, Any]) -> None:
+    """Begin a new run in `output_dir`, replacing a previous forge run there (validated by `check_run_dir`).
+
+    Called only once the new run's model and data have loaded, so a bad input never costs the old run."""
+    remove_stale_temporaries(output_dir)
+    if (output_dir / RUN_MARKER).is_file():
+        for child in output_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     marker = {"forge_qat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config}
-    (output_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+    except OSError as e:
+        raise InputError(f"cannot write to output dir {output_dir}: {e.strerror or e}") from None
 
 
 def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
@@ -104,11 +143,15 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[st
                     trainer_state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-{step} atomically, then prune to the newest `keep` checkpoints."""
     final = output_dir / f"checkpoint-{step:06d}"
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        write_checkpoint_meta(tmp, step, meta)
+    try:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            write_checkpoint_meta(tmp, step, meta)
+    except (OSError, RuntimeError) as e:  # disk full shows as OSError, or torch.save's "unexpected pos"
+        raise InputError(f"cannot write checkpoint {final} (disk full or not writable?): "
+                         f"{str(e).splitlines()[0][:200]}; the previous checkpoints are intact") from None
     prune_checkpoints(output_dir, keep)
     return final
 
@@ -124,18 +167,54 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def weights_only_loads(allowed_globals: list | None = None):
+    """Every `torch.load` inside the block unpickles plain data only (tensors, containers, numbers, and
+    `allowed_globals`), even where a library passes `weights_only=False` (DeepSpeed does, for its
+    checkpoint files): torch reads `TORCH_FORCE_WEIGHTS_ONLY_LOAD` at each call. A file holding anything
+    else (a pickled `__reduce__` payload) raises instead of running code."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals or [])):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+UNSAFE_PICKLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError)
+"""What torch.load raises on a corrupt, truncated or code-carrying file."""
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    # weights_only=False: the file holds optimizer/scheduler dicts and RNG states this run wrote itself.
-    return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    """Optimizer, scheduler and RNG state for --resume, unpickled as plain data only."""
+    path = ckpt / TRAINER_STATE
+    if not path.is_file():
+        raise InputError(f"--resume: {path} is missing; the checkpoint is incomplete, resume from an earlier one "
+                         f"or start again with --overwrite")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNSAFE_PICKLE as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--resume: cannot load {path} as plain data (corrupt, truncated, or carrying code, which "
+                         f"forge never runs): {first[:200]}") from None
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a checkpoint's float weights into an (already prepared) model of the same architecture."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:200]}); resume from an "
+                             f"earlier checkpoint") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = set(missing) - tied_aliases(model)  # a tied parameter is stored under its first name only
     if missing or unexpected:
@@ -147,5 +226,12 @@ def trim_metrics(output_dir: Path, step: int) -> None:
     """On resume, drop metric records logged after the checkpoint being resumed."""
     path = output_dir / METRICS
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line a killed process left half-written
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))

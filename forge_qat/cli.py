@@ -12,6 +12,7 @@ for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
 
 import inspect  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
@@ -94,7 +95,12 @@ def init(
     model: Annotated[str, typer.Option(help="Model directory written into the config.")] = "models/base",
     data: Annotated[str, typer.Option(help="Training data written into the config.")] = "data/train.jsonl",
     eval_data: Annotated[str, typer.Option(help="Eval data written into the config.")] = "data/eval.jsonl",
-    overwrite: Annotated[bool, typer.Option(help="Render into a non-empty directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Render into a non-empty directory: writes the template's files only, replacing those forge "
+             "rendered there before; other files are left alone.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="With --overwrite, also replace files at the template's paths that forge did not render or that "
+             "were edited since.")] = False,
 ):
     """Create a ready-to-run project from a Jinja template."""
     from forge_qat.recipes import get_recipe
@@ -105,7 +111,7 @@ def init(
         files = render_project(directory, template, {
             "project_name": directory.name, "recipe": recipe, "model": model, "data": data,
             "eval_data": eval_data, "output_dir": "runs/" + recipe,
-        }, overwrite=overwrite)
+        }, overwrite=overwrite, force=force)
     except ForgeError as e:
         raise _fail(e) from None
     for f in files:
@@ -203,10 +209,13 @@ def _parse_size(text: str) -> int:
     for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * factor)
+                value = float(t[: -len(unit)]) * factor
             except ValueError:
                 break
-    raise ConfigError(f"cannot read size {text!r}; write it like 500MB or 2GB")
+            if math.isfinite(value) and value >= 1:
+                return int(value)
+            break
+    raise ConfigError(f"--max-shard-size {text!r} is not a positive finite size; write it like 500MB or 2GB")
 
 
 def print_finalize_report(report) -> None:
@@ -296,6 +305,9 @@ def eval_command(
     try:
         from forge_qat.recipes import get_recipe
 
+        for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
         recipe = get_recipe(fake_quant) if fake_quant else None
         results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=recipe).to_dict()
                    for m in models]
@@ -347,14 +359,15 @@ def demo(
     = DEFAULT_RECIPE,
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
     qat_steps: Annotated[int, typer.Option(help="Final steps of the QAT run with fake quantization on.")] = 100,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-demo output directory.")] = False,
 ):
     """The embedded default end to end: train float and QAT, finalize both, compare. No downloads."""
     from forge_qat.demo import run_demo
 
     _setup_logging()
     try:
-        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, overwrite=overwrite,
+        if steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {steps}")
+        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps,
                           observer=lambda stage: _observer(),
                           on_stage=lambda s: console.print(f"[bold cyan]{s}"))
     except ForgeError as e:

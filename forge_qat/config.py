@@ -6,6 +6,7 @@ one field. Combinations are validated in `TrainConfig.__post_init__`; values tha
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,8 +77,12 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "fake_quant_after_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0 (0 disables it), got {value}")
         for name, choices in (("precision", Precision), ("lr_schedule", Schedule)):
             valid = list(typing.get_args(choices))
             if getattr(self, name) not in valid:
@@ -152,6 +157,12 @@ def _check_value(key: str, value: Any, f: dataclasses.Field, source: str) -> Any
         return None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads exponents without a dot, like 1e-3, as strings.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
         raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, got {value!r}")
     return value
@@ -199,6 +210,10 @@ def recorded_config(output_dir: Path) -> dict[str, Any]:
     marker = output_dir / RUN_MARKER
     if not marker.is_file():
         raise InputError(f"--resume: {output_dir} is not a forge run directory (no {RUN_MARKER})")
-    recorded = json.loads(marker.read_text()).get("config", {})
+    try:
+        recorded = json.loads(marker.read_text()).get("config", {})
+    except (ValueError, AttributeError):
+        raise InputError(f"--resume: {marker} is corrupt; pass the run's options (or a YAML config) explicitly "
+                         f"along with --resume") from None
     known = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("cli_only")}
     return {k: v for k, v in recorded.items() if k in known}

@@ -63,10 +63,14 @@ def _text_example(text: str, tok: PreTrainedTokenizerBase) -> Example:
 
 def _jsonl_examples(path: Path, tok: PreTrainedTokenizerBase) -> list[Example]:
     examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{where}: not UTF-8 text; JSONL files must be UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

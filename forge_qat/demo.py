@@ -16,6 +16,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, OutputExistsError
 from forge_qat.evaluate import Comparison, compare, plot_loss_curves
 from forge_qat.finalize import FinalizeReport, FinalizeRequest, finalize
+from forge_qat.prepare import check_convert_hardware
 from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
 from forge_qat.train import TrainObserver, run_training
 
@@ -32,22 +33,24 @@ class DemoResult:
     plot: Path
 
 
-def _claim(root: Path, overwrite: bool) -> None:
-    """Use `root` only if it is empty, an earlier demo, or --overwrite was given."""
-    if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file() and not overwrite:
-        raise OutputExistsError(f"{root} exists and is not a forge demo directory; pass --overwrite or "
-                                f"choose another --output-dir")
+def _claim(root: Path) -> None:
+    """Use `root` only if it is empty or an earlier demo (replaced); never delete anything else."""
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"{root} exists and is a file; choose another --output-dir")
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file():
+        raise OutputExistsError(f"{root} is not empty and is not a forge demo directory; forge replaces only its "
+                                f"own demos: choose another --output-dir")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
 
 
 def run_demo(root: Path, *, recipe: str = DEFAULT_RECIPE, steps: int = 300, qat_steps: int = 100,
-             overwrite: bool = False, observer: Callable[[str], TrainObserver | None] = lambda stage: None,
+             observer: Callable[[str], TrainObserver | None] = lambda stage: None,
              on_stage: Callable[[str], None] = lambda stage: None) -> DemoResult:
-    get_recipe(recipe)
+    check_convert_hardware(get_recipe(recipe))  # the demo finalizes: fail before training, not after
     if not 0 < qat_steps <= steps:
         raise ConfigError(f"--qat-steps must be between 1 and --steps ({steps}), got {qat_steps}")
-    _claim(root, overwrite)
+    _claim(root)
     common = dict(max_steps=steps, eval_data=EVAL_DATA, eval_every=max(steps // 6, 1), save_every=0)
     (root / DEMO_MARKER).write_text(json.dumps({"recipe": recipe, "steps": steps, "qat_steps": qat_steps}))
 

@@ -44,6 +44,8 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
     target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
     model, tokenizer = load_model(str(target))
+    if fake_quant and getattr(model.config, "quantization_config", None):
+        raise ConfigError(f"{target} is already a quantized artifact; --fake-quant applies to float checkpoints")
     if fake_quant:
         prepare_qat(model, fake_quant)
     model.eval()

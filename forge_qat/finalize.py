@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, TorchAoConfig
+from transformers import AutoModelForCausalLM, TorchAoConfig
 
 from forge_qat import __version__
 from forge_qat import checkpoint as ckpt_io
@@ -22,7 +22,7 @@ from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_form
 from forge_qat.coverage import Coverage, check_useful
 from forge_qat.coverage import plan as plan_coverage
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
-from forge_qat.models import check_model_dir, load_model
+from forge_qat.models import check_model_dir, is_quantized_artifact, load_config, load_model, load_tokenizer
 from forge_qat.prepare import check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.weights import tied_aliases
@@ -99,6 +99,9 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
         raise InputError(f"ZeRO checkpoint {zero_dir} needs config.json and the tokenizer in {ckpt}")
     if not zero_dir:
         check_model_dir(ckpt)
+        if is_quantized_artifact(ckpt):
+            raise InputError(f"{ckpt} is already a quantized artifact; finalize converts float checkpoints (a "
+                             f"checkpoint-N directory or a run directory of `forge train`)")
     meta = ckpt_io.read_checkpoint_meta(ckpt) or {}
     trained = meta.get("qat_recipe")
     if req.ptq:
@@ -139,7 +142,7 @@ def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _dry_run(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
-    config = AutoConfig.from_pretrained(plan.checkpoint)
+    config = load_config(plan.checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     cov = plan_coverage(skeleton, plan.recipe)
@@ -158,14 +161,35 @@ def _dry_run(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
                           format=choose_format(req.fmt, plan.recipe.safetensors, [])[0])
 
 
+def check_destination(req: FinalizeRequest, plan: Plan) -> None:
+    """`--dest` may not overlap the source, and `--overwrite` replaces only a previous forge artifact (or an
+    empty directory): never a checkpoint, a run, or anything forge did not write."""
+    dest = req.dest.resolve()
+    for source in {req.source.resolve(), plan.checkpoint.resolve()}:
+        if dest == source or dest in source.parents or source in dest.parents:
+            raise ConfigError(f"--dest {req.dest} overlaps the source {source}: writing there would replace or "
+                              f"nest inside the checkpoint being converted; choose a destination outside it")
+    if not req.dest.exists():
+        try:
+            req.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot write --dest {req.dest}: {e.strerror or e}") from None
+        return
+    if not req.overwrite:
+        raise OutputExistsError(f"destination {req.dest} exists; pass --overwrite to replace it")
+    is_artifact = (req.dest / ARTIFACT_META).is_file()
+    if not req.dest.is_dir() or not (is_artifact or not any(req.dest.iterdir())):
+        raise OutputExistsError(f"destination {req.dest} is not a forge artifact (no {ARTIFACT_META}); --overwrite "
+                                f"replaces only forge's own artifacts: choose another --dest")
+
+
 def finalize(req: FinalizeRequest) -> FinalizeReport:
     """Prepare + convert the checkpoint through the registry, write, reload and verify the artifact."""
     plan = plan_finalize(req)
     check_convert_hardware(plan.recipe)  # before loading anything
     if req.dry_run:
         return _dry_run(plan, req)
-    if req.dest.exists() and not req.overwrite:
-        raise OutputExistsError(f"destination {req.dest} exists; pass --overwrite to replace it")
+    check_destination(req, plan)
     for note in plan.notes:
         log.warning(note)
 
@@ -198,7 +222,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
             writer.add(name, state.pop(name))
         shards = writer.close()
         _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, cov)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
         if reload_diff > 1e-5:
@@ -250,20 +274,20 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     """Block-by-block finalize (forge_qat.stream_convert): bounded memory, structural verification
     of the shards instead of a full reload (which would need the whole quantized model). `reader`
     supplies the float weights (default: the checkpoint's safetensors shards)."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from forge_qat.layouts import model_layout_reader
     from forge_qat.stream_convert import write_streamed
     from forge_qat.weights import SafetensorsReader
 
-    config = AutoConfig.from_pretrained(plan.checkpoint)
+    config = load_config(plan.checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     skeleton.tie_weights()
     cov = plan_coverage(skeleton, plan.recipe)
     check_useful(cov, plan.recipe)
     fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, [])
-    tokenizer = AutoTokenizer.from_pretrained(plan.checkpoint)
+    tokenizer = load_tokenizer(plan.checkpoint)
     try:
         generation_config = GenerationConfig.from_pretrained(plan.checkpoint)
     except OSError:

@@ -4,6 +4,8 @@ Called by training, finalize and eval. Presets are Llama-style configs built fro
 access) with a byte-level tokenizer that covers any text and saves as a stock HF tokenizer.
 """
 
+import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from forge_qat.errors import InputError, choices_message
+
+log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict] = {
     # ~3.4M parameters: the embedded demo, trains in minutes on 2 CPU cores.
@@ -65,6 +69,16 @@ class ModelSource:
         return self.spec in PRESETS
 
 
+def is_quantized_artifact(path: Path) -> bool:
+    """Whether `path` holds a finalized artifact (config with a quantization_config), read as JSON only."""
+    import json
+
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def check_model_dir(path: Path) -> None:
     """Raise a clear error unless `path` is an HF model directory with safetensors weights."""
     if not path.exists():
@@ -78,6 +92,31 @@ def check_model_dir(path: Path) -> None:
         raise InputError(f"model directory {path} has no *.safetensors (or finalized pytorch_model*.bin) weights")
 
 
+def load_config(path: Path):
+    """A model directory's config; never runs code from it (`auto_map` models are refused)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        if "custom code" in str(e):
+            raise InputError(f"{path}: its model type is implemented only by the directory's own Python code "
+                             f"(auto_map), which forge never runs; use an architecture transformers ships") from None
+        raise InputError(f"cannot read the model config in {path}: {str(e).splitlines()[0][:300]}") from None
+    if getattr(config, "auto_map", None):
+        log.warning("%s declares its own Python code (auto_map); forge never runs code from a model directory and "
+                    "uses transformers' built-in %s implementation", path, config.model_type)
+    return config
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """A model directory's tokenizer; never runs code from it."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"model directory {path} has no usable tokenizer: {str(e).splitlines()[0][:300]}") from None
+
+
 def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Float32 model and tokenizer from a preset name or a local HF directory."""
     if spec in PRESETS:
@@ -87,15 +126,23 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTok
         raise InputError(choices_message("model preset", spec, list(PRESETS))
                          + " (or give a local model directory)")
     check_model_dir(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"model directory {path} has no usable tokenizer: {e}") from None
+    load_config(path)  # a clear error (and no code run) before the weights are touched
+    tokenizer = load_tokenizer(path)
     # MoE artifacts of int4 recipes select experts through an operator torchao 0.18 lacks.
+    from safetensors import SafetensorError
+
     import forge_qat.torchao_compat  # noqa: F401
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot load model from {path}: {e}") from None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: a .bin weights file holds more than plain tensors (code, which forge never "
+                         f"runs); use safetensors weights") from None
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, SafetensorError):
+            from forge_qat.weights import SafetensorsReader
+
+            SafetensorsReader.from_dir(path)  # names the broken shard when its header is what is broken
+        raise InputError(f"cannot load model from {path} (a truncated or corrupt weights file?): "
+                         f"{str(e).splitlines()[0][:300]}") from None
     return model, tokenizer

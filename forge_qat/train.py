@@ -24,7 +24,7 @@ from forge_qat.config import NO_RECIPE, TrainConfig
 from forge_qat.data import PackedData, batch_indices, load_packed
 from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.models import ModelSource, load_model
-from forge_qat.prepare import prepare_for_training, set_fake_quant_enabled
+from forge_qat.prepare import check_convert_hardware, prepare_for_training, set_fake_quant_enabled
 from forge_qat.recipes import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if precision == "bf16" and not hardware.bf16_supported():
         raise HardwareError("this GPU does not support bf16; use --precision fp16 or fp32")
     lr = cfg.lr if cfg.lr is not None else (1e-3 if ModelSource(cfg.model).is_preset else 2e-5)
+    if cfg.finalize:
+        check_convert_hardware(get_recipe(cfg.finalize))  # before any training, not after it
     name = cfg.active_qat_recipe
     return Resolved(device, precision, lr, name, get_recipe(name) if name else None)
 
@@ -189,7 +191,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     observer = observer if main else None
     out = Path(cfg.output_dir)
     if main:
-        ckpt_io.prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg.to_dict())
+        ckpt_io.check_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
         log.info("device %s, precision %s, lr %g, QAT recipe %s, %d process(es)", res.device, res.precision,
                  res.lr, res.qat_recipe or "none (float)", backend.world_size)
         if res.recipe and (missing := res.recipe.missing_for_convert()):
@@ -199,12 +201,19 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     torch.manual_seed(cfg.seed)
     model, tokenizer = backend.build(cfg, res)
     model.train()
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions and cfg.seq_len > max_positions:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}; "
+                          f"use --seq-len {max_positions} or less")
     train_data = load_packed(cfg.data, tokenizer, cfg.seq_len)
     eval_data = load_packed(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.has_eval else None
     optimizer = build_optimizer(model, cfg, res.lr)
     scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     backend.setup(model, optimizer, scheduler, cfg)
+    if main and not cfg.resume:
+        # Everything the run needs has loaded: only now may a previous run in the directory be replaced.
+        ckpt_io.start_run_dir(out, cfg.to_dict())
 
     start_step = _restore(out, backend, cfg, res) if cfg.resume else 0
     if start_step >= cfg.max_steps:
@@ -261,6 +270,12 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 
+RESUME_FIXED = ("model", "data", "seq_len", "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps",
+                "weight_decay", "max_grad_norm", "seed", "precision", "fake_quant_after_steps")
+"""Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and
+batch order are functions of them."""
+
+
 def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved) -> int:
     ckpts = ckpt_io.checkpoint_dirs(out)
     if not ckpts:
@@ -277,6 +292,16 @@ def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved) -> in
             f"{' under DeepSpeed' if meta['train_config'].get('zero_stage') else ''}; this run has "
             f"{backend.world_size}{' under DeepSpeed' if cfg.uses_deepspeed else ''}. Resume with the same "
             f"--nproc/--zero-stage, or start a new run from its weights with --model {path}")
+    recorded = meta.get("train_config", {})
+    changed = [f"{k} {recorded[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED
+               if k in recorded and recorded[k] != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); the restored "
+                          f"optimizer, schedule and data order would not follow them. Resume with the recorded "
+                          f"values (only --max-steps and eval/save frequencies may change), or start a new run "
+                          f"from its weights with --model {path}")
+    if backend.rank == 0:
+        ckpt_io.remove_stale_temporaries(out)
     backend.restore(path)
     if backend.rank == 0:
         ckpt_io.trim_metrics(out, step)

@@ -46,9 +46,17 @@ class SafetensorsReader:
 
         self._index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
         for path in files:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a mapping")
+                data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size < 8 + length + data_end:
+                    raise ValueError("file shorter than its header says")
+            except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError, KeyError, TypeError):
+                raise InputError(f"{path} is not a complete safetensors file (truncated or corrupt)") from None
             for name, info in header.items():
                 if name == "__metadata__":
                     continue

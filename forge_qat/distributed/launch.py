@@ -84,20 +84,51 @@ def launch(cfg: TrainConfig, worker: list[str] | None = None, poll_s: float = 0.
             log = None if rank == 0 else tmp / f"rank-{rank}.log"
             out = None if log is None else log.open("w")
             procs.append(subprocess.Popen([*worker, str(cfg_file)], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT if out else None, start_new_session=True))
+                                          stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                          preexec_fn=_die_with(os.getpid())))
             logs.append(log)
         failed = None
         try:
-            while failed is None and any(p.poll() is None for p in procs):
-                failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            while not any(p.poll() not in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
                 time.sleep(poll_s)
-            failed = failed if failed is not None else next(
-                (r for r, p in enumerate(procs) if p.returncode != 0), None)
+            if any(p.poll() not in (None, 0) for p in procs):
+                time.sleep(1.0)  # ranks broken by the same cause fail within moments: see them all
+            failed = _cause([p.poll() for p in procs])
         finally:
             _stop(procs)
         if failed is not None:
-            raise RankFailedError(failed, procs[failed].returncode,
-                                  _rank_error(failed, tmp / f"error-{failed}.txt", logs[failed]))
+            code = procs[failed].returncode
+            if code < 0:  # killed by a signal: say so, and exit as a shell reports it (128 + signal number)
+                raise RankFailedError(failed, 128 - code, f"killed by signal {signal.Signals(-code).name}")
+            raise RankFailedError(failed, code, _rank_error(failed, tmp / f"error-{failed}.txt", logs[failed]))
+
+
+def _cause(codes: list[int | None]) -> int | None:
+    """Of the ranks that failed on their own (before the launcher stopped the rest), the one to report: one
+    killed by a signal, else one with its own error, else one whose collective broke under it."""
+    from forge_qat.distributed.worker import PEER_FAILURE_EXIT
+
+    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    return min(failed, key=lambda r: (0 if codes[r] < 0 else 2 if codes[r] == PEER_FAILURE_EXIT else 1, r),
+               default=None)
+
+
+def _die_with(launcher_pid: int):
+    """For the rank being started: have the kernel SIGKILL it when the launcher dies (even by kill -9),
+    so ranks never train on, two jobs writing one directory. Linux only (prctl PR_SET_PDEATHSIG);
+    elsewhere ranks end at their next collective's timeout."""
+    def setup() -> None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError, TypeError):
+            return
+        if os.getppid() != launcher_pid:  # the launcher died before the request took effect
+            os._exit(1)
+    return setup
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

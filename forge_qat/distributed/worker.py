@@ -38,12 +38,28 @@ def main(argv: list[str] | None = None) -> int:
         result = run_training(cfg, RichTrainObserver(console) if rank == 0 else None)
     except ForgeError as e:
         return _report(str(e), 2 if isinstance(e, ConfigError) else 1)
-    except Exception as e:  # a bug or a library failure: keep the traceback for the log
+    except Exception as e:
+        if _peer_failure(e):  # a consequence: the launcher reports the rank that caused it
+            return _report(f"a collective failed because another rank stopped ({str(e).splitlines()[0][:120]})",
+                           PEER_FAILURE_EXIT)
+        # a bug or a library failure: keep the traceback for the log
         traceback.print_exc()
         return _report(f"{type(e).__name__}: {e}", 1)
     if rank == 0:
         console.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}; checkpoint {result.checkpoint}")
     return 0
+
+
+PEER_FAILURE_EXIT = 3
+"""Exit code of a rank whose collective broke because another rank died (see launch.py)."""
+
+
+def _peer_failure(e: Exception) -> bool:
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def _report(message: str, code: int) -> int:

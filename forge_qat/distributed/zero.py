@@ -27,7 +27,7 @@ from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.layouts import Layout, model_layout_reader
-from forge_qat.models import PRESETS, check_model_dir, load_model, preset_model
+from forge_qat.models import PRESETS, check_model_dir, load_config, load_model, load_tokenizer, preset_model
 from forge_qat.prepare import prepare_for_training
 from forge_qat.weights import SafetensorsReader, StateDictSource, tied_aliases
 
@@ -238,7 +238,7 @@ class ZeroBackend:
         """How the input checkpoint stores the model's tensors (rank 0): checkpoints are written the same way."""
 
     def build(self, cfg: TrainConfig, res):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         self.ds_config = ds_config(cfg, res.precision, self.world_size)
@@ -261,8 +261,8 @@ class ZeroBackend:
         else:
             path = Path(cfg.model)
             check_model_dir(path)
-            config = AutoConfig.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            config = load_config(path)
+            tokenizer = load_tokenizer(path)
             source = SafetensorsReader(sorted(path.glob("*.safetensors"))) if self.rank == 0 else None
         # Import the architecture's module before zero.Init patches nn.Module subclasses. A class created
         # inside the context has DeepSpeed keep its undecorated __init__ and restore that on exit, which
@@ -346,7 +346,14 @@ class ZeroBackend:
         state_dir = ckpt / DS_STATE
         if not state_dir.is_dir():
             raise InputError(f"--resume: {ckpt} has no DeepSpeed state ({DS_STATE}/)")
-        _, client = self.engine.load_checkpoint(str(state_dir), tag=DS_TAG)
+        from forge_qat.distributed.zero_checkpoint import deepspeed_checkpoint_globals
+
+        try:
+            with ckpt_io.weights_only_loads(deepspeed_checkpoint_globals()):
+                _, client = self.engine.load_checkpoint(str(state_dir), tag=DS_TAG)
+        except ckpt_io.UNSAFE_PICKLE as e:
+            raise InputError(f"--resume: cannot load DeepSpeed state {state_dir} as plain data (corrupt, truncated, "
+                             f"or carrying code, which forge never runs): {str(e).splitlines()[0][:200]}") from None
         if client is None:
             raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
         torch.set_rng_state(client["torch_rng"])

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
+from forge_qat.checkpoint import UNSAFE_PICKLE, weights_only_loads
 from forge_qat.errors import InputError
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its checkpoint files (an enum and the loss-scaler
+    record), allowed when forge loads them with weights_only (see `checkpoint.weights_only_loads`)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler]
 
 
 def is_zero_checkpoint(path: Path) -> bool:
@@ -32,11 +42,13 @@ class ZeroCheckpointReader:
         self._check_rank_files(tag_dir)
         try:
             # zero_to_fp32 reports progress with print(); keep stdout clean for `forge ... --json`.
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), weights_only_loads(deepspeed_checkpoint_globals()):
                 self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag_dir.name,
                                                                       lazy_mode=True)
-        except (ValueError, RuntimeError, EOFError, OSError) as e:
-            raise InputError(f"cannot read ZeRO checkpoint {tag_dir}: {e}") from None
+        except UNSAFE_PICKLE as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise InputError(f"cannot load ZeRO checkpoint {tag_dir} as plain data (corrupt, truncated, or carrying "
+                             f"code, which forge never runs): {first}") from None
         self._current: tuple[str, torch.Tensor] | None = None
 
     @staticmethod

@@ -1,0 +1,458 @@
+"""Bad inputs and faults, one table: each probe runs the real CLI, and checks the exit code, the one-line
+message, that no traceback was printed, and the files on disk before and after (nothing lost, nothing
+left half-written, no code from a file ever run). docs/failure-modes.md lists the same probes.
+"""
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import micro_train_args
+from typer.testing import CliRunner
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.cli import app
+from forge_qat.config import TrainConfig
+from forge_qat.train import run_training
+
+runner = CliRunner()
+PWNED = "FORGE_TEST_PWNED"
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file named by $FORGE_TEST_PWNED."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ[PWNED]}",))
+
+
+def _flags(**kw) -> list[str]:
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else ([] if v is False else [flag, str(v)])
+    return out
+
+
+def _cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output, output
+    return result.exit_code, " ".join(output.split())
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 2-step single-process run (micro preset) to break copies of."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("fm")
+    data = root / "train.txt"
+    data.write_text(topics["if"] + topics["while"])
+    run_training(TrainConfig(**micro_train_args(root / "run", data, max_steps=2, save_every=2)))
+    return root / "run", data
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    check: Callable
+
+
+NUMERIC = [
+    (["train", "--max-grad-norm", "-1"], "max_grad_norm"),
+    (["train", "--weight-decay", "-0.1"], "weight_decay"),
+    (["train", "--lr", "nan"], "lr"),
+    (["train", "--lr", "inf"], "lr"),
+    (["train", "--seq-len", "0"], "seq_len"),
+    (["finalize", "--source", ".", "--dest", "x", "--max-shard-size", "0B"], "--max-shard-size"),
+    (["finalize", "--source", ".", "--dest", "x", "--max-shard-size", "-1GB"], "--max-shard-size"),
+    (["finalize", "--source", ".", "--dest", "x", "--max-shard-size", "infGB"], "--max-shard-size"),
+    (["eval", "micro-llama", "--seq-len", "0"], "--seq-len"),
+    (["eval", "micro-llama", "--seq-len", "-4"], "--seq-len"),
+    (["eval", "micro-llama", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--steps", "0"], "--steps"),
+]
+
+
+def probe_resume_pickle_payload(tmp_path, run, monkeypatch):
+    src, data = run
+    r = _copy(src, tmp_path / "r")
+    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
+    torch.save({"step": 2, "optimizer": Payload()}, ckpt / ckpt_io.TRAINER_STATE)
+    code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+    assert code == 1 and "carrying code" in out and ckpt_io.TRAINER_STATE in out
+    assert not (tmp_path / "pwned").exists()
+
+
+def probe_resume_truncated_trainer_state(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    state = ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:100])
+    before = _tree(r)
+    code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+    assert code == 1 and "truncated" in out
+    assert _tree(r) == before
+
+
+def probe_resume_missing_trainer_state(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    (ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE).unlink()
+    code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+    assert code == 1 and "is missing" in out
+
+
+def probe_resume_with_changed_lr(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    before = _tree(r)
+    code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4, "--lr", "0.5")
+    assert code == 2 and "lr" in out and "0.5" in out
+    assert _tree(r) == before
+
+
+def probe_zero_checkpoint_pickle_payload(tmp_path, run, monkeypatch):
+    """A DeepSpeed checkpoint whose rank files carry a payload: DeepSpeed's own loader passes
+    weights_only=False; forge forces weights-only loading around it."""
+    src, _ = run
+    ckpt = _copy(ckpt_io.checkpoint_dirs(src)[-1][1], tmp_path / "ckpt")
+    tag = ckpt / "deepspeed" / "state"
+    tag.mkdir(parents=True)
+    (ckpt / "deepspeed" / "latest").write_text("state")
+    monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
+    for kind in ("model", "optim"):
+        torch.save({"payload": Payload()}, tag / f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt")
+    code, out = _cli("finalize", "--source", ckpt / "deepspeed", "--dest", tmp_path / "out")
+    assert code == 1 and "carrying code" in out
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def probe_model_dir_with_remote_code(tmp_path, run, monkeypatch):
+    """A model directory whose config asks for its own Python code: refused, the code never runs."""
+    from forge_qat.models import preset_model
+
+    model, tok = preset_model("micro-llama")
+    d = tmp_path / "evil"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", run[1], model=d, max_steps=1)))
+    assert code == 0 and "never runs code" in out  # the built-in Llama class, and a warning
+    cfg["model_type"] = "evil_model"  # an architecture only its own code implements: refused
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r2", run[1], model=d)))
+    assert code == 1 and "never runs" in out
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "r2" / ckpt_io.RUN_MARKER).exists()
+
+
+def probe_init_overwrite_keeps_other_files(tmp_path, run, monkeypatch):
+    d = tmp_path / "proj"
+    assert _cli("init", d, "--template", "tiny-demo")[0] == 0
+    (d / "notes.txt").write_text("mine")
+    code, _ = _cli("init", d, "--template", "tiny-demo", "--overwrite")  # re-render forge's own files
+    assert code == 0 and (d / "notes.txt").read_text() == "mine"
+    (d / "forge.yaml").write_text("# edited by hand\n")
+    code, out = _cli("init", d, "--template", "tiny-demo", "--overwrite")
+    assert code == 1 and "forge.yaml" in out and "--force" in out
+    assert (d / "forge.yaml").read_text() == "# edited by hand\n"
+    assert _cli("init", d, "--template", "tiny-demo", "--overwrite", "--force")[0] == 0
+    assert (d / "forge.yaml").read_text() != "# edited by hand\n" and (d / "notes.txt").read_text() == "mine"
+
+
+def probe_init_overwrite_refuses_foreign_file(tmp_path, run, monkeypatch):
+    d = tmp_path / "proj"
+    d.mkdir()
+    (d / "forge.yaml").write_text("someone else's\n")
+    code, out = _cli("init", d, "--template", "tiny-demo", "--overwrite")
+    assert code == 1 and "did not render" in out
+    assert (d / "forge.yaml").read_text() == "someone else's\n"
+
+
+def probe_train_overwrite_with_bad_data_keeps_old_run(tmp_path, run, monkeypatch):
+    src, data = run
+    r = _copy(src, tmp_path / "r")
+    before = _tree(r)
+    code, out = _cli("train", *_flags(**micro_train_args(r, tmp_path / "typo.txt", overwrite=True)))
+    assert code == 1 and "typo.txt" in out
+    assert _tree(r) == before
+
+
+def probe_train_overwrite_refuses_non_forge_dir(tmp_path, run, monkeypatch):
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    code, out = _cli("train", *_flags(**micro_train_args(d, run[1], overwrite=True)))
+    assert code == 1 and "not a forge run" in out
+    assert _tree(d) == {"holiday.jpg": b"\xff\xd8 precious"}
+
+
+def probe_failed_start_leaves_no_run_marker(tmp_path, run, monkeypatch):
+    r = tmp_path / "new"
+    code, _ = _cli("train", *_flags(**micro_train_args(r, tmp_path / "missing.txt")))
+    assert code == 1 and not (r / ckpt_io.RUN_MARKER).exists()
+    code, _ = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, save_every=1)))
+    assert code == 0  # the next start is not refused
+
+
+def probe_finalize_dest_is_source(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    before = _tree(r)
+    for dest in (ckpt, r, ckpt / "inside"):
+        code, out = _cli("finalize", "--source", ckpt, "--dest", dest, "--overwrite")
+        assert code == 2 and "overlaps" in out
+    assert _tree(r) == before
+
+
+def probe_finalize_overwrite_replaces_only_artifacts(tmp_path, run, monkeypatch):
+    src, _ = run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    code, out = _cli("finalize", "--source", src, "--dest", other, "--overwrite")
+    assert code == 1 and "not a forge artifact" in out and (other / "keep.txt").read_text() == "x"
+
+
+def probe_numeric_ranges(tmp_path, run, monkeypatch):
+    for args, name in NUMERIC:
+        code, out = _cli(*args, *(["--output-dir", tmp_path / "n"] if args[0] == "train" else []))
+        assert code == 2 and name in out, (args, code, out)
+    assert not (tmp_path / "n").exists()
+
+
+def probe_seq_len_above_model_positions(tmp_path, run, monkeypatch):
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", run[1], seq_len=4096)))
+    assert code == 2 and "max_position_embeddings 2048" in out
+    assert not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+
+
+def probe_yaml_exponent_learning_rate(tmp_path, run, monkeypatch):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 1e-3\nmax_steps: 1\n")
+    from forge_qat.config import build_config
+
+    assert build_config(cfg).lr == 1e-3
+
+
+def probe_stale_temporaries_are_removed(tmp_path, run, monkeypatch):
+    src, data = run
+    r = _copy(src, tmp_path / "r")
+    dead = 2**22 + 12345  # above pid_max on Linux by default: no such process
+    stale = r / f".checkpoint-000004.tmp-{dead}"
+    stale.mkdir()
+    (stale / "big.bin").write_bytes(b"0" * 1000)
+    live = r / f".checkpoint-000099.tmp-{os.getpid()}"  # a live process's: kept
+    live.mkdir()
+    code, _ = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+    assert code == 0 and not stale.exists() and live.exists()
+
+
+def probe_non_utf8_jsonl(tmp_path, run, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", bad)))
+    assert code == 1 and "bad.jsonl:2" in out and "UTF-8" in out
+    assert not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+
+
+def probe_truncated_safetensors(tmp_path, run, monkeypatch):
+    """Truncated weights: training from them, eval, in-memory and streaming finalize, and resume."""
+    src, data = run
+    r = _copy(src, tmp_path / "r")
+    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    for args in (["train", *_flags(**micro_train_args(tmp_path / "t", data, model=ckpt))],
+                 ["eval", ckpt, "--data", data],
+                 ["finalize", "--source", ckpt, "--dest", tmp_path / "a", "--in-memory"],
+                 ["finalize", "--source", ckpt, "--dest", tmp_path / "b", "--streaming"],
+                 ["train", "--resume", "--output-dir", r, "--max-steps", 4]):
+        code, out = _cli(*args)
+        assert code == 1 and "model.safetensors" in out and ("truncated" in out or "corrupt" in out), (args, out)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def probe_pickle_payload_in_bin_weights(tmp_path, run, monkeypatch):
+    src, data = run
+    d = _copy(ckpt_io.checkpoint_dirs(src)[-1][1], tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
+    torch.save({"model.embed_tokens.weight": Payload()}, d / "pytorch_model.bin")
+    code, out = _cli("eval", d, "--data", data)
+    assert code == 1 and "never runs" in out and not (tmp_path / "pwned").exists()
+
+
+def probe_corrupt_run_marker(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    (r / ckpt_io.RUN_MARKER).write_text("{not json")
+    code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+    assert code == 1 and ckpt_io.RUN_MARKER in out and "corrupt" in out
+
+
+def probe_partial_metrics_line(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    with (r / ckpt_io.METRICS).open("a") as f:
+        f.write('{"step": 3, "lo')  # what a kill -9 mid-write leaves
+    code, _ = _cli("train", "--resume", "--output-dir", r, "--max-steps", 3)
+    steps = [json.loads(line)["step"] for line in (r / ckpt_io.METRICS).read_text().splitlines()]
+    assert code == 0 and steps == [1, 2, 3]
+
+
+def probe_finalize_an_artifact(tmp_path, run, monkeypatch):
+    src, data = run
+    assert _cli("finalize", "--source", src, "--dest", tmp_path / "a")[0] == 0
+    code, out = _cli("finalize", "--source", tmp_path / "a", "--dest", tmp_path / "b")
+    assert code == 1 and "already a quantized artifact" in out
+    code, out = _cli("eval", tmp_path / "a", "--data", data, "--fake-quant", "int8-dynamic-act-int4-weight")
+    assert code == 2 and "already a quantized artifact" in out
+
+
+def probe_unwritable_destinations(tmp_path, run, monkeypatch):
+    src, data = run
+    code, out = _cli("train", *_flags(**micro_train_args("/proc/forge-test/run", data)))
+    assert code == 1 and "cannot write" in out
+    code, out = _cli("finalize", "--source", src, "--dest", "/proc/forge-test/artifact")
+    assert code == 1 and "cannot write" in out
+
+
+def probe_disk_full_during_train_save(tmp_path, run, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)  # the trainer state, written after the weights
+    r = tmp_path / "r"
+    code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, save_every=1)))
+    assert code == 1 and "disk full" in out
+    assert not ckpt_io.checkpoint_dirs(r) and not [p for p in r.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def probe_hardware_checked_before_training(tmp_path, run, monkeypatch):
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", run[1], finalize="int4-weight-only")))
+    assert code == 1 and "CUDA" in out and not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+    code, out = _cli("demo", "--recipe", "float8-dynamic-act-float8-weight", "--output-dir", tmp_path / "d")
+    assert code == 1 and "CUDA" in out and not (tmp_path / "d").exists()
+
+
+def probe_demo_never_deletes_a_foreign_directory(tmp_path, run, monkeypatch):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    code, out = _cli("demo", "--output-dir", d, "--steps", 2, "--qat-steps", 1)
+    assert code == 1 and "not a forge demo" in out and (d / "thesis.tex").read_text() == "years of work"
+
+
+def probe_init_values_are_yaml_scalars(tmp_path, run, monkeypatch):
+    from forge_qat.config import load_yaml
+
+    d = tmp_path / "proj\nmax_steps: 1"
+    tricky = {"model": "models/a # b", "data": "yes", "eval_data": "x\nmax_steps: 1"}
+    code, _ = _cli("init", d, "--template", "qat-finetune", *[a for k, v in tricky.items()
+                                                               for a in (f"--{k.replace('_', '-')}", v)])
+    assert code == 0
+    cfg = load_yaml(d / "forge.yaml")
+    assert {k: cfg[k] for k in tricky} == tricky and cfg["max_steps"] == 1000
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _start_zero_job(tmp_path, data, name):
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / name
+    flags = _flags(**micro_train_args(run_dir, data, max_steps=100000, save_every=0, nproc=2, zero_stage=3,
+                                      dist_timeout_s=60))
+    job = subprocess.Popen([sys.executable, "-m", "forge_qat.cli", "train", *flags], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() else "timeout"
+        time.sleep(0.5)
+    return job, _children(job.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file() or (os.cpu_count() or 1) < 2, reason="Linux, 2 cores")
+def probe_killed_launcher_and_killed_rank(tmp_path, run, monkeypatch):
+    """kill -9 of the launcher takes its ranks down; a rank killed by a signal is reported as that."""
+    import signal
+    import time
+
+    job, ranks = _start_zero_job(tmp_path, run[1], "a")
+    assert len(ranks) == 2
+    job.kill()
+    job.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(r) for r in ranks), "ranks outlived their launcher"
+
+    job, ranks = _start_zero_job(tmp_path, run[1], "b")
+    os.kill(max(ranks), signal.SIGKILL)  # rank 1 (started second)
+    _, err = job.communicate(timeout=120)
+    err = " ".join(err.split())
+    assert job.returncode == 128 + signal.SIGKILL and "killed by signal SIGKILL" in err, err[-500:]
+    assert "Traceback" not in err
+
+
+PROBES = [Probe(name.removeprefix("probe_"), fn) for name, fn in sorted(globals().items())
+          if name.startswith("probe_") and callable(fn)]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
+
+
+def test_failure_mode(probe, tmp_path, run, monkeypatch):
+    probe.check(tmp_path, run, monkeypatch)
+
+
+def test_probe_list_matches_the_docs():
+    """docs/failure-modes.md lists every probe by name."""
+    doc = (Path(__file__).parents[1] / "docs" / "failure-modes.md").read_text()
+    listed = set(re.findall(r"`([a-z0-9_]+)`", doc))
+    assert {p.name for p in PROBES} <= listed, sorted({p.name for p in PROBES} - listed)
+    assert pickle  # imported for the payload class's protocol
