@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
-from forge_qat.errors import OutputExistsError
+from forge_qat.errors import InputError, OutputExistsError
 from forge_qat.train import run_training
 
 runner = CliRunner()
@@ -128,7 +128,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_file, monkeypat
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ckpt_io.torch, "save", flaky_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="cannot write checkpoint .*disk full"):
         run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file)))
     assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "r")] == [2]
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")], "temporary dirs left behind"
