@@ -73,6 +73,7 @@ def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
         {"rank": rank, "load_s": elapsed, "peak_increase_mb": (peak - before) / 1e6,
          "rss_before_mb": before / 1e6, "rss_after_mb": rss_bytes() / 1e6,
          "local_param_mb": n_local * 4 / 1e6}))
+    backend.close()
 
 
 def measure_loads(model_dir: Path, tmp: Path) -> dict:

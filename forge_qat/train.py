@@ -107,6 +107,7 @@ class Backend(Protocol):
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
     def restore(self, ckpt: Path) -> None: ...
     def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path | None: ...
+    def close(self) -> None: ...
 
 
 class SingleProcess:
@@ -155,6 +156,9 @@ class SingleProcess:
         from forge_qat.finalize import FinalizeRequest, finalize
 
         return finalize(FinalizeRequest(source=ckpt, dest=dest, qat_convert=recipe, overwrite=True)).dest
+
+    def close(self) -> None:
+        pass
 
 
 def make_backend(cfg: TrainConfig) -> Backend:
@@ -267,6 +271,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         artifact = backend.finalize(last_ckpt, cfg.finalize, out / f"final-{cfg.finalize}")
         if artifact:
             log.info("finalized %s", artifact)
+    backend.close()
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 

@@ -60,6 +60,7 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
         out.mkdir(parents=True)
     consolidate_hf_weights(model, out if backend.rank == 0 else None, backend.rank, backend.layout,
                            max_shard_bytes=50_000)
+    backend.close()
     sys.exit(0)
 
 sys.exit(worker.main())

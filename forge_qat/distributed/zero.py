@@ -112,6 +112,12 @@ class PartitionedInit(deepspeed.zero.Init):
         param.partition()
 
 
+def close_process_group() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _import_architecture(config) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -305,26 +311,37 @@ class ZeroBackend:
         return t.item() / self.world_size
 
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None:
-        """DeepSpeed state (for --resume) plus an HF float checkpoint consolidated on rank 0."""
+        """DeepSpeed state (for --resume) plus an HF float checkpoint consolidated on rank 0.
+
+        Written under `.checkpoint-N.tmp-PID` (rank 0's PID, shared with every rank), renamed when
+        complete; a dead job's temporary is removed by the next run (`checkpoint.remove_stale_temporaries`).
+        A failed write on rank 0 (disk full) is the same one-line error as on one process; the launcher
+        then stops the other ranks."""
         final = out / f"checkpoint-{step:06d}"
-        tmp = out / f".{final.name}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(tmp / DS_STATE), tag=DS_TAG,
-                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
-        consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank, self.layout)
-        if self.rank == 0:
-            self.model.config.save_pretrained(tmp)
-            if self.model.generation_config is not None:
-                self.model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            ckpt_io.write_checkpoint_meta(tmp, step, meta)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ckpt_io.prune_checkpoints(out, keep)
+        tmp = out / f".{final.name}.tmp-{_broadcast(os.getpid())}"
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            self.engine.save_checkpoint(str(tmp / DS_STATE), tag=DS_TAG,
+                                        client_state={"step": step, "torch_rng": torch.get_rng_state()})
+            consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank, self.layout)
+            if self.rank == 0:
+                self.model.config.save_pretrained(tmp)
+                if self.model.generation_config is not None:
+                    self.model.generation_config.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                ckpt_io.write_checkpoint_meta(tmp, step, meta)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                ckpt_io.prune_checkpoints(out, keep)
+        except OSError as e:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(f"cannot write checkpoint {final} (disk full or not writable?): "
+                             f"{str(e).splitlines()[0][:200]}; the previous checkpoints are intact") from None
         dist.barrier()
         return final if self.rank == 0 else None
 
@@ -341,6 +358,13 @@ class ZeroBackend:
         report = finalize_streaming(plan_finalize(req), req, LiveGatherReader(self.model))
         dist.barrier()
         return report.dest
+
+    def close(self) -> None:
+        """Leave the job together and tear the process group down: exiting with gloo's (or DeepSpeed's
+        shared-memory) communication threads still running aborts the process at interpreter shutdown
+        ("terminate called without an active exception", SIGABRT), which the launcher would report as a
+        failed rank after a successful run."""
+        close_process_group()
 
     def restore(self, ckpt: Path) -> None:
         state_dir = ckpt / DS_STATE
