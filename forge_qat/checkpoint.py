@@ -170,8 +170,8 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 @contextmanager
 def weights_only_loads(allowed_globals: list | None = None):
     """Every `torch.load` inside the block unpickles plain data only (tensors, containers, numbers, and
-    `allowed_globals`), even where a library passes `weights_only=False` (DeepSpeed does, for its
-    checkpoint files): torch reads `TORCH_FORCE_WEIGHTS_ONLY_LOAD` at each call. A file holding anything
+    `allowed_globals`), even where a library explicitly asks torch for full unpickling (DeepSpeed does,
+    for its checkpoint files): torch reads `TORCH_FORCE_WEIGHTS_ONLY_LOAD` at each call. A file holding anything
     else (a pickled `__reduce__` payload) raises instead of running code."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"

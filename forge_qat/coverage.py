@@ -15,6 +15,7 @@ import torch
 
 from forge_qat import experts as experts_mod
 from forge_qat.errors import ConfigError
+from forge_qat.weights import true_shape
 
 # Output heads stay in float: they are usually tied to the input embedding, which a linear-only
 # recipe must not quantize, and they are the layer most sensitive to quantization.
@@ -135,12 +136,12 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
         elif _is_conv1d(module):
             cov.kept[f"{name}.weight"] = (CONV1D, _numel(module.weight))
         elif parent in moe_blocks and isinstance(module._parameters.get("weight"), torch.Tensor) \
-                and len(getattr(module.weight, "ds_shape", module.weight.shape)) == 2:
+                and len(true_shape(module.weight)) == 2:
             cov.kept[f"{name}.weight"] = (ROUTER, _numel(module.weight))  # a TopKRouter's (experts, hidden)
         elif not isinstance(module, torch.nn.modules.conv._ConvNd):
             # Stacked weights of an experts class forge does not recognise: never left in float silently.
             for pname, p in module.named_parameters(recurse=False):
-                if len(getattr(p, "ds_shape", p.shape)) == 3:
+                if len(true_shape(p)) == 3:
                     cov.kept[f"{name}.{pname}" if name else pname] = (UNRECOGNISED, _numel(p))
     return cov
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from forge_qat.errors import ConfigError
 from forge_qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
+from forge_qat.weights import true_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +40,11 @@ class Projection:
     in_features: int
 
 
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the true shape in ds_shape
-
-
 def is_experts(module: torch.nn.Module) -> bool:
     """A transformers experts module: decorated by `use_experts_implementation`, with 3-D stacks."""
     down = getattr(module, "down_proj", None)
     return (hasattr(module, "has_gate") and hasattr(module, "is_transposed")
-            and isinstance(down, torch.nn.Parameter) and len(_shape(down)) == 3)
+            and isinstance(down, torch.nn.Parameter) and len(true_shape(down)) == 3)
 
 
 def projections(module: torch.nn.Module) -> list[Projection]:
@@ -59,13 +56,13 @@ def projections(module: torch.nn.Module) -> list[Projection]:
     names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
     result = []
     for name in names:
-        _, out_features, in_features = _shape(getattr(module, name))
+        _, out_features, in_features = true_shape(getattr(module, name))
         result.append(Projection(name, f"{name}_bias" if module.has_bias else None, out_features, in_features))
     return result
 
 
 def num_experts(module: torch.nn.Module) -> int:
-    return _shape(module.down_proj)[0]
+    return true_shape(module.down_proj)[0]
 
 
 class ProjectionFakeQuant(torch.nn.Module):

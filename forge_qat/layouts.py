@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forge_qat.errors import InputError
-from forge_qat.weights import tied_aliases
+from forge_qat.weights import tied_aliases, true_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ class Layout:
 def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of `model` holds (tied aliases once), with its true shape."""
     tied = tied_aliases(model)
-    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if n not in tied}
+    shapes = {n: true_shape(p) for n, p in model.named_parameters() if n not in tied}
     shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in model.state_dict()})
     return shapes
 

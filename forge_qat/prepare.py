@@ -23,7 +23,7 @@ from forge_qat.coverage import OUTPUT_HEAD_NAMES, Coverage, check_useful, plan
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
 from forge_qat.experts import ProjectionFakeQuant
 from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, IntegerGridFakeQuantizedLinear
-from forge_qat.recipes import Recipe, get_recipe, recipe_names
+from forge_qat.recipes import Recipe, recipe_names
 
 if TYPE_CHECKING:
     from forge_qat.config import TrainConfig
@@ -104,13 +104,14 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
     return quantizers
 
 
-def prepare_qat(model: torch.nn.Module, recipe: Recipe) -> Coverage:
+def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = None) -> Coverage:
     """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
     Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's).
 
     Returns the plan, counted by parameters. Raises before changing anything when the recipe would
-    quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`)."""
-    cov = plan(model, recipe)
+    quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`).
+    `cov`: this model's plan, when the caller has made it already."""
+    cov = cov or plan(model, recipe)
     check_useful(cov, recipe)
     modules = dict(model.named_modules())
     for name, linear in cov.linears.items():
@@ -206,18 +207,13 @@ class LinearSwap:
     option: str
     """TrainConfig field holding the chosen recipe name."""
     choices: Callable[[], list[str]]
-    apply: Callable[[torch.nn.Module, str], int]
 
     @property
     def flag(self) -> str:
         return "--" + self.option.replace("_", "-")
 
 
-def _prepare_qat_by_name(model: torch.nn.Module, name: str) -> Coverage:
-    return prepare_qat(model, get_recipe(name))
-
-
 LINEAR_SWAPS: tuple[LinearSwap, ...] = (
-    LinearSwap("qat_recipe", recipe_names, _prepare_qat_by_name),
-    LinearSwap("fp8_recipe", lambda: list(FP8_RECIPES), prepare_float8_training),
+    LinearSwap("qat_recipe", recipe_names),
+    LinearSwap("fp8_recipe", lambda: list(FP8_RECIPES)),
 )

@@ -108,8 +108,9 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: 
                                  if block.prefix + k in block.names)
         block_converted: list[str] = []
         with torch.no_grad():
-            if plan(holder, recipe).quantized:
-                prepare_qat(holder, recipe)
+            block_plan = plan(holder, recipe)
+            if block_plan.quantized:
+                prepare_qat(holder, recipe, block_plan)
                 names = convert_qat(holder, recipe)
                 block_converted = [f"{parent_name}.{n}" if parent_name else n for n in names]
         stats.converted += block_converted

@@ -26,6 +26,7 @@ from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.models import ModelSource, load_model
 from forge_qat.prepare import check_convert_hardware, prepare_for_training, set_fake_quant_enabled
 from forge_qat.recipes import Recipe, get_recipe
+from forge_qat.weights import true_shape
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torc
     # model.parameters() yields each Parameter once, so tied or shared parameters appear once here
     # (DeepSpeed would otherwise reject the duplicate). Decay matrices only.
     params = [p for p in model.parameters() if p.requires_grad]
-    is_matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 keeps the true shape in ds_shape
+    is_matrix = lambda p: len(true_shape(p)) >= 2
     groups = [
         {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},

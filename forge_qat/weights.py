@@ -13,6 +13,12 @@ import torch
 from forge_qat.errors import InputError
 
 
+def true_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its data is then empty; the shape is
+    kept in `ds_shape`)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def tied_aliases(model: torch.nn.Module) -> set[str]:
     """Second names of parameters that appear twice (a tied lm_head): stored and loaded once.
 

@@ -5,7 +5,6 @@ left half-written, no code from a file ever run). docs/failure-modes.md lists th
 
 import json
 import os
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -455,4 +454,3 @@ def test_probe_list_matches_the_docs():
     doc = (Path(__file__).parents[1] / "docs" / "failure-modes.md").read_text()
     listed = set(re.findall(r"`([a-z0-9_]+)`", doc))
     assert {p.name for p in PROBES} <= listed, sorted({p.name for p in PROBES} - listed)
-    assert pickle  # imported for the payload class's protocol
