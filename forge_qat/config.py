@@ -51,7 +51,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
     precision: Precision = _opt(
-        "auto", "Autocast precision: auto (bf16 where supported), bf16, fp16 (CUDA only), fp32.")
+        "auto", "Autocast precision: auto (bf16 where the hardware runs it natively, else fp16 on CUDA, "
+                 "else fp32), bf16, fp16 (CUDA only), fp32.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
     seed: int = _opt(0, "Seed for model init, data order and dropout.")
     # distributed (forge_qat.distributed): DeepSpeed ZeRO across processes and machines

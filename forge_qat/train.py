@@ -63,7 +63,7 @@ def resolve(cfg: TrainConfig) -> Resolved:
     device = torch.device("cuda" if hardware.cuda_available() else "cpu")
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if hardware.bf16_supported() else ("fp16" if device.type == "cuda" else "fp32")
+        precision = "bf16" if hardware.bf16_native() else ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type != "cuda":
         raise HardwareError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on CPU")
     if precision == "bf16" and not hardware.bf16_supported():

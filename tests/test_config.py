@@ -2,7 +2,7 @@
 
 import pytest
 
-from forge_qat.config import build_config, load_yaml
+from forge_qat.config import TrainConfig, build_config, load_yaml
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.recipes import DEFAULT_RECIPE
 
@@ -68,3 +68,15 @@ def test_shipped_run_configs_are_valid():
         header = path.read_text().splitlines()[:6]
         assert any("forge train" in line for line in header), f"{path.name} must say how to run it"
         build_config(path)
+
+
+def test_auto_precision_chooses_bf16_only_where_it_is_native(monkeypatch):
+    from forge_qat import hardware
+    from forge_qat.train import resolve
+
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(hardware, "bf16_native", lambda: False)
+    assert resolve(TrainConfig(precision="auto")).precision == "fp32"
+    assert resolve(TrainConfig(precision="bf16")).precision == "bf16"  # explicit: still allowed, emulated
+    monkeypatch.setattr(hardware, "bf16_native", lambda: True)
+    assert resolve(TrainConfig(precision="auto")).precision == "bf16"
