@@ -275,6 +275,49 @@ def finalize_command(
     _emit(as_json, report.to_dict(), lambda: print_finalize_report(report))
 
 
+# ---- forge data ----------------------------------------------------------------------------------
+
+def _data_command(**flags: Any) -> None:
+    from forge_qat.data.store import open_token_store
+    from forge_qat.models import load_model_tokenizer
+    from forge_qat.train import data_options
+
+    _setup_logging()
+    as_json = flags.pop("as_json")
+    try:
+        cfg = config_mod.TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+        tokenizer, _ = load_model_tokenizer(cfg.model)
+        store = open_token_store(cfg.data, tokenizer, cfg.seq_len, data_options(cfg, observer=_observer()))
+    except ForgeError as e:
+        raise _fail(e) from None
+    meta = store.meta
+    row = {"data": cfg.data, "cache": str(store.directory), "built": store.built, "documents": store.documents,
+           "tokens": store.total_tokens, "learned_tokens": meta["learned_tokens"], "seq_len": cfg.seq_len,
+           "sequences": len(store)}
+    _emit(as_json, row, lambda: console.print(
+        f"{'tokenized' if store.built else 'already cached'} {cfg.data}: {store.documents:,} documents, "
+        f"{store.total_tokens:,} tokens ({meta['learned_tokens'] / max(store.total_tokens, 1):.0%} learned), "
+        f"{len(store):,} sequences of {cfg.seq_len}; cache {store.directory}"))
+
+
+def _data_signature() -> inspect.Signature:
+    names = ("model", "data", "seq_len", "chat_column", "chat_loss", "data_cache", "data_workers")
+    params = [p for p in _train_signature().parameters.values() if p.name in names]
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Machine-readable output.")]))
+    return inspect.Signature(params)
+
+
+def data(**kwargs: Any) -> None:
+    """Tokenize a data set into the cache (what `forge train` does first), e.g. once before a cluster job;
+    prints its documents, tokens and sequences."""
+    _data_command(**kwargs)
+
+
+data.__signature__ = _data_signature()
+app.command(help=data.__doc__)(data)
+
+
 # ---- forge eval / compare -------------------------------------------------------------------------
 
 def _results_table(rows: list[dict], title: str) -> Table:
@@ -290,8 +333,12 @@ def _results_table(rows: list[dict], title: str) -> Table:
 @app.command("eval")
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="Checkpoints, run directories or finalized artifacts.")],
-    data: Annotated[str, typer.Option(help="Held-out text: .txt/.jsonl, a directory, or builtin:NAME.")]
+    data: Annotated[str, typer.Option(help="Held-out data: a .jsonl/.json/.parquet/.txt file, a directory, a "
+                                           "Dataset.save_to_disk directory, or builtin:NAME.")]
     = "builtin:python-docs-eval",
+    chat_column: Annotated[str | None, typer.Option(help="Column holding conversations (default: 'messages' or "
+                                                         "'conversations').")] = None,
+    chat_loss: Annotated[str, typer.Option(help="Assistant turns scored in chat data: last or all.")] = "last",
     fake_quant: Annotated[str | None, typer.Option(
         help="Evaluate float checkpoints with this recipe's fake quantization applied.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 128,
@@ -299,6 +346,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """Perplexity of one or more models on held-out text."""
+    from forge_qat.data.build import DataOptions
+    from forge_qat.data.encode import ChatOptions
     from forge_qat.evaluate import evaluate_model
 
     _setup_logging()
@@ -309,8 +358,9 @@ def eval_command(
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         recipe = get_recipe(fake_quant) if fake_quant else None
-        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=recipe).to_dict()
-                   for m in models]
+        options = DataOptions(chat=ChatOptions(chat_column, chat_loss))
+        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=recipe,
+                                  data_options=options).to_dict() for m in models]
     except ForgeError as e:
         raise _fail(e) from None
     _emit(as_json, results, lambda: console.print(_results_table(results, f"eval on {data}")))

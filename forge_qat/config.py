@@ -19,6 +19,7 @@ from forge_qat.errors import ConfigError, InputError, choices_message
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
+ChatLoss = Literal["last", "all"]
 NO_RECIPE = "none"
 
 
@@ -31,9 +32,17 @@ class TrainConfig:
     # what to train
     model: str = _opt("tiny-llama", "Local Hugging Face model directory (safetensors), or a built-in preset.")
     data: str = _opt("builtin:python-docs",
-                     "Training text: a .txt/.jsonl file, a directory of them, or builtin:NAME.")
+                     "Training data: a .jsonl/.json/.parquet/.txt file, a directory of them, a "
+                     "Dataset.save_to_disk directory, or builtin:NAME.")
     eval_data: str | None = _opt("builtin:python-docs-eval", "Held-out text for periodic eval loss ('none' to skip).")
     output_dir: str = _opt("forge-runs/demo", "Run directory: checkpoints, metrics.jsonl, run metadata.")
+    # how data is read and tokenized (forge_qat.data): once into a cache that ranks and runs share
+    chat_column: str | None = _opt(None, "Column holding conversations. Default: 'messages' or 'conversations', "
+                                         "whichever a record has; ShareGPT from/value pairs are understood.")
+    chat_loss: ChatLoss = _opt("last", "Assistant turns learned in chat data: last (the final message) or all.")
+    data_cache: str | None = _opt(None, "Directory of tokenized-data caches. Default: $FORGE_DATA_CACHE, else "
+                                        "~/.cache/forge_qat/tokens.")
+    data_workers: int | None = _opt(None, "Processes tokenizing the data. Default: one per CPU core (at most 32).")
     # QAT and other linear-layer swaps (at most one; see forge_qat.prepare.LINEAR_SWAPS)
     qat_recipe: str | None = _opt(
         None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
@@ -84,7 +93,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0 (0 disables it), got {value}")
-        for name, choices in (("precision", Precision), ("lr_schedule", Schedule)):
+        if self.data_workers is not None and self.data_workers < 1:
+            raise ConfigError(f"data_workers must be at least 1, got {self.data_workers}")
+        for name, choices in (("precision", Precision), ("lr_schedule", Schedule), ("chat_loss", ChatLoss)):
             valid = list(typing.get_args(choices))
             if getattr(self, name) not in valid:
                 raise ConfigError(choices_message(name.replace("_", " "), getattr(self, name), valid))

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from forge_qat import checkpoint as ckpt_io
-from forge_qat.data import IGNORE_INDEX, load_packed
+from forge_qat.data.build import DataOptions
+from forge_qat.data.encode import IGNORE_INDEX
+from forge_qat.data.store import model_inputs, open_token_store
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.models import load_model
 from forge_qat.prepare import prepare_qat
@@ -40,7 +42,8 @@ def model_kind(model: torch.nn.Module, fake_quant: Recipe | None) -> str:
 
 @torch.no_grad()
 def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
-                   max_batches: int | None = None, fake_quant: Recipe | None = None) -> EvalResult:
+                   max_batches: int | None = None, fake_quant: Recipe | None = None,
+                   data_options: DataOptions | None = None) -> EvalResult:
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
     target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
     model, tokenizer = load_model(str(target))
@@ -49,12 +52,12 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     if fake_quant:
         prepare_qat(model, fake_quant)
     model.eval()
-    packed = load_packed(data, tokenizer, seq_len)
+    packed = open_token_store(data, tokenizer, seq_len, data_options)
     total, count = 0.0, 0
     n = len(packed) if max_batches is None else min(len(packed), max_batches * batch_size)
     for start in range(0, n, batch_size):
-        batch = packed.batch(torch.arange(start, min(start + batch_size, n)))
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = model_inputs(packed, torch.arange(start, min(start + batch_size, n)), model, torch.device("cpu"))
+        tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
         total += model(**batch).loss.item() * tokens
         count += tokens
     loss = total / count

@@ -45,10 +45,13 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
+PRESET_MAX_POSITIONS = 2048
+
+
 def preset_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tok = byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=len(tok), max_position_embeddings=PRESET_MAX_POSITIONS, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         **PRESETS[name],
     )
@@ -115,6 +118,19 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"model directory {path} has no usable tokenizer: {str(e).splitlines()[0][:300]}") from None
+
+
+def load_model_tokenizer(spec: str) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """The tokenizer `load_model(spec)` would return and the model's max_position_embeddings, without
+    loading weights: training checks its options and prepares its data before the model loads."""
+    if spec in PRESETS:
+        return byte_tokenizer(), PRESET_MAX_POSITIONS
+    path = Path(spec)
+    if not path.exists() and "/" not in spec and not spec.startswith("."):
+        raise InputError(choices_message("model preset", spec, list(PRESETS)) + " (or give a local model directory)")
+    check_model_dir(path)
+    config = load_config(path)
+    return load_tokenizer(path), getattr(config, "max_position_embeddings", None)
 
 
 def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

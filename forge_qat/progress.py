@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class RichTrainObserver:
@@ -18,6 +18,19 @@ class RichTrainObserver:
             console=console,
         )
         self.task = None
+        self.data_bar: Progress | None = None
+
+    def on_data_progress(self, label: str, done_bytes: int, total_bytes: int) -> None:
+        """Tokenizing a data set into the cache (shown by whichever process builds it)."""
+        if self.data_bar is None:
+            self.data_bar = Progress(TextColumn(f"[bold]tokenizing {label}"), BarColumn(), DownloadColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=self.progress.console)
+            self.data_bar.start()
+            self.data_task = self.data_bar.add_task("data", total=total_bytes)
+        self.data_bar.update(self.data_task, completed=done_bytes)
+        if done_bytes >= total_bytes:
+            self.data_bar.stop()
+            self.data_bar = None
 
     def on_start(self, total_steps: int, start_step: int) -> None:
         self.progress.start()

@@ -21,9 +21,11 @@ from transformers import get_scheduler
 from forge_qat import checkpoint as ckpt_io
 from forge_qat import hardware
 from forge_qat.config import NO_RECIPE, TrainConfig
-from forge_qat.data import PackedData, batch_indices, load_packed
+from forge_qat.data.build import DataOptions
+from forge_qat.data.encode import ChatOptions
+from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_token_store
 from forge_qat.errors import ConfigError, HardwareError
-from forge_qat.models import ModelSource, load_model
+from forge_qat.models import ModelSource, load_model, load_model_tokenizer
 from forge_qat.prepare import check_convert_hardware, prepare_for_training, set_fake_quant_enabled
 from forge_qat.recipes import Recipe, get_recipe
 from forge_qat.weights import true_shape
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainObserver(Protocol):
+    def on_data_progress(self, label: str, done_bytes: int, total_bytes: int) -> None: ...
     def on_start(self, total_steps: int, start_step: int) -> None: ...
     def on_step(self, record: dict[str, Any]) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
@@ -98,6 +101,8 @@ class Backend(Protocol):
     """What differs between one process and DeepSpeed ZeRO."""
 
     rank: int
+    local_rank: int
+    """The rank's index on its machine: local rank 0 tokenizes the data for the machine."""
     world_size: int
 
     def build(self, cfg: TrainConfig, res: Resolved) -> tuple[torch.nn.Module, Any]: ...
@@ -114,7 +119,7 @@ class Backend(Protocol):
 class SingleProcess:
     """Plain PyTorch on one device, autocast for mixed precision."""
 
-    rank, world_size = 0, 1
+    rank, local_rank, world_size = 0, 0, 1
 
     def build(self, cfg: TrainConfig, res: Resolved):
         model, tokenizer = load_model(cfg.model, seed=cfg.seed)
@@ -170,8 +175,19 @@ def make_backend(cfg: TrainConfig) -> Backend:
     return SingleProcess()
 
 
+def data_options(cfg: TrainConfig, *, defer: bool = False, observer: TrainObserver | None = None) -> DataOptions:
+    """How `cfg`'s data is tokenized and cached; `defer`: let this machine's first rank build the cache."""
+    chosen = {}
+    if cfg.data_cache:
+        chosen["cache_dir"] = Path(cfg.data_cache)
+    if cfg.data_workers:
+        chosen["workers"] = cfg.data_workers
+    return DataOptions(chat=ChatOptions(cfg.chat_column, cfg.chat_loss), defer=defer,
+                       progress=observer.on_data_progress if observer else None, **chosen)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batches: int, res: Resolved) -> float:
+def evaluate(model: torch.nn.Module, data: TokenStore, batch_size: int, max_batches: int, res: Resolved) -> float:
     """Mean loss over the first `max_batches` micro-batches of `data`, in a fixed order.
 
     Every rank evaluates the same batches: under ZeRO-3 each forward is a collective."""
@@ -180,9 +196,8 @@ def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int, max_batc
     losses = []
     for start in range(0, min(len(data), batch_size * max_batches), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(data)))
-        batch = {k: v.to(res.device) for k, v in data.batch(indices).items()}
         with autocast(res):
-            losses.append(model(**batch).loss.float().item())
+            losses.append(model(**model_inputs(data, indices, model, res.device)).loss.float().item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -203,15 +218,22 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
             log.warning("training %s with fake quantization works here, but finalize will need %s",
                         res.qat_recipe, " and ".join(missing))
 
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = backend.build(cfg, res)
-    model.train()
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    # Data first: a bad record fails the run before a large model loads, and tokenizing (long, once per
+    # data set) happens before the collectives of building the model start their timeouts.
+    tokenizer, max_positions = load_model_tokenizer(cfg.model)
     if max_positions and cfg.seq_len > max_positions:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}; "
                           f"use --seq-len {max_positions} or less")
-    train_data = load_packed(cfg.data, tokenizer, cfg.seq_len)
-    eval_data = load_packed(cfg.eval_data, tokenizer, cfg.seq_len) if cfg.has_eval else None
+    options = data_options(cfg, defer=backend.local_rank != 0, observer=observer)
+    train_data = open_token_store(cfg.data, tokenizer, cfg.seq_len, options)
+    eval_data = open_token_store(cfg.eval_data, tokenizer, cfg.seq_len, options) if cfg.has_eval else None
+    if main:
+        log.info("train data: %d sequences of %d tokens from %d documents (%.0f%% of tokens learned)",
+                 len(train_data), cfg.seq_len, train_data.documents,
+                 100 * train_data.meta["learned_tokens"] / max(train_data.total_tokens, 1))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = backend.build(cfg, res)
+    model.train()
     optimizer = build_optimizer(model, cfg, res.lr)
     scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
@@ -220,12 +242,13 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         # Everything the run needs has loaded: only now may a previous run in the directory be replaced.
         ckpt_io.start_run_dir(out, cfg.to_dict())
 
-    start_step = _restore(out, backend, cfg, res) if cfg.resume else 0
+    start_step = _restore(out, backend, cfg, res, train_data.key) if cfg.resume else 0
     if start_step >= cfg.max_steps:
         raise ConfigError(f"{out} is already trained to step {start_step}; raise --max-steps to continue")
 
     meta = {"qat_recipe": res.qat_recipe, "fp8_recipe": cfg.fp8_recipe, "precision": res.precision,
-            "lr": res.lr, "world_size": backend.world_size, "train_config": cfg.to_dict()}
+            "lr": res.lr, "world_size": backend.world_size, "train_config": cfg.to_dict(),
+            "data_key": train_data.key}
     global_batch = cfg.batch_size * backend.world_size
     tokens_per_step = global_batch * cfg.grad_accum * cfg.seq_len
     observer and observer.on_start(cfg.max_steps, start_step)
@@ -243,8 +266,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
                 # see exactly the sequences one process with an N-times larger batch would.
                 idx = batch_indices(len(train_data), global_batch, cfg.seed, step * cfg.grad_accum + micro)
                 idx = idx[backend.rank * cfg.batch_size:(backend.rank + 1) * cfg.batch_size]
-                batch = {k: v.to(res.device) for k, v in train_data.batch(idx).items()}
-                total += backend.micro_step(batch, res, cfg.grad_accum)
+                total += backend.micro_step(model_inputs(train_data, idx, model, res.device), res, cfg.grad_accum)
             backend.optimizer_step(cfg)
             loss = backend.mean(total / cfg.grad_accum)
             elapsed = time.perf_counter() - t0
@@ -276,13 +298,14 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 
-RESUME_FIXED = ("model", "data", "seq_len", "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps",
-                "weight_decay", "max_grad_norm", "seed", "precision", "fake_quant_after_steps")
+RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "seq_len", "batch_size", "grad_accum", "lr",
+                "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
+                "fake_quant_after_steps")
 """Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and
 batch order are functions of them."""
 
 
-def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved) -> int:
+def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved, data_key: str) -> int:
     ckpts = ckpt_io.checkpoint_dirs(out)
     if not ckpts:
         raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
@@ -306,6 +329,11 @@ def _restore(out: Path, backend: Backend, cfg: TrainConfig, res: Resolved) -> in
                           f"optimizer, schedule and data order would not follow them. Resume with the recorded "
                           f"values (only --max-steps and eval/save frequencies may change), or start a new run "
                           f"from its weights with --model {path}")
+    if meta.get("data_key", data_key) != data_key:
+        raise ConfigError(f"--resume: the training data {cfg.data} (or the tokenizer) changed since {path} was "
+                          f"written: its files differ in size or modification time, so the batches would not "
+                          f"continue the run. Restore the original files, or start a new run from its weights "
+                          f"with --model {path}")
     if backend.rank == 0:
         ckpt_io.remove_stale_temporaries(out)
     backend.restore(path)

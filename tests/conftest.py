@@ -10,6 +10,22 @@ for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Tokenized data goes to one cache per test session (inherited by the CLI and rank subprocesses),
+    never to the user's ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get("FORGE_DATA_CACHE")
+    os.environ["FORGE_DATA_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("FORGE_DATA_CACHE", None)
+    else:
+        os.environ["FORGE_DATA_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _clean_torch_state():
     dtype, seed_state = torch.get_default_dtype(), torch.get_rng_state()

@@ -131,6 +131,27 @@ def probe_resume_with_changed_lr(tmp_path, run, monkeypatch):
     assert _tree(r) == before
 
 
+def probe_resume_after_data_changed(tmp_path, run, monkeypatch):
+    _, data = run
+    mine = tmp_path / "train.txt"
+    mine.write_text(data.read_text())
+    assert _cli("train", *_flags(**micro_train_args(tmp_path / "r", mine, max_steps=2)))[0] == 0
+    before = _tree(tmp_path / "r")
+    mine.write_text(data.read_text() + " appended")
+    code, out = _cli("train", "--resume", "--output-dir", tmp_path / "r", "--max-steps", 4)
+    assert code == 2 and "training data" in out and "changed" in out
+    assert _tree(tmp_path / "r") == before
+
+
+def probe_data_cache_unwritable(tmp_path, run, monkeypatch):
+    _, data = run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", data, data_cache=blocker / "cache")))
+    assert code == 1 and "cannot create the data cache directory" in out
+    assert not (tmp_path / "r").exists()
+
+
 def probe_zero_checkpoint_pickle_payload(tmp_path, run, monkeypatch):
     """A DeepSpeed checkpoint whose rank files carry a payload: DeepSpeed's own loader passes
     weights_only=False; forge forces weights-only loading around it."""

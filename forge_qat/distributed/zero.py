@@ -239,6 +239,7 @@ class ZeroBackend:
 
     def __init__(self, cfg: TrainConfig):
         self.rank, self.world_size = init_process_group(cfg.dist_timeout_s)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.cfg = cfg
         self.layout: Layout | None = None
         """How the input checkpoint stores the model's tensors (rank 0): checkpoints are written the same way."""
@@ -297,7 +298,7 @@ class ZeroBackend:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
 
     def micro_step(self, batch, res, grad_accum: int) -> float:
-        loss = self.engine(**batch).loss
+        loss = self.engine(**batch).loss  # batch holds use_cache=False (see forge_qat.train.model_inputs)
         self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
         self.engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
         return loss.detach().float().item()
