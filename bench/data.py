@@ -17,9 +17,10 @@ SmolLM2-135M-Instruct's (49,152-token BPE), read from the GGUF file of the llm-s
            with git show) on the same file, one process: peak memory and tokens/s. It keeps every token
            id in Python lists, so it runs only at sizes <= --legacy-max-gb. The token store also runs
            there with one worker, for a per-process comparison.
-  packing  one training step (forward and backward) of the tiny-llama preset on the same packed batch,
-           with per-document position_ids (attention kept inside documents) vs without (plain causal
-           attention across documents, the previous behaviour), interleaved round by round.
+  packing  one training step (forward and backward) of the tiny-llama preset on the same packed
+           sequences (the 4 with the most document starts among the first 500), --packing documents
+           (per-document position_ids: attention kept inside documents) vs --packing causal (plain
+           causal attention across documents, the previous behaviour), interleaved round by round.
 
 Each child process imports forge_qat.cli first, so its spawned tokenizing workers import what those of
 `forge train` import.
@@ -162,7 +163,7 @@ def bench_packing(args) -> dict:
     import torch
 
     from forge_qat.data.build import DataOptions
-    from forge_qat.data.store import model_inputs, open_token_store
+    from forge_qat.data.store import TokenStore, model_inputs, open_token_store
     from forge_qat.models import preset_model
 
     torch.manual_seed(0)
@@ -174,13 +175,14 @@ def bench_packing(args) -> dict:
     # the sequences with the most document starts inside them among the first 500
     starts = (store.batch(torch.arange(min(500, len(store))))["position_ids"][:, 1:] == 0).sum(1)
     chosen = starts.argsort(descending=True, stable=True)[:args.packing_batch]
-    causal = {k: v for k, v in store.batch(chosen).items() if k != "position_ids"}
     documents = model_inputs(store, chosen, model, torch.device("cpu"))
+    causal = model_inputs(TokenStore(store.directory, args.packing_seq_len, packing="causal"), chosen, model,
+                          torch.device("cpu"))
     times = {"documents": [], "causal": []}
 
     def step(batch):
         t0 = time.perf_counter()
-        model(**batch, **({} if "use_cache" in batch else {"use_cache": False})).loss.backward()
+        model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
@@ -199,6 +201,7 @@ def bench_packing(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["all", "prepare", "packing"], default="all")
     p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0], help="GB of JSON Lines")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per core)")
     p.add_argument("--legacy-max-gb", type=float, default=0.25)
@@ -221,9 +224,9 @@ def main() -> None:
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         args.work = tmp
-        args.tokenizer_dir = tokenizer_dir(args.tokenizer, Path(tmp))
-        rows = []
-        for size in args.sizes:
+        args.tokenizer_dir = tokenizer_dir(args.tokenizer, Path(tmp)) if args.part != "packing" else None
+        rows, packing = [], None
+        for size in args.sizes if args.part in ("all", "prepare") else []:
             data = Path(tmp) / f"synthetic-{size:g}GB.jsonl"
             records = write_synthetic_jsonl(data, int(size * GB))
             cache = Path(tmp) / f"cache-{size:g}"
@@ -236,18 +239,22 @@ def main() -> None:
             rows.append(row)
             data.unlink()
             print_row(row)
-        packing = bench_packing(args)
-    small, large = rows[0]["prepare"], rows[-1]["prepare"]
-    summary = {"rss_growth": large["peak_rss"] / small["peak_rss"] - 1,
-               "anon_growth": large["peak_anon"] / small["peak_anon"] - 1,
-               "peak_rss_largest_gb": large["peak_rss"] / GB}
-    print(f"\npeak RSS {rows[0]['size_gb']:g} -> {rows[-1]['size_gb']:g} GB of data: "
-          f"{summary['rss_growth']:+.1%} (RssAnon {summary['anon_growth']:+.1%}); "
-          f"{summary['peak_rss_largest_gb']:.2f} GB at {rows[-1]['size_gb']:g} GB")
-    print(f"packing, one step of tiny-llama at {packing['seq_len']} x {packing['batch']} "
-          f"({packing['documents_inside']} document starts inside the sequences): documents kept apart "
-          f"{packing['median_s']['documents']:.3f} s vs plain causal {packing['median_s']['causal']:.3f} s "
-          f"= {packing['ratio']:.2f}x (median of {packing['rounds']})")
+        if args.part in ("all", "packing"):
+            packing = bench_packing(args)
+    summary = None
+    if rows:
+        small, large = rows[0]["prepare"], rows[-1]["prepare"]
+        summary = {"rss_growth": large["peak_rss"] / small["peak_rss"] - 1,
+                   "anon_growth": large["peak_anon"] / small["peak_anon"] - 1,
+                   "peak_rss_largest_gb": large["peak_rss"] / GB}
+        print(f"\npeak RSS {rows[0]['size_gb']:g} -> {rows[-1]['size_gb']:g} GB of data: "
+              f"{summary['rss_growth']:+.1%} (RssAnon {summary['anon_growth']:+.1%}); "
+              f"{summary['peak_rss_largest_gb']:.2f} GB at {rows[-1]['size_gb']:g} GB")
+    if packing:
+        print(f"packing, one step of tiny-llama at {packing['seq_len']} x {packing['batch']} "
+              f"({packing['documents_inside']} document starts inside the sequences): documents kept apart "
+              f"{packing['median_s']['documents']:.3f} s vs plain causal {packing['median_s']['causal']:.3f} s "
+              f"= {packing['ratio']:.2f}x (median of {packing['rounds']})")
     print(json.dumps({"rows": rows, "summary": summary, "packing": packing, "workers": workers,
                       "tokenizer": args.tokenizer}, default=str))
 

@@ -20,6 +20,7 @@ from forge_qat.errors import ConfigError, InputError, choices_message
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
 ChatLoss = Literal["last", "all"]
+Packing = Literal["documents", "causal"]
 NO_RECIPE = "none"
 
 
@@ -40,6 +41,10 @@ class TrainConfig:
     chat_column: str | None = _opt(None, "Column holding conversations. Default: 'messages' or 'conversations', "
                                          "whichever a record has; ShareGPT from/value pairs are understood.")
     chat_loss: ChatLoss = _opt("last", "Assistant turns learned in chat data: last (the final message) or all.")
+    packing: Packing = _opt(
+        "documents", "documents: position ids restart at each packed document, so attention (sdpa, eager, flex, "
+                     "flash) and loss stay inside it; causal: plain causal attention across the packed documents "
+                     "(faster where attention then needs a mask, see docs/data.md).")
     data_cache: str | None = _opt(None, "Directory of tokenized-data caches. Default: $FORGE_DATA_CACHE, else "
                                         "~/.cache/forge_qat/tokens.")
     data_workers: int | None = _opt(None, "Processes tokenizing the data. Default: one per CPU core (at most 32).")
@@ -95,7 +100,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0 (0 disables it), got {value}")
         if self.data_workers is not None and self.data_workers < 1:
             raise ConfigError(f"data_workers must be at least 1, got {self.data_workers}")
-        for name, choices in (("precision", Precision), ("lr_schedule", Schedule), ("chat_loss", ChatLoss)):
+        for name, choices in (("precision", Precision), ("lr_schedule", Schedule), ("chat_loss", ChatLoss),
+                              ("packing", Packing)):
             valid = list(typing.get_args(choices))
             if getattr(self, name) not in valid:
                 raise ConfigError(choices_message(name.replace("_", " "), getattr(self, name), valid))

@@ -225,8 +225,9 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}; "
                           f"use --seq-len {max_positions} or less")
     options = data_options(cfg, defer=backend.local_rank != 0, observer=observer)
-    train_data = open_token_store(cfg.data, tokenizer, cfg.seq_len, options)
-    eval_data = open_token_store(cfg.eval_data, tokenizer, cfg.seq_len, options) if cfg.has_eval else None
+    train_data = open_token_store(cfg.data, tokenizer, cfg.seq_len, options, packing=cfg.packing)
+    eval_data = open_token_store(cfg.eval_data, tokenizer, cfg.seq_len, options, packing=cfg.packing) \
+        if cfg.has_eval else None
     if main:
         log.info("train data: %d sequences of %d tokens from %d documents (%.0f%% of tokens learned)",
                  len(train_data), cfg.seq_len, train_data.documents,
@@ -298,7 +299,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 
-RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "seq_len", "batch_size", "grad_accum", "lr",
+RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "packing", "seq_len", "batch_size", "grad_accum", "lr",
                 "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
                 "fake_quant_after_steps")
 """Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and

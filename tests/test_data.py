@@ -248,6 +248,23 @@ def test_packed_loss_equals_each_document_alone(tmp_path, options):
     assert model(**one_row, use_cache=False).loss.item() == pytest.approx(total / count, abs=1e-5)
 
 
+def test_causal_packing_is_plain_causal_attention_over_the_sequence(tmp_path, options):
+    from forge_qat.data.store import TokenStore
+
+    model, _ = preset_model("micro-llama")
+    texts = ["The first document is here.", "A second, shorter one.", "And a third document that runs on."]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    documents = open_token_store(str(path), tok, 32, options)
+    causal = TokenStore(documents.directory, 32, packing="causal")
+    idx = torch.arange(len(causal))
+    batch = causal.batch(idx)
+    assert set(batch) == {"input_ids", "labels"} and (batch["labels"] == IGNORE_INDEX).sum() == len(idx)
+    assert torch.equal(batch["input_ids"], documents.batch(idx)["input_ids"])
+    inputs = model_inputs(causal, idx, model, torch.device("cpu"))
+    plain = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+    torch.testing.assert_close(model(**inputs).loss, plain)
+
+
 def test_too_little_data_is_an_error(tmp_path, options):
     (tmp_path / "tiny.txt").write_text("hi")
     with pytest.raises(InputError, match="fewer than one sequence"):

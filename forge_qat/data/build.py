@@ -12,21 +12,21 @@ memory-map the result. A build killed halfway leaves only a temporary, which the
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
+import pickle
+import selectors
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
-import pyarrow as pa
-
 from forge_qat.data.encode import ChatOptions, Encoder
-from forge_qat.data.sources import Shard, Source, describe, read_records, resolve_source
+from forge_qat.data.sources import Shard, Source, resolve_source
+from forge_qat.data.worker import ShardResult, encode_shard
 from forge_qat.errors import ForgeError, InputError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,8 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 1
 """Part of every cache key: bump it when the encoding of records changes."""
 STORE_META = "store.json"
-RECORDS_PER_BATCH = 1000
 DEFER_S = 30.0
 """How long a process that is not its machine's first rank waits for that rank to start tokenizing."""
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.uint8()))])
 
 Progress = Callable[[str, int, int], None]
 """progress(label, bytes done, bytes in all), called as shards finish tokenizing."""
@@ -50,7 +48,8 @@ def default_cache_dir() -> Path:
 
 
 def default_workers() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 32))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 32))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,55 +85,16 @@ def cache_key(source: Source, tok, chat: ChatOptions) -> str:
 
 # ---- building the cache (tokenizing worker processes) ---------------------------------------------------
 
-_worker_encoder: Encoder | None = None
-
-
-def _init_worker(tok, chat: ChatOptions) -> None:
-    global _worker_encoder
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    _worker_encoder = Encoder(tok, chat)
-
-
-@dataclass(frozen=True, slots=True)
-class ShardResult:
-    file: str | None
-    documents: int
-    tokens: int
-    learned: int
-    bytes: int
-
-
-def _encode_shard(index: int, shard: Shard, out_dir: Path, encoder: Encoder | None = None) -> ShardResult:
-    """Tokenize one shard into `tokens-INDEX.arrow` (an Arrow IPC stream, one record batch per
-    RECORDS_PER_BATCH documents)."""
-    encoder = encoder or _worker_encoder
-    name = f"tokens-{index:05d}.arrow"
-    documents = tokens = learned = 0
-    with pa.OSFile(str(out_dir / name), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-        def flush(batch):
-            nonlocal documents, tokens, learned
-            ids, masks = encoder.encode(batch)
-            writer.write_batch(pa.record_batch([pa.array(ids, SCHEMA.field(0).type),
-                                                pa.array(masks, SCHEMA.field(1).type)], schema=SCHEMA))
-            documents += len(ids)
-            tokens += sum(map(len, ids))
-            learned += sum(map(sum, masks))
-
-        batch = []
-        for ref, record in read_records(shard):
-            batch.append((partial(describe, shard, ref), record))
-            if len(batch) == RECORDS_PER_BATCH:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    if documents == 0:
-        (out_dir / name).unlink()
-        return ShardResult(None, 0, 0, 0, shard.size)
-    return ShardResult(name, documents, tokens, learned, shard.size)
-
 
 def _tokenize(source: Source, tok, options: DataOptions, out_dir: Path) -> list[ShardResult]:
+    """Tokenize every shard into `out_dir`: in this process, or in `options.workers` worker processes
+    (`forge_qat.data.worker`) when there are several shards.
+
+    Not `datasets.Dataset.map(num_proc=...)`: map needs the raw records as an Arrow dataset first (for
+    JSON Lines, a full second copy of the data on disk, then read through a memory map), and an
+    exception in one of its workers comes back only as traceback text inside a DatasetGenerationError,
+    so a bad record could not be reported in one line. Here each shard becomes one Arrow file, which
+    `datasets` then memory-maps, and a worker's error arrives as its one-line message."""
     shards = list(enumerate(source.shards))
     total, done = sum(s.size for _, s in shards), 0
     report = options.progress if options.progress and total else lambda *_: None
@@ -143,25 +103,54 @@ def _tokenize(source: Source, tok, options: DataOptions, out_dir: Path) -> list[
         encoder = Encoder(tok, options.chat)
         results = []
         for i, shard in shards:
-            results.append(_encode_shard(i, shard, out_dir, encoder))
+            results.append(encode_shard(i, shard, out_dir, encoder))
             done += results[-1].bytes
             report(source.label, done, total)
         return results
-    # Spawned, not forked: the parent may hold CUDA contexts and communication threads.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tok, options.chat))
-    try:
-        futures = [pool.submit(_encode_shard, i, shard, out_dir) for i, shard in shards]
-        results = []
-        for f in futures:  # in shard order, so the store's document order is the files' order
-            results.append(f.result())
-            done += results[-1].bytes
-            report(source.label, done, total)
-        return results
-    except BrokenProcessPool:
-        raise ForgeError("a tokenizing worker process died (killed, or out of memory: lower --data-workers)") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    results = []
+    for result in _run_workers([shards[k::workers] for k in range(workers)], tok, options, out_dir):
+        results.append(result)
+        done += result.bytes
+        report(source.label, done, total)
+    return sorted(results, key=lambda r: r.index)  # shard order: the store's documents in file order
+
+
+def _run_workers(groups: list[list[tuple[int, Shard]]], tok, options: DataOptions, out_dir: Path):
+    """Yield each shard's result as the worker processes finish them; stop them all at the first error."""
+    with tempfile.TemporaryDirectory(prefix="forge-tokenize-") as jobs:
+        procs = []
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the worker processes are the parallelism
+        try:
+            for k, group in enumerate(groups):
+                job, errors = Path(jobs) / f"job-{k}.pkl", Path(jobs) / f"stderr-{k}.txt"
+                job.write_bytes(pickle.dumps((tok, options.chat, group, str(out_dir))))
+                with errors.open("w") as stderr:
+                    procs.append(subprocess.Popen([sys.executable, "-m", "forge_qat.data.worker", str(job)],
+                                                  stdout=subprocess.PIPE, stderr=stderr, text=True, env=env))
+            with selectors.DefaultSelector() as selector:
+                for k, p in enumerate(procs):
+                    selector.register(p.stdout, selectors.EVENT_READ, k)
+                while selector.get_map():
+                    for key, _ in selector.select():
+                        line = key.fileobj.readline()
+                        if not line:
+                            selector.unregister(key.fileobj)
+                            continue
+                        message = json.loads(line)
+                        if "error" in message:
+                            raise (InputError if message["type"] == "InputError" else ForgeError)(message["error"])
+                        yield ShardResult(**message)
+            for k, p in enumerate(procs):
+                if p.wait() != 0:
+                    tail = (Path(jobs) / f"stderr-{k}.txt").read_text(errors="replace").strip().splitlines()[-3:]
+                    raise ForgeError(f"a tokenizing worker process failed (exit code {p.returncode}; killed, or out "
+                                     f"of memory? lower --data-workers): {' | '.join(tail) or 'no output'}")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stdout.close()
 
 
 def _build(source: Source, tok, options: DataOptions, key: str, final: Path) -> None:

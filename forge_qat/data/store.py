@@ -14,22 +14,30 @@ import torch
 
 from forge_qat.data.build import STORE_META, DataOptions, prepare
 from forge_qat.data.encode import IGNORE_INDEX
-from forge_qat.errors import InputError
+from forge_qat.errors import ConfigError, InputError, choices_message
 
 log = logging.getLogger(__name__)
+
+PACKINGS = ("documents", "causal")
 
 
 class TokenStore:
     """Fixed-length sequences cut from the concatenated documents of a token cache (the tail is dropped).
 
-    Sequence i is tokens [i*seq_len, (i+1)*seq_len). Its position ids restart at 0 at the sequence start
-    and at every document start, so attention that reads position_ids keeps documents apart; the label
-    at every position 0 is IGNORE_INDEX, so no loss crosses from one document (or sequence) to the next.
+    Sequence i is tokens [i*seq_len, (i+1)*seq_len). With `packing="documents"` its position ids restart
+    at 0 at the sequence start and at every document start, so attention that reads position_ids keeps
+    documents apart, and the label at every position 0 is IGNORE_INDEX, so no loss crosses from one
+    document (or sequence) to the next. With `packing="causal"` batches carry no position ids: plain
+    causal attention over the whole sequence, and each document's first token is predicted from the
+    previous document's end.
     """
 
-    def __init__(self, directory: Path, seq_len: int, *, built: bool = False) -> None:
+    def __init__(self, directory: Path, seq_len: int, *, packing: str = "documents", built: bool = False) -> None:
         from datasets import Dataset
 
+        if packing not in PACKINGS:
+            raise ConfigError(choices_message("packing", packing, list(PACKINGS)))
+        self.packing = packing
         self.directory, self.seq_len, self.built = directory, seq_len, built
         self.meta = json.loads((directory / STORE_META).read_text())
         self.key: str = self.meta["key"]
@@ -82,14 +90,17 @@ class TokenStore:
         t = np.arange(start, stop)
         doc_start = self._doc_starts[np.searchsorted(self._doc_starts, t, side="right") - 1]
         positions = t - np.maximum(doc_start, start)
-        labels = np.where((mask == 1) & (positions > 0), ids, IGNORE_INDEX)
+        starts = positions == 0 if self.packing == "documents" else t == start
+        labels = np.where((mask == 1) & ~starts, ids, IGNORE_INDEX)
         return ids, labels, positions
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """input_ids, labels and position_ids of the sequences at `indices`, each (len(indices), seq_len)."""
+        """input_ids, labels and (packing "documents") position_ids of the sequences at `indices`, each
+        (len(indices), seq_len)."""
         rows = [self.sequence(int(i)) for i in indices]
+        names = ("input_ids", "labels", "position_ids")[:3 if self.packing == "documents" else 2]
         return {name: torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64))
-                for k, name in enumerate(("input_ids", "labels", "position_ids"))}
+                for k, name in enumerate(names)}
 
 
 def as_one_row(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,16 +117,17 @@ def model_inputs(data: TokenStore, indices: torch.Tensor, model: torch.nn.Module
     from transformers.utils.generic import is_flash_attention_requested
 
     batch = data.batch(indices)
-    if is_flash_attention_requested(model.config):
+    if "position_ids" in batch and is_flash_attention_requested(model.config):
         batch = as_one_row(batch)
     return {**{k: v.to(device) for k, v in batch.items()}, "use_cache": False}
 
 
-def open_token_store(spec: str, tok, seq_len: int, options: DataOptions | None = None) -> TokenStore:
+def open_token_store(spec: str, tok, seq_len: int, options: DataOptions | None = None, *,
+                     packing: str = "documents") -> TokenStore:
     """The packed sequences of a data spec, tokenizing it into the cache first unless already there."""
     options = options or DataOptions()
     directory, built = prepare(spec, tok, options)
-    store = TokenStore(directory, seq_len, built=built)
+    store = TokenStore(directory, seq_len, packing=packing, built=built)
     if len(store) == 0:
         raise InputError(f"data {spec} has {store.total_tokens} tokens, fewer than one sequence of {seq_len}")
     if store.meta["learned_tokens"] == 0:
