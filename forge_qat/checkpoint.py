@@ -74,6 +74,32 @@ def atomic_dir(final: Path):
         os.replace(tmp, final)
 
 
+def rng_state() -> dict[str, Any]:
+    """The random-number generator states a resumed run restores: the CPU generator, and each CUDA
+    device's where CUDA is in use (dropout and other random ops on the GPU draw from those)."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set what `rng_state` recorded. A checkpoint from a CUDA run resumed without CUDA (or on fewer
+    devices) restores the CPU generator and says what it could not restore."""
+    import logging
+
+    torch.set_rng_state(state["torch_rng"])
+    cuda = state.get("cuda_rng")
+    if cuda is None:
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    else:
+        logging.getLogger(__name__).warning(
+            "the checkpoint holds the random state of %d CUDA device(s), which this machine lacks; random ops on "
+            "the GPU (dropout) will not continue the original sequence", len(cuda))
+
+
 def check_run_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Validate the run directory before any work; changes nothing. forge replaces only its own runs."""
     if output_dir.exists() and not output_dir.is_dir():

@@ -107,9 +107,11 @@ class Backend(Protocol):
 
     def build(self, cfg: TrainConfig, res: Resolved) -> tuple[torch.nn.Module, Any]: ...
     def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None: ...
-    def micro_step(self, batch: dict[str, torch.Tensor], res: Resolved, grad_accum: int) -> float: ...
+    def micro_step(self, batch: dict[str, torch.Tensor], res: Resolved, grad_accum: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the detached loss, still on the device."""
     def optimizer_step(self, cfg: TrainConfig) -> None: ...
-    def mean(self, value: float) -> float: ...
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a per-rank scalar tensor over ranks, read once on the host."""
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
     def restore(self, ckpt: Path) -> None: ...
     def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path | None: ...
@@ -130,11 +132,11 @@ class SingleProcess:
     def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None:
         self.optimizer, self.scheduler = optimizer, scheduler
 
-    def micro_step(self, batch, res: Resolved, grad_accum: int) -> float:
+    def micro_step(self, batch, res: Resolved, grad_accum: int) -> torch.Tensor:
         with autocast(res):
             loss = self.model(**batch).loss
         (loss / grad_accum).backward()
-        return loss.detach().float().item()
+        return loss.detach().float()
 
     def optimizer_step(self, cfg: TrainConfig) -> None:
         if cfg.max_grad_norm:
@@ -143,12 +145,12 @@ class SingleProcess:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def mean(self, value: float) -> float:
-        return value
+    def mean(self, value: torch.Tensor) -> float:
+        return value.item()
 
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path:
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+                 **ckpt_io.rng_state()}
         return ckpt_io.save_checkpoint(out, step, self.model, tokenizer, meta, state, keep)
 
     def restore(self, ckpt: Path) -> None:
@@ -156,7 +158,7 @@ class SingleProcess:
         state = ckpt_io.load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        ckpt_io.restore_rng_state(state)
 
     def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path:
         from forge_qat.finalize import FinalizeRequest, finalize
@@ -261,7 +263,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
             if res.qat_recipe:
                 set_fake_quant_enabled(model, step >= cfg.fake_quant_after_steps)
             t0 = time.perf_counter()
-            total = 0.0
+            total = torch.zeros((), device=res.device)  # summed on the device: no host sync per micro-step
             for micro in range(cfg.grad_accum):
                 # Every rank draws the same global micro-batch and trains on its slice, so N ranks
                 # see exactly the sequences one process with an N-times larger batch would.

@@ -172,10 +172,26 @@ def test_ds_config_contradictions_and_nproc_limits(tmp_path):
     merged = ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file), batch_size=2), "bf16", 2)
     assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False}
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["bf16"]["enabled"]
+    for zero, refused in (({"zero_hpz_partition_size": 8}, "hierarchical"), ({"mics_shard_size": 4}, "MiCS"),
+                          ({"offload_param": {"device": "cpu"}}, "offload_param")):
+        cfg_file.write_text(json.dumps({"zero_optimization": {"stage": 3, **zero}}))
+        with pytest.raises(ConfigError, match=refused):
+            ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)
+    cfg_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1,
+                                                          "offload_optimizer": {"device": "cpu"}}}))
+    ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)  # both are fine
     with pytest.raises(ConfigError, match="exceeds"):
         check_nproc(10_000)
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
         TrainConfig(nproc=2)
+
+
+def test_process_group_maps_each_device_type_to_its_backend(monkeypatch):
+    """One process group: NCCL for CUDA tensors, gloo for CPU tensors (forge's own sends, the loss mean)."""
+    from forge_qat.distributed.zero import process_group_backend
+
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(cuda=False) == "cpu:gloo"
 
 
 def test_torchrun_launches_forge_train(tmp_path, data):
@@ -202,12 +218,13 @@ def test_finalize_reads_a_zero3_checkpoint(tmp_path, data):
     assert report.mode == "qat" and report.converted == 14 and report.reload_max_diff == 0.0
 
 
-@pytest.fixture(scope="module")
-def zero_run(tmp_path_factory, data):
-    """A 2-rank ZeRO-3 QAT run (fp32) that also finalizes itself at the end (--finalize)."""
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def zero_run(tmp_path_factory, data, request):
+    """A 2-rank ZeRO-3 QAT run that also finalizes itself at the end (--finalize), in fp32 and in bf16
+    (module weights in bf16, fp32 masters in the optimizer, optimizer files named bf16_zero_pp_rank_*)."""
     root = tmp_path_factory.mktemp("zero_run")
-    launch(TrainConfig(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight")),
-           worker=WORKER)
+    launch(TrainConfig(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight",
+                                    precision=request.param)), worker=WORKER)
     return root / "run"
 
 
@@ -226,6 +243,17 @@ def test_three_ways_to_finalize_a_zero3_run_agree(zero_run, tmp_path):
     live = zero_run / "final-int8-dynamic-act-int4-weight"
     assert_same_artifact(tmp_path / "hf", tmp_path / "zero")
     assert_same_artifact(tmp_path / "hf", live)
+    # the consolidated checkpoint holds the fp32 masters the deepspeed/ route reads, bit for bit
+    from forge_qat.distributed.zero_checkpoint import ZeroCheckpointReader
+
+    masters = ZeroCheckpointReader(ckpt / "deepspeed")
+    consolidated = load_file(ckpt / "model.safetensors")
+    for name, tensor in consolidated.items():
+        assert tensor.dtype == torch.float32
+        if name in masters.keys():
+            expected = torch.empty(tensor.numel())
+            masters.read_flat(name, 0, expected)
+            assert torch.equal(tensor.flatten(), expected), name
 
 
 def test_broken_zero_checkpoints_name_the_file(zero_run, tmp_path):

@@ -189,3 +189,33 @@ def test_cli_resume_continues_with_the_recorded_config(tmp_path, text_file):
     assert meta["train_config"]["max_steps"] == 4
     missing = runner.invoke(app, ["train", "--resume", "--output-dir", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "not a forge run directory" in missing.output
+
+
+def test_losses_stay_on_the_device_until_once_per_step(tmp_path, text_file, monkeypatch):
+    """micro_step returns the loss as a tensor and the loop reads it on the host once per optimizer step
+    (on a GPU, a .item() per micro-step is a device sync each)."""
+    from forge_qat.train import SingleProcess
+
+    micro_results, means = [], []
+    real_micro, real_mean = SingleProcess.micro_step, SingleProcess.mean
+    monkeypatch.setattr(SingleProcess, "micro_step",
+                        lambda self, *a: micro_results.append(real_micro(self, *a)) or micro_results[-1])
+    monkeypatch.setattr(SingleProcess, "mean", lambda self, v: means.append(v) or real_mean(self, v))
+    run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file, max_steps=2, grad_accum=3)))
+    assert len(micro_results) == 6 and len(means) == 2
+    assert all(isinstance(r, torch.Tensor) and r.dim() == 0 for r in micro_results)
+
+
+def test_rng_state_round_trip_and_cuda_state_without_cuda(caplog):
+    from forge_qat import checkpoint as ckpt_io
+
+    state = ckpt_io.rng_state()
+    expected = torch.rand(3)
+    torch.rand(5)
+    ckpt_io.restore_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+    if not torch.cuda.is_available():
+        assert "cuda_rng" not in state
+        ckpt_io.restore_rng_state({**state, "cuda_rng": [torch.zeros(16, dtype=torch.uint8)]})
+        assert "random state of 1 CUDA device" in caplog.text
+

@@ -9,6 +9,7 @@ prepare swaps modules around the same partitioned `Parameter` objects before
 into shards written as they fill.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from forge_qat import checkpoint as ckpt_io
+from forge_qat import hardware
 from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, InputError
@@ -35,13 +37,21 @@ DS_STATE = "deepspeed"
 DS_TAG = "state"
 
 
+def process_group_backend(cuda: bool) -> str:
+    """One process group, a backend per device type: NCCL for CUDA tensors (the training collectives
+    DeepSpeed issues), gloo for CPU tensors. NCCL alone has no CPU path ("no backend for device type
+    cpu"), and forge's own collectives (the streamed load's sends, the loss mean, object broadcasts)
+    must work whichever device a tensor is on. On CPU-only machines the mapping names gloo alone."""
+    return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
+
+
 def init_process_group(timeout_s: int) -> tuple[int, int]:
     """Join the job described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
+    cuda = hardware.cuda_available()
+    if cuda:  # before the process group: NCCL binds each rank to its device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=process_group_backend(cuda), timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -86,12 +96,32 @@ def ds_config(cfg: TrainConfig, precision: str, world_size: int) -> dict[str, An
         if theirs not in (None, "auto") and ours is not None and theirs != ours:
             raise ConfigError(f"{path}: {key} is {theirs}, but the run config has {our_name} = {ours}; "
                               f"make them agree or set it to \"auto\" in the JSON")
+    _check_partitioning(user.get("zero_optimization", {}), path)
     merged = {**generated, **{k: v for k, v in user.items() if v != "auto"}}
     merged["zero_optimization"] = {**generated["zero_optimization"],
                                    **{k: v for k, v in user.get("zero_optimization", {}).items() if v != "auto"}}
     for section in ("bf16", "fp16"):
         merged[section] = generated[section]
     return merged
+
+
+def _check_partitioning(zero: dict[str, Any], path: Path) -> None:
+    """Refuse ZeRO-3 layouts the streamed loader and the consolidation cannot serve. Both assume that a
+    parameter is partitioned over the whole world, rank r holding slice r, and lives on the device:
+    hierarchical partitioning (ZeRO++ hpZ, MiCS) partitions over subgroups, and parameter offload keeps
+    partitions in host or NVMe buffers that DeepSpeed swaps in and out."""
+    refused = []
+    if (zero.get("zero_hpz_partition_size") or 1) > 1:
+        refused.append(f"zero_hpz_partition_size {zero['zero_hpz_partition_size']} (ZeRO++ hierarchical partitioning)")
+    if (zero.get("mics_shard_size") or -1) > 0:
+        refused.append(f"mics_shard_size {zero['mics_shard_size']} (MiCS)")
+    offload = zero.get("offload_param") or {}
+    if offload.get("device") not in (None, "none"):
+        refused.append(f"offload_param device {offload['device']!r}")
+    if refused:
+        raise ConfigError(f"{path}: forge's ZeRO-3 loader and checkpoints need each parameter partitioned over all "
+                          f"ranks on the device; this config asks for {'; '.join(refused)}. Remove it (optimizer "
+                          f"offload, offload_optimizer, is fine)")
 
 
 # ---- streamed loading ----------------------------------------------------------------------------
@@ -158,7 +188,9 @@ def _fill_partition(p: torch.nn.Parameter, name: str, source, rank: int, world: 
         for a, b in chunks:
             dist.recv(part[a:b], src=0)
         return
-    buffer = torch.empty(min(n, step), dtype=part.dtype) if world > 1 else None
+    # Staged on the partition's device: every rank must send and receive the same device type (under
+    # NCCL, CUDA tensors); read_flat copies from the file into it.
+    buffer = torch.empty(min(n, step), dtype=part.dtype, device=part.device) if world > 1 else None
     for r in reversed(range(world)):  # rank 0's own slice last, straight into its partition
         for a, b in chunks:
             out = part[a:b] if r == 0 else buffer[:b - a]
@@ -297,19 +329,20 @@ class ZeroBackend:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
 
-    def micro_step(self, batch, res, grad_accum: int) -> float:
-        loss = self.engine(**batch).loss  # batch holds use_cache=False (see forge_qat.train.model_inputs)
+    def micro_step(self, batch, res, grad_accum: int) -> torch.Tensor:
+        loss = self.engine(**batch).loss  # batch holds use_cache=False (see forge_qat.data.store.model_inputs)
         self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
         self.engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
-        return loss.detach().float().item()
+        return loss.detach().float()
 
     def optimizer_step(self, cfg: TrainConfig) -> None:
         pass
 
-    def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+    def mean(self, value: torch.Tensor) -> float:
+        # On the loss's own device: NCCL for a CUDA tensor, gloo for a CPU one (see init_process_group).
+        total = value.detach().reshape(1).to(torch.float64 if value.device.type == "cpu" else torch.float32)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
 
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None:
         """DeepSpeed state (for --resume) plus an HF float checkpoint consolidated on rank 0.
@@ -326,7 +359,7 @@ class ZeroBackend:
                 tmp.mkdir(parents=True)
             dist.barrier()
             self.engine.save_checkpoint(str(tmp / DS_STATE), tag=DS_TAG,
-                                        client_state={"step": step, "torch_rng": torch.get_rng_state()})
+                                        client_state={"step": step, **ckpt_io.rng_state()})
             consolidate_hf_weights(self.model, tmp if self.rank == 0 else None, self.rank, self.layout)
             if self.rank == 0:
                 self.model.config.save_pretrained(tmp)
@@ -381,7 +414,7 @@ class ZeroBackend:
                              f"or carrying code, which forge never runs): {str(e).splitlines()[0][:200]}") from None
         if client is None:
             raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
-        torch.set_rng_state(client["torch_rng"])
+        ckpt_io.restore_rng_state(client)
 
 
 class LiveGatherReader:
@@ -412,13 +445,32 @@ class LiveGatherReader:
         out.copy_(self._stash[name].reshape(-1)[start:start + out.numel()])
 
 
+@contextlib.contextmanager
+def full_weight(p: torch.nn.Parameter):
+    """The whole of parameter `p`, on every rank, as the optimizer holds it: its fp32 master where there
+    is one (bf16/fp16 runs keep the module weights in 16 bits; the masters are what the `deepspeed/`
+    state and a resumed run continue from), else the gathered module weight (frozen parameters, and
+    models before `deepspeed.initialize`). A collective: every rank enters it for the same parameters
+    in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    has_master = p.requires_grad and (getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping"))
+    master = safe_get_full_fp32_param(p) if has_master else None
+    if master is not None:
+        yield master.detach()
+        return
+    with deepspeed.zero.GatheredParameters([p]):
+        yield p.data.detach()
+
+
 def _gather_block(params: dict, buffers: dict, names: list[str], keep: bool) -> dict[str, torch.Tensor]:
-    block_params = [params[n] for n in names if n in params]
-    with deepspeed.zero.GatheredParameters(block_params):
-        if not keep:
-            return {}
-        kept = {n: params[n].data.detach().to("cpu", copy=True) for n in names if n in params}
-    kept.update({n: buffers[n] for n in names if n in buffers})
+    kept = {}
+    for n in names:
+        if n in params:
+            with full_weight(params[n]) as value:
+                if keep:
+                    kept[n] = value.to("cpu", torch.float32, copy=True)
+    kept.update({n: buffers[n] for n in names if n in buffers} if keep else {})
     return kept
 
 
@@ -443,9 +495,9 @@ def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank:
     writer = (ShardWriter(directory, "safetensors", layout.checkpoint_keys(list(params)), max_shard_bytes)
               if rank == 0 else None)
     for name, p in params.items():
-        with deepspeed.zero.GatheredParameters([p]):
+        with full_weight(p) as value:
             if writer:
-                for key, tensor in layout.checkpoint_tensors(name, p.data.detach().to("cpu", copy=True)):
+                for key, tensor in layout.checkpoint_tensors(name, value.to("cpu", torch.float32, copy=True)):
                     writer.add(key, tensor)
     if writer:
         writer.close()

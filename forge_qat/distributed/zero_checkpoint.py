@@ -78,10 +78,12 @@ class ZeroCheckpointReader:
             if not zipfile.is_zipfile(f):
                 raise InputError(f"{f} is truncated or not a torch checkpoint")
         rank_of = lambda f: int(f.name.split("_pp_rank_")[1].split("_")[0])  # noqa: E731
-        # Every rank writes one model-states and one optimizer-states file.
+        # Every rank writes one model-states and one optimizer-states file; under bf16 DeepSpeed's
+        # BF16_Optimizer names the optimizer files bf16_zero_pp_rank_*.
         ranks = {rank_of(f) for f in optim + model}
-        expected = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(max(ranks) + 1)
-                    for kind in ("model", "optim")}
+        prefix = "bf16_" if optim and all(f.name.startswith("bf16_") for f in optim) else ""
+        expected = {f"{prefix if kind == 'optim' else ''}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+                    for r in range(max(ranks) + 1) for kind in ("model", "optim")}
         missing = sorted(expected - {f.name for f in optim + model})
         if missing:
             raise InputError(f"{tag_dir} is missing {', '.join(missing)}")
