@@ -92,6 +92,7 @@ class ShardWriter:
             from safetensors.torch import save_file
 
             tensors, metadata = flatten_tensor_state_dict(self._pending)
+            tensors = {k: v.to("cpu") for k, v in tensors.items()}  # flattened: plain tensors, any device
             metadata["tensor_names"] = json.dumps(self.tensor_names)
             metadata["format"] = "pt"
             save_file(tensors, path, metadata=metadata)

@@ -1,7 +1,8 @@
 """Perplexity of float checkpoints, fake-quant models and finalized artifacts; comparison and plots.
 
 Called by `forge eval`, `forge compare` and the demo. Models are evaluated in float32 without
-autocast, so float, fake-quant and converted models are measured by the same arithmetic.
+autocast (on the GPU when there is one), so float, fake-quant and converted models are measured by the
+same arithmetic; only artifacts of recipes whose kernels need CUDA and bf16 run that way.
 """
 
 import json
@@ -12,10 +13,11 @@ from pathlib import Path
 import torch
 
 from forge_qat import checkpoint as ckpt_io
+from forge_qat import hardware
 from forge_qat.data.build import DataOptions
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.data.store import model_inputs, open_token_store
-from forge_qat.errors import ConfigError, InputError
+from forge_qat.errors import ConfigError, HardwareError, InputError
 from forge_qat.models import load_model
 from forge_qat.prepare import prepare_qat
 from forge_qat.recipes import Recipe
@@ -40,13 +42,31 @@ def model_kind(model: torch.nn.Module, fake_quant: Recipe | None) -> str:
     return "quantized artifact" if qc else "float"
 
 
+def eval_placement(target: Path) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype to evaluate `target` in: float32 (on the GPU when there is one), except artifacts
+    of recipes whose kernels need CUDA and bf16 (int4-weight-only, float8), which run that way."""
+    from forge_qat.finalize import ARTIFACT_META
+    from forge_qat.recipes import RECIPES
+
+    try:
+        recipe = RECIPES.get(json.loads((target / ARTIFACT_META).read_text()).get("recipe"))
+    except (OSError, ValueError, AttributeError):
+        recipe = None
+    if recipe is not None and recipe.convert_dtype is not None:
+        if not hardware.cuda_available():
+            raise HardwareError(f"{target} holds {recipe.name} tensors, whose kernels need a CUDA GPU to run")
+        return torch.device("cuda"), recipe.convert_dtype
+    return torch.device("cuda" if hardware.cuda_available() else "cpu"), torch.float32
+
+
 @torch.no_grad()
 def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
                    max_batches: int | None = None, fake_quant: Recipe | None = None,
                    data_options: DataOptions | None = None) -> EvalResult:
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
     target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
-    model, tokenizer = load_model(str(target))
+    device, dtype = eval_placement(target)
+    model, tokenizer = load_model(str(target), dtype=dtype, device=device)
     if fake_quant and getattr(model.config, "quantization_config", None):
         raise ConfigError(f"{target} is already a quantized artifact; --fake-quant applies to float checkpoints")
     if fake_quant:
@@ -56,7 +76,7 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     total, count = 0.0, 0
     n = len(packed) if max_batches is None else min(len(packed), max_batches * batch_size)
     for start in range(0, n, batch_size):
-        batch = model_inputs(packed, torch.arange(start, min(start + batch_size, n)), model, torch.device("cpu"))
+        batch = model_inputs(packed, torch.arange(start, min(start + batch_size, n)), model, device)
         tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
         total += model(**batch).loss.item() * tokens
         count += tokens

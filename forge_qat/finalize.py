@@ -199,10 +199,11 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         return finalize_streaming(plan, req, ZeroCheckpointReader(plan.zero_dir))
     if _use_streaming(req, plan):
         return finalize_streaming(plan, req)
-    model, tokenizer = load_model(str(plan.checkpoint))
+    device, dtype = convert_placement(plan)
+    model, tokenizer = load_model(str(plan.checkpoint), dtype=dtype, device=device)
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
-    sample = sample_batch(tokenizer, model.config.vocab_size)
+    sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
     with torch.no_grad():
         float_logits = model(sample).logits
         cov = prepare_qat(model, plan.recipe)
@@ -222,7 +223,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
             writer.add(name, state.pop(name))
         shards = writer.close()
         _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, cov)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=False).to(device)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
         if reload_diff > 1e-5:
@@ -264,6 +265,21 @@ def _write_report(directory: Path, plan: Plan, report: "FinalizeReport") -> None
 STREAMING_THRESHOLD_BYTES = 2 * 1024**3
 
 
+def convert_placement(plan: Plan) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a finalize converts and verifies: on the GPU for recipes whose kernels
+    are CUDA kernels, in the dtype those kernels need (bf16), else in the checkpoint's own dtype, so
+    the tensors that stay float are written as they came (a bf16 model's norms and embeddings in bf16)."""
+    from forge_qat.weights import SafetensorsReader
+
+    dtype = plan.recipe.convert_dtype
+    if dtype is None:
+        try:
+            dtype = SafetensorsReader.from_dir(plan.checkpoint).float_dtype()
+        except InputError:  # weights only in the ZeRO state (read as fp32 masters)
+            dtype = torch.float32
+    return plan.recipe.convert_device, dtype
+
+
 def _use_streaming(req: FinalizeRequest, plan: Plan) -> bool:
     if req.streaming is not None:
         return req.streaming
@@ -281,8 +297,11 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     from forge_qat.weights import SafetensorsReader
 
     config = load_config(plan.checkpoint)
+    device, dtype = convert_placement(plan)
+    if plan.zero_dir and plan.recipe.convert_dtype is None:
+        dtype = torch.float32  # a ZeRO state holds fp32 masters
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skeleton.tie_weights()
     cov = plan_coverage(skeleton, plan.recipe)
     check_useful(cov, plan.recipe)
@@ -294,7 +313,7 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
         reader = reader or model_layout_reader(SafetensorsReader.from_dir(plan.checkpoint), skeleton)
-        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes)
+        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes, device)
         if set(stats.converted) != set(cov.quantized):
             raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the plan "
                                   f"{len(cov.quantized)}; nothing was written")

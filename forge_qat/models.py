@@ -133,10 +133,12 @@ def load_model_tokenizer(spec: str) -> tuple[PreTrainedTokenizerBase, int | None
     return load_tokenizer(path), getattr(config, "max_position_embeddings", None)
 
 
-def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Float32 model and tokenizer from a preset name or a local HF directory."""
+def load_model(spec: str, seed: int = 0, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Model (float32 on the CPU unless asked otherwise) and tokenizer from a preset or a local HF directory."""
     if spec in PRESETS:
-        return preset_model(spec, seed)
+        model, tok = preset_model(spec, seed)
+        return model.to(device, torch.float32 if dtype == "auto" else dtype), tok
     path = Path(spec)
     if not path.exists() and "/" not in spec and not spec.startswith("."):
         raise InputError(choices_message("model preset", spec, list(PRESETS))
@@ -150,7 +152,7 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTok
     import forge_qat.torchao_compat  # noqa: F401
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except pickle.UnpicklingError:
         raise InputError(f"{path}: a .bin weights file holds more than plain tensors (code, which forge never "
                          f"runs); use safetensors weights") from None
@@ -161,4 +163,4 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTok
             SafetensorsReader.from_dir(path)  # names the broken shard when its header is what is broken
         raise InputError(f"cannot load model from {path} (a truncated or corrupt weights file?): "
                          f"{str(e).splitlines()[0][:300]}") from None
-    return model, tokenizer
+    return (model if torch.device(device).type == "cpu" else model.to(device)), tokenizer

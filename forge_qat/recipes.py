@@ -91,6 +91,14 @@ class Recipe:
     convert_expert_stack: ExpertStackConverter | None = None
     """How convert turns a mixture-of-experts stack into a torchao tensor; None: torchao 0.18 offers this
     recipe no route for 3-D expert weights, and a model with experts is refused before training."""
+    convert_dtype: torch.dtype | None = None
+    """The dtype convert's kernels need for weights and activations (bf16 for the CUDA recipes); None: the
+    checkpoint's own dtype."""
+
+    @property
+    def convert_device(self) -> torch.device:
+        """Where convert and its verification run: on the GPU when the recipe's kernels are CUDA kernels."""
+        return torch.device("cuda" if CUDA in self.convert_requires else "cpu")
 
     @property
     def experts_support(self) -> str:
@@ -137,6 +145,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="int4-weight-only",
+            convert_dtype=torch.bfloat16,
             description="int4 per-group(128) weights, bf16 activations (CUDA + mslk kernels)",
             base_config=lambda: Int4WeightOnlyConfig(group_size=128),
             convert_requires=(CUDA, MSLK),
@@ -145,6 +154,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="float8-dynamic-act-float8-weight",
+            convert_dtype=torch.bfloat16,
             description="float8 e4m3 per-row dynamic activations and weights (CUDA sm89+)",
             base_config=lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
             convert_requires=(CUDA, SM89),
@@ -154,6 +164,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="float8-dynamic-act-int4-weight",
+            convert_dtype=torch.bfloat16,
             description="float8 per-row activations, int4 preshuffled weights (Hopper + mslk)",
             base_config=lambda: Float8DynamicActivationInt4WeightConfig(),
             convert_requires=(CUDA, SM90, MSLK),

@@ -77,9 +77,9 @@ class StreamStats:
     quantized_numel: int = 0
 
 
-def _materialise(model: torch.nn.Module, block: Block, reader) -> torch.nn.Module:
+def _materialise(model: torch.nn.Module, block: Block, reader, device: torch.device) -> torch.nn.Module:
     module = model.get_submodule(block.module_name)
-    module.to_empty(device="cpu", recurse=True)
+    module.to_empty(device=device, recurse=True)
     for local, p in module.named_parameters():
         full = block.prefix + local
         if full in block.names:
@@ -91,13 +91,15 @@ def _materialise(model: torch.nn.Module, block: Block, reader) -> torch.nn.Modul
 
 
 def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats,
-                   after_block=lambda: None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (state-dict name, tensor) in state-dict order, one converted block at a time."""
+                   after_block=lambda: None, device: torch.device = torch.device("cpu"),
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (state-dict name, tensor) in state-dict order, one converted block at a time, converted on
+    `device` (the recipe's convert device)."""
     missing = sorted({n for b in blocks for n in b.names} - reader.keys())
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
     for block in blocks:
-        module = _materialise(model, block, reader)
+        module = _materialise(model, block, reader, device)
         float_params = list(module.parameters())
         # A holder gives the block its own last name, so the registry's layer rules (skip lm_head)
         # see the same names as in a whole-model prepare.
@@ -169,14 +171,15 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
 
 
 def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Path, fmt: str,
-                   max_shard_bytes: int) -> tuple[StreamStats, list[Path], int]:
+                   max_shard_bytes: int, device: torch.device = torch.device("cpu"),
+                   ) -> tuple[StreamStats, list[Path], int]:
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
     trim = release_large_frees_to_os()
     stats = StreamStats()
     blocks = plan_blocks(model)  # made once, on the intact skeleton
     names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
-    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim):
+    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device):
         writer.add(name, tensor)
     if not stats.converted:
         raise ConversionError("no weight was converted")

@@ -114,6 +114,8 @@ class Backend(Protocol):
         """The mean of a per-rank scalar tensor over ranks, read once on the host."""
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
     def restore(self, ckpt: Path) -> None: ...
+    def check_output_dir(self, out: Path) -> None:
+        """Every rank sees the run directory rank 0 made (several machines: a shared file system)."""
     def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path | None: ...
     def close(self) -> None: ...
 
@@ -159,6 +161,9 @@ class SingleProcess:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt_io.restore_rng_state(state)
+
+    def check_output_dir(self, out: Path) -> None:
+        pass
 
     def finalize(self, ckpt: Path, recipe: str, dest: Path) -> Path:
         from forge_qat.finalize import FinalizeRequest, finalize
@@ -245,6 +250,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
         # Everything the run needs has loaded: only now may a previous run in the directory be replaced.
         ckpt_io.start_run_dir(out, cfg.to_dict())
 
+    backend.check_output_dir(out)
     start_step = _restore(out, backend, cfg, res, train_data.key) if cfg.resume else 0
     if start_step >= cfg.max_steps:
         raise ConfigError(f"{out} is already trained to step {start_step}; raise --max-steps to continue")

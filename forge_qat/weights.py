@@ -6,6 +6,7 @@ Called by finalize, the streaming finalize (forge_qat.stream_convert) and the Ze
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -82,6 +83,14 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> list[int]:
         return self._index[name][2]
+
+    def float_dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the weights (by element count): the model's own precision."""
+        counts: dict[torch.dtype, int] = {}
+        for _, dtype, shape, _, _ in self._index.values():
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+        return max(counts, key=counts.get) if counts else torch.float32
 
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of the flattened tensor, read into `out`."""

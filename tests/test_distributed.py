@@ -138,6 +138,13 @@ def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_rank_that_cannot_see_the_run_directory_stops_the_job_before_training(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("FORGE_TEST_BLIND_RANK", "1")
+    with pytest.raises(RankFailedError, match=r"rank\(s\) \[1\] cannot see the run directory"):
+        launch(TrainConfig(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+    assert not (tmp_path / "z" / ckpt_io.METRICS).exists() or not _metrics(tmp_path / "z")
+
+
 def test_checkpoint_from_other_world_size_refuses_to_resume(tmp_path, data):
     launch(TrainConfig(**_zero_args(tmp_path / "r", data, max_steps=2)), worker=WORKER)
     with pytest.raises(ConfigError, match="2 process"):
@@ -184,6 +191,16 @@ def test_ds_config_contradictions_and_nproc_limits(tmp_path):
         check_nproc(10_000)
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
         TrainConfig(nproc=2)
+
+
+def test_the_reported_rank_is_the_cause_not_a_consequence():
+    """torch's launcher lists every rank it stopped; forge reports the one that failed first on its own."""
+    from forge_qat.distributed.launch import _cause
+
+    assert _cause({0: -15, 1: -9}) == 1  # rank 1 killed; rank 0 stopped by the launcher
+    assert _cause({0: 3, 1: 1, 2: -15}) == 1  # rank 1's own error; rank 0's collective broke under it
+    assert _cause({0: -15, 1: 3}) == 1
+    assert _cause({0: 1, 1: 1}) == 0
 
 
 def test_process_group_maps_each_device_type_to_its_backend(monkeypatch):

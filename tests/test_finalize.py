@@ -233,3 +233,43 @@ def test_forge_demo_end_to_end(tmp_path):
     (foreign / "x").write_text("mine")
     refused = runner.invoke(app, ["demo", "--output-dir", str(foreign), "--steps", "2", "--qat-steps", "1"])
     assert refused.exit_code == 1 and "not a forge demo directory" in refused.output
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_float_tensors_keep_the_source_dtype(tmp_path, streaming):
+    """A bf16 model finalized on the CPU: the tensors that stay float (embeddings, norms) are written in
+    bf16, not widened to fp32; the in-memory route reloads to identical logits."""
+    from safetensors.torch import load_file
+
+    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.models import preset_model
+
+    model, tok = preset_model("micro-llama")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    report = finalize(FinalizeRequest(source=tmp_path / "src", dest=tmp_path / "out",
+                                      ptq="int8-dynamic-act-int4-weight", streaming=streaming))
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    kept = {k: v.dtype for k, v in written.items() if "norm" in k or "embed_tokens" in k}
+    assert kept and set(kept.values()) == {torch.bfloat16}
+    assert streaming or report.reload_max_diff == 0.0
+
+
+def test_cuda_recipes_convert_and_evaluate_on_the_gpu_in_bf16(tmp_path, monkeypatch):
+    from forge_qat import hardware
+    from forge_qat.errors import HardwareError
+    from forge_qat.evaluate import eval_placement
+    from forge_qat.finalize import ARTIFACT_META, Plan, convert_placement
+    from forge_qat.recipes import get_recipe
+
+    for name in ("int4-weight-only", "float8-dynamic-act-float8-weight", "float8-dynamic-act-int4-weight"):
+        plan = Plan(tmp_path, get_recipe(name), "ptq", (), None)
+        assert convert_placement(plan) == (torch.device("cuda"), torch.bfloat16)
+    (tmp_path / ARTIFACT_META).write_text(json.dumps({"recipe": "int4-weight-only"}))
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    with pytest.raises(HardwareError, match="need a CUDA GPU"):
+        eval_placement(tmp_path)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    assert eval_placement(tmp_path) == (torch.device("cuda"), torch.bfloat16)
+    (tmp_path / ARTIFACT_META).write_text(json.dumps({"recipe": "int8-dynamic-act-int4-weight"}))
+    assert eval_placement(tmp_path) == (torch.device("cuda"), torch.float32)

@@ -6,6 +6,8 @@ FORGE_TEST_LOAD_ONLY=DIR builds the model through the ZeRO backend (streamed loa
 it into DIR on rank 0 and exits, with no optimizer or training involved.
 FORGE_TEST_SKEW_ROUTER=RANK makes every MoE router on that rank send all tokens to experts 0 and 1, so
 the other experts get no tokens there while other ranks use them.
+FORGE_TEST_BLIND_RANK=RANK makes that rank unable to see the run directory, as on a machine that does not
+share the file system.
 """
 
 import os
@@ -26,6 +28,11 @@ if os.environ.get("FORGE_TEST_FAIL"):
             return real(n, batch, seed, batch_number)
 
         train.batch_indices = failing
+
+if os.environ.get("FORGE_TEST_BLIND_RANK") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_BLIND_RANK"]):
+    from forge_qat.distributed import zero
+
+    zero._sees_run_dir = lambda out: False  # as on a machine without the shared file system
 
 if os.environ.get("FORGE_TEST_SKEW_ROUTER") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_SKEW_ROUTER"]):
     import torch

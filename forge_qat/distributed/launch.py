@@ -1,20 +1,22 @@
-"""Start N ranks of `forge train` on this machine and supervise them.
+"""Start N ranks of `forge train` on this machine through torch's elastic launcher, and report failures.
 
-Called by `forge train --nproc N`. Each rank is a fresh process running
-`forge_qat.distributed.worker` with the standard launcher environment (RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT), the same contract torchrun and the deepspeed launcher fulfil for
-multi-node jobs. If any rank exits non-zero the others are stopped at once and the job fails with
-that rank's error, so a crash never leaves the survivors waiting in a collective.
+Called by `forge train --nproc N`. `torch.distributed.launcher.api.elastic_launch` (what torchrun runs)
+starts each rank as `python -m forge_qat.distributed.worker`, with the standard environment (RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that torchrun and the deepspeed launcher also give
+multi-node jobs, and stops every rank as soon as one fails. The rendezvous is c10d on port 0: the
+launcher's store binds a free port itself and the ranks join that store, so no port is picked and then
+raced for. What forge adds: rank 0 talks to the terminal and the others log to files; the failure is
+reported as the rank that caused it (see `_cause`) with that rank's one-line error; a rank killed by a
+signal says so.
 """
 
 import json
+import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ import torch
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, ForgeError
 
-ERROR_FILE_ENV = "FORGE_ERROR_FILE"
+ERROR_DIR_ENV = "FORGE_ERROR_DIR"
+LAUNCHER_PID_ENV = "FORGE_LAUNCHER_PID"
 
 
 class RankFailedError(ForgeError):
@@ -48,13 +51,8 @@ def check_nproc(nproc: int) -> None:
                           f"or a multi-node launcher (torchrun, deepspeed) for more")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_error(rank: int, error_file: Path, log_file: Path | None) -> str:
+def _rank_error(rank: int, error_dir: Path, log_file: Path | None) -> str:
+    error_file = error_dir / f"error-{rank}.txt"
     if error_file.is_file() and error_file.read_text().strip():
         return error_file.read_text().strip()
     if log_file and log_file.is_file():
@@ -63,83 +61,58 @@ def _rank_error(rank: int, error_file: Path, log_file: Path | None) -> str:
     return "no error message (see its output above)"
 
 
-def launch(cfg: TrainConfig, worker: list[str] | None = None, poll_s: float = 0.2) -> None:
-    """Run `cfg.nproc` ranks to completion, or raise `RankFailedError` for the first that fails."""
+def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
+    """Run `cfg.nproc` ranks to completion, or raise `RankFailedError` for the rank whose failure ended it."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     check_nproc(cfg.nproc)
     worker = worker or [sys.executable, "-m", "forge_qat.distributed.worker"]
     with tempfile.TemporaryDirectory(prefix="forge-launch-") as tmp:
         tmp = Path(tmp)
         cfg_file = tmp / "config.json"
         cfg_file.write_text(json.dumps(cfg.to_dict()))
-        port = _free_port()
-        threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
-        procs, logs = [], []
-        for rank in range(cfg.nproc):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(cfg.nproc),
-                   "LOCAL_WORLD_SIZE": str(cfg.nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   ERROR_FILE_ENV: str(tmp / f"error-{rank}.txt")}
-            if not torch.cuda.is_available():
-                env.setdefault("OMP_NUM_THREADS", str(threads))
-            # Rank 0 talks to the terminal (progress bar); the others log to files shown on failure.
-            log = None if rank == 0 else tmp / f"rank-{rank}.log"
-            out = None if log is None else log.open("w")
-            procs.append(subprocess.Popen([*worker, str(cfg_file)], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                          preexec_fn=_die_with(os.getpid())))
-            logs.append(log)
-        failed = None
+        (tmp / "errors").mkdir()
+        os.environ[ERROR_DIR_ENV] = str(tmp / "errors")
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        if not torch.cuda.is_available():  # ranks share the cores (torchrun sets 1; this keeps them busy)
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+        run_id = uuid.uuid4().hex[:12]
+        # Rank 0 keeps the terminal (progress bar); the others write files, shown when they fail.
+        quiet = {r: Std.ALL for r in range(1, cfg.nproc)}
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=run_id, rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=str(tmp / "logs"), redirects=quiet))
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # forge reports the failure
         try:
-            while not any(p.poll() not in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
-                time.sleep(poll_s)
-            if any(p.poll() not in (None, 0) for p in procs):
-                time.sleep(1.0)  # ranks broken by the same cause fail within moments: see them all
-            failed = _cause([p.poll() for p in procs])
-        finally:
-            _stop(procs)
-        if failed is not None:
-            code = procs[failed].returncode
+            elastic_launch(config, entrypoint=worker[0])(*worker[1:], str(cfg_file))
+        except ChildFailedError as e:
+            codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+            failed = _cause(codes)
+            code = codes[failed]
             if code < 0:  # killed by a signal: say so, and exit as a shell reports it (128 + signal number)
-                raise RankFailedError(failed, 128 - code, f"killed by signal {signal.Signals(-code).name}")
-            raise RankFailedError(failed, code, _rank_error(failed, tmp / f"error-{failed}.txt", logs[failed]))
+                raise RankFailedError(failed, 128 - code, f"killed by signal {signal.Signals(-code).name}") from None
+            logs = sorted((tmp / "logs").glob(f"{run_id}*/attempt_0/{failed}/stderr.log"))
+            raise RankFailedError(failed, code, _rank_error(failed, tmp / "errors", logs[0] if logs else None)) \
+                from None
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+            os.environ.pop(LAUNCHER_PID_ENV, None)
 
 
-def _cause(codes: list[int | None]) -> int | None:
-    """Of the ranks that failed on their own (before the launcher stopped the rest), the one to report: one
-    killed by a signal, else one with its own error, else one whose collective broke under it."""
+def _cause(codes: dict[int, int]) -> int:
+    """The failed rank to report: one killed by a signal, else one with its own error, else one whose
+    collective broke under it, else one the launcher itself stopped (torch's launcher lists the ranks it
+    sent SIGTERM to after the first failure among the failures)."""
     from forge_qat.distributed.worker import PEER_FAILURE_EXIT
 
-    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-    return min(failed, key=lambda r: (0 if codes[r] < 0 else 2 if codes[r] == PEER_FAILURE_EXIT else 1, r),
-               default=None)
+    def consequence(rank: int) -> int:
+        code = codes[rank]
+        if code == -signal.SIGTERM:
+            return 3
+        return 0 if code < 0 else 2 if code == PEER_FAILURE_EXIT else 1
 
+    return min(codes, key=lambda r: (consequence(r), r))
 
-def _die_with(launcher_pid: int):
-    """For the rank being started: have the kernel SIGKILL it when the launcher dies (even by kill -9),
-    so ranks never train on, two jobs writing one directory. Linux only (prctl PR_SET_PDEATHSIG);
-    elsewhere ranks end at their next collective's timeout."""
-    def setup() -> None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError, TypeError):
-            return
-        if os.getppid() != launcher_pid:  # the launcher died before the request took effect
-            os._exit(1)
-    return setup
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """Terminate every rank still running (and its children), then kill what ignores SIGTERM."""
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()

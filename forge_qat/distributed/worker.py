@@ -1,7 +1,8 @@
 """One rank of a multi-process `forge train`: `python -m forge_qat.distributed.worker CONFIG.json`.
 
-Started by `forge_qat.distributed.launch` (or any launcher that sets RANK/WORLD_SIZE/MASTER_*).
-Reports a failure in one line to stderr and to $FORGE_ERROR_FILE, and exits non-zero.
+Started by `forge_qat.distributed.launch` through torch's elastic launcher (or by any launcher that sets
+RANK/WORLD_SIZE/MASTER_*). Reports a failure in one line to stderr and to $FORGE_ERROR_DIR/error-RANK.txt,
+and exits non-zero. Under forge's launcher it dies with it: the kernel kills it when the launcher dies.
 """
 
 import json
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", 0))
+    _die_with_launcher()
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s", force=True,
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
@@ -64,11 +66,31 @@ def _peer_failure(e: Exception) -> bool:
 
 def _report(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
-    path = os.environ.get("FORGE_ERROR_FILE")
-    if path:
-        with open(path, "w") as f:
+    directory = os.environ.get("FORGE_ERROR_DIR")
+    if directory:
+        with open(os.path.join(directory, f"error-{os.environ.get('RANK', 0)}.txt"), "w") as f:
             f.write(message)
     return code
+
+
+def _die_with_launcher() -> None:
+    """Have the kernel SIGKILL this rank when forge's launcher (its parent) dies, even by kill -9, so ranks
+    never train on with no one to stop them. Linux only (prctl PR_SET_PDEATHSIG); elsewhere ranks end at
+    their next collective's timeout. torch's launcher does not do this itself."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    launcher = os.environ.get("FORGE_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before the request took effect
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -379,6 +379,19 @@ class ZeroBackend:
         dist.barrier()
         return final if self.rank == 0 else None
 
+    def check_output_dir(self, out: Path) -> None:
+        """Rank 0 alone writes the consolidated weights and renames each checkpoint into place, while every
+        rank writes its own DeepSpeed state files into it: a checkpoint is complete only where all ranks
+        share the run directory. On machines without a shared file system, fail before training."""
+        dist.barrier()  # rank 0 has created the directory and its run marker
+        seen = [None] * self.world_size
+        dist.all_gather_object(seen, _sees_run_dir(out))
+        blind = [r for r, ok in enumerate(seen) if not ok]
+        if blind:
+            raise ConfigError(f"rank(s) {blind} cannot see the run directory {out} that rank 0 created: ZeRO "
+                              f"checkpoints need --output-dir on a file system all machines share (rank 0 "
+                              f"completes each checkpoint)")
+
     def finalize(self, ckpt: Path | None, recipe: str, dest: Path) -> Path | None:
         """Convert the live partitioned model, gathered to rank 0 one block at a time; only rank 0
         converts and writes. The artifact equals a streaming finalize of the saved checkpoint."""
@@ -415,6 +428,10 @@ class ZeroBackend:
         if client is None:
             raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
         ckpt_io.restore_rng_state(client)
+
+
+def _sees_run_dir(out: Path) -> bool:
+    return (out / ckpt_io.RUN_MARKER).is_file()
 
 
 class LiveGatherReader:

@@ -1,5 +1,5 @@
 """Mixture-of-experts on CUDA: skipped without a GPU (this repository's CI has none); run them where one is
-lent: `python -m pytest tests/test_gpu_moe.py`."""
+lent: `python -m pytest tests/gpu`."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Packed sequences on CUDA: documents stay apart under the attention kernels a GPU runs. Skipped without a
-GPU (this repository's CI has none); run where one is lent: `python -m pytest tests/test_gpu_data.py`."""
+GPU (this repository's CI has none); run where one is lent: `python -m pytest tests/gpu`."""
 
 import importlib.util
 import json
