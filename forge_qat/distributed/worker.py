@@ -10,9 +10,13 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
+# DeepSpeed 0.19 calls collectives torch 2.13 deprecated (all_gather_into_tensor, reduce_scatter_tensor):
+# a warning per call site that no user can act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 
 
 def main(argv: list[str] | None = None) -> int:
