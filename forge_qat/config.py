@@ -21,6 +21,7 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
 ChatLoss = Literal["last", "all"]
 Packing = Literal["documents", "causal"]
+KdTeacher = Literal["float", "self"]
 NO_RECIPE = "none"
 
 
@@ -53,6 +54,14 @@ class TrainConfig:
         None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
     fake_quant_after_steps: int = _opt(0, "Train this many steps in float before enabling fake quantization.")
     fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+ only).")
+    # distillation (forge_qat.distill): loss = lm_weight * CE + kd_weight * KD against a float teacher
+    kd_loss: str | None = _opt(None, "Distillation loss: kl, rkl, mse, kd (tempered KL), kl-top-k, rkl-top-k, cakld.")
+    kd_weight: float = _opt(0.0, "Weight of the distillation loss (0: no distillation).")
+    lm_weight: float = _opt(1.0, "Weight of the cross-entropy loss on the labels.")
+    kd_teacher: KdTeacher = _opt("float", "float: the starting model, frozen (one more copy of the weights); "
+                                          "self: the student with fake quantization off (one more forward).")
+    kd_temperature: float = _opt(1.0, "Temperature of the kd loss.")
+    kd_top_k: int = _opt(50, "Tokens kept by the top-k KD losses.")
     # optimisation
     max_steps: int = _opt(300, "Optimizer steps to train for.")
     batch_size: int = _opt(8, "Sequences per micro-batch.")
@@ -98,6 +107,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0 (0 disables it), got {value}")
+        self._validate_distillation()
         if self.data_workers is not None and self.data_workers < 1:
             raise ConfigError(f"data_workers must be at least 1, got {self.data_workers}")
         for name, choices in (("precision", Precision), ("lr_schedule", Schedule), ("chat_loss", ChatLoss),
@@ -114,6 +124,28 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         self._validate_linear_swaps()
+
+    def _validate_distillation(self) -> None:
+        for name in ("kd_weight", "lm_weight", "kd_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.kd_temperature == 0 or self.kd_top_k < 1:
+            raise ConfigError("kd_temperature must be > 0 and kd_top_k at least 1")
+        if self.kd_teacher not in typing.get_args(KdTeacher):
+            raise ConfigError(choices_message("KD teacher", self.kd_teacher, list(typing.get_args(KdTeacher))))
+        if self.kd_weight == 0:
+            if self.kd_loss is not None:
+                raise ConfigError(f"--kd-loss {self.kd_loss} has no effect with --kd-weight 0; give --kd-weight")
+            if self.lm_weight == 0:
+                raise ConfigError("--lm-weight 0 without distillation leaves nothing to train on")
+            return
+        from forge_qat.distill import KD_LOSSES
+
+        if self.kd_loss not in KD_LOSSES:
+            raise ConfigError(choices_message("KD loss name", self.kd_loss, list(KD_LOSSES)))
+        if self.active_qat_recipe is None:
+            raise ConfigError("distillation (--kd-weight) needs a QAT recipe: the teacher is the float model")
 
     def _validate_linear_swaps(self) -> None:
         from forge_qat.prepare import LINEAR_SWAPS

@@ -13,7 +13,7 @@ class RichTrainObserver:
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
+            TextColumn("loss {task.fields[loss]}{task.fields[parts]}"), TextColumn("eval {task.fields[eval]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=console,
         )
@@ -35,10 +35,12 @@ class RichTrainObserver:
     def on_start(self, total_steps: int, start_step: int) -> None:
         self.progress.start()
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
-                                           loss="-", eval="-", tps="-")
+                                           loss="-", eval="-", tps="-", parts="")
 
     def on_step(self, record: dict[str, Any]) -> None:
         fields = {"loss": f"{record['loss']:.4f}", "tps": f"{record['tokens_per_s']:,.0f}"}
+        if "kd_loss" in record:  # distillation: the two parts of the loss
+            fields["parts"] = f" (lm {record['lm_loss']:.4f}, kd {record['kd_loss']:.4f})"
         if "eval_loss" in record:
             fields["eval"] = f"{record['eval_loss']:.4f}"
         self.progress.update(self.task, completed=record["step"], **fields)

@@ -24,6 +24,7 @@ from forge_qat.config import NO_RECIPE, TrainConfig
 from forge_qat.data.build import DataOptions
 from forge_qat.data.encode import ChatOptions
 from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_token_store
+from forge_qat.distill import Objective, frozen_teacher, make_objective, training_loss
 from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.models import ModelSource, load_model, load_model_tokenizer
 from forge_qat.prepare import check_convert_hardware, prepare_for_training, set_fake_quant_enabled
@@ -106,12 +107,14 @@ class Backend(Protocol):
     world_size: int
 
     def build(self, cfg: TrainConfig, res: Resolved) -> tuple[torch.nn.Module, Any]: ...
-    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None: ...
-    def micro_step(self, batch: dict[str, torch.Tensor], res: Resolved, grad_accum: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the detached loss, still on the device."""
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig, objective: Objective | None) -> None: ...
+    def micro_step(self, batch: dict[str, torch.Tensor], res: Resolved, grad_accum: int,
+                   fake_quant: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the detached losses (the total, then with
+        distillation its LM and KD parts) as one vector, still on the device."""
     def optimizer_step(self, cfg: TrainConfig) -> None: ...
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a per-rank scalar tensor over ranks, read once on the host."""
+    def mean(self, values: torch.Tensor) -> list[float]:
+        """The means over ranks of a per-rank vector, read once on the host."""
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None: ...
     def restore(self, ckpt: Path) -> None: ...
     def check_output_dir(self, out: Path) -> None:
@@ -127,18 +130,19 @@ class SingleProcess:
 
     def build(self, cfg: TrainConfig, res: Resolved):
         model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        self.teacher = frozen_teacher(model, cfg, res.device)
         prepare_for_training(model, cfg, res.recipe)
         self.model = model.to(res.device)
         return self.model, tokenizer
 
-    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None:
-        self.optimizer, self.scheduler = optimizer, scheduler
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig, objective: Objective | None) -> None:
+        self.optimizer, self.scheduler, self.objective = optimizer, scheduler, objective
 
-    def micro_step(self, batch, res: Resolved, grad_accum: int) -> torch.Tensor:
+    def micro_step(self, batch, res: Resolved, grad_accum: int, fake_quant: bool) -> torch.Tensor:
         with autocast(res):
-            loss = self.model(**batch).loss
+            loss, losses = training_loss(self.model, batch, self.objective, fake_quant)
         (loss / grad_accum).backward()
-        return loss.detach().float()
+        return losses
 
     def optimizer_step(self, cfg: TrainConfig) -> None:
         if cfg.max_grad_norm:
@@ -147,8 +151,8 @@ class SingleProcess:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def mean(self, value: torch.Tensor) -> float:
-        return value.item()
+    def mean(self, values: torch.Tensor) -> list[float]:
+        return values.tolist()
 
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path:
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -245,7 +249,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     optimizer = build_optimizer(model, cfg, res.lr)
     scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    backend.setup(model, optimizer, scheduler, cfg)
+    backend.setup(model, optimizer, scheduler, cfg, make_objective(cfg, getattr(backend, "teacher", None)))
     if main and not cfg.resume:
         # Everything the run needs has loaded: only now may a previous run in the directory be replaced.
         ckpt_io.start_run_dir(out, cfg.to_dict())
@@ -266,22 +270,28 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     last_ckpt = None
     try:
         for step in range(start_step, cfg.max_steps):
+            fake_quant = bool(res.qat_recipe) and step >= cfg.fake_quant_after_steps
             if res.qat_recipe:
-                set_fake_quant_enabled(model, step >= cfg.fake_quant_after_steps)
+                set_fake_quant_enabled(model, fake_quant)
             t0 = time.perf_counter()
-            total = torch.zeros((), device=res.device)  # summed on the device: no host sync per micro-step
+            total = torch.zeros(3 if cfg.kd_weight else 1, device=res.device)  # summed on the device: no
+            # host sync per micro-step
             for micro in range(cfg.grad_accum):
                 # Every rank draws the same global micro-batch and trains on its slice, so N ranks
                 # see exactly the sequences one process with an N-times larger batch would.
                 idx = batch_indices(len(train_data), global_batch, cfg.seed, step * cfg.grad_accum + micro)
                 idx = idx[backend.rank * cfg.batch_size:(backend.rank + 1) * cfg.batch_size]
-                total += backend.micro_step(model_inputs(train_data, idx, model, res.device), res, cfg.grad_accum)
+                total += backend.micro_step(model_inputs(train_data, idx, model, res.device), res, cfg.grad_accum,
+                                            fake_quant)
             backend.optimizer_step(cfg)
-            loss = backend.mean(total / cfg.grad_accum)
+            means = backend.mean(total / cfg.grad_accum)
+            loss = means[0]
             elapsed = time.perf_counter() - t0
             done = step + 1
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+            if cfg.kd_weight:
+                record["lm_loss"], record["kd_loss"] = means[1:]
             if res.qat_recipe:
                 record["fake_quant"] = step >= cfg.fake_quant_after_steps
             if eval_data is not None and (done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
@@ -307,7 +317,8 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     return TrainResult(out, last_ckpt, cfg.max_steps, loss, None if eval_data is None else eval_loss)
 
 
-RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "packing", "seq_len", "batch_size", "grad_accum", "lr",
+RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "packing", "kd_loss", "kd_weight", "lm_weight",
+                "kd_teacher", "kd_temperature", "kd_top_k", "seq_len", "batch_size", "grad_accum", "lr",
                 "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
                 "fake_quant_after_steps")
 """Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and

@@ -116,6 +116,21 @@ def test_zero3_training_matches_single_process(tmp_path, data, recipe):
     assert meta["world_size"] == 2 and meta["qat_recipe"] == (None if recipe == "none" else recipe)
 
 
+def test_distillation_under_zero3_matches_single_process(tmp_path, data):
+    """KD with the `self` teacher (the partitioned student with fake quantization off): 2 ranks under
+    ZeRO-3 vs one process on the same global batch, loss and both parts."""
+    args = dict(max_steps=3, save_every=0, kd_weight=0.5, kd_loss="kl", kd_teacher="self")
+    launch(TrainConfig(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    run_training(TrainConfig(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
+    zero, single = _metrics(tmp_path / "z"), _metrics(tmp_path / "s")
+    for a, b in zip(zero, single, strict=True):
+        for key in ("loss", "lm_loss", "kd_loss"):
+            assert a[key] == pytest.approx(b[key], abs=5e-3), (key, a, b)
+    assert zero[0]["kd_loss"] > 0
+    with pytest.raises(RankFailedError, match="--kd-teacher float under ZeRO-3"):
+        launch(TrainConfig(**_zero_args(tmp_path / "f", data, **{**args, "kd_teacher": "float"})), worker=WORKER)
+
+
 def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data, monkeypatch):
     args = dict(max_steps=4, save_every=2)
     launch(TrainConfig(**_zero_args(tmp_path / "a", data, **args)), worker=WORKER)

@@ -203,7 +203,7 @@ def test_losses_stay_on_the_device_until_once_per_step(tmp_path, text_file, monk
     monkeypatch.setattr(SingleProcess, "mean", lambda self, v: means.append(v) or real_mean(self, v))
     run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file, max_steps=2, grad_accum=3)))
     assert len(micro_results) == 6 and len(means) == 2
-    assert all(isinstance(r, torch.Tensor) and r.dim() == 0 for r in micro_results)
+    assert all(isinstance(r, torch.Tensor) and r.shape == (1,) for r in micro_results)
 
 
 def test_rng_state_round_trip_and_cuda_state_without_cuda(caplog):

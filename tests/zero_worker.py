@@ -61,7 +61,7 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     try:
         model, _ = backend.build(cfg, resolve(cfg))
     except ForgeError as e:
-        sys.exit(worker._report(str(e), 1))
+        worker.exit_rank(worker._report(str(e), 1))
     out = Path(os.environ["FORGE_TEST_LOAD_ONLY"])
     if backend.rank == 0:
         out.mkdir(parents=True)
@@ -70,4 +70,4 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     backend.close()
     sys.exit(0)
 
-sys.exit(worker.main())
+worker.exit_rank(worker.main())

@@ -68,6 +68,19 @@ def _peer_failure(e: Exception) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def exit_rank(code: int) -> None:
+    """End the rank with `code`. After a failure the process group is still up: letting the interpreter
+    shut down with gloo's (or DeepSpeed's shared-memory) threads running aborts the process
+    ("terminate called without an active exception", SIGABRT), which would then be reported instead of
+    the rank's own error; and tearing the group down could wait on peers that are gone. So a failed rank
+    leaves at once, its message already written."""
+    if code == 0:
+        sys.exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _report(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     directory = os.environ.get("FORGE_ERROR_DIR")
@@ -98,4 +111,4 @@ def _die_with_launcher() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

@@ -27,6 +27,7 @@ from forge_qat import checkpoint as ckpt_io
 from forge_qat import hardware
 from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
+from forge_qat.distill import frozen_teacher, training_loss
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.models import PRESETS, check_model_dir, load_config, load_model, load_tokenizer, preset_model
@@ -284,11 +285,15 @@ class ZeroBackend:
         if self.ds_config["zero_optimization"]["stage"] != 3:
             # Stages 1 and 2 partition optimizer state and gradients only: every rank holds the model.
             model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+            self.teacher = frozen_teacher(model, cfg, res.device)
             if self.rank == 0 and cfg.model not in PRESETS:
                 self.layout = model_layout_reader(SafetensorsReader.from_dir(Path(cfg.model)), model).layout
             prepare_for_training(model, cfg, res.recipe)
             self.model = model
             return model, tokenizer
+        if cfg.kd_weight and cfg.kd_teacher == "float":
+            raise ConfigError("--kd-teacher float under ZeRO-3 is not supported yet (the teacher would need its own "
+                              "partitioned copy); use --kd-teacher self")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(res.precision, torch.float32)
         if cfg.model in PRESETS:
             # Every rank builds the same config and tokenizer; rank 0 alone holds the (tiny) seeded
@@ -325,24 +330,26 @@ class ZeroBackend:
         self.model = model
         return model, tokenizer
 
-    def setup(self, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+    def setup(self, model, optimizer, scheduler, cfg: TrainConfig, objective) -> None:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.objective = objective
 
-    def micro_step(self, batch, res, grad_accum: int) -> torch.Tensor:
-        loss = self.engine(**batch).loss  # batch holds use_cache=False (see forge_qat.data.store.model_inputs)
+    def micro_step(self, batch, res, grad_accum: int, fake_quant: bool) -> torch.Tensor:
+        # batch holds use_cache=False (see forge_qat.data.store.model_inputs)
+        loss, losses = training_loss(self.engine, batch, self.objective, fake_quant)
         self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
         self.engine.step()  # steps the optimizer and scheduler only at accumulation boundaries
-        return loss.detach().float()
+        return losses
 
     def optimizer_step(self, cfg: TrainConfig) -> None:
         pass
 
-    def mean(self, value: torch.Tensor) -> float:
-        # On the loss's own device: NCCL for a CUDA tensor, gloo for a CPU one (see init_process_group).
-        total = value.detach().reshape(1).to(torch.float64 if value.device.type == "cpu" else torch.float32)
+    def mean(self, values: torch.Tensor) -> list[float]:
+        # On the losses' own device: NCCL for a CUDA tensor, gloo for a CPU one (see init_process_group).
+        total = values.detach().to(torch.float64 if values.device.type == "cpu" else torch.float32)
         dist.all_reduce(total)
-        return total.item() / self.world_size
+        return (total / self.world_size).tolist()
 
     def save(self, out: Path, step: int, tokenizer, meta: dict, keep: int) -> Path | None:
         """DeepSpeed state (for --resume) plus an HF float checkpoint consolidated on rank 0.

@@ -1,0 +1,140 @@
+"""Knowledge distillation for QAT: the fake-quantized student learns from a float teacher's logits.
+
+Called by training when `--kd-weight` > 0: the objective is `lm_weight * CE + kd_weight * KD`. Every KD
+loss is per token, computed in fp32 over the positions the LM loss uses (label != IGNORE_INDEX, after the
+causal shift), and averaged over them. The teacher is the starting float model, frozen (`--kd-teacher
+float`), or the student's own weights with fake quantization off (`--kd-teacher self`: one more
+forward pass, no second copy of the weights).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from forge_qat.data.encode import IGNORE_INDEX
+from forge_qat.errors import ConfigError, choices_message
+
+PerToken = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probabilities."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def _forward_kl(s, t, y, tau, k):
+    return _kl(F.log_softmax(t, -1), F.log_softmax(s, -1))
+
+
+def _reverse_kl(s, t, y, tau, k):
+    return _kl(F.log_softmax(s, -1), F.log_softmax(t, -1))
+
+
+def _mse(s, t, y, tau, k):
+    return (s - t).pow(2).mean(-1)
+
+
+def _tempered_kl(s, t, y, tau, k):
+    return tau * tau * _kl(F.log_softmax(t / tau, -1), F.log_softmax(s / tau, -1))
+
+
+def _top_k_kl(s, t, y, tau, k):
+    """KL over the teacher's top-k tokens, both distributions renormalised over them."""
+    idx = t.topk(min(k, t.shape[-1]), dim=-1).indices
+    return _kl(F.log_softmax(t.gather(-1, idx), -1), F.log_softmax(s.gather(-1, idx), -1))
+
+
+def _top_k_reverse_kl(s, t, y, tau, k):
+    """Reverse KL over the student's top-k tokens, both distributions renormalised over them."""
+    idx = s.topk(min(k, s.shape[-1]), dim=-1).indices
+    return _kl(F.log_softmax(s.gather(-1, idx), -1), F.log_softmax(t.gather(-1, idx), -1))
+
+
+def _cakld(s, t, y, tau, k):
+    """Confidence-aware KL: c * RKL + (1 - c) * FKL, c the teacher's probability of the gold token."""
+    t_log = F.log_softmax(t, -1)
+    c = t_log.gather(-1, y[:, None]).squeeze(-1).exp()
+    return c * _reverse_kl(s, t, y, tau, k) + (1 - c) * _forward_kl(s, t, y, tau, k)
+
+
+KD_LOSSES: dict[str, PerToken] = {
+    "kl": _forward_kl, "rkl": _reverse_kl, "mse": _mse, "kd": _tempered_kl,
+    "kl-top-k": _top_k_kl, "rkl-top-k": _top_k_reverse_kl, "cakld": _cakld,
+}
+
+
+def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+            temperature: float = 1.0, top_k: int = 50) -> torch.Tensor:
+    """The mean per-token KD loss `name` over the positions whose (shifted) label is not IGNORE_INDEX."""
+    if name not in KD_LOSSES:
+        raise ConfigError(choices_message("KD loss name", name, list(KD_LOSSES)))
+    shifted = labels[..., 1:]
+    keep = shifted != IGNORE_INDEX
+    s = student_logits[..., :-1, :][keep].float()
+    t = teacher_logits[..., :-1, :][keep].float()
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return KD_LOSSES[name](s, t, shifted[keep], temperature, top_k).mean()
+
+
+@dataclass(frozen=True, slots=True)
+class Objective:
+    """`lm_weight * CE + kd_weight * KD` against `teacher` (a frozen module, or None for the student
+    itself with fake quantization off)."""
+
+    kd_loss: str
+    lm_weight: float
+    kd_weight: float
+    temperature: float
+    top_k: int
+    teacher: torch.nn.Module | None
+
+    def __call__(self, model: torch.nn.Module, batch: dict, fake_quant: bool = True,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to back-propagate, and its detached parts for the metrics. `fake_quant`: whether the
+        student's fake quantization is on at this step (a `self` teacher turns it off and back)."""
+        from forge_qat.prepare import set_fake_quant_enabled
+
+        with torch.no_grad():
+            if self.teacher is not None:
+                teacher_logits = self.teacher(**batch).logits
+            else:
+                set_fake_quant_enabled(model, False)
+                try:
+                    teacher_logits = model(**batch).logits
+                finally:
+                    set_fake_quant_enabled(model, fake_quant)
+        out = model(**batch)
+        kd = kd_loss(self.kd_loss, out.logits, teacher_logits, batch["labels"], temperature=self.temperature,
+                     top_k=self.top_k)
+        loss = self.lm_weight * out.loss.float() + self.kd_weight * kd
+        return loss, {"lm_loss": out.loss.detach().float(), "kd_loss": kd.detach()}
+
+
+def frozen_teacher(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module | None:
+    """The distillation teacher `--kd-teacher float` asks for: a frozen copy of the starting float model,
+    taken before fake quantization is installed."""
+    if not cfg.kd_weight or cfg.kd_teacher != "float":
+        return None
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False).eval().to(device)
+
+
+def make_objective(cfg, teacher: torch.nn.Module | None) -> Objective | None:
+    if not cfg.kd_weight:
+        return None
+    return Objective(cfg.kd_loss, cfg.lm_weight, cfg.kd_weight, cfg.kd_temperature, cfg.kd_top_k, teacher)
+
+
+def training_loss(model, batch: dict, objective: Objective | None, fake_quant: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to back-propagate and the detached vector of losses to log: [loss], or with distillation
+    [loss, LM loss, KD loss]."""
+    if objective is None:
+        loss = model(**batch).loss
+        return loss, loss.detach().float().reshape(1)
+    loss, parts = objective(model, batch, fake_quant)
+    return loss, torch.stack([loss.detach().float(), parts["lm_loss"], parts["kd_loss"]])
