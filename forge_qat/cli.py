@@ -24,7 +24,7 @@ from rich.table import Table  # noqa: E402
 
 from forge_qat import config as config_mod  # noqa: E402
 from forge_qat.errors import ConfigError, ForgeError  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, recipe_names  # noqa: E402
+from forge_qat.recipes import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, recipe_names  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="forge_qat: quantization-aware training of causal LMs on torchao.")
@@ -406,9 +406,10 @@ def compare_command(
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo's runs and artifacts go.")] = Path("forge-runs/demo"),
     recipe: Annotated[str, typer.Option(help=f"QAT recipe. Choices: {', '.join(recipe_names())}.")]
-    = DEFAULT_RECIPE,
+    = DEMO_RECIPE,
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 300,
     qat_steps: Annotated[int, typer.Option(help="Final steps of the QAT run with fake quantization on.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of model init and data order, shared by both runs.")] = 0,
 ):
     """The embedded default end to end: train float and QAT, finalize both, compare. No downloads."""
     from forge_qat.demo import run_demo
@@ -417,7 +418,7 @@ def demo(
     try:
         if steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {steps}")
-        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps,
+        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, seed=seed,
                           observer=lambda stage: _observer(),
                           on_stage=lambda s: console.print(f"[bold cyan]{s}"))
     except ForgeError as e:

@@ -17,7 +17,7 @@ from forge_qat.errors import ConfigError, OutputExistsError
 from forge_qat.evaluate import Comparison, compare, plot_loss_curves
 from forge_qat.finalize import FinalizeReport, FinalizeRequest, finalize
 from forge_qat.prepare import check_convert_hardware
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+from forge_qat.recipes import DEMO_RECIPE, get_recipe
 from forge_qat.train import TrainObserver, run_training
 
 DEMO_MARKER = "forge_demo.json"
@@ -44,15 +44,16 @@ def _claim(root: Path) -> None:
     root.mkdir(parents=True)
 
 
-def run_demo(root: Path, *, recipe: str = DEFAULT_RECIPE, steps: int = 300, qat_steps: int = 100,
+def run_demo(root: Path, *, recipe: str = DEMO_RECIPE, steps: int = 300, qat_steps: int = 100, seed: int = 0,
              observer: Callable[[str], TrainObserver | None] = lambda stage: None,
              on_stage: Callable[[str], None] = lambda stage: None) -> DemoResult:
     check_convert_hardware(get_recipe(recipe))  # the demo finalizes: fail before training, not after
     if not 0 < qat_steps <= steps:
         raise ConfigError(f"--qat-steps must be between 1 and --steps ({steps}), got {qat_steps}")
     _claim(root)
-    common = dict(max_steps=steps, eval_data=EVAL_DATA, eval_every=max(steps // 6, 1), save_every=0)
-    (root / DEMO_MARKER).write_text(json.dumps({"recipe": recipe, "steps": steps, "qat_steps": qat_steps}))
+    common = dict(max_steps=steps, eval_data=EVAL_DATA, eval_every=max(steps // 6, 1), save_every=0, seed=seed)
+    (root / DEMO_MARKER).write_text(json.dumps({"recipe": recipe, "steps": steps, "qat_steps": qat_steps,
+                                                "seed": seed}))
 
     on_stage(f"1/4 float training, {steps} steps")
     run_training(TrainConfig(output_dir=str(root / "float"), qat_recipe="none", **common), observer("float"))

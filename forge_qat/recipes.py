@@ -127,6 +127,16 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=convert_stack_to_intx_unpacked,
         ),
+        *(Recipe(
+            name=f"int8-dynamic-act-int{bits}-weight",
+            description=f"int8 per-token dynamic activations, int{bits} per-group(32) symmetric weights",
+            base_config=lambda bits=bits: Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=getattr(torch, f"int{bits}"), weight_granularity=PerGroup(32)
+            ),
+            storage_bits=8,  # IntxUnpackedToInt8Tensor: one value per int8
+            group_size=32,
+            convert_expert_stack=convert_stack_to_intx_unpacked,
+        ) for bits in (3, 2)),
         Recipe(
             name="int8-dynamic-act-int8-weight",
             description="int8 per-token symmetric activations, int8 per-channel weights (fast on x86 CPUs)",
@@ -177,6 +187,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 DEFAULT_RECIPE = "int8-dynamic-act-int4-weight"
+DEMO_RECIPE = "int8-dynamic-act-int2-weight"
+"""`forge demo`'s recipe. With int4 weights PTQ of the tiny preset costs ~0.003 nats of eval loss, too
+little for QAT's share of it to be more than noise; 2-bit weights cost ~0.05 and QAT wins most of it
+back, the same across seeds (docs/benchmarks.md, "Embedded demo")."""
 
 
 def recipe_names() -> list[str]:
