@@ -65,18 +65,40 @@ KD_LOSSES: dict[str, PerToken] = {
 }
 
 
+KD_CHUNK_ELEMENTS = 16 * 1024**2
+"""Logit elements per piece of the KD term (64 MB per fp32 copy): 341 tokens of a 49,152-token vocabulary.
+Each piece is recomputed in backward (activation checkpointing), so the fp32 copies, log-softmaxes and
+probabilities of full-vocabulary rows exist for one piece at a time instead of for the whole batch
+(bench/distill.py measures the difference)."""
+
+
 def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-            temperature: float = 1.0, top_k: int = 50) -> torch.Tensor:
+            temperature: float = 1.0, top_k: int = 50, chunk_tokens: int | None = None) -> torch.Tensor:
     """The mean per-token KD loss `name` over the positions whose (shifted) label is not IGNORE_INDEX."""
+    from torch.utils.checkpoint import checkpoint
+
     if name not in KD_LOSSES:
         raise ConfigError(choices_message("KD loss name", name, list(KD_LOSSES)))
+    per_token = KD_LOSSES[name]
+    chunk_tokens = chunk_tokens or max(1, KD_CHUNK_ELEMENTS // student_logits.shape[-1])
     shifted = labels[..., 1:]
-    keep = shifted != IGNORE_INDEX
-    s = student_logits[..., :-1, :][keep].float()
-    t = teacher_logits[..., :-1, :][keep].float()
-    if s.shape[0] == 0:
+    rows = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # (batch index, position) of each scored token
+    count = rows[0].numel()
+    if count == 0:
         return student_logits.sum() * 0.0
-    return KD_LOSSES[name](s, t, shifted[keep], temperature, top_k).mean()
+
+    def piece(student: torch.Tensor, teacher: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, q = student[b, t].float(), teacher[b, t].float()
+        return per_token(s, q, shifted[b, t], temperature, top_k).sum()
+
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for a in range(0, count, chunk_tokens):
+        b, t = rows[0][a:a + chunk_tokens], rows[1][a:a + chunk_tokens]
+        if student_logits.requires_grad:
+            total = total + checkpoint(piece, student_logits, teacher_logits, b, t, use_reentrant=False)
+        else:
+            total = total + piece(student_logits, teacher_logits, b, t)
+    return total / count
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,11 +54,24 @@ def test_each_kd_loss_matches_its_definition_over_unmasked_positions(name):
     labels = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
     labels[0, 3] = labels[1, 1] = labels[1, 5] = IGNORE_INDEX  # prompt tokens / ignored positions
     got = kd_loss(name, student, teacher, labels, temperature=2.0, top_k=3).item()
+    pieces = kd_loss(name, student, teacher, labels, temperature=2.0, top_k=3, chunk_tokens=3).item()
+    assert pieces == pytest.approx(got, rel=1e-6)
     # position t's logits predict label t + 1
     terms = [_reference(name, student[b, t], teacher[b, t], int(labels[b, t + 1]))
              for b in range(2) for t in range(5) if labels[b, t + 1] != IGNORE_INDEX]
     assert len(terms) == 7
     assert got == pytest.approx(sum(terms) / len(terms), rel=1e-5, abs=1e-6)
+
+
+def test_kd_gradients_are_the_same_in_pieces():
+    student = _logits(0).requires_grad_(True)
+    teacher, labels = _logits(1), torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for chunk in (1000, 4):
+        student.grad = None
+        kd_loss("cakld", student, teacher, labels, chunk_tokens=chunk).backward()
+        grads.append(student.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_identical_logits_cost_nothing_and_unknown_names_are_refused():
