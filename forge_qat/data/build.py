@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import selectors
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from forge_qat.data.encode import ChatOptions, Encoder
 from forge_qat.data.sources import Shard, Source, resolve_source
-from forge_qat.data.worker import ShardResult, encode_shard
+from forge_qat.data.worker import ShardResult, encode_shard, write_job
 from forge_qat.errors import ForgeError, InputError
 
 log = logging.getLogger(__name__)
@@ -121,9 +120,10 @@ def _run_workers(groups: list[list[tuple[int, Shard]]], tok, options: DataOption
         procs = []
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the worker processes are the parallelism
         try:
+            tok.save_pretrained(Path(jobs) / "tokenizer")
             for k, group in enumerate(groups):
-                job, errors = Path(jobs) / f"job-{k}.pkl", Path(jobs) / f"stderr-{k}.txt"
-                job.write_bytes(pickle.dumps((tok, options.chat, group, str(out_dir))))
+                job, errors = Path(jobs) / f"job-{k}.json", Path(jobs) / f"stderr-{k}.txt"
+                write_job(job, tok, Path(jobs) / "tokenizer", options.chat, group, out_dir)
                 with errors.open("w") as stderr:
                     procs.append(subprocess.Popen([sys.executable, "-m", "forge_qat.data.worker", str(job)],
                                                   stdout=subprocess.PIPE, stderr=stderr, text=True, env=env))

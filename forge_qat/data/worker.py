@@ -1,16 +1,16 @@
 """Tokenizing shards into Arrow files: `encode_shard`, and the worker process `python -m
-forge_qat.data.worker JOB` that runs it for `forge_qat.data.build`.
+forge_qat.data.worker JOB.json` that runs it for `forge_qat.data.build`.
 
 A worker is a fresh interpreter that imports only the data modules (no torch). A multiprocessing spawn
 child would import the parent's main module first, which for `forge` is the whole CLI with torch: about
 0.4 GB more per worker (bench/data.py measured the spawned pool at 1.61 GB peak for 2 workers, against
-0.62 GB for one process). The job file holds what the parent pickled for it (tokenizer, chat options,
-shards, output directory) in a private temporary directory; nothing from a data or model directory is
-unpickled. The worker reports each finished shard, or its first error, as one JSON line on stdout.
+0.62 GB for one process). The job is plain data: a JSON file (chat options, shards, output directory)
+and the tokenizer as the parent saved it with `save_pretrained`, loaded back with
+`trust_remote_code=False`; nothing is unpickled. The worker reports each finished shard, or its first
+error, as one JSON line on stdout.
 """
 
 import json
-import pickle
 import sys
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from forge_qat.data.encode import Encoder
+from forge_qat.data.encode import ChatOptions, Encoder
 from forge_qat.data.sources import Shard, describe, read_records
 from forge_qat.errors import ForgeError
 
@@ -66,13 +66,24 @@ def encode_shard(index: int, shard: Shard, out_dir: Path, encoder: Encoder) -> S
     return ShardResult(index, name, documents, tokens, learned, shard.size)
 
 
+def write_job(path: Path, tokenizer, tokenizer_dir: Path, chat: ChatOptions, shards: list[tuple[int, Shard]],
+              out_dir: Path) -> None:
+    """The job file `main` reads; `tokenizer` must already be saved in `tokenizer_dir`."""
+    path.write_text(json.dumps({"tokenizer": str(tokenizer_dir), "tokenizer_class": type(tokenizer).__name__,
+                                "chat": asdict(chat), "out_dir": str(out_dir),
+                                "shards": [[index, asdict(shard)] for index, shard in shards]}))
+
+
 def main(argv: list[str]) -> int:
-    with open(argv[0], "rb") as f:
-        tok, chat, shards, out_dir = pickle.load(f)  # written by forge_qat.data.build for this process
-    encoder = Encoder(tok, chat)
+    import transformers
+
+    job = json.loads(Path(argv[0]).read_text())
+    # The tokenizer's own class, not AutoTokenizer: importing the auto classes imports torch.
+    tok = getattr(transformers, job["tokenizer_class"]).from_pretrained(job["tokenizer"], trust_remote_code=False)
+    encoder = Encoder(tok, ChatOptions(**job["chat"]))
     try:
-        for index, shard in shards:
-            result = encode_shard(index, shard, Path(out_dir), encoder)
+        for index, shard in job["shards"]:
+            result = encode_shard(index, Shard(**shard), Path(job["out_dir"]), encoder)
             print(json.dumps(asdict(result)), flush=True)
     except ForgeError as e:
         print(json.dumps({"error": str(e), "type": type(e).__name__}), flush=True)
