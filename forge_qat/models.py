@@ -125,25 +125,26 @@ def load_model_tokenizer(spec: str) -> tuple[PreTrainedTokenizerBase, int | None
     loading weights: training checks its options and prepares its data before the model loads."""
     if spec in PRESETS:
         return byte_tokenizer(), PRESET_MAX_POSITIONS
+    path = _model_dir(spec)
+    return load_tokenizer(path), getattr(load_config(path), "max_position_embeddings", None)
+
+
+def _model_dir(spec: str) -> Path:
+    """The checked model directory `spec` names (a bare word that is no directory is a mistyped preset)."""
     path = Path(spec)
     if not path.exists() and "/" not in spec and not spec.startswith("."):
         raise InputError(choices_message("model preset", spec, list(PRESETS)) + " (or give a local model directory)")
     check_model_dir(path)
-    config = load_config(path)
-    return load_tokenizer(path), getattr(config, "max_position_embeddings", None)
+    return path
 
 
-def load_model(spec: str, seed: int = 0, dtype: torch.dtype | str = torch.float32,
+def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Model (float32 on the CPU unless asked otherwise) and tokenizer from a preset or a local HF directory."""
     if spec in PRESETS:
         model, tok = preset_model(spec, seed)
-        return model.to(device, torch.float32 if dtype == "auto" else dtype), tok
-    path = Path(spec)
-    if not path.exists() and "/" not in spec and not spec.startswith("."):
-        raise InputError(choices_message("model preset", spec, list(PRESETS))
-                         + " (or give a local model directory)")
-    check_model_dir(path)
+        return model.to(device, dtype), tok
+    path = _model_dir(spec)
     load_config(path)  # a clear error (and no code run) before the weights are touched
     tokenizer = load_tokenizer(path)
     # MoE artifacts of int4 recipes select experts through an operator torchao 0.18 lacks.

@@ -105,6 +105,8 @@ class Backend(Protocol):
     local_rank: int
     """The rank's index on its machine: local rank 0 tokenizes the data for the machine."""
     world_size: int
+    teacher: torch.nn.Module | None
+    """The frozen float teacher of `--kd-teacher float`, made by `build` (None otherwise)."""
 
     def build(self, cfg: TrainConfig, res: Resolved) -> tuple[torch.nn.Module, Any]: ...
     def setup(self, model, optimizer, scheduler, cfg: TrainConfig, objective: Objective | None) -> None: ...
@@ -127,6 +129,7 @@ class SingleProcess:
     """Plain PyTorch on one device, autocast for mixed precision."""
 
     rank, local_rank, world_size = 0, 0, 1
+    teacher: torch.nn.Module | None = None
 
     def build(self, cfg: TrainConfig, res: Resolved):
         model, tokenizer = load_model(cfg.model, seed=cfg.seed)
@@ -249,7 +252,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
     optimizer = build_optimizer(model, cfg, res.lr)
     scheduler = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    backend.setup(model, optimizer, scheduler, cfg, make_objective(cfg, getattr(backend, "teacher", None)))
+    backend.setup(model, optimizer, scheduler, cfg, make_objective(cfg, backend.teacher))
     if main and not cfg.resume:
         # Everything the run needs has loaded: only now may a previous run in the directory be replaced.
         ckpt_io.start_run_dir(out, cfg.to_dict())

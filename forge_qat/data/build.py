@@ -154,9 +154,9 @@ def _run_workers(groups: list[list[tuple[int, Shard]]], tok, options: DataOption
 
 
 def _build(source: Source, tok, options: DataOptions, key: str, final: Path) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    from forge_qat.checkpoint import atomic_dir
+
+    with atomic_dir(final) as tmp:  # the cache appears complete or not at all
         t0 = time.perf_counter()
         log.info("tokenizing %s (%d shard(s), %.1f MB) with %d process(es) into %s", source.spec,
                  len(source.shards), source.num_bytes / 1e6, min(options.workers, len(source.shards)), final)
@@ -167,10 +167,6 @@ def _build(source: Source, tok, options: DataOptions, key: str, final: Path) -> 
                 "documents": sum(r.documents for r in results), "tokens": sum(r.tokens for r in results),
                 "learned_tokens": sum(r.learned for r in results), "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / STORE_META).write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, final)  # the cache appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("tokenized %s: %d documents, %d tokens in %.1f s", source.spec, meta["documents"], meta["tokens"],
              meta["seconds"])
 

@@ -276,6 +276,7 @@ class ZeroBackend:
         self.cfg = cfg
         self.layout: Layout | None = None
         """How the input checkpoint stores the model's tensors (rank 0): checkpoints are written the same way."""
+        self.teacher: torch.nn.Module | None = None
 
     def build(self, cfg: TrainConfig, res):
         from transformers import AutoModelForCausalLM
@@ -488,13 +489,12 @@ def full_weight(p: torch.nn.Parameter):
 
 
 def _gather_block(params: dict, buffers: dict, names: list[str], keep: bool) -> dict[str, torch.Tensor]:
-    kept = {}
+    kept = {n: buffers[n] for n in names if n in buffers}
     for n in names:
         if n in params:
-            with full_weight(params[n]) as value:
+            with full_weight(params[n]) as value:  # a collective: every rank enters it, keeping or not
                 if keep:
                     kept[n] = value.to("cpu", torch.float32, copy=True)
-    kept.update({n: buffers[n] for n in names if n in buffers} if keep else {})
     return kept
 
 
