@@ -26,6 +26,10 @@ RUN_MARKER = "forge_run.json"
 CHECKPOINT_META = "forge_checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
+LEARNED_SCALES = Path("learned_scales") / "scales.safetensors"
+"""A checkpoint's learned weight scales (`--qat-learn-scales`), by state-dict name. Kept apart from the HF
+weights, in a subdirectory no `*.safetensors` glob of the checkpoint sees, so the checkpoint stays a plain
+float model for transformers and for `--model`."""
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -170,8 +174,16 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[st
     """Write checkpoint-{step} atomically, then prune to the newest `keep` checkpoints."""
     final = output_dir / f"checkpoint-{step:06d}"
     try:
+        from forge_qat.fake_quant import SCALE_SUFFIX  # here: torchao loads only where a model is saved
+
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            scales = {n: t for n, t in model.state_dict().items() if n.endswith(SCALE_SUFFIX)}
+            if scales:
+                weights = {n: t for n, t in model.state_dict().items() if n not in scales}
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                write_learned_scales(tmp, scales)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             torch.save(trainer_state, tmp / TRAINER_STATE)
             write_checkpoint_meta(tmp, step, meta)
@@ -180,6 +192,28 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[st
                          f"{str(e).splitlines()[0][:200]}; the previous checkpoints are intact") from None
     prune_checkpoints(output_dir, keep)
     return final
+
+
+def write_learned_scales(directory: Path, scales: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    (directory / LEARNED_SCALES).parent.mkdir(exist_ok=True)
+    save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in scales.items()},
+              directory / LEARNED_SCALES)
+
+
+def read_learned_scales(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's learned weight scales, or None when it was trained without them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = ckpt / LEARNED_SCALES
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
 
 
 def write_checkpoint_meta(directory: Path, step: int, meta: dict[str, Any]) -> None:
@@ -241,6 +275,7 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
         except (SafetensorError, OSError) as e:
             raise InputError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:200]}); resume from an "
                              f"earlier checkpoint") from None
+    state.update(read_learned_scales(ckpt) or {})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = set(missing) - tied_aliases(model)  # a tied parameter is stored under its first name only
     if missing or unexpected:

@@ -63,7 +63,8 @@ def recipe_rows() -> list[dict[str, Any]]:
         missing = r.missing_for_convert()
         rows.append({"name": r.name, "description": r.description, "default": r.name == DEFAULT_RECIPE,
                      "train": True, "finalize": not missing,
-                     "finalize_needs": missing, "safetensors": r.safetensors, "moe_experts": r.experts_support})
+                     "finalize_needs": missing, "safetensors": r.safetensors, "moe_experts": r.experts_support,
+                     "learnable_scales": r.learnable_scales})
     return rows
 
 

@@ -53,6 +53,8 @@ class TrainConfig:
     qat_recipe: str | None = _opt(
         None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
     fake_quant_after_steps: int = _opt(0, "Train this many steps in float before enabling fake quantization.")
+    qat_learn_scales: bool = _opt(False, "Train the weight quantization scales with the model (initialised from "
+                                         "the weights; the converted artifact uses the learned scales).")
     fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+ only).")
     # distillation (forge_qat.distill): loss = lm_weight * CE + kd_weight * KD against a float teacher
     kd_loss: str | None = _opt(None, "Distillation loss: kl, rkl, mse, kd (tempered KL), kl-top-k, rkl-top-k, cakld.")
@@ -160,6 +162,13 @@ class TrainConfig:
                 raise ConfigError(choices_message(swap.option.replace("_", " "), value, swap.choices()))
         if self.fake_quant_after_steps and self.active_qat_recipe is None:
             raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+        if self.qat_learn_scales:
+            from forge_qat.recipes import RECIPES
+
+            able = [name for name, r in RECIPES.items() if r.learnable_scales]
+            if self.active_qat_recipe not in able:
+                raise ConfigError(f"--qat-learn-scales needs a QAT recipe whose weight scales can be learned "
+                                  f"({', '.join(able)}); this run's is {self.active_qat_recipe or NO_RECIPE}")
         if self.finalize is not None:
             from forge_qat.recipes import get_recipe
 

@@ -15,12 +15,14 @@ FILES = ("README.md", "docs/recipes.md")
 
 
 def recipe_table_markdown() -> str:
-    lines = ["| recipe | what it simulates | convert needs | artifact format | MoE experts |", "|---|---|---|---|---|"]
+    lines = ["| recipe | what it simulates | convert needs | artifact format | MoE experts | `--qat-learn-scales` |",
+             "|---|---|---|---|---|---|"]
     for r in RECIPES.values():
         name = f"`{r.name}`" + (" (default)" if r.name == DEFAULT_RECIPE else "")
         needs = ", ".join(q.description for q in r.convert_requires) or "any CPU"
         fmt = "safetensors" if r.safetensors else "pytorch_model.bin"
-        lines.append(f"| {name} | {r.description} | {needs} | {fmt} | {r.experts_support} |")
+        learn = "yes (linear layers)" if r.learnable_scales else "no"
+        lines.append(f"| {name} | {r.description} | {needs} | {fmt} | {r.experts_support} | {learn} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.data.store import model_inputs, open_token_store
 from forge_qat.errors import ConfigError, HardwareError, InputError
 from forge_qat.models import load_model
-from forge_qat.prepare import prepare_qat
+from forge_qat.prepare import LearnScales, prepare_qat
 from forge_qat.recipes import Recipe
 
 
@@ -70,7 +70,8 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     if fake_quant and getattr(model.config, "quantization_config", None):
         raise ConfigError(f"{target} is already a quantized artifact; --fake-quant applies to float checkpoints")
     if fake_quant:
-        prepare_qat(model, fake_quant)
+        scales = ckpt_io.read_learned_scales(target)  # a --qat-learn-scales checkpoint: with what it learned
+        prepare_qat(model, fake_quant, learn=LearnScales(initial=scales) if scales is not None else None)
     model.eval()
     packed = open_token_store(data, tokenizer, seq_len, data_options)
     total, count = 0.0, 0

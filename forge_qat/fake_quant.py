@@ -19,6 +19,8 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 
 Granularity = Literal["per_token", "per_group", "per_channel"]
+SCALE_SUFFIX = ".weight_fake_quantizer.scale"
+"""How the state dict names a linear layer's learned weight scales (`LearnedScaleFakeQuantizer.scale`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,6 +148,83 @@ class AffineFakeQuantizer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.spec)
+
+
+def initial_scale(weight: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """The scales the dynamic quantizer would choose for `weight` now, in float32, shaped (*rows, groups):
+    the starting point of learned scales, so training starts exactly where plain QAT does."""
+    if not spec.symmetric:
+        raise ValueError("learned scales are implemented for symmetric weight grids only")
+    rows = weight.shape[:-1]
+    scale, _ = choose_qparams(_grouped(weight.detach(), spec), spec)
+    return scale.to(torch.float32).reshape(*rows, -1)
+
+
+class _LearnedFakeQuantize(torch.autograd.Function):
+    """clamp(round(w / s)) * s with a trainable `s` (LSQ, without its gradient scaling; the gradients
+    torchao's range learning gets from autograd through `_Round`): straight through for `w` inside the
+    grid, and ``d/ds = q - w / s`` inside it, ``q`` (the clamp bound) where clipped. The grid values and
+    rounding are those of torchao's `quantize_affine` with a custom scale (`input * (1.0 / scale)`), so
+    the converted tensor holds exactly the values this forward multiplies by."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype) -> torch.Tensor:
+        wg = _grouped(w, spec)
+        s = scale.reshape(-1, 1)
+        inv_scale = 1.0 / s
+        ratio = wg * inv_scale
+        q = torch.round(ratio)
+        clamped = q.clamp(spec.qmin, spec.qmax)
+        clipped = clamped != q
+        del q
+        # d(out)/ds per element, kept for backward instead of the weight (which ZeRO-3 frees after forward).
+        ds = torch.where(clipped, clamped, clamped - ratio)
+        del ratio
+        out = clamped.mul_(s)
+        ctx.save_for_backward(s, inv_scale, clipped, ds)
+        ctx.shapes = (w.shape, scale.shape, w.dtype, scale.dtype)
+        return out.to(out_dtype).view(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, inv_scale, clipped, ds = ctx.saved_tensors
+        w_shape, s_shape, w_dtype, s_dtype = ctx.shapes
+        g = grad.reshape(clipped.shape).to(s.dtype)
+        grad_w = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_w = (g * s).masked_fill_(clipped, 0).mul_(inv_scale).to(w_dtype).view(w_shape)
+        if ctx.needs_input_grad[1]:
+            grad_s = (g * ds).sum(-1).to(s_dtype).view(s_shape)
+        return grad_w, grad_s, None, None
+
+
+class LearnedScaleFakeQuantizer(torch.nn.Module):
+    """A weight fake quantizer whose scales are a trainable Parameter (`scale`, float32, one per group),
+    for recipes with symmetric per-group or per-channel weights. Made by `forge_qat.prepare` for
+    `--qat-learn-scales`; convert hands `scale` to torchao as the tensor's custom scale."""
+
+    def __init__(self, spec: AffineSpec, scale: torch.Tensor):
+        super().__init__()
+        if spec.granularity == "per_token" or not spec.symmetric:
+            raise ValueError(f"learned scales need symmetric per-group or per-channel weights, not {spec}")
+        self.spec = spec
+        self.enabled = True
+        self.scale = torch.nn.Parameter(scale.to(torch.float32), requires_grad=True)
+
+    @property
+    def config(self) -> AffineSpec:
+        return self.spec
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        device = w.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+        with torch.autocast(device, enabled=False):
+            return _LearnedFakeQuantize.apply(w, self.scale, self.spec, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec!r}, learned scale {tuple(self.scale.shape)}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -23,7 +23,7 @@ from forge_qat.coverage import Coverage, check_useful
 from forge_qat.coverage import plan as plan_coverage
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
 from forge_qat.models import check_model_dir, is_quantized_artifact, load_config, load_model, load_tokenizer
-from forge_qat.prepare import check_convert_hardware, convert_qat, prepare_qat
+from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.weights import tied_aliases
 
@@ -55,6 +55,17 @@ class Plan:
     notes: tuple[str, ...]
     zero_dir: Path | None = None
     """A ZeRO-3 DeepSpeed checkpoint to read the weights from (config and tokenizer: `checkpoint`)."""
+    learned_scales: bool = False
+    """Convert with the weight scales the checkpoint learned (`--qat-learn-scales`) instead of choosing them."""
+
+    def read_learned_scales(self) -> dict[str, torch.Tensor] | None:
+        if not self.learned_scales:
+            return None
+        scales = ckpt_io.read_learned_scales(self.checkpoint)
+        if scales is None:
+            raise InputError(f"{self.checkpoint} was trained with --qat-learn-scales but lacks its scales "
+                             f"({ckpt_io.LEARNED_SCALES}); the checkpoint is incomplete")
+        return scales
 
 
 @dataclass
@@ -104,8 +115,10 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
                              f"checkpoint-N directory or a run directory of `forge train`)")
     meta = ckpt_io.read_checkpoint_meta(ckpt) or {}
     trained = meta.get("qat_recipe")
+    learned = bool(meta.get("train_config", {}).get("qat_learn_scales"))
+    unused = "; the weight scales it learned (--qat-learn-scales) are not used" if learned else ""
     if req.ptq:
-        return Plan(ckpt, get_recipe(req.ptq), "ptq", (), zero_dir)
+        return Plan(ckpt, get_recipe(req.ptq), "ptq", (f"--ptq{unused}",) if unused else (), zero_dir)
     name = req.qat_convert or trained
     if name is None:
         raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
@@ -116,8 +129,8 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
         return Plan(ckpt, recipe, "ptq", (note,), zero_dir)
     if trained != name:
         note = f"{ckpt} was QAT-trained with {trained}; converting with {name} is post-training quantization"
-        return Plan(ckpt, recipe, "ptq", (note,), zero_dir)
-    return Plan(ckpt, recipe, "qat", (), zero_dir)
+        return Plan(ckpt, recipe, "ptq", (note + unused,), zero_dir)
+    return Plan(ckpt, recipe, "qat", (), zero_dir, learned_scales=learned)
 
 
 def sample_batch(tokenizer, vocab_size: int, length: int = 64) -> torch.Tensor:
@@ -206,7 +219,8 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
     with torch.no_grad():
         float_logits = model(sample).logits
-        cov = prepare_qat(model, plan.recipe)
+        scales = plan.read_learned_scales()
+        cov = prepare_qat(model, plan.recipe, learn=LearnScales(initial=scales) if scales is not None else None)
         converted = convert_qat(model, plan.recipe)
         quant_logits = model(sample).logits
 
@@ -313,7 +327,8 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
         reader = reader or model_layout_reader(SafetensorsReader.from_dir(plan.checkpoint), skeleton)
-        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes, device)
+        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes, device,
+                                              learned=plan.read_learned_scales())
         if set(stats.converted) != set(cov.quantized):
             raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the plan "
                                   f"{len(cov.quantized)}; nothing was written")

@@ -5,9 +5,12 @@ Called by training (prepare, fake-quant delay) and by finalize (prepare then con
 is decided once by `forge_qat.coverage.plan`, so both phases agree.
 """
 
+import contextlib
+import copy
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,8 +25,15 @@ from forge_qat import experts, hardware
 from forge_qat.coverage import OUTPUT_HEAD_NAMES, Coverage, check_useful, plan
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
 from forge_qat.experts import ProjectionFakeQuant
-from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, IntegerGridFakeQuantizedLinear
-from forge_qat.recipes import Recipe, recipe_names
+from forge_qat.fake_quant import (
+    SCALE_SUFFIX,
+    AffineFakeQuantizer,
+    AffineSpec,
+    IntegerGridFakeQuantizedLinear,
+    LearnedScaleFakeQuantizer,
+    initial_scale,
+)
+from forge_qat.recipes import Recipe, get_recipe, recipe_names
 
 if TYPE_CHECKING:
     from forge_qat.config import TrainConfig
@@ -104,32 +114,84 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
     return quantizers
 
 
-def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = None) -> Coverage:
+@dataclass(frozen=True, slots=True)
+class LearnScales:
+    """`--qat-learn-scales`: every quantized linear layer's weight scales become a trainable Parameter
+    (`<layer>.weight_fake_quantizer.scale`, float32, one per group)."""
+
+    initial: Mapping[str, torch.Tensor] | None = None
+    """Scales by parameter name (a checkpoint's, see `forge_qat.checkpoint.read_learned_scales`); None:
+    chosen from the weights as the dynamic quantizer would, so training starts where plain QAT does."""
+    gather: Callable[[torch.nn.Parameter], AbstractContextManager] = field(default=lambda p: contextlib.nullcontext())
+    """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer at a time)."""
+
+
+def _learned_weight_quantizer(name: str, prepared: FakeQuantizedLinear, learn: LearnScales) -> torch.nn.Module:
+    quantizer = prepared.weight_fake_quantizer
+    if not isinstance(quantizer, AffineFakeQuantizer):
+        raise ConfigError(f"{name}: its weight fake quantizer ({type(quantizer).__name__}) has no learnable scales")
+    key = name + SCALE_SUFFIX
+    if learn.initial is not None:
+        if key not in learn.initial:
+            raise ConversionError(f"the checkpoint holds no learned scales for {name} ({key}); it was not trained "
+                                  f"with --qat-learn-scales for this model")
+        scale = learn.initial[key].to(prepared.weight.device)
+    else:
+        with learn.gather(prepared.weight):
+            scale = initial_scale(prepared.weight.data, quantizer.spec)
+    return LearnedScaleFakeQuantizer(quantizer.spec, scale)
+
+
+def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = None,
+                learn: LearnScales | None = None) -> Coverage:
     """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
-    Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's).
+    Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's;
+    with `learn`, plus one scale Parameter per quantized linear layer).
 
     Returns the plan, counted by parameters. Raises before changing anything when the recipe would
     quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`).
     `cov`: this model's plan, when the caller has made it already."""
     cov = cov or plan(model, recipe)
     check_useful(cov, recipe)
+    if learn is not None:
+        if not recipe.learnable_scales:
+            raise ConfigError(f"{recipe.name} has no learnable weight scales; recipes that have: "
+                              f"{', '.join(n for n in recipe_names() if get_recipe(n).learnable_scales)}")
+        if cov.experts:
+            raise ConfigError(f"--qat-learn-scales covers linear layers only so far; this model's MoE expert "
+                              f"stacks ({len(cov.experts)} MoE layers, {cov.expert_numel():,} parameters) would "
+                              f"keep dynamic scales. Train it without --qat-learn-scales")
     modules = dict(model.named_modules())
     for name, linear in cov.linears.items():
         parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, _fake_quantized_linear(linear, recipe))
+        prepared = _fake_quantized_linear(linear, recipe)
+        if learn is not None:
+            prepared.weight_fake_quantizer = _learned_weight_quantizer(name, prepared, learn)
+        setattr(modules[parent] if parent else model, child, prepared)
     for name, stacks in cov.experts.items():
         module = modules[name]
         experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
     return cov
 
 
-def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe: Recipe | None) -> Coverage | None:
+Gather = Callable[[torch.nn.Parameter], AbstractContextManager]
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe: Recipe | None,
+                         gather: Gather | None = None) -> Coverage | None:
     """Everything a run config changes in a freshly loaded model before training, in the order torchtune
     uses (swaps, then activation checkpointing, then sharding by the caller). Shared by one process and
-    ZeRO (whose partitioned Parameters the swaps keep)."""
+    ZeRO (whose partitioned Parameters the swaps keep; `gather` makes one whole, for learned scales)."""
     cov = None
     if qat_recipe is not None:
-        cov = prepare_qat(model, qat_recipe)
+        learn = None
+        if cfg.qat_learn_scales:
+            learn = LearnScales(gather=gather) if gather else LearnScales()
+        cov = prepare_qat(model, qat_recipe, learn=learn)
+        if learn is not None:
+            scales = learned_scales(model)
+            log.info("learned weight scales: %d parameters in %d layers", sum(p.numel() for p in scales.values()),
+                     len(scales))
         log.info("fake quantization: %s", cov.describe())
     elif cfg.fp8_recipe:
         n = prepare_float8_training(model, cfg.fp8_recipe)
@@ -141,6 +203,11 @@ def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe:
         # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return cov
+
+
+def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The learned weight-scale Parameters of a prepared model, by state-dict name."""
+    return {n: p for n, p in model.named_parameters() if n.endswith(SCALE_SUFFIX)}
 
 
 def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
@@ -167,8 +234,12 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     stacks = {n: m for n, m in model.named_modules() if experts.is_fake_quantized(m)}
     if not linears and not stacks:
         raise ConversionError("the model has no fake-quantized layers: nothing to convert")
-    if linears:
-        quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=_filter_for(linears))
+    modules = dict(model.named_modules())
+    learned = {n for n in linears if isinstance(modules[n].weight_fake_quantizer, LearnedScaleFakeQuantizer)}
+    if learned:
+        _convert_with_learned_scales(model, modules, learned, recipe)
+    if linears - learned:
+        quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=_filter_for(linears - learned))
     converted = [f"{n}.weight" for n in sorted(linears)]
     for name, module in stacks.items():
         converted += [f"{name}.{stack}" for stack in experts.convert(module, recipe)]
@@ -177,6 +248,26 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
         # its grouped_mm/batched_mm paths (the default) call ops torchao does not implement.
         model.set_experts_implementation("eager")
     return converted
+
+
+def _convert_with_learned_scales(model: torch.nn.Module, modules: dict[str, torch.nn.Module], names: set[str],
+                                 recipe: Recipe) -> None:
+    """What torchao's `QATConfig(step="convert")` does for its own range-learning quantizers (a plain linear,
+    then the base config's handler with `custom_scale`, the qparams algorithm off), for forge's
+    `LearnedScaleFakeQuantizer`, which torchao does not recognise: the converted tensor's scales are the
+    learned ones, its values `clamp(round(w * (1 / scale)))` exactly as the fake quantizer's."""
+    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+    base = copy.copy(recipe.base_config())
+    base.intx_choose_qparams_algorithm = None
+    handler = _QUANTIZE_CONFIG_HANDLER[type(base)]
+    for name in sorted(names):
+        prepared = modules[name]
+        scale = prepared.weight_fake_quantizer.scale.detach().to(prepared.weight.device)
+        linear = handler(prepared.to_linear(), base, custom_scale=scale,
+                         custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, linear)
 
 
 # ---- float8 training: the other linear-swap option -------------------------------------------

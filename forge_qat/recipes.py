@@ -91,6 +91,9 @@ class Recipe:
     convert_expert_stack: ExpertStackConverter | None = None
     """How convert turns a mixture-of-experts stack into a torchao tensor; None: torchao 0.18 offers this
     recipe no route for 3-D expert weights, and a model with experts is refused before training."""
+    learnable_scales: bool = False
+    """Whether `--qat-learn-scales` can train this recipe's weight scales: its weights are symmetric
+    per-group/per-channel with a fused fake quantizer, and its torchao tensor takes a custom scale."""
     convert_dtype: torch.dtype | None = None
     """The dtype convert's kernels need for weights and activations (bf16 for the CUDA recipes); None: the
     checkpoint's own dtype."""
@@ -126,6 +129,7 @@ RECIPES: dict[str, Recipe] = {
             storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
             group_size=32,
             convert_expert_stack=convert_stack_to_intx_unpacked,
+            learnable_scales=True,
         ),
         *(Recipe(
             name=f"int8-dynamic-act-int{bits}-weight",
@@ -136,6 +140,7 @@ RECIPES: dict[str, Recipe] = {
             storage_bits=8,  # IntxUnpackedToInt8Tensor: one value per int8
             group_size=32,
             convert_expert_stack=convert_stack_to_intx_unpacked,
+            learnable_scales=True,
         ) for bits in (3, 2)),
         Recipe(
             name="int8-dynamic-act-int8-weight",

@@ -12,7 +12,7 @@ import gc
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from forge_qat.allocator import release_large_frees_to_os
 from forge_qat.artifact import ShardWriter, tensor_bytes
 from forge_qat.coverage import plan
 from forge_qat.errors import ConversionError, InputError
-from forge_qat.prepare import convert_qat, prepare_qat
+from forge_qat.prepare import LearnScales, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe
 from forge_qat.weights import tied_aliases
 
@@ -90,11 +90,19 @@ def _materialise(model: torch.nn.Module, block: Block, reader, device: torch.dev
     return module
 
 
+def _block_scales(learned: Mapping[str, torch.Tensor] | None, block: Block, parent_name: str) -> LearnScales | None:
+    """The learned scales of one block, named as inside its holder (`<last>.self_attn.q_proj...`)."""
+    if learned is None:
+        return None
+    strip = len(parent_name) + 1 if parent_name else 0
+    return LearnScales(initial={k[strip:]: v for k, v in learned.items() if k.startswith(block.prefix)})
+
+
 def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats,
                    after_block=lambda: None, device: torch.device = torch.device("cpu"),
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+                   learned: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (state-dict name, tensor) in state-dict order, one converted block at a time, converted on
-    `device` (the recipe's convert device)."""
+    `device` (the recipe's convert device). `learned`: the checkpoint's learned weight scales, if any."""
     missing = sorted({n for b in blocks for n in b.names} - reader.keys())
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
@@ -112,7 +120,7 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: 
         with torch.no_grad():
             block_plan = plan(holder, recipe)
             if block_plan.quantized:
-                prepare_qat(holder, recipe, block_plan)
+                prepare_qat(holder, recipe, block_plan, learn=_block_scales(learned, block, parent_name))
                 names = convert_qat(holder, recipe)
                 block_converted = [f"{parent_name}.{n}" if parent_name else n for n in names]
         stats.converted += block_converted
@@ -172,14 +180,15 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
 
 def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Path, fmt: str,
                    max_shard_bytes: int, device: torch.device = torch.device("cpu"),
-                   ) -> tuple[StreamStats, list[Path], int]:
+                   learned: Mapping[str, torch.Tensor] | None = None) -> tuple[StreamStats, list[Path], int]:
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
     trim = release_large_frees_to_os()
     stats = StreamStats()
     blocks = plan_blocks(model)  # made once, on the intact skeleton
     names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
-    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device):
+    for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device,
+                                       learned=learned):
         writer.add(name, tensor)
     if not stats.converted:
         raise ConversionError("no weight was converted")

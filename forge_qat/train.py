@@ -27,7 +27,7 @@ from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_t
 from forge_qat.distill import Objective, frozen_teacher, make_objective, training_loss
 from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.models import ModelSource, load_model, load_model_tokenizer
-from forge_qat.prepare import check_convert_hardware, prepare_for_training, set_fake_quant_enabled
+from forge_qat.prepare import check_convert_hardware, learned_scales, prepare_for_training, set_fake_quant_enabled
 from forge_qat.recipes import Recipe, get_recipe
 from forge_qat.weights import true_shape
 
@@ -88,9 +88,11 @@ def autocast(res: Resolved):
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     # model.parameters() yields each Parameter once, so tied or shared parameters appear once here
-    # (DeepSpeed would otherwise reject the duplicate). Decay matrices only.
+    # (DeepSpeed would otherwise reject the duplicate). Decay weight matrices only: not learned
+    # quantization scales, which decay would shrink towards a grid that clips everything.
     params = [p for p in model.parameters() if p.requires_grad]
-    is_matrix = lambda p: len(true_shape(p)) >= 2
+    scales = {id(p) for p in learned_scales(model).values()}
+    is_matrix = lambda p: len(true_shape(p)) >= 2 and id(p) not in scales
     groups = [
         {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
@@ -321,8 +323,8 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
 
 
 RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "packing", "kd_loss", "kd_weight", "lm_weight",
-                "kd_teacher", "kd_temperature", "kd_top_k", "seq_len", "batch_size", "grad_accum", "lr",
-                "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
+                "kd_teacher", "kd_temperature", "kd_top_k", "qat_learn_scales", "seq_len", "batch_size",
+                "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
                 "fake_quant_after_steps")
 """Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and
 batch order are functions of them."""

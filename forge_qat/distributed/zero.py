@@ -29,6 +29,7 @@ from forge_qat.artifact import ShardWriter
 from forge_qat.config import TrainConfig
 from forge_qat.distill import frozen_teacher, training_loss
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.fake_quant import SCALE_SUFFIX
 from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.models import PRESETS, check_model_dir, load_config, load_model, load_tokenizer, preset_model
 from forge_qat.prepare import prepare_for_training
@@ -325,7 +326,8 @@ class ZeroBackend:
         gc.collect()
         self.layout = stream_load_weights(model, source, self.rank)
         del source
-        prepare_for_training(model, cfg, res.recipe)
+        # Learned scales are chosen from each weight made whole, one layer at a time (a collective).
+        prepare_for_training(model, cfg, res.recipe, gather=lambda p: deepspeed.zero.GatheredParameters([p]))
         if res.precision != "fp32":
             _cast_inputs_to_weight_dtype(model)
         self.model = model
@@ -516,12 +518,20 @@ def consolidate_hf_weights(model: torch.nn.Module, directory: Path | None, rank:
     plus one shard."""
     params = dict(model.named_parameters())
     layout = layout or Layout()
-    writer = (ShardWriter(directory, "safetensors", layout.checkpoint_keys(list(params)), max_shard_bytes)
+    # Learned weight scales go to their own file (checkpoint.LEARNED_SCALES), as on one process.
+    scale_names = {n for n in params if n.endswith(SCALE_SUFFIX)}
+    weight_names = [n for n in params if n not in scale_names]
+    writer = (ShardWriter(directory, "safetensors", layout.checkpoint_keys(weight_names), max_shard_bytes)
               if rank == 0 else None)
+    scales = {}
     for name, p in params.items():
         with full_weight(p) as value:
-            if writer:
+            if writer and name in scale_names:
+                scales[name] = value.to("cpu", torch.float32, copy=True)
+            elif writer:
                 for key, tensor in layout.checkpoint_tensors(name, value.to("cpu", torch.float32, copy=True)):
                     writer.add(key, tensor)
     if writer:
         writer.close()
+        if scales:
+            ckpt_io.write_learned_scales(directory, scales)

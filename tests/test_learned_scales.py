@@ -1,0 +1,164 @@
+"""--qat-learn-scales: trainable weight scales, checked against torchao's range learning, through
+training, checkpoints, resume and convert (artifact == fake-quant logits, bit for bit)."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import micro_train_args
+from safetensors.torch import load_file
+from torchao.quantization.qat.utils import _fake_quantize_per_channel_group
+from transformers import AutoModelForCausalLM
+
+from forge_qat import checkpoint as ckpt_io
+from forge_qat.config import TrainConfig
+from forge_qat.errors import ConfigError
+from forge_qat.fake_quant import SCALE_SUFFIX, AffineSpec, LearnedScaleFakeQuantizer, initial_scale
+from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
+from forge_qat.models import load_model
+from forge_qat.prepare import LearnScales, convert_qat, learned_scales, prepare_qat
+from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from forge_qat.train import run_training
+
+SPEC = AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_learned_quantizer_matches_torchao_range_learning(dtype):
+    """Forward and both gradients against autograd through torchao's own range-learning fake quantization
+    (`_fake_quantize_per_channel_group` with a scale Parameter), including clipped values."""
+    torch.manual_seed(0)
+    w = (torch.randn(48, 96) * 0.05).to(dtype)
+    w[0, :4] = torch.tensor([0.9, -0.9, 0.5, -0.7])  # outliers the shrunk scales below clip
+    scale0 = initial_scale(w, SPEC) * torch.empty(48, 3).uniform_(0.6, 1.1)
+    ours = LearnedScaleFakeQuantizer(SPEC, scale0)
+    w1 = w.clone().requires_grad_(True)
+    out = ours(w1)
+    w2 = w.clone().requires_grad_(True)
+    s2 = torch.nn.Parameter(scale0.clone())
+    ref = _fake_quantize_per_channel_group(w2.float(), s2, torch.zeros_like(s2), SPEC.qmin, SPEC.qmax, 32).to(dtype)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=0)
+    # d/ds sums q - w/s over a group: a cancellation whose float rounding depends on the order of the
+    # ops (ours: g * (q - w * (1/s)); autograd: g * q + (g * s * w) * (-1/s^2)).
+    torch.testing.assert_close(ours.scale.grad, s2.grad, rtol=0, atol=1e-5 * s2.grad.abs().max().item())
+    assert ours.scale.grad.abs().sum() > 0 and (w1.grad == 0).any()  # clipped values pass no gradient
+
+
+def _tiny(seed=0):
+    from forge_qat.models import preset_model
+
+    return preset_model("micro-llama", seed=seed)[0]
+
+
+def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly():
+    model, reference = _tiny(), _tiny()
+    recipe = get_recipe(DEFAULT_RECIPE)
+    prepare_qat(model, recipe, learn=LearnScales())
+    prepare_qat(reference, recipe)
+    x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)  # step 0 is plain QAT
+    scales = learned_scales(model)
+    assert len(scales) == sum(1 for n in reference.state_dict() if n.endswith("proj.weight"))
+    with torch.no_grad():
+        for p in scales.values():
+            p.mul_(torch.empty_like(p).uniform_(0.7, 1.2))
+        fake = model(x).logits
+        assert not torch.equal(fake, reference(x).logits)
+        convert_qat(model, recipe)
+        torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0)
+
+
+def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
+    able = [n for n, r in RECIPES.items() if r.learnable_scales]
+    assert DEFAULT_RECIPE in able and "int8-dynamic-act-int8-weight" not in able
+    with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
+        TrainConfig(qat_recipe="int8-dynamic-act-int8-weight", qat_learn_scales=True)
+    with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
+        TrainConfig(qat_recipe="none", qat_learn_scales=True)
+    with pytest.raises(ConfigError, match="no learnable weight scales"):
+        prepare_qat(_tiny(), get_recipe("int8-dynamic-act-int8-weight"), learn=LearnScales())
+
+
+def test_moe_expert_stacks_are_refused_not_silently_left_dynamic():
+    from conftest import tiny_moe
+
+    model, _ = tiny_moe("qwen3_moe")
+    with pytest.raises(ConfigError, match="MoE expert stacks .* parameters"):
+        prepare_qat(model, get_recipe(DEFAULT_RECIPE), learn=LearnScales())
+    assert not learned_scales(model)  # nothing was changed
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(topics["if"] + topics["while"] + topics["for"])
+    return path
+
+
+def _args(out, data, **kw):
+    return micro_train_args(out, data, qat_learn_scales=True, lr=1e-3, **kw)
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("runs") / "ls"
+    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2)))
+    return out
+
+
+def test_scales_train_and_are_saved_beside_a_plain_hf_checkpoint(learned_run):
+    ckpt = ckpt_io.checkpoint_dirs(learned_run)[-1][1]
+    weights = load_file(ckpt / "model.safetensors")
+    assert not any(k.endswith(SCALE_SUFFIX) for k in weights)  # the HF weights stay a float model
+    AutoModelForCausalLM.from_pretrained(ckpt)  # loads without unexpected keys (would warn, not fail)
+    scales = ckpt_io.read_learned_scales(ckpt)
+    assert scales and all(k.endswith(SCALE_SUFFIX) for k in scales)
+    # Trained: not the scales the dynamic quantizer would choose from the same (trained) weights.
+    moved = 0
+    for key, s in scales.items():
+        weight = weights[key.removesuffix(SCALE_SUFFIX) + ".weight"]
+        moved += int(not torch.equal(s, initial_scale(weight, SPEC)))
+    assert moved == len(scales)
+    meta = json.loads((ckpt / ckpt_io.CHECKPOINT_META).read_text())
+    assert meta["train_config"]["qat_learn_scales"] is True
+
+
+def test_resume_continues_identically_with_learned_scales(tmp_path, data, learned_run):
+    out = tmp_path / "r"
+    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2)))
+    shutil.rmtree(ckpt_io.checkpoint_dirs(out)[-1][1])  # as if the job had died after step 2's checkpoint
+    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2, resume=True)))
+    a = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(learned_run)[-1][1])
+    b = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(out)[-1][1])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="qat_learn_scales"):
+        run_training(TrainConfig(**dict(_args(out, data, max_steps=6, resume=True), qat_learn_scales=False)))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_artifact_uses_the_learned_scales(learned_run, tmp_path, streaming):
+    """The converted artifact reproduces the fake-quant model with the checkpoint's learned scales bit for
+    bit, and differs from one made with dynamic scales."""
+    report = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "a", streaming=streaming))
+    ckpt = ckpt_io.resolve_checkpoint(learned_run)
+    fake, tok = load_model(str(ckpt))
+    prepare_qat(fake, get_recipe(report.recipe), learn=LearnScales(initial=ckpt_io.read_learned_scales(ckpt)))
+    dynamic = copy.deepcopy(_tiny())
+    dynamic.load_state_dict(load_model(str(ckpt))[0].state_dict())
+    prepare_qat(dynamic, get_recipe(report.recipe))
+    real = AutoModelForCausalLM.from_pretrained(report.dest)
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        got = real(x).logits
+        torch.testing.assert_close(got, fake.eval()(x).logits, rtol=0, atol=0)
+        assert not torch.equal(got, dynamic.eval()(x).logits)
+    ptq = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "p", ptq=report.recipe))
+    assert any("learned" in n for n in ptq.notes)  # PTQ says it ignores them
