@@ -144,3 +144,31 @@ def test_training_with_distillation_logs_both_parts_and_refuses_useless_settings
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**{**micro_train_args(tmp_path / "x", text_file), **bad})
 
+
+
+@pytest.mark.parametrize("teacher", ["float", "self"])
+def test_distillation_under_gradient_checkpointing_trains_the_same(tmp_path, text_file, teacher):
+    """Activation checkpointing recomputes the student's layers (fake quantizers included) in backward: the
+    run's losses, both parts, and final weights equal those of the same run without it."""
+    import json
+
+    from conftest import micro_train_args
+    from safetensors.torch import load_file
+
+    from forge_qat import checkpoint as ckpt_io
+    from forge_qat.config import TrainConfig
+    from forge_qat.train import run_training
+
+    runs = {}
+    for gc in (False, True):
+        out = tmp_path / f"gc{int(gc)}"
+        run_training(TrainConfig(**micro_train_args(out, text_file, max_steps=3, save_every=0, kd_weight=0.5,
+                                                    kd_loss="kl", kd_teacher=teacher, gradient_checkpointing=gc)))
+        runs[gc] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                    load_file(ckpt_io.checkpoint_dirs(out)[-1][1] / "model.safetensors"))
+    (plain, w_plain), (checkpointed, w_ckpt) = runs[False], runs[True]
+    for a, b in zip(plain, checkpointed, strict=True):
+        for key in ("loss", "lm_loss", "kd_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
+    for k in w_plain:
+        torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=0, atol=1e-6)

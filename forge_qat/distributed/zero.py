@@ -10,6 +10,7 @@ into shards written as they fill.
 """
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -280,9 +281,6 @@ class ZeroBackend:
         self.teacher: torch.nn.Module | None = None
 
     def build(self, cfg: TrainConfig, res):
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
         self.ds_config = ds_config(cfg, res.precision, self.world_size)
         if self.ds_config["zero_optimization"]["stage"] != 3:
             # Stages 1 and 2 partition optimizer state and gradients only: every rank holds the model.
@@ -293,9 +291,6 @@ class ZeroBackend:
             prepare_for_training(model, cfg, res.recipe)
             self.model = model
             return model, tokenizer
-        if cfg.kd_weight and cfg.kd_teacher == "float":
-            raise ConfigError("--kd-teacher float under ZeRO-3 is not supported yet (the teacher would need its own "
-                              "partitioned copy); use --kd-teacher self")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(res.precision, torch.float32)
         if cfg.model in PRESETS:
             # Every rank builds the same config and tokenizer; rank 0 alone holds the (tiny) seeded
@@ -315,6 +310,27 @@ class ZeroBackend:
         # drops what class decorators add: every Qwen3MoeExperts built afterwards in this process (the
         # finalize skeleton) would lack the layout flags transformers' `use_experts_implementation` sets.
         _import_architecture(config)
+        model, self.layout = self._partitioned_model(config, dtype, source)
+        if cfg.kd_weight and cfg.kd_teacher == "float":
+            # The teacher is a second partitioned model filled with the same starting weights and frozen:
+            # no rank ever holds it whole; its forward gathers one module at a time, as the student's does.
+            teacher, _ = self._partitioned_model(config, dtype, source)
+            self.teacher = teacher.requires_grad_(False).eval()
+            if res.precision != "fp32":
+                _cast_inputs_to_weight_dtype(self.teacher)
+        del source
+        # Learned scales are chosen from each weight made whole, one layer at a time (a collective).
+        prepare_for_training(model, cfg, res.recipe, gather=lambda p: deepspeed.zero.GatheredParameters([p]))
+        if res.precision != "fp32":
+            _cast_inputs_to_weight_dtype(model)
+        self.model = model
+        return model, tokenizer
+
+    def _partitioned_model(self, config, dtype: torch.dtype, source) -> tuple[torch.nn.Module, Layout | None]:
+        """A model built straight into ZeRO-3 partitions and filled from rank 0's `source` (collective)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
         # No dtype= here: deepspeed 0.19's Init._set_dtype turns any explicit dtype into bf16 on the
         # CPU accelerator (an operator-precedence slip); without one it follows the config's
         # bf16/fp16 flags, which encode the same precision.
@@ -324,18 +340,18 @@ class ZeroBackend:
         # parameter is filled (and later optimised) once, and let the orphan's partition go.
         model.tie_weights()
         gc.collect()
-        self.layout = stream_load_weights(model, source, self.rank)
-        del source
-        # Learned scales are chosen from each weight made whole, one layer at a time (a collective).
-        prepare_for_training(model, cfg, res.recipe, gather=lambda p: deepspeed.zero.GatheredParameters([p]))
-        if res.precision != "fp32":
-            _cast_inputs_to_weight_dtype(model)
-        self.model = model
-        return model, tokenizer
+        return model, stream_load_weights(model, source, self.rank)
 
     def setup(self, model, optimizer, scheduler, cfg: TrainConfig, objective) -> None:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        if objective is not None and objective.teacher is not None and self.ds_config["zero_optimization"][
+                "stage"] == 3:
+            # Without an optimizer DeepSpeed wraps a stage-3 model in its parameter offload alone: the
+            # hooks that gather each module's partitions for its forward and release them after.
+            inference = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+            self.teacher_engine = deepspeed.initialize(model=objective.teacher, config=inference)[0]
+            objective = dataclasses.replace(objective, teacher=self.teacher_engine)
         self.objective = objective
 
     def micro_step(self, batch, res, grad_accum: int, fake_quant: bool) -> torch.Tensor:
