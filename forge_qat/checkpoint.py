@@ -177,9 +177,10 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[st
         from forge_qat.fake_quant import SCALE_SUFFIX  # here: torchao loads only where a model is saved
 
         with atomic_dir(final) as tmp:
-            scales = {n: t for n, t in model.state_dict().items() if n.endswith(SCALE_SUFFIX)}
+            state = model.state_dict()
+            scales = {n: t for n, t in state.items() if n.endswith(SCALE_SUFFIX)}
             if scales:
-                weights = {n: t for n, t in model.state_dict().items() if n not in scales}
+                weights = {n: t for n, t in state.items() if n not in scales}
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
                 write_learned_scales(tmp, scales)
             else:

@@ -78,10 +78,12 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     table.add_column("train here")
     table.add_column("finalize here")
     table.add_column("MoE experts")
+    table.add_column("learn scales")
     for row in rows:
         name = row["name"] + (" (default)" if row["default"] else "")
         finalize = "yes" if row["finalize"] else "no: needs " + ", ".join(row["finalize_needs"])
-        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"])
+        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"],
+                      "yes" if row["learnable_scales"] else "no")
     _emit(as_json, rows, lambda: console.print(table))
 
 

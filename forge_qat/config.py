@@ -169,6 +169,10 @@ class TrainConfig:
             if self.active_qat_recipe not in able:
                 raise ConfigError(f"--qat-learn-scales needs a QAT recipe whose weight scales can be learned "
                                   f"({', '.join(able)}); this run's is {self.active_qat_recipe or NO_RECIPE}")
+            if self.fake_quant_after_steps:
+                raise ConfigError("--qat-learn-scales chooses the scales from the weights when training starts; "
+                                  "with --fake-quant-after-steps the float steps would move the weights away from "
+                                  "them first. Use one or the other")
         if self.finalize is not None:
             from forge_qat.recipes import get_recipe
 

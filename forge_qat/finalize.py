@@ -88,6 +88,8 @@ class FinalizeReport:
     reload_max_diff: float = math.nan
     dry_run: bool = False
     streaming: bool = False
+    learned_scales: bool = False
+    """Whether the weight scales are those the checkpoint learned (`--qat-learn-scales`)."""
     shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -118,7 +120,7 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
     learned = bool(meta.get("train_config", {}).get("qat_learn_scales"))
     unused = "; the weight scales it learned (--qat-learn-scales) are not used" if learned else ""
     if req.ptq:
-        return Plan(ckpt, get_recipe(req.ptq), "ptq", (f"--ptq{unused}",) if unused else (), zero_dir)
+        return Plan(ckpt, get_recipe(req.ptq), "ptq", (f"{ckpt}: --ptq{unused}",) if unused else (), zero_dir)
     name = req.qat_convert or trained
     if name is None:
         raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
@@ -250,7 +252,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
             format_reason=reason,
             bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
             max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
-            reload_max_diff=reload_diff, shards=[s.name for s in shards],
+            reload_max_diff=reload_diff, shards=[s.name for s in shards], learned_scales=scales is not None,
         )
         _write_report(tmp, plan, report)
     return report
@@ -339,7 +341,7 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
             coverage=cov.to_dict(), float_bytes=stats.float_bytes, artifact_bytes=total, format=fmt,
             format_reason=reason,
             bits_per_weight=8 * stats.quantized_bytes / max(stats.quantized_numel, 1),
-            streaming=True, shards=[s.name for s in shards],
+            streaming=True, shards=[s.name for s in shards], learned_scales=plan.learned_scales,
         )
         _write_report(tmp, plan, report)
     return report

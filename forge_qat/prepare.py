@@ -114,6 +114,10 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
     return quantizers
 
 
+Gather = Callable[[torch.nn.Parameter], AbstractContextManager]
+"""Makes a (ZeRO-3 partitioned) parameter whole inside its context."""
+
+
 @dataclass(frozen=True, slots=True)
 class LearnScales:
     """`--qat-learn-scales`: every quantized linear layer's weight scales become a trainable Parameter
@@ -122,24 +126,33 @@ class LearnScales:
     initial: Mapping[str, torch.Tensor] | None = None
     """Scales by parameter name (a checkpoint's, see `forge_qat.checkpoint.read_learned_scales`); None:
     chosen from the weights as the dynamic quantizer would, so training starts where plain QAT does."""
-    gather: Callable[[torch.nn.Parameter], AbstractContextManager] = field(default=lambda p: contextlib.nullcontext())
+    gather: Gather = field(default=lambda p: contextlib.nullcontext())
     """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer at a time)."""
 
 
-def _learned_weight_quantizer(name: str, prepared: FakeQuantizedLinear, learn: LearnScales) -> torch.nn.Module:
-    quantizer = prepared.weight_fake_quantizer
-    if not isinstance(quantizer, AffineFakeQuantizer):
-        raise ConfigError(f"{name}: its weight fake quantizer ({type(quantizer).__name__}) has no learnable scales")
-    key = name + SCALE_SUFFIX
+def _learned_quantizers(layers: dict[str, FakeQuantizedLinear], learn: LearnScales) -> dict[str, torch.nn.Module]:
+    """A `LearnedScaleFakeQuantizer` for each prepared linear layer, by module name, with its starting scales;
+    all checked before any layer of the model is swapped."""
+    for name, layer in layers.items():
+        if not isinstance(layer.weight_fake_quantizer, AffineFakeQuantizer):
+            raise ConfigError(f"{name}: its weight fake quantizer ({type(layer.weight_fake_quantizer).__name__}) "
+                              f"has no learnable scales")
     if learn.initial is not None:
-        if key not in learn.initial:
-            raise ConversionError(f"the checkpoint holds no learned scales for {name} ({key}); it was not trained "
-                                  f"with --qat-learn-scales for this model")
-        scale = learn.initial[key].to(prepared.weight.device)
-    else:
-        with learn.gather(prepared.weight):
-            scale = initial_scale(prepared.weight.data, quantizer.spec)
-    return LearnedScaleFakeQuantizer(quantizer.spec, scale)
+        wanted = {name + SCALE_SUFFIX for name in layers}
+        missing, unused = sorted(wanted - set(learn.initial)), sorted(set(learn.initial) - wanted)
+        if missing or unused:
+            raise ConversionError(f"the checkpoint's learned scales do not match the model's quantized layers: "
+                                  f"missing {missing[:3]}, unexpected {unused[:3]}")
+    quantizers = {}
+    for name, layer in layers.items():
+        spec = layer.weight_fake_quantizer.spec
+        if learn.initial is not None:
+            scale = learn.initial[name + SCALE_SUFFIX].to(layer.weight.device)
+        else:
+            with learn.gather(layer.weight):
+                scale = initial_scale(layer.weight.data, spec)
+        quantizers[name] = LearnedScaleFakeQuantizer(spec, scale)
+    return quantizers
 
 
 def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = None,
@@ -162,19 +175,17 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = N
                               f"stacks ({len(cov.experts)} MoE layers, {cov.expert_numel():,} parameters) would "
                               f"keep dynamic scales. Train it without --qat-learn-scales")
     modules = dict(model.named_modules())
-    for name, linear in cov.linears.items():
+    prepared = {name: _fake_quantized_linear(linear, recipe) for name, linear in cov.linears.items()}
+    if learn is not None:
+        for name, quantizer in _learned_quantizers(prepared, learn).items():
+            prepared[name].weight_fake_quantizer = quantizer
+    for name, layer in prepared.items():
         parent, _, child = name.rpartition(".")
-        prepared = _fake_quantized_linear(linear, recipe)
-        if learn is not None:
-            prepared.weight_fake_quantizer = _learned_weight_quantizer(name, prepared, learn)
-        setattr(modules[parent] if parent else model, child, prepared)
+        setattr(modules[parent] if parent else model, child, layer)
     for name, stacks in cov.experts.items():
         module = modules[name]
         experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
     return cov
-
-
-Gather = Callable[[torch.nn.Parameter], AbstractContextManager]
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe: Recipe | None,

@@ -81,6 +81,8 @@ def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
         TrainConfig(qat_recipe="int8-dynamic-act-int8-weight", qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
         TrainConfig(qat_recipe="none", qat_learn_scales=True)
+    with pytest.raises(ConfigError, match="--fake-quant-after-steps"):
+        TrainConfig(qat_learn_scales=True, fake_quant_after_steps=10)
     with pytest.raises(ConfigError, match="no learnable weight scales"):
         prepare_qat(_tiny(), get_recipe("int8-dynamic-act-int8-weight"), learn=LearnScales())
 
@@ -148,6 +150,7 @@ def test_artifact_uses_the_learned_scales(learned_run, tmp_path, streaming):
     """The converted artifact reproduces the fake-quant model with the checkpoint's learned scales bit for
     bit, and differs from one made with dynamic scales."""
     report = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "a", streaming=streaming))
+    assert report.learned_scales and json.loads((report.dest / "forge_artifact.json").read_text())["learned_scales"]
     ckpt = ckpt_io.resolve_checkpoint(learned_run)
     fake, tok = load_model(str(ckpt))
     prepare_qat(fake, get_recipe(report.recipe), learn=LearnScales(initial=ckpt_io.read_learned_scales(ckpt)))
