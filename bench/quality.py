@@ -119,6 +119,8 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str]) ->
         table[f"ft-qat-kd-{loss}"] = {
             "from": "float-ft", "train": {**qat, **_kd("float", loss)},
             "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, fine-tune as teacher" + cont}
+    table["ft-qat-kd-only-kl"] = {"from": "float-ft", "train": {**qat, **_kd("float", "kl"), "lm_weight": 0.0},
+                                  "label": "QAT + KD kl alone (no cross-entropy), fine-tune as teacher" + cont}
     table["ft-qat-ls"] = {"from": "float-ft", "train": {**qat, "qat_learn_scales": True},
                           "label": "QAT, learnable scales" + cont}
     table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**qat, **_kd("float", both[1]),

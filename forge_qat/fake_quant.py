@@ -123,7 +123,7 @@ class AffineFakeQuantizer(torch.nn.Module):
     """Drop-in for torchao's `IntxFakeQuantizer` slots in `FakeQuantizedLinear`.
 
     Keeps the `enabled` flag that torchao's `enable_linear_fake_quant` toggles. Holds no tensors, so a
-    prepared model's state_dict is exactly the float model's.
+    prepared model's state_dict is exactly the float model's (`LearnedScaleFakeQuantizer` adds its scales).
     """
 
     def __init__(self, spec: AffineSpec):

@@ -1,8 +1,9 @@
 """Finalize: turn a trained float checkpoint into a deployable low-bit artifact, and verify it.
 
-Called by `forge finalize` and the demo. A forge checkpoint holds float weights (fake quantizers keep
-no state), so finalize re-applies prepare through the same registry record used in training and then
-converts. The artifact is written to a temporary directory, reloaded with stock `transformers` and
+Called by `forge finalize` and the demo. A forge checkpoint holds float weights (dynamic fake quantizers
+keep no state; learned weight scales are saved beside the weights), so finalize re-applies prepare
+through the same registry record used in training, with the learned scales where there are some, and
+then converts. The artifact is written to a temporary directory, reloaded with stock `transformers` and
 compared with the in-memory converted model, and only then renamed into place.
 """
 

@@ -165,3 +165,17 @@ def test_artifact_uses_the_learned_scales(learned_run, tmp_path, streaming):
         assert not torch.equal(got, dynamic.eval()(x).logits)
     ptq = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "p", ptq=report.recipe))
     assert any("learned" in n for n in ptq.notes)  # PTQ says it ignores them
+
+
+def test_missing_or_corrupt_learned_scales_are_one_clear_error(learned_run, tmp_path):
+    from forge_qat.errors import InputError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpt_io.resolve_checkpoint(learned_run), ckpt)
+    (ckpt / ckpt_io.LEARNED_SCALES).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
+    shutil.rmtree((ckpt / ckpt_io.LEARNED_SCALES).parent)
+    with pytest.raises(InputError, match="lacks its scales"):
+        finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
+    assert not (tmp_path / "a").exists()

@@ -55,6 +55,29 @@ def test_train_finalize_reload_on_cuda(tmp_path, text_file, recipe):
     assert float_gap > 0 and fake_gap <= 0.1 * float_gap, (fake_gap, float_gap)
 
 
+def test_learned_scales_train_on_cuda_and_convert_exactly(tmp_path, text_file):
+    """--qat-learn-scales with the model and its scales on the GPU (bf16 autocast): the scales train, and
+    the artifact (converted on the CPU, the recipe's convert device) equals the fake-quant model built from
+    the checkpoint's weights and learned scales."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.finalize import sample_batch
+    from forge_qat.models import load_model
+    from forge_qat.prepare import LearnScales, prepare_qat
+    from forge_qat.recipes import DEFAULT_RECIPE
+
+    result = run_training(TrainConfig(**_run_args(tmp_path, text_file, qat_recipe=DEFAULT_RECIPE,
+                                                  qat_learn_scales=True, finalize=DEFAULT_RECIPE)))
+    scales = ckpt_io.read_learned_scales(result.checkpoint)
+    assert scales and all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())
+    fake, tok = load_model(str(result.checkpoint))
+    prepare_qat(fake, get_recipe(DEFAULT_RECIPE), learn=LearnScales(initial=scales))
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / f"final-{DEFAULT_RECIPE}")
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_zero3_on_two_gpus_matches_one_process_and_finalizes_three_ways(tmp_path, text_file):
     from test_streaming import assert_same_artifact
