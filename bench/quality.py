@@ -89,7 +89,7 @@ def _kd(teacher: str, loss: str) -> dict:
     return {"kd_teacher": teacher, "kd_loss": loss, "kd_weight": 1.0, **tempered}
 
 
-def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str]) -> dict[str, dict]:
+def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str], scale_lr: float) -> dict[str, dict]:
     """Row name -> how it is made: train settings (None: the starting model), whether it is PTQ, its label."""
     qat = {"qat_recipe": "{recipe}"}
     table = {
@@ -126,6 +126,10 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str]) ->
     table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**qat, **_kd("float", both[1]),
                                                                    "qat_learn_scales": True},
                                      "label": f"QAT + KD {both[1]}, fine-tune as teacher, learnable scales" + cont}
+    for kd, label in (({}, "QAT"), (_kd("float", both[1]), f"QAT + KD {both[1]}, fine-tune as teacher")):
+        name = "ft-qat" + (f"-kd-{both[1]}" if kd else "") + "-ls-fast"
+        table[name] = {"from": "float-ft", "train": {**qat, **kd, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
+                       "label": f"{label}, learnable scales at lr {scale_lr:g}" + cont}
     return table
 
 
@@ -166,6 +170,7 @@ def main() -> None:
     p.add_argument("--kd-losses", default=",".join(KD_LOSSES), help="comma-separated --kd-loss names")
     p.add_argument("--self-kd-losses", default="kl", help="comma-separated --kd-loss names with --kd-teacher self")
     p.add_argument("--both", default="self:kl", help="TEACHER:LOSS of the KD row with learnable scales too")
+    p.add_argument("--scale-lr", type=float, default=1e-3, help="--qat-scale-lr of the *-ls-fast rows")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
     p.add_argument("--fresh", action="store_true", help="recompute rows already in results.json")
     args = p.parse_args()
@@ -174,7 +179,7 @@ def main() -> None:
     budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
               "warmup_steps": max(args.steps // 10, 1), "seed": 0}
     teacher, _, loss = args.both.partition(":")
-    table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss))
+    table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss), args.scale_lr)
     chosen = list(table) if args.rows == "all" else args.rows.split(",")
     unknown = [r for r in chosen if r not in table]
     if unknown:

@@ -55,6 +55,7 @@ class TrainConfig:
     fake_quant_after_steps: int = _opt(0, "Train this many steps in float before enabling fake quantization.")
     qat_learn_scales: bool = _opt(False, "Train the weight quantization scales with the model (initialised from "
                                          "the weights; the converted artifact uses the learned scales).")
+    qat_scale_lr: float | None = _opt(None, "Peak learning rate of the learned scales (default: --lr).")
     fp8_recipe: str | None = _opt(None, "torchao float8 training recipe (CUDA sm89+ only).")
     # distillation (forge_qat.distill): loss = lm_weight * CE + kd_weight * KD against a float teacher
     kd_loss: str | None = _opt(None, "Distillation loss: kl, rkl, mse, kd (tempered KL), kl-top-k, rkl-top-k, cakld.")
@@ -162,6 +163,8 @@ class TrainConfig:
                 raise ConfigError(choices_message(swap.option.replace("_", " "), value, swap.choices()))
         if self.fake_quant_after_steps and self.active_qat_recipe is None:
             raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+        if self.qat_scale_lr is not None and not self.qat_learn_scales:
+            raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: add --qat-learn-scales")
         if self.qat_learn_scales:
             from forge_qat.recipes import RECIPES
 
@@ -169,6 +172,8 @@ class TrainConfig:
             if self.active_qat_recipe not in able:
                 raise ConfigError(f"--qat-learn-scales needs a QAT recipe whose weight scales can be learned "
                                   f"({', '.join(able)}); this run's is {self.active_qat_recipe or NO_RECIPE}")
+            if self.qat_scale_lr is not None and not (math.isfinite(self.qat_scale_lr) and self.qat_scale_lr > 0):
+                raise ConfigError(f"qat_scale_lr must be a positive finite number, got {self.qat_scale_lr}")
             if self.fake_quant_after_steps:
                 raise ConfigError("--qat-learn-scales chooses the scales from the weights when training starts; "
                                   "with --fake-quant-after-steps the float steps would move the weights away from "

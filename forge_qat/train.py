@@ -88,14 +88,17 @@ def autocast(res: Resolved):
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     # model.parameters() yields each Parameter once, so tied or shared parameters appear once here
-    # (DeepSpeed would otherwise reject the duplicate). Decay weight matrices only: not learned
-    # quantization scales, which decay would shrink towards a grid that clips everything.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # (DeepSpeed would otherwise reject the duplicate). Decay weight matrices only. Learned quantization
+    # scales get a group of their own: no decay (it would shrink them towards a grid that clips
+    # everything) and their own peak learning rate (--qat-scale-lr; the schedule scales every group alike).
     scales = {id(p) for p in learned_scales(model).values()}
-    is_matrix = lambda p: len(true_shape(p)) >= 2 and id(p) not in scales
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
+    is_matrix = lambda p: len(true_shape(p)) >= 2
     groups = [
         {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if id(p) in scales], "weight_decay": 0.0,
+         "lr": cfg.qat_scale_lr or lr},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -323,7 +326,7 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None,
 
 
 RESUME_FIXED = ("model", "data", "chat_column", "chat_loss", "packing", "kd_loss", "kd_weight", "lm_weight",
-                "kd_teacher", "kd_temperature", "kd_top_k", "qat_learn_scales", "seq_len", "batch_size",
+                "kd_teacher", "kd_temperature", "kd_top_k", "qat_learn_scales", "qat_scale_lr", "seq_len", "batch_size",
                 "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "precision",
                 "fake_quant_after_steps")
 """Settings a resumed run must share with its checkpoint: the restored optimizer state, LR schedule and

@@ -179,3 +179,20 @@ def test_missing_or_corrupt_learned_scales_are_one_clear_error(learned_run, tmp_
     with pytest.raises(InputError, match="lacks its scales"):
         finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
     assert not (tmp_path / "a").exists()
+
+
+def test_scales_have_their_own_optimizer_group():
+    from forge_qat.train import build_optimizer
+
+    model = _tiny()
+    prepare_qat(model, get_recipe(DEFAULT_RECIPE), learn=LearnScales())
+    scales = {id(p) for p in learned_scales(model).values()}
+    cfg = TrainConfig(qat_learn_scales=True, qat_scale_lr=1e-3, weight_decay=0.1)
+    groups = build_optimizer(model, cfg, lr=2e-5).param_groups
+    mine = [g for g in groups if any(id(p) in scales for p in g["params"])]
+    assert len(mine) == 1 and {id(p) for p in mine[0]["params"]} == scales
+    assert mine[0]["lr"] == 1e-3 and mine[0]["weight_decay"] == 0.0
+    assert all(g["lr"] == 2e-5 for g in groups if g is not mine[0])
+    assert build_optimizer(model, TrainConfig(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"] == 2e-5
+    with pytest.raises(ConfigError, match="add --qat-learn-scales"):
+        TrainConfig(qat_scale_lr=1e-3)
