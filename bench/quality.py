@@ -171,13 +171,14 @@ def main() -> None:
     p.add_argument("--self-kd-losses", default="kl", help="comma-separated --kd-loss names with --kd-teacher self")
     p.add_argument("--both", default="self:kl", help="TEACHER:LOSS of the KD row with learnable scales too")
     p.add_argument("--scale-lr", type=float, default=1e-3, help="--qat-scale-lr of the *-ls-fast rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout for every row")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
     p.add_argument("--fresh", action="store_true", help="recompute rows already in results.json")
     args = p.parse_args()
     hf_logging.disable_progress_bar()
 
     budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-              "warmup_steps": max(args.steps // 10, 1), "seed": 0}
+              "warmup_steps": max(args.steps // 10, 1), "seed": args.seed}
     teacher, _, loss = args.both.partition(":")
     table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss), args.scale_lr)
     chosen = list(table) if args.rows == "all" else args.rows.split(",")
@@ -200,7 +201,7 @@ def main() -> None:
         print(f"{name}: perplexity {results[name]['perplexity']:.3f} ({results[name]['seconds']:.0f} s)", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct, {args.recipe}; {args.steps} steps of {args.batch_size}x{args.seq_len} tokens, "
-          f"lr {args.lr:g}, seed 0; held-out {EVAL}")
+          f"lr {args.lr:g}, seed {args.seed}; held-out {EVAL}")
     print("| row | eval loss | perplexity | recovered |")
     print("|---|---|---|---|")
     for name in table:
