@@ -19,7 +19,8 @@ Its reference is the float run continued as long, and PTQ of that.
 "recovered" is the share of the reference's PTQ degradation a row wins back, in perplexity:
 (ppl(PTQ) - ppl(row)) / (ppl(PTQ) - ppl(float)). Each row's result is kept in WORKDIR/results.json under
 the budget's settings, so an interrupted run continues where it stopped (`--fresh` recomputes); part B
-rows need the float-ft row's run. Needs the bench extra: pip install -e ".[bench]".
+rows need the float-ft row's run. A row's run and artifact (~1.5 GB) are deleted once it is scored, except
+the float runs other rows continue (`--keep-runs` keeps all). Needs the bench extra: pip install -e ".[bench]".
 
     python bench/quality.py                          # every row, the default budget
     python bench/quality.py --rows float-ft,ptq-ft,qat --steps 10   # a quick look
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--scale-lr", type=float, default=1e-3, help="--qat-scale-lr of the *-ls-fast rows")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout for every row")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
+    p.add_argument("--keep-runs", action="store_true", help="keep each row's run and artifact (default: delete)")
     p.add_argument("--fresh", action="store_true", help="recompute rows already in results.json")
     args = p.parse_args()
     hf_logging.disable_progress_bar()
@@ -198,6 +200,11 @@ def main() -> None:
         print(f"{name}: running", flush=True)
         results[name] = run_row(name, table[name], model, work, budget, args.recipe)
         results_path.write_text(json.dumps(stored, indent=2))
+        if not args.keep_runs:  # ~1.5 GB per row (checkpoint, optimizer state, artifact); rows to come need
+            # only the float runs they continue or quantize
+            for path in (work / name, work / f"{name}-artifact"):
+                if path.name not in ("float-ft", "ft-float"):
+                    shutil.rmtree(path, ignore_errors=True)
         print(f"{name}: perplexity {results[name]['perplexity']:.3f} ({results[name]['seconds']:.0f} s)", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct, {args.recipe}; {args.steps} steps of {args.batch_size}x{args.seq_len} tokens, "
