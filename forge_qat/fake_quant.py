@@ -119,6 +119,14 @@ def fake_quantize(x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype | No
     return _FakeQuantize.apply(x, spec, out_dtype or x.dtype)
 
 
+def consumer_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a fake quantizer emits. Its consumer is F.linear in FakeQuantizedLinear, which autocast
+    runs in the autocast dtype: emitting that dtype skips a full-size cast per call (autocast cannot cache
+    casts of non-leaf tensors) and its backward, with bit-identical results."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class AffineFakeQuantizer(torch.nn.Module):
     """Drop-in for torchao's `IntxFakeQuantizer` slots in `FakeQuantizedLinear`.
 
@@ -139,12 +147,7 @@ class AffineFakeQuantizer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        # The consumer is F.linear in FakeQuantizedLinear, which autocast runs in the autocast dtype:
-        # emitting that dtype here skips a full-size cast per call (autocast cannot cache casts of
-        # non-leaf tensors) and its backward, with bit-identical results.
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return fake_quantize(x, self.spec, out_dtype)
+        return fake_quantize(x, self.spec, consumer_dtype(x))
 
     def extra_repr(self) -> str:
         return repr(self.spec)
@@ -218,9 +221,8 @@ class LearnedScaleFakeQuantizer(torch.nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        device = w.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
-        with torch.autocast(device, enabled=False):
+        out_dtype = consumer_dtype(w)  # read before autocast is switched off below
+        with torch.autocast(w.device.type, enabled=False):
             return _LearnedFakeQuantize.apply(w, self.scale, self.spec, out_dtype)
 
     def extra_repr(self) -> str:
