@@ -15,7 +15,6 @@ teacher copy's bytes.
 import argparse
 import copy
 import json
-import logging
 import statistics
 import sys
 import time
@@ -24,14 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 
 from memory import peak_rss_bytes, reset_peak, rss_bytes  # noqa: E402
 from train_step import smollm_shape  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from forge_qat.distill import Objective, training_loss  # noqa: E402
+from forge_qat.distill import Distillation, LanguageModelLoss  # noqa: E402
 from forge_qat.prepare import prepare_qat  # noqa: E402
 from forge_qat.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 
@@ -50,14 +50,14 @@ def main() -> None:
     prepare_qat(model, get_recipe(DEFAULT_RECIPE))
     x = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": x, "labels": x, "use_cache": False}
-    objectives = {"qat": None, "kd-float": Objective("kl", 1.0, 1.0, 1.0, 50, teacher),
-                  "kd-self": Objective("kl", 1.0, 1.0, 1.0, 50, None)}
+    objectives = {"qat": LanguageModelLoss(), "kd-float": Distillation("kl", 1.0, 1.0, 1.0, 50, teacher),
+                  "kd-self": Distillation("kl", 1.0, 1.0, 1.0, 50, None)}
 
     def step(name: str) -> tuple[float, int]:
         before = rss_bytes()
         reset_peak()
         t0 = time.perf_counter()
-        loss, _ = training_loss(model, batch, objectives[name], fake_quant=True)
+        loss, _ = objectives[name](model, batch, fake_quant=True)
         loss.backward()
         elapsed = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)

@@ -13,7 +13,6 @@ For a SmolLM2-135M-shaped model (540 MB of float32 weights, random init, saved a
 
 import argparse
 import json
-import logging
 import statistics
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_step import smollm_shape  # noqa: E402

@@ -19,7 +19,6 @@ Model: Qwen3-MoE shaped (16 experts, top-2), float32, saved per expert as publis
 import argparse
 import copy
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm", "DeepSpeed"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries("DeepSpeed")
 
 
 def moe_config(layers: int):

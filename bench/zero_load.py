@@ -28,21 +28,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
     """One rank: load with `mode`, report memory and time as JSON."""
-    import logging
 
     import torch
     from memory import peak_rss_bytes, reset_peak, rss_bytes
 
-    for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm", "DeepSpeed"):
-        logging.getLogger(n).setLevel(logging.ERROR)
+    from forge_qat.logs import quiet_libraries
+
+    quiet_libraries("DeepSpeed")
     import forge_qat.distributed  # noqa: F401  (DS_ACCELERATOR)
     from forge_qat.config import TrainConfig
-    from forge_qat.distributed.zero import ZeroBackend, generated_ds_config
-    from forge_qat.train import resolve
+    from forge_qat.train.model_setup import build_models
+    from forge_qat.train.optim import resolve_placement
+    from forge_qat.train.trainer import make_engine
 
-    cfg = TrainConfig(model=model_dir, zero_stage=3, precision="fp32", qat_recipe="none", nproc=2)
-    backend = ZeroBackend(cfg)
-    rank = backend.rank
+    cfg = TrainConfig.from_flat(model=model_dir, zero_stage=3, precision="fp32", qat_recipe="none", nproc=2)
+    engine = make_engine(cfg, resolve_placement(cfg))
+    rank = engine.rank
     import torch.distributed as dist
     from transformers import AutoConfig, AutoTokenizer
 
@@ -58,12 +59,12 @@ def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
     before = rss_bytes()
     t0 = time.perf_counter()
     if mode == "streamed":
-        model, _ = backend.build(cfg, resolve(cfg))
+        model = build_models(engine, cfg).student
     else:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(generated_ds_config(cfg, "fp32", backend.world_size))  # noqa: F841
+        keep_alive = HfDeepSpeedConfig(engine.ds_config)  # noqa: F841
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dist.barrier()
     elapsed = time.perf_counter() - t0
@@ -73,7 +74,7 @@ def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
         {"rank": rank, "load_s": elapsed, "peak_increase_mb": (peak - before) / 1e6,
          "rss_before_mb": before / 1e6, "rss_after_mb": rss_bytes() / 1e6,
          "local_param_mb": n_local * 4 / 1e6}))
-    backend.close()
+    engine.close()
 
 
 def measure_loads(model_dir: Path, tmp: Path) -> dict:
@@ -84,7 +85,7 @@ def measure_loads(model_dir: Path, tmp: Path) -> dict:
     results = {}
     for mode in ("streamed", "from_pretrained"):
         # the launcher appends the config path; rank_main ignores it
-        launch(TrainConfig(nproc=2, zero_stage=3),
+        launch(TrainConfig.from_flat(nproc=2, zero_stage=3),
                worker=[sys.executable, __file__, "--rank-mode", mode, str(model_dir), str(tmp)])
         results[mode] = [json.loads((tmp / f"{mode}-{r}.json").read_text()) for r in range(2)]
     return results
@@ -133,8 +134,9 @@ def main() -> None:
 
         for nproc in (1, 2):
             out = tmp / f"train-{nproc}"
-            launch(TrainConfig(nproc=nproc, zero_stage=3, model="tiny-llama", batch_size=8 // nproc, max_steps=15,
-                               eval_data="none", save_every=0, output_dir=str(out), precision="fp32"))
+            launch(TrainConfig.from_flat(nproc=nproc, zero_stage=3, model="tiny-llama", batch_size=8 // nproc,
+                                         max_steps=15, eval_data="none", save_every=0, output_dir=str(out),
+                                         precision="fp32"))
             times = [json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
             results[f"step_s_{nproc}_rank"] = statistics.median(times[3:])
 

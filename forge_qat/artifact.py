@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 from torchao.utils import TorchAOBaseTensor
 
 from forge_qat.errors import ConfigError
+from forge_qat.torchao_compat import ALLOWED_TENSORS_SUBCLASSES, flatten_tensor_state_dict
 
 Format = Literal["auto", "safetensors", "bin"]
 FORMATS = ("auto", "safetensors", "bin")

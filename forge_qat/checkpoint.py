@@ -8,7 +8,6 @@ Each is written to a hidden temporary directory and renamed into place only when
 
 import json
 import os
-import pickle
 import re
 import shutil
 import time
@@ -19,7 +18,12 @@ from typing import Any
 import torch
 
 from forge_qat import __version__
-from forge_qat.errors import InputError, OutputExistsError
+from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+from forge_qat.errors import InputError, OutputExistsError, OutputWriteError
+from forge_qat.fake_quant import is_learned_scale
+from forge_qat.layouts import Layout
+from forge_qat.safe_load import UNSAFE_PICKLE
+from forge_qat.train.engine import Engine, full_tensors
 from forge_qat.weights import tied_aliases
 
 RUN_MARKER = "forge_run.json"
@@ -69,13 +73,7 @@ def atomic_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    _replace(tmp, final)
 
 
 def rng_state() -> dict[str, Any]:
@@ -135,7 +133,7 @@ def start_run_dir(output_dir: Path, config: dict[str, Any]) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2))
     except OSError as e:
-        raise InputError(f"cannot write to output dir {output_dir}: {e.strerror or e}") from None
+        raise OutputWriteError(f"cannot write to output dir {output_dir}: {e.strerror or e}") from None
 
 
 def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
@@ -169,30 +167,74 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
         raise InputError(f"{meta} is corrupt: {e}") from None
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, meta: dict[str, Any],
-                    trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-{step} atomically, then prune to the newest `keep` checkpoints."""
+def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, step: int, tokenizer,
+                    meta: dict[str, Any], keep: int, layout: Layout | None = None) -> Path | None:
+    """Write checkpoint-{step} (collective): the engine's state for --resume, the float weights gathered one
+    tensor at a time and written by rank 0 under the checkpoint names of `layout` (the input model's, e.g.
+    per-expert tensors for fused MoE stacks, so stock `from_pretrained` reads it as it read the input),
+    learned scales apart, config, tokenizer and metadata. Written under `.checkpoint-N.tmp-PID` (rank 0's PID,
+    shared with every rank) and renamed when complete; then pruned to the newest `keep` checkpoints.
+    Returns the checkpoint on rank 0, None elsewhere."""
+    main = engine.rank == 0
     final = output_dir / f"checkpoint-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp-{engine.broadcast(os.getpid())}")
     try:
-        from forge_qat.fake_quant import SCALE_SUFFIX  # here: torchao loads only where a model is saved
-
-        with atomic_dir(final) as tmp:
-            state = model.state_dict()
-            scales = {n: t for n, t in state.items() if n.endswith(SCALE_SUFFIX)}
-            if scales:
-                weights = {n: t for n, t in state.items() if n not in scales}
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-                write_learned_scales(tmp, scales)
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
+        if main:
+            remove_stale_temporaries(output_dir, final.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        engine.barrier()
+        engine.save_state(tmp, {"step": step, **rng_state()})
+        write_weights(tmp if main else None, engine, model, layout or Layout())
+        if main:
+            model.config.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            torch.save(trainer_state, tmp / TRAINER_STATE)
             write_checkpoint_meta(tmp, step, meta)
-    except (OSError, RuntimeError) as e:  # disk full shows as OSError, or torch.save's "unexpected pos"
-        raise InputError(f"cannot write checkpoint {final} (disk full or not writable?): "
-                         f"{str(e).splitlines()[0][:200]}; the previous checkpoints are intact") from None
-    prune_checkpoints(output_dir, keep)
-    return final
+            _replace(tmp, final)
+            prune_checkpoints(output_dir, keep)
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(f"cannot write checkpoint {final} (disk full or not writable?): "
+                               f"{str(e).splitlines()[0][:200]}; the previous checkpoints are intact") from None
+    engine.barrier()
+    return final if main else None
+
+
+def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module, layout: Layout,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Gather every tensor (all ranks, in the same order); rank 0 (`directory` given) appends each to the
+    current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard."""
+    tied = tied_aliases(model)
+    names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n)]
+    writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes) \
+        if directory is not None else None
+    scales = {}
+    for name, tensor in full_tensors(engine, model):
+        if writer is None:
+            continue
+        if is_learned_scale(name):
+            scales[name] = tensor
+        else:
+            for key, piece in layout.checkpoint_tensors(name, tensor):
+                writer.add(key, piece)
+    if writer is not None:
+        writer.close()
+        if scales:
+            write_learned_scales(directory, scales)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename a complete temporary into place; a previous `final` is moved aside first, never lost midway."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def write_learned_scales(directory: Path, scales: dict[str, torch.Tensor]) -> None:
@@ -228,26 +270,12 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@contextmanager
-def weights_only_loads(allowed_globals: list | None = None):
-    """Every `torch.load` inside the block unpickles plain data only (tensors, containers, numbers, and
-    `allowed_globals`), even where a library explicitly asks torch for full unpickling (DeepSpeed does,
-    for its checkpoint files): torch reads `TORCH_FORCE_WEIGHTS_ONLY_LOAD` at each call. A file holding anything
-    else (a pickled `__reduce__` payload) raises instead of running code."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:
+    """One process's optimizer, scheduler and RNG state, for --resume."""
     try:
-        with torch.serialization.safe_globals(list(allowed_globals or [])):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-UNSAFE_PICKLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError)
-"""What torch.load raises on a corrupt, truncated or code-carrying file."""
+        torch.save(state, directory / TRAINER_STATE)
+    except RuntimeError as e:  # a full disk shows as torch.save's "unexpected pos" as often as an OSError
+        raise OSError(str(e)) from None
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -1,14 +1,14 @@
 """The `forge` command: thin typer commands over one library function each.
 
-Each command parses options, calls the library, and maps `ForgeError` to a one-line message and a
-non-zero exit code (2 for bad configuration, 1 otherwise). Only this module prints.
+Each command parses options, calls the library, and maps `ForgeError` to a one-line message and its
+class's exit code (2 for bad configuration, 1 otherwise; see `forge_qat.errors`). Only this module prints.
 """
 
 import logging
 
-# torchao logs load failures of its CUDA-only extensions at import time; on CPU they are expected.
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries
+
+quiet_libraries()  # before torchao is first imported
 
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -23,7 +23,7 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from forge_qat import config as config_mod  # noqa: E402
-from forge_qat.errors import ConfigError, ForgeError  # noqa: E402
+from forge_qat.errors import ConfigError, ForgeError, choices_message  # noqa: E402
 from forge_qat.recipes import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, recipe_names  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,7 +52,7 @@ def _emit(as_json: bool, data: Any, render) -> None:
 
 def _fail(e: ForgeError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    return typer.Exit(2 if isinstance(e, ConfigError) else 1)
+    return typer.Exit(e.exit_code)
 
 
 # ---- forge recipes ------------------------------------------------------------------------------
@@ -148,12 +148,12 @@ def _config_path(value: str | None) -> Path | None:
 
 
 def _train_command(config: str | None = None, **flags: Any) -> None:
-    from forge_qat.train import run_training
+    from forge_qat.train.trainer import run_training
 
     _setup_logging()
     try:
         cfg = config_mod.build_config(_config_path(config), **flags)
-        if cfg.nproc > 1 or cfg.uses_deepspeed:
+        if cfg.distributed.uses_deepspeed:
             from forge_qat.distributed.launch import RankFailedError, launch, launched_by_a_launcher
 
             if not launched_by_a_launcher():
@@ -162,7 +162,8 @@ def _train_command(config: str | None = None, **flags: Any) -> None:
                 except RankFailedError as e:
                     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
                     raise typer.Exit(e.exit_code) from None
-                console.print(f"all {cfg.nproc} rank(s) finished; checkpoints in {cfg.output_dir}")
+                console.print(f"all {cfg.distributed.nproc} rank(s) finished; checkpoints in "
+                              f"{cfg.run.output_dir}")
                 return
         result = run_training(cfg, _observer())
     except ForgeError as e:
@@ -179,14 +180,14 @@ def _train_signature() -> inspect.Signature:
     params = [inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                 annotation=Annotated[str | None, typer.Argument(
                                     help="YAML run config, or the name of one shipped in recipes/.")])]
-    for f in config_mod.fields_for_cli():
-        flag = "--" + f.name.replace("_", "-")
-        kind = config_mod.field_type(f)
-        decl = (f"{flag}/--no-{flag[2:]}",) if kind is bool and not f.metadata.get("cli_only") else (flag,)
-        default_note = "" if f.default is None or kind is bool else f" [default: {f.default}]"
-        choices = next((" Choices: " + ", ".join(s.choices()) + "." for s in LINEAR_SWAPS if s.option == f.name), "")
-        option = typer.Option(*decl, help=f.metadata["help"] + choices + default_note, show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+    for name, o in config_mod.OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = o.type
+        decl = (f"{flag}/--no-{flag[2:]}",) if kind is bool and not o.cli_only else (flag,)
+        default_note = "" if o.default is None or kind is bool else f" [default: {o.default}]"
+        choices = next((" Choices: " + ", ".join(s.choices()) + "." for s in LINEAR_SWAPS if s.option == name), "")
+        option = typer.Option(*decl, help=o.help + choices + default_note, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[kind | None, option]))
     return inspect.Signature(params)
 
@@ -283,24 +284,25 @@ def finalize_command(
 def _data_command(**flags: Any) -> None:
     from forge_qat.data.store import open_token_store
     from forge_qat.models import load_model_tokenizer
-    from forge_qat.train import data_options
 
     _setup_logging()
     as_json = flags.pop("as_json")
     try:
-        cfg = config_mod.TrainConfig(**{k: v for k, v in flags.items() if v is not None})
-        tokenizer, _ = load_model_tokenizer(cfg.model)
-        store = open_token_store(cfg.data, tokenizer, cfg.seq_len, data_options(cfg, observer=_observer()))
+        cfg = config_mod.TrainConfig.from_flat(**{k: v for k, v in flags.items() if v is not None})
+        tokenizer, _ = load_model_tokenizer(cfg.run.model)
+        data = cfg.data
+        store = open_token_store(data.train_data, tokenizer, data.seq_len,
+                                 data.options(progress=_observer().on_data_progress))
     except ForgeError as e:
         raise _fail(e) from None
     meta = store.meta
-    row = {"data": cfg.data, "cache": str(store.directory), "built": store.built, "documents": store.documents,
-           "tokens": store.total_tokens, "learned_tokens": meta["learned_tokens"], "seq_len": cfg.seq_len,
-           "sequences": len(store)}
+    row = {"data": data.train_data, "cache": str(store.directory), "built": store.built,
+           "documents": store.documents, "tokens": store.total_tokens, "learned_tokens": meta["learned_tokens"],
+           "seq_len": data.seq_len, "sequences": len(store)}
     _emit(as_json, row, lambda: console.print(
-        f"{'tokenized' if store.built else 'already cached'} {cfg.data}: {store.documents:,} documents, "
+        f"{'tokenized' if store.built else 'already cached'} {data.train_data}: {store.documents:,} documents, "
         f"{store.total_tokens:,} tokens ({meta['learned_tokens'] / max(store.total_tokens, 1):.0%} learned), "
-        f"{len(store):,} sequences of {cfg.seq_len}; cache {store.directory}"))
+        f"{len(store):,} sequences of {data.seq_len}; cache {store.directory}"))
 
 
 def _data_signature() -> inspect.Signature:
@@ -346,6 +348,10 @@ def eval_command(
         help="Evaluate float checkpoints with this recipe's fake quantization applied.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_batches: Annotated[int | None, typer.Option(
+        help="Score only the first N batches (training's --eval-batches does the same). Default: all.")] = None,
+    packing: Annotated[str, typer.Option(help="documents or causal, as in training (see docs/data.md).")]
+    = "documents",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """Perplexity of one or more models on held-out text."""
@@ -357,13 +363,16 @@ def eval_command(
     try:
         from forge_qat.recipes import get_recipe
 
-        for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
-            if value < 1:
+        for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches)):
+            if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        if packing not in ("documents", "causal"):
+            raise ConfigError(choices_message("packing", packing, ["documents", "causal"]))
         recipe = get_recipe(fake_quant) if fake_quant else None
         options = DataOptions(chat=ChatOptions(chat_column, chat_loss))
-        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, fake_quant=recipe,
-                                  data_options=options).to_dict() for m in models]
+        results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                  fake_quant=recipe, data_options=options, packing=packing).to_dict()
+                   for m in models]
     except ForgeError as e:
         raise _fail(e) from None
     _emit(as_json, results, lambda: console.print(_results_table(results, f"eval on {data}")))

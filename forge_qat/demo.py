@@ -18,7 +18,7 @@ from forge_qat.evaluate import Comparison, compare, plot_loss_curves
 from forge_qat.finalize import FinalizeReport, FinalizeRequest, finalize
 from forge_qat.prepare import check_convert_hardware
 from forge_qat.recipes import DEMO_RECIPE, get_recipe
-from forge_qat.train import TrainObserver, run_training
+from forge_qat.train.trainer import TrainObserver, run_training
 
 DEMO_MARKER = "forge_demo.json"
 EVAL_DATA = "builtin:python-docs-eval"
@@ -56,9 +56,9 @@ def run_demo(root: Path, *, recipe: str = DEMO_RECIPE, steps: int = 300, qat_ste
                                                 "seed": seed}))
 
     on_stage(f"1/4 float training, {steps} steps")
-    run_training(TrainConfig(output_dir=str(root / "float"), qat_recipe="none", **common), observer("float"))
+    run_training(TrainConfig.from_flat(output_dir=str(root / "float"), qat_recipe="none", **common), observer("float"))
     on_stage(f"2/4 QAT training: float for {steps - qat_steps} steps, then {recipe} for {qat_steps}")
-    run_training(TrainConfig(output_dir=str(root / "qat"), qat_recipe=recipe,
+    run_training(TrainConfig.from_flat(output_dir=str(root / "qat"), qat_recipe=recipe,
                              fake_quant_after_steps=steps - qat_steps, **common), observer("qat"))
     on_stage("3/4 finalize: PTQ of the float run, convert of the QAT run")
     ptq = finalize(FinalizeRequest(source=root / "float", dest=root / f"float-ptq-{recipe}", ptq=recipe))

@@ -1,6 +1,7 @@
 """Knowledge distillation for QAT: the fake-quantized student learns from a float teacher's logits.
 
-Called by training when `--kd-weight` > 0: the objective is `lm_weight * CE + kd_weight * KD`. Every KD
+Owns the distillation section of the run config (`DistillConfig`) and the training objective: the LM loss
+alone, or with `--kd-weight` > 0 `lm_weight * CE + kd_weight * KD`, each returning its named terms. Every KD
 loss is per token, computed in fp32 over the positions the LM loss uses (label != IGNORE_INDEX, after the
 causal shift), and averaged over them. The teacher is the starting float model, frozen (`--kd-teacher
 float`), or the student's own weights with fake quantization off (`--kd-teacher self`: one more
@@ -9,12 +10,15 @@ forward pass, no second copy of the weights).
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.errors import ConfigError, choices_message
+from forge_qat.options import finite_at_least_zero, one_of, option
+from forge_qat.prepare import QatConfig, set_fake_quant_enabled
 
 PerToken = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
@@ -101,8 +105,28 @@ def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return total / count
 
 
+Terms = dict[str, torch.Tensor]
+"""The detached, named parts of a step's loss that training logs (`loss`, and with distillation `lm_loss`
+and `kd_loss`), each a 0-d fp32 tensor still on the device."""
+
+
+class Objective(Protocol):
+    """What a training step minimises: `(loss to back-propagate, its named terms)` of one micro-batch.
+    `fake_quant`: whether the student's fake quantization is on at this step."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict, fake_quant: bool) -> tuple[torch.Tensor, Terms]: ...
+
+
+class LanguageModelLoss:
+    """Plain next-token cross-entropy: the model's own loss."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict, fake_quant: bool = True) -> tuple[torch.Tensor, Terms]:
+        loss = model(**batch).loss
+        return loss, {"loss": loss.detach().float()}
+
+
 @dataclass(frozen=True, slots=True)
-class Objective:
+class Distillation:
     """`lm_weight * CE + kd_weight * KD` against `teacher` (a frozen module, or None for the student
     itself with fake quantization off)."""
 
@@ -113,12 +137,7 @@ class Objective:
     top_k: int
     teacher: torch.nn.Module | None
 
-    def __call__(self, model: torch.nn.Module, batch: dict, fake_quant: bool = True,
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss to back-propagate, and its detached parts for the metrics. `fake_quant`: whether the
-        student's fake quantization is on at this step (a `self` teacher turns it off and back)."""
-        from forge_qat.prepare import set_fake_quant_enabled
-
+    def __call__(self, model: torch.nn.Module, batch: dict, fake_quant: bool = True) -> tuple[torch.Tensor, Terms]:
         with torch.no_grad():
             if self.teacher is not None:
                 teacher_logits = self.teacher(**batch).logits
@@ -132,31 +151,58 @@ class Objective:
         kd = kd_loss(self.kd_loss, out.logits, teacher_logits, batch["labels"], temperature=self.temperature,
                      top_k=self.top_k)
         loss = self.lm_weight * out.loss.float() + self.kd_weight * kd
-        return loss, {"lm_loss": out.loss.detach().float(), "kd_loss": kd.detach()}
+        return loss, {"loss": loss.detach().float(), "lm_loss": out.loss.detach().float(), "kd_loss": kd.detach()}
 
 
-def frozen_teacher(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module | None:
-    """The distillation teacher `--kd-teacher float` asks for: a frozen copy of the starting float model,
-    taken before fake quantization is installed."""
-    if not cfg.kd_weight or cfg.kd_teacher != "float":
-        return None
-    import copy
-
-    return copy.deepcopy(model).requires_grad_(False).eval().to(device)
+KdTeacher = Literal["float", "self"]
 
 
-def make_objective(cfg, teacher: torch.nn.Module | None) -> Objective | None:
-    if not cfg.kd_weight:
-        return None
-    return Objective(cfg.kd_loss, cfg.lm_weight, cfg.kd_weight, cfg.kd_temperature, cfg.kd_top_k, teacher)
+@dataclass(kw_only=True)
+class DistillConfig:
+    """The distillation section of a run configuration: loss = lm_weight * CE + kd_weight * KD."""
 
+    kd_loss: str | None = option(None, "Distillation loss: kl, rkl, mse, kd (tempered KL), kl-top-k, rkl-top-k, "
+                                       "cakld.", resume_fixed=True)
+    kd_weight: float = option(0.0, "Weight of the distillation loss (0: no distillation).", resume_fixed=True)
+    lm_weight: float = option(1.0, "Weight of the cross-entropy loss on the labels.", resume_fixed=True)
+    kd_teacher: KdTeacher = option("float", "float: the starting model, frozen (one more copy of the weights); "
+                                            "self: the student with fake quantization off (one more forward).",
+                                   resume_fixed=True)
+    kd_temperature: float = option(1.0, "Temperature of the kd loss.", resume_fixed=True)
+    kd_top_k: int = option(50, "Tokens kept by the top-k KD losses.", resume_fixed=True)
 
-def training_loss(model, batch: dict, objective: Objective | None, fake_quant: bool,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss to back-propagate and the detached vector of losses to log: [loss], or with distillation
-    [loss, LM loss, KD loss]."""
-    if objective is None:
-        loss = model(**batch).loss
-        return loss, loss.detach().float().reshape(1)
-    loss, parts = objective(model, batch, fake_quant)
-    return loss, torch.stack([loss.detach().float(), parts["lm_loss"], parts["kd_loss"]])
+    def __post_init__(self) -> None:
+        finite_at_least_zero(self, "kd_weight", "lm_weight", "kd_temperature")
+        if self.kd_temperature == 0 or self.kd_top_k < 1:
+            raise ConfigError("kd_temperature must be > 0 and kd_top_k at least 1")
+        one_of(self, "kd_teacher", KdTeacher, "KD teacher")
+        if not self.enabled:
+            if self.kd_loss is not None:
+                raise ConfigError(f"--kd-loss {self.kd_loss} has no effect with --kd-weight 0; give --kd-weight")
+            if self.lm_weight == 0:
+                raise ConfigError("--lm-weight 0 without distillation leaves nothing to train on")
+            return
+        if self.kd_loss not in KD_LOSSES:
+            raise ConfigError(choices_message("KD loss name", self.kd_loss, list(KD_LOSSES)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kd_weight)
+
+    @property
+    def needs_float_teacher(self) -> bool:
+        """A frozen copy of the starting model is built beside the student."""
+        return self.enabled and self.kd_teacher == "float"
+
+    def check_with(self, qat: QatConfig) -> None:
+        """Distillation teaches a quantized student: without QAT there is nothing to distil into."""
+        if self.enabled and qat.recipe_name is None:
+            raise ConfigError("distillation (--kd-weight) needs a QAT recipe: the teacher is the float model")
+
+    def objective(self, teacher: torch.nn.Module | None) -> Objective:
+        """The training objective: the LM loss alone, or distillation from `teacher` (None: the student with
+        fake quantization off)."""
+        if not self.enabled:
+            return LanguageModelLoss()
+        return Distillation(self.kd_loss, self.lm_weight, self.kd_weight, self.kd_temperature, self.kd_top_k,
+                            teacher)

@@ -1,35 +1,53 @@
-"""Typed errors raised by forge_qat's library code.
+"""Typed errors raised by forge_qat's library code, one class per thing the user must fix.
 
-The CLI maps every `ForgeError` to a one-line message and a non-zero exit code; anything else is a bug.
+The CLI (and each rank of a multi-process job) maps every `ForgeError` to its one-line message and the
+class's `exit_code`; anything else is a bug and keeps its traceback. Exit codes: 2 when the command line
+or run configuration must change, 1 when something outside it (a file, the disk, the machine, the
+training itself) is the problem.
 """
 
 
 class ForgeError(Exception):
     """Base class: a problem the user can fix, with a message that says how."""
 
+    exit_code = 1
+
 
 class ConfigError(ForgeError):
-    """A run configuration key, value or combination is invalid."""
+    """Fix the command line or the run config: a key, value or combination of options is invalid."""
+
+    exit_code = 2
 
 
 class UnknownRecipeError(ConfigError):
-    """A recipe name is not in the registry."""
+    """Fix the recipe name: it is not in the registry (the message lists the valid ones)."""
 
 
 class InputError(ForgeError):
-    """A model directory, data file or checkpoint is missing or malformed."""
+    """Fix an input: a model directory, data file or checkpoint is missing, malformed or incomplete."""
 
 
 class OutputExistsError(ForgeError):
-    """An output path exists and may not be overwritten without --overwrite."""
+    """Choose another output path, or pass --overwrite where forge may replace what is there."""
+
+
+class OutputWriteError(ForgeError):
+    """Free disk space or fix permissions: an output (checkpoint, artifact, run directory) could not be
+    written. Whatever was complete before is intact."""
 
 
 class HardwareError(ForgeError):
-    """This machine lacks what a step needs (CUDA, a compute capability, a kernel library)."""
+    """Run on other hardware, or choose another recipe/precision: this machine lacks what a step needs (CUDA,
+    a compute capability, a kernel library)."""
 
 
 class ConversionError(ForgeError):
-    """Converting to real low-bit tensors failed or converted nothing."""
+    """Converting to real low-bit tensors failed or converted nothing; the message names the weights."""
+
+
+class TrainingDivergedError(ForgeError):
+    """Training itself failed: the loss became NaN or infinite. Lower the learning rate or check the data;
+    the checkpoints written before are intact."""
 
 
 def choices_message(kind: str, value: object, valid: list[str]) -> str:

@@ -5,8 +5,10 @@ autocast (on the GPU when there is one), so float, fake-quant and converted mode
 same arithmetic; only artifacts of recipes whose kernels need CUDA and bf16 run that way.
 """
 
+import contextlib
 import json
 import math
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from forge_qat import checkpoint as ckpt_io
 from forge_qat import hardware
 from forge_qat.data.build import DataOptions
 from forge_qat.data.encode import IGNORE_INDEX
-from forge_qat.data.store import model_inputs, open_token_store
+from forge_qat.data.store import TokenStore, model_inputs, open_token_store
 from forge_qat.errors import ConfigError, HardwareError, InputError
 from forge_qat.models import load_model
 from forge_qat.prepare import LearnScales, prepare_qat
@@ -60,10 +62,32 @@ def eval_placement(target: Path) -> tuple[torch.device, torch.dtype]:
 
 
 @torch.no_grad()
+def mean_loss(model: torch.nn.Module, data: TokenStore, *, batch_size: int, device: torch.device,
+              max_batches: int | None = None, autocast: AbstractContextManager | None = None) -> tuple[float, int]:
+    """The one eval loop (training's eval loss, `forge eval`, `forge compare`): mean next-token loss over the
+    first `max_batches` micro-batches of `data` (all by default) in a fixed order, weighted by the tokens each
+    batch scores; returns it and the token count. Every rank of a ZeRO-3 job runs the same batches: each
+    forward is a collective."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        batch = model_inputs(data, torch.arange(start, min(start + batch_size, n)), model, device)
+        tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        with autocast or contextlib.nullcontext():
+            loss = model(**batch).loss
+        total += loss.float().item() * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count, count
+
+
+@torch.no_grad()
 def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
                    max_batches: int | None = None, fake_quant: Recipe | None = None,
-                   data_options: DataOptions | None = None) -> EvalResult:
-    """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted."""
+                   data_options: DataOptions | None = None, packing: str = "documents") -> EvalResult:
+    """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted, in float32."""
     target = ckpt_io.resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
     device, dtype = eval_placement(target)
     model, tokenizer = load_model(str(target), dtype=dtype, device=device)
@@ -72,16 +96,8 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     if fake_quant:
         scales = ckpt_io.read_learned_scales(target)  # a --qat-learn-scales checkpoint: with what it learned
         prepare_qat(model, fake_quant, learn=LearnScales(initial=scales) if scales is not None else None)
-    model.eval()
-    packed = open_token_store(data, tokenizer, seq_len, data_options)
-    total, count = 0.0, 0
-    n = len(packed) if max_batches is None else min(len(packed), max_batches * batch_size)
-    for start in range(0, n, batch_size):
-        batch = model_inputs(packed, torch.arange(start, min(start + batch_size, n)), model, device)
-        tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
-        total += model(**batch).loss.item() * tokens
-        count += tokens
-    loss = total / count
+    packed = open_token_store(data, tokenizer, seq_len, data_options, packing=packing)
+    loss, count = mean_loss(model, packed, batch_size=batch_size, device=device, max_batches=max_batches)
     return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count)
 
 

@@ -23,6 +23,11 @@ SCALE_SUFFIX = ".weight_fake_quantizer.scale"
 """How the state dict names a linear layer's learned weight scales (`LearnedScaleFakeQuantizer.scale`)."""
 
 
+def is_learned_scale(name: str) -> bool:
+    """Whether a state-dict name is a learned weight scale (kept apart from the HF weights in checkpoints)."""
+    return name.endswith(SCALE_SUFFIX)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AffineSpec:
     """What to simulate: an integer grid, its granularity and how scales are chosen."""

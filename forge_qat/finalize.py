@@ -26,6 +26,7 @@ from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExi
 from forge_qat.models import check_model_dir, is_quantized_artifact, load_config, load_model, load_tokenizer
 from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
+from forge_qat.stream_convert import FullTensor, LiveModelReader, follow_live_reads
 from forge_qat.weights import tied_aliases
 
 log = logging.getLogger(__name__)
@@ -246,17 +247,24 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         if reload_diff > 1e-5:
             raise ConversionError(f"the written artifact does not reproduce the converted model "
                                   f"(max logit difference {reload_diff:.3e}); nothing was written")
-        report = FinalizeReport(
-            dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-            converted=len(converted), by_module=dict(Counter(map(_weight_kind, converted))),
-            coverage=cov.to_dict(), float_bytes=float_bytes, artifact_bytes=writer.total_bytes, format=fmt,
-            format_reason=reason,
-            bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
-            max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
-            reload_max_diff=reload_diff, shards=[s.name for s in shards], learned_scales=scales is not None,
-        )
+        report = _report(req, plan, cov, converted, fmt, reason, shards, float_bytes=float_bytes,
+                         artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
+                         quantized_numel=quantized_numel,
+                         max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
+                         reload_max_diff=reload_diff)
         _write_report(tmp, plan, report)
     return report
+
+
+def _report(req: FinalizeRequest, plan: Plan, cov: Coverage, converted: list[str], fmt: str, reason: str,
+            shards: list[Path], *, quantized_bytes: int, quantized_numel: int, **measured) -> FinalizeReport:
+    """The report of a written artifact (in-memory or streamed); `measured`: the byte counts and logit
+    checks the route made."""
+    return FinalizeReport(
+        dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes), converted=len(converted),
+        by_module=dict(Counter(map(_weight_kind, converted))), coverage=cov.to_dict(), format=fmt,
+        format_reason=reason, bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
+        shards=[s.name for s in shards], learned_scales=plan.learned_scales, **measured)
 
 
 def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe, cov: Coverage) -> None:
@@ -336,14 +344,21 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
             raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the plan "
                                   f"{len(cov.quantized)}; nothing was written")
         _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, cov)
-        report = FinalizeReport(
-            dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-            converted=len(stats.converted), by_module=dict(Counter(map(_weight_kind, stats.converted))),
-            coverage=cov.to_dict(), float_bytes=stats.float_bytes, artifact_bytes=total, format=fmt,
-            format_reason=reason,
-            bits_per_weight=8 * stats.quantized_bytes / max(stats.quantized_numel, 1),
-            streaming=True, shards=[s.name for s in shards], learned_scales=plan.learned_scales,
-        )
+        report = _report(req, plan, cov, stats.converted, fmt, reason, shards, float_bytes=stats.float_bytes,
+                         artifact_bytes=total, quantized_bytes=stats.quantized_bytes,
+                         quantized_numel=stats.quantized_numel, streaming=True)
         _write_report(tmp, plan, report)
     return report
 
+
+def finalize_live(model: torch.nn.Module, checkpoint: Path, recipe: str, dest: Path, full_tensor: FullTensor, *,
+                  main: bool) -> Path | None:
+    """`forge train --finalize` of a model still partitioned across ranks (collective): the live model is
+    gathered to rank 0 one block at a time, and only rank 0 converts and writes (the other ranks join the
+    gathers). The artifact equals a streaming finalize of the saved `checkpoint`, whose config, tokenizer and
+    metadata it uses. Returns the artifact on rank 0."""
+    if not main:
+        follow_live_reads(model, full_tensor)
+        return None
+    req = FinalizeRequest(source=checkpoint, dest=dest, qat_convert=recipe, overwrite=True)
+    return finalize_streaming(plan_finalize(req), req, LiveModelReader(model, full_tensor)).dest

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from forge_qat.errors import InputError, choices_message
+from forge_qat.weights import TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,37 @@ def preset_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedT
     return model, tok
 
 
+def is_preset(spec: str) -> bool:
+    return spec in PRESETS
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    """Where a model came from: a preset name or a directory."""
+    """A model to train, before any weights are placed: what engines materialize it from."""
 
     spec: str
+    """A preset name or a model directory."""
+    seed: int
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    reader: TensorReader | None
+    """The starting weights, on the rank that reads them (None on the others)."""
 
-    @property
-    def is_preset(self) -> bool:
-        return self.spec in PRESETS
+
+def open_model_source(spec: str, seed: int = 0, *, reads: bool = True) -> ModelSource:
+    """Config and tokenizer of `spec`, and with `reads` a reader over its starting weights (a preset's are
+    made from `seed`; a directory's are read from its safetensors shards one tensor at a time)."""
+    from forge_qat.weights import SafetensorsReader, StateDictSource
+
+    if spec in PRESETS:
+        # Every rank builds the same config and tokenizer; the reading rank keeps the (tiny) seeded weights,
+        # so they equal a single-process run's exactly.
+        reference, tokenizer = preset_model(spec, seed)
+        reader = StateDictSource(reference.state_dict()) if reads else None
+        return ModelSource(spec, seed, reference.config, tokenizer, reader)
+    path = _model_dir(spec)
+    reader = SafetensorsReader.from_dir(path) if reads else None
+    return ModelSource(spec, seed, load_config(path), load_tokenizer(path), reader)
 
 
 def is_quantized_artifact(path: Path) -> bool:

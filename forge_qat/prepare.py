@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torchao.quantization import quantize_
@@ -32,11 +31,11 @@ from forge_qat.fake_quant import (
     IntegerGridFakeQuantizedLinear,
     LearnedScaleFakeQuantizer,
     initial_scale,
+    is_learned_scale,
 )
-from forge_qat.recipes import Recipe, get_recipe, recipe_names
-
-if TYPE_CHECKING:
-    from forge_qat.config import TrainConfig
+from forge_qat.options import at_least, one_of, option, positive_finite
+from forge_qat.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_names
+from forge_qat.torchao_compat import quantize_handler
 
 log = logging.getLogger(__name__)
 
@@ -188,37 +187,9 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = N
     return cov
 
 
-def prepare_for_training(model: torch.nn.Module, cfg: "TrainConfig", qat_recipe: Recipe | None,
-                         gather: Gather | None = None) -> Coverage | None:
-    """Everything a run config changes in a freshly loaded model before training, in the order torchtune
-    uses (swaps, then activation checkpointing, then sharding by the caller). Shared by one process and
-    ZeRO (whose partitioned Parameters the swaps keep; `gather` makes one whole, for learned scales)."""
-    cov = None
-    if qat_recipe is not None:
-        learn = None
-        if cfg.qat_learn_scales:
-            learn = LearnScales(gather=gather) if gather else LearnScales()
-        cov = prepare_qat(model, qat_recipe, learn=learn)
-        if learn is not None:
-            scales = learned_scales(model)
-            log.info("learned weight scales: %d parameters in %d layers", sum(p.numel() for p in scales.values()),
-                     len(scales))
-        log.info("fake quantization: %s", cov.describe())
-    elif cfg.fp8_recipe:
-        n = prepare_float8_training(model, cfg.fp8_recipe)
-        log.info("float8 training (%s) on %d linear layers", cfg.fp8_recipe, n)
-    if cfg.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
-        # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return cov
-
-
 def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The learned weight-scale Parameters of a prepared model, by state-dict name."""
-    return {n: p for n, p in model.named_parameters() if n.endswith(SCALE_SUFFIX)}
+    return {n: p for n, p in model.named_parameters() if is_learned_scale(n)}
 
 
 def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
@@ -267,11 +238,9 @@ def _convert_with_learned_scales(model: torch.nn.Module, modules: dict[str, torc
     then the base config's handler with `custom_scale`, the qparams algorithm off), for forge's
     `LearnedScaleFakeQuantizer`, which torchao does not recognise: the converted tensor's scales are the
     learned ones, its values `clamp(round(w * (1 / scale)))` exactly as the fake quantizer's."""
-    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
-
     base = copy.copy(recipe.base_config())
     base.intx_choose_qparams_algorithm = None
-    handler = _QUANTIZE_CONFIG_HANDLER[type(base)]
+    handler = quantize_handler(base)
     for name in sorted(names):
         prepared = modules[name]
         scale = prepared.weight_fake_quantizer.scale.detach().to(prepared.weight.device)
@@ -307,7 +276,7 @@ class LinearSwap:
     """A training option that replaces linear layers; at most one may be active per run."""
 
     option: str
-    """TrainConfig field holding the chosen recipe name."""
+    """`QatConfig` field holding the chosen recipe name."""
     choices: Callable[[], list[str]]
 
     @property
@@ -319,3 +288,65 @@ LINEAR_SWAPS: tuple[LinearSwap, ...] = (
     LinearSwap("qat_recipe", recipe_names),
     LinearSwap("fp8_recipe", lambda: list(FP8_RECIPES)),
 )
+
+
+NO_RECIPE = "none"
+"""`--qat-recipe none`: train in float."""
+
+
+@dataclass(kw_only=True)
+class QatConfig:
+    """The QAT section of a run configuration (and float8 training, the other linear-layer swap)."""
+
+    qat_recipe: str | None = option(
+        None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
+    fake_quant_after_steps: int = option(0, "Train this many steps in float before enabling fake quantization.",
+                                         resume_fixed=True)
+    qat_learn_scales: bool = option(False, "Train the weight quantization scales with the model (initialised from "
+                                           "the weights; the converted artifact uses the learned scales).",
+                                    resume_fixed=True)
+    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: --lr).",
+                                        resume_fixed=True)
+    fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "fake_quant_after_steps")
+        chosen = [s for s in LINEAR_SWAPS if getattr(self, s.option) not in (None, NO_RECIPE)]
+        if len(chosen) > 1:
+            given = " and ".join(f"{s.flag} {getattr(self, s.option)}" for s in chosen)
+            raise ConfigError(f"{given} both replace the linear layers; choose one")
+        for swap in chosen:
+            one_of(self, swap.option, swap.choices())
+        if self.fake_quant_after_steps and self.recipe is None:
+            raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+        if self.qat_scale_lr is not None and not self.qat_learn_scales:
+            raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: add --qat-learn-scales")
+        if self.qat_learn_scales:
+            self._check_learned_scales()
+
+    def _check_learned_scales(self) -> None:
+        able = [name for name in recipe_names() if get_recipe(name).learnable_scales]
+        if self.recipe is None or not self.recipe.learnable_scales:
+            raise ConfigError(f"--qat-learn-scales needs a QAT recipe whose weight scales can be learned "
+                              f"({', '.join(able)}); this run's is {self.recipe_name or NO_RECIPE}")
+        positive_finite("qat_scale_lr", self.qat_scale_lr)
+        if self.fake_quant_after_steps:
+            raise ConfigError("--qat-learn-scales chooses the scales from the weights when training starts; "
+                              "with --fake-quant-after-steps the float steps would move the weights away from "
+                              "them first. Use one or the other")
+
+    @property
+    def recipe_name(self) -> str | None:
+        """The QAT recipe this run applies: the registry default unless 'none' or float8 was chosen."""
+        if self.qat_recipe == NO_RECIPE or (self.qat_recipe is None and self.fp8_recipe):
+            return None
+        return self.qat_recipe or DEFAULT_RECIPE
+
+    @property
+    def recipe(self) -> Recipe | None:
+        """The registry record of `recipe_name`."""
+        return get_recipe(self.recipe_name) if self.recipe_name else None
+
+    def fake_quant_at(self, step: int) -> bool:
+        """Whether fake quantization is on at (0-based) `step`."""
+        return self.recipe_name is not None and step >= self.fake_quant_after_steps

@@ -24,6 +24,7 @@ from torchao.quantization import (
 from forge_qat import hardware
 from forge_qat.errors import UnknownRecipeError, choices_message
 from forge_qat.fake_quant import AffineSpec, FakeQuantPlan
+from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +41,6 @@ SM90 = Requirement("CUDA compute capability 9.0+ (Hopper)", lambda: hardware.has
 MSLK = Requirement("the mslk kernel package (pip install mslk)", lambda: hardware.has_mslk())
 
 
-ExpertStackConverter = Callable[[AOBaseConfig, torch.nn.Module, str], None]
-"""Replaces the 3-D expert stack `module.<name>` (experts, out, in) by its torchao tensor, in place."""
-
-
 def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
     """torchao's own parameter-level quantization (`FqnToConfig` with a parameter name), for configs whose
     tensors take 3-D weights: the result selects per expert to the tensor an `nn.Linear` would get."""
@@ -54,8 +51,6 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
     """`Int8DynamicActivationIntxWeightConfig` asserts 2-D weights in torchao 0.18, but the tensor it
     builds is defined for any rank: build it for the stack with the config's own arguments and a block of
     one row per expert (tests check every expert equals its 2-D conversion bit for bit)."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
-
     weight = getattr(module, name)
     g = config.weight_granularity
     group = g.group_size if isinstance(g, PerGroup) else weight.shape[-1]
@@ -65,6 +60,22 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
         intx_choose_qparams_algorithm=config.intx_choose_qparams_algorithm,
     )
     setattr(module, name, torch.nn.Parameter(stack, requires_grad=False))
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertStackConverter:
+    """Replaces the 3-D expert stack `module.<name>` (experts, out, in) by its torchao tensor, in place."""
+
+    convert: Callable[[AOBaseConfig, torch.nn.Module, str], None]
+    load_needs_compat: bool = False
+    """Whether loading the artifact needs `import forge_qat.torchao_compat` (an operator torchao lacks)."""
+
+    def __call__(self, config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
+        self.convert(config, module, name)
+
+
+TORCHAO_STACK = ExpertStackConverter(convert_stack_with_torchao_handler)
+INTX_UNPACKED_STACK = ExpertStackConverter(convert_stack_to_intx_unpacked, load_needs_compat=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,7 +119,7 @@ class Recipe:
         """How this recipe treats mixture-of-experts stacks, for tables and `forge recipes`."""
         if self.convert_expert_stack is None:
             return "no (models with experts are refused)"
-        if self.convert_expert_stack is convert_stack_to_intx_unpacked:
+        if self.convert_expert_stack.load_needs_compat:
             return "yes (loading the artifact needs `import forge_qat.torchao_compat`)"
         return "yes"
 
@@ -128,7 +139,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
             group_size=32,
-            convert_expert_stack=convert_stack_to_intx_unpacked,
+            convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,
         ),
         *(Recipe(
@@ -139,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             storage_bits=8,  # IntxUnpackedToInt8Tensor: one value per int8
             group_size=32,
-            convert_expert_stack=convert_stack_to_intx_unpacked,
+            convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,
         ) for bits in (3, 2)),
         Recipe(
@@ -156,7 +167,7 @@ RECIPES: dict[str, Recipe] = {
                                   eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
                 integer_matmul=True,
             ),
-            convert_expert_stack=convert_stack_with_torchao_handler,
+            convert_expert_stack=TORCHAO_STACK,
         ),
         Recipe(
             name="int4-weight-only",
@@ -175,7 +186,7 @@ RECIPES: dict[str, Recipe] = {
             convert_requires=(CUDA, SM89),
             # Float8Tensor quantizes 3-D weights and selects per expert; needs CUDA, so it is covered by
             # the GPU suite (tests/gpu), not on CPU.
-            convert_expert_stack=convert_stack_with_torchao_handler,
+            convert_expert_stack=TORCHAO_STACK,
         ),
         Recipe(
             name="float8-dynamic-act-int4-weight",

@@ -12,7 +12,8 @@ import gc
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from forge_qat.coverage import plan
 from forge_qat.errors import ConversionError, InputError
 from forge_qat.prepare import LearnScales, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe
-from forge_qat.weights import tied_aliases
+from forge_qat.weights import tied_aliases, true_shape
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +196,52 @@ def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Pa
     shards = writer.close()
     verify_shards(directory, fmt, names)
     return stats, shards, writer.total_bytes
+
+
+FullTensor = Callable[[torch.nn.Parameter], AbstractContextManager[torch.Tensor]]
+"""Makes a parameter whole inside its context (an engine's `full_tensor`; under ZeRO-3 a collective)."""
+
+
+class LiveModelReader:
+    """A `TensorReader` over a live model being trained (`forge train --finalize` under ZeRO): the first read
+    from a block makes that whole block whole through `full_tensor` (a collective the other ranks join in
+    `follow_live_reads`), later reads are served from it. Only one block is held at a time."""
+
+    def __init__(self, model: torch.nn.Module, full_tensor: FullTensor):
+        self.full_tensor = full_tensor
+        self.params = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        self.blocks = plan_blocks(model)
+        self.block_of = {n: i for i, b in enumerate(self.blocks) for n in b.names}
+        self._stash: dict[str, torch.Tensor] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.block_of)
+
+    def shape(self, name: str) -> list[int]:
+        p = self.params.get(name)
+        return list(true_shape(p)) if p is not None else list(self.buffers[name].shape)
+
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        if name not in self._stash:
+            block = self.blocks[self.block_of[name]]
+            self._stash = _gather_block(self.params, self.buffers, block.names, self.full_tensor, keep=True)
+        out.copy_(self._stash[name].reshape(-1)[start:start + out.numel()])
+
+
+def _gather_block(params: dict, buffers: dict, names: list[str], full_tensor: FullTensor,
+                  keep: bool) -> dict[str, torch.Tensor]:
+    kept = {n: buffers[n] for n in names if n in buffers}
+    for n in names:
+        if n in params:
+            with full_tensor(params[n]) as value:  # a collective: every rank enters it, keeping or not
+                if keep:
+                    kept[n] = value.to("cpu", torch.float32, copy=True)
+    return kept
+
+
+def follow_live_reads(model: torch.nn.Module, full_tensor: FullTensor) -> None:
+    """What ranks other than 0 do while rank 0 reads a `LiveModelReader`: join each block's gather, in order."""
+    params = dict(model.named_parameters())
+    for block in plan_blocks(model):
+        _gather_block(params, {}, block.names, full_tensor, keep=False)

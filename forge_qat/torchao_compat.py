@@ -1,6 +1,10 @@
-"""The one operator torchao 0.18 lacks for int4 mixture-of-experts artifacts: `aten.select` on
-`IntxUnpackedToInt8Tensor`. Importing this module registers it (idempotently, and never over an
-implementation torchao itself provides).
+"""Every use of torchao beyond its public API, in one place: internal import paths, the config-handler
+registry, the prototype safetensors support, and the one operator torchao 0.18 lacks for int4
+mixture-of-experts artifacts (`aten.select` on `IntxUnpackedToInt8Tensor`). A torchao upgrade that moves
+any of them breaks here and nowhere else.
+
+Importing this module registers that operator (idempotently, and never over an implementation torchao
+itself provides).
 
 Imported by forge's own loaders (finalize's reload check, eval) and by users before loading an MoE
 artifact of an `IntxUnpackedToInt8Tensor` recipe: `import forge_qat.torchao_compat` and then stock
@@ -13,11 +17,26 @@ block size, giving exactly the 2-D tensor that converting that expert as an `nn.
 dropped the day torchao has it).
 """
 
+from collections.abc import Callable
+
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.core.config import AOBaseConfig
+from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+__all__ = ["ALLOWED_TENSORS_SUBCLASSES", "IntxUnpackedToInt8Tensor", "flatten_tensor_state_dict",
+           "quantize_handler", "TORCHAO_HAS_SELECT"]
 
 aten = torch.ops.aten
+
+
+def quantize_handler(config: AOBaseConfig) -> Callable[..., torch.nn.Module]:
+    """The module transform `quantize_` applies for `config`'s type; called directly where forge passes
+    arguments `quantize_` cannot (a custom scale from learned scales)."""
+    return _QUANTIZE_CONFIG_HANDLER[type(config)]
 
 
 def _registered_select():

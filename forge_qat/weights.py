@@ -8,10 +8,22 @@ Called by finalize, the streaming finalize (forge_qat.stream_convert) and the Ze
 import json
 import math
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from forge_qat.errors import InputError
+
+
+class TensorReader(Protocol):
+    """What every weight reader offers (checkpoint shards, tensors in memory, another checkpoint layout, a
+    ZeRO checkpoint, a live partitioned model): names, shapes, and any slice of a flattened tensor read
+    straight into a destination, so no caller needs a whole tensor (let alone a model) in memory."""
+
+    def keys(self) -> set[str]: ...
+    def shape(self, name: str) -> list[int]: ...
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of the flattened tensor `name`, written into `out`."""
 
 
 def true_shape(p: torch.Tensor) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ from conftest import micro_train_args
 
 from forge_qat.config import TrainConfig
 from forge_qat.finalize import FinalizeRequest, finalize
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 DENSE = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3"]
 
@@ -28,7 +28,7 @@ def test_dense_architecture_trains_and_finalizes(model_type, tmp_path, text_file
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(src)
     tok.save_pretrained(src)
     run = tmp_path / "run"
-    run_training(TrainConfig(**micro_train_args(run, text_file, model=str(src), max_steps=2, save_every=0)))
+    run_training(TrainConfig.from_flat(**micro_train_args(run, text_file, model=str(src), max_steps=2, save_every=0)))
     report = finalize(FinalizeRequest(source=run, dest=tmp_path / "artifact"))
     assert report.mode == "qat" and report.reload_max_diff == 0.0
     cov = report.coverage

@@ -9,15 +9,16 @@ from forge_qat.recipes import DEFAULT_RECIPE
 
 def test_defaults_are_the_embedded_demo():
     cfg = build_config()
-    assert cfg.model == "tiny-llama" and cfg.data.startswith("builtin:")
-    assert cfg.active_qat_recipe == DEFAULT_RECIPE
+    assert cfg.run.model == "tiny-llama" and cfg.data.train_data.startswith("builtin:")
+    assert cfg.qat.recipe_name == DEFAULT_RECIPE
 
 
 def test_flags_override_yaml_override_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 7\nlr: 1\nqat_recipe: int8-dynamic-act-int8-weight\n")
     cfg = build_config(path, max_steps=9)
-    assert (cfg.max_steps, cfg.lr, cfg.qat_recipe) == (9, 1.0, "int8-dynamic-act-int8-weight")
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.qat.qat_recipe) == (9, 1.0, "int8-dynamic-act-int8-weight")
+    assert cfg.get("max_steps") == 9 and cfg.to_dict()["data"] == cfg.data.train_data
 
 
 @pytest.mark.parametrize("text, match", [
@@ -43,7 +44,7 @@ def test_qat_and_fp8_are_mutually_exclusive():
         build_config(qat_recipe=DEFAULT_RECIPE, fp8_recipe="rowwise")
     assert "--qat-recipe" in str(e.value) and "--fp8-recipe" in str(e.value)
     # fp8 alone turns the default QAT recipe off rather than conflicting with it
-    assert build_config(fp8_recipe="rowwise").active_qat_recipe is None
+    assert build_config(fp8_recipe="rowwise").qat.recipe_name is None
 
 
 def test_unknown_recipe_and_values():
@@ -72,11 +73,24 @@ def test_shipped_run_configs_are_valid():
 
 def test_auto_precision_chooses_bf16_only_where_it_is_native(monkeypatch):
     from forge_qat import hardware
-    from forge_qat.train import resolve
+    from forge_qat.train.optim import resolve_placement as resolve
 
     monkeypatch.setattr(hardware, "cuda_available", lambda: False)
     monkeypatch.setattr(hardware, "bf16_native", lambda: False)
-    assert resolve(TrainConfig(precision="auto")).precision == "fp32"
-    assert resolve(TrainConfig(precision="bf16")).precision == "bf16"  # explicit: still allowed, emulated
+    assert resolve(TrainConfig.from_flat(precision="auto")).precision == "fp32"
+    assert resolve(TrainConfig.from_flat(precision="bf16")).precision == "bf16"  # explicit: still allowed, emulated
     monkeypatch.setattr(hardware, "bf16_native", lambda: True)
-    assert resolve(TrainConfig(precision="auto")).precision == "bf16"
+    assert resolve(TrainConfig.from_flat(precision="auto")).precision == "bf16"
+
+
+def test_resume_fixed_options_are_field_metadata():
+    """The options a resumed run must keep are declared on their fields; every one is a real option, and the
+    cadence options that may change on resume are not among them."""
+    from forge_qat.config import OPTIONS, resume_fixed_names
+
+    fixed = set(resume_fixed_names())
+    assert {"model", "data", "seq_len", "lr", "batch_size", "kd_weight", "qat_learn_scales", "seed"} <= fixed
+    assert not fixed & {"max_steps", "eval_every", "save_every", "output_dir", "resume", "overwrite"}
+    assert fixed <= set(OPTIONS)
+    with pytest.raises(ConfigError, match="unknown option 'max_stepz'"):
+        TrainConfig.from_flat(max_stepz=3)

@@ -87,7 +87,7 @@ def test_identical_logits_cost_nothing_and_unknown_names_are_refused():
 def test_self_teacher_is_the_fake_quant_off_forward_and_a_frozen_teacher_never_changes():
     import copy
 
-    from forge_qat.distill import Objective
+    from forge_qat.distill import Distillation
     from forge_qat.models import preset_model
     from forge_qat.prepare import prepare_qat, set_fake_quant_enabled
     from forge_qat.recipes import get_recipe
@@ -103,7 +103,7 @@ def test_self_teacher_is_the_fake_quant_off_forward_and_a_frozen_teacher_never_c
         float_logits = model(**batch).logits
         set_fake_quant_enabled(model, True)
         student_logits = model(**batch).logits
-    self_kd = Objective("kl", 0.0, 1.0, 1.0, 50, None)
+    self_kd = Distillation("kl", 0.0, 1.0, 1.0, 50, None)
     loss, parts = self_kd(model, batch)
     assert loss.item() == pytest.approx(kd_loss("kl", student_logits, float_logits, x).item(), rel=1e-5)
     assert parts["kd_loss"] > 0 and "lm_loss" in parts
@@ -112,7 +112,7 @@ def test_self_teacher_is_the_fake_quant_off_forward_and_a_frozen_teacher_never_c
         assert torch.equal(model(**batch).logits, student_logits)
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    objective = Objective("cakld", 1.0, 0.5, 1.0, 50, teacher)
+    objective = Distillation("cakld", 1.0, 0.5, 1.0, 50, teacher)
     for _ in range(2):
         loss, _ = objective(model, batch)
         loss.backward()
@@ -128,10 +128,10 @@ def test_training_with_distillation_logs_both_parts_and_refuses_useless_settings
 
     from forge_qat.config import TrainConfig
     from forge_qat.errors import ConfigError
-    from forge_qat.train import run_training
+    from forge_qat.train.trainer import run_training
 
     args = micro_train_args(tmp_path / "r", text_file, max_steps=3, kd_weight=0.5, kd_loss="cakld", lm_weight=1.0)
-    run_training(TrainConfig(**args))
+    run_training(TrainConfig.from_flat(**args))
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3
     for r in records:
@@ -142,7 +142,7 @@ def test_training_with_distillation_logs_both_parts_and_refuses_useless_settings
                          ({"kd_weight": 1.0, "kd_loss": "kl", "qat_recipe": "none"}, "needs a QAT recipe"),
                          ({"lm_weight": 0.0}, "nothing to train on")):
         with pytest.raises(ConfigError, match=message):
-            TrainConfig(**{**micro_train_args(tmp_path / "x", text_file), **bad})
+            TrainConfig.from_flat(**{**micro_train_args(tmp_path / "x", text_file), **bad})
 
 
 
@@ -157,12 +157,12 @@ def test_distillation_under_gradient_checkpointing_trains_the_same(tmp_path, tex
 
     from forge_qat import checkpoint as ckpt_io
     from forge_qat.config import TrainConfig
-    from forge_qat.train import run_training
+    from forge_qat.train.trainer import run_training
 
     runs = {}
     for gc in (False, True):
         out = tmp_path / f"gc{int(gc)}"
-        run_training(TrainConfig(**micro_train_args(out, text_file, max_steps=3, save_every=0, kd_weight=0.5,
+        run_training(TrainConfig.from_flat(**micro_train_args(out, text_file, max_steps=3, save_every=0, kd_weight=0.5,
                                                     kd_loss="kl", kd_teacher=teacher, gradient_checkpointing=gc)))
         runs[gc] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
                     load_file(ckpt_io.checkpoint_dirs(out)[-1][1] / "model.safetensors"))

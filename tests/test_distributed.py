@@ -15,7 +15,7 @@ from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
 from forge_qat.distributed.launch import RankFailedError, check_nproc, launch
 from forge_qat.errors import ConfigError
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 WORKER = [sys.executable, str(Path(__file__).parent / "zero_worker.py")]
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 ranks")
@@ -61,7 +61,7 @@ def test_streamed_load_and_consolidation_are_bit_identical(tmp_path, data, pretr
     path, reference = pretrained
     out = tmp_path / "consolidated"
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(out))
-    launch(TrainConfig(**_zero_args(tmp_path / "z", data, model=str(path), qat_recipe="none")), worker=WORKER)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(path), qat_recipe="none")), worker=WORKER)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     got = {k: v for f in shards for k, v in load_file(f).items()}
@@ -80,7 +80,7 @@ def test_streamed_load_names_missing_keys(tmp_path, data, pretrained, monkeypatc
     next(broken.glob("model-00001-*.safetensors")).unlink()
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(tmp_path / "never"))
     with pytest.raises(RankFailedError, match="missing"):
-        launch(TrainConfig(**_zero_args(tmp_path / "z", data, model=str(broken), qat_recipe="none")),
+        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(broken), qat_recipe="none")),
                worker=WORKER)
 
 
@@ -96,8 +96,8 @@ def test_zero3_training_matches_single_process(tmp_path, data, recipe):
     """Same global batch and seed: 2 ranks x batch 2 under ZeRO-3 vs 1 process x batch 4."""
     args = dict(max_steps=4, save_every=0, grad_accum=2, qat_recipe=recipe, eval_data=str(data), eval_every=2,
                 eval_batches=2)
-    launch(TrainConfig(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
-    run_training(TrainConfig(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     zero, single = _metrics(tmp_path / "z"), _metrics(tmp_path / "s")
     assert [r["step"] for r in zero] == [1, 2, 3, 4]
     assert zero[0]["loss"] == pytest.approx(single[0]["loss"], abs=1e-6)  # same weights, same batch
@@ -123,8 +123,8 @@ def test_distillation_under_zero3_matches_single_process(tmp_path, data, teacher
     batch, loss and both parts. The float teacher must stay the starting model: by step 3 the student
     has moved, and a teacher that moved with it would give another KD loss."""
     args = dict(max_steps=3, save_every=0, kd_weight=0.5, kd_loss="kl", kd_teacher=teacher)
-    launch(TrainConfig(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
-    run_training(TrainConfig(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     zero, single = _metrics(tmp_path / "z"), _metrics(tmp_path / "s")
     for a, b in zip(zero, single, strict=True):
         for key in ("loss", "lm_loss", "kd_loss"):
@@ -142,8 +142,8 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data):
     from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
 
     args = dict(max_steps=3, save_every=0, qat_learn_scales=True, finalize=DEFAULT_RECIPE)
-    launch(TrainConfig(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
-    run_training(TrainConfig(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
     ckpt = ckpt_io.checkpoint_dirs(tmp_path / "z")[-1][1]
@@ -164,19 +164,19 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data):
 
 def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data, monkeypatch):
     args = dict(max_steps=4, save_every=2)
-    launch(TrainConfig(**_zero_args(tmp_path / "a", data, **args)), worker=WORKER)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "a", data, **args)), worker=WORKER)
 
     monkeypatch.setenv("FORGE_TEST_FAIL", "1:2")  # rank 1 dies drawing step 3's batch
     t0 = time.monotonic()
     with pytest.raises(RankFailedError) as e:
-        launch(TrainConfig(**_zero_args(tmp_path / "b", data, **args)), worker=WORKER)
+        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, **args)), worker=WORKER)
     assert e.value.rank == 1 and e.value.exit_code != 0
     assert "injected failure at micro-batch 2" in str(e.value)
     assert time.monotonic() - t0 < 90, "the surviving rank must not wait for the collective timeout"
     assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "b")] == [2]
 
     monkeypatch.delenv("FORGE_TEST_FAIL")
-    launch(TrainConfig(**_zero_args(tmp_path / "b", data, resume=True, **args)), worker=WORKER)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, resume=True, **args)), worker=WORKER)
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
@@ -187,18 +187,18 @@ def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data,
 def test_a_rank_that_cannot_see_the_run_directory_stops_the_job_before_training(tmp_path, data, monkeypatch):
     monkeypatch.setenv("FORGE_TEST_BLIND_RANK", "1")
     with pytest.raises(RankFailedError, match=r"rank\(s\) \[1\] cannot see the run directory"):
-        launch(TrainConfig(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
     assert not (tmp_path / "z" / ckpt_io.METRICS).exists() or not _metrics(tmp_path / "z")
 
 
 def test_checkpoint_from_other_world_size_refuses_to_resume(tmp_path, data):
-    launch(TrainConfig(**_zero_args(tmp_path / "r", data, max_steps=2)), worker=WORKER)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "r", data, max_steps=2)), worker=WORKER)
     with pytest.raises(ConfigError, match="2 process"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "r", data, max_steps=4, resume=True)))
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", data, max_steps=4, resume=True)))
 
 
 def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, data):
-    launch(TrainConfig(**_zero_args(tmp_path / "g", data, max_steps=3, gradient_checkpointing=True,
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "g", data, max_steps=3, gradient_checkpointing=True,
                                     freeze_embeddings=True)), worker=WORKER)
     from forge_qat.models import preset_model
 
@@ -210,33 +210,38 @@ def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, data):
 
 
 def test_ds_config_contradictions_and_nproc_limits(tmp_path):
-    from forge_qat.distributed.zero import ds_config
+    from forge_qat.distributed import config as dist_config
+
+    def ds_config(cfg, precision, world_size):
+        batching = dist_config.Batching(micro_batch=cfg.optim.batch_size, grad_accum=cfg.optim.grad_accum,
+                                        max_grad_norm=cfg.optim.max_grad_norm, precision=precision)
+        return dist_config.ds_config(cfg.distributed, batching, world_size)
 
     cfg_file = tmp_path / "ds.json"
     cfg_file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
-    cfg = TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file))
+    cfg = TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file))
     with pytest.raises(ConfigError, match="zero_optimization.stage is 2.*zero_stage = 3"):
         ds_config(cfg, "fp32", 2)
     cfg_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 16.*batch_size = 8"):
-        ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file)), "fp32", 2)
+        ds_config(TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file)), "fp32", 2)
     cfg_file.write_text(json.dumps({"zero_optimization": {"stage": "auto", "overlap_comm": False},
                                     "train_micro_batch_size_per_gpu": "auto"}))
-    merged = ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file), batch_size=2), "bf16", 2)
+    merged = ds_config(TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file), batch_size=2), "bf16", 2)
     assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False}
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["bf16"]["enabled"]
     for zero, refused in (({"zero_hpz_partition_size": 8}, "hierarchical"), ({"mics_shard_size": 4}, "MiCS"),
                           ({"offload_param": {"device": "cpu"}}, "offload_param")):
         cfg_file.write_text(json.dumps({"zero_optimization": {"stage": 3, **zero}}))
         with pytest.raises(ConfigError, match=refused):
-            ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)
+            ds_config(TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)
     cfg_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1,
                                                           "offload_optimizer": {"device": "cpu"}}}))
-    ds_config(TrainConfig(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)  # both are fine
+    ds_config(TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)  # both are fine
     with pytest.raises(ConfigError, match="exceeds"):
         check_nproc(10_000)
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
-        TrainConfig(nproc=2)
+        TrainConfig.from_flat(nproc=2)
 
 
 def test_the_reported_rank_is_the_cause_not_a_consequence():
@@ -276,7 +281,7 @@ def test_torchrun_launches_forge_train(tmp_path, data):
 def test_finalize_reads_a_zero3_checkpoint(tmp_path, data):
     from forge_qat.finalize import FinalizeRequest, finalize
 
-    launch(TrainConfig(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
     report = finalize(FinalizeRequest(source=tmp_path / "z", dest=tmp_path / "artifact"))
     assert report.mode == "qat" and report.converted == 14 and report.reload_max_diff == 0.0
 
@@ -286,7 +291,7 @@ def zero_run(tmp_path_factory, data, request):
     """A 2-rank ZeRO-3 QAT run that also finalizes itself at the end (--finalize), in fp32 and in bf16
     (module weights in bf16, fp32 masters in the optimizer, optimizer files named bf16_zero_pp_rank_*)."""
     root = tmp_path_factory.mktemp("zero_run")
-    launch(TrainConfig(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight",
+    launch(TrainConfig.from_flat(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight",
                                     precision=request.param)), worker=WORKER)
     return root / "run"
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
 from forge_qat.distributed.launch import launch
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 WORKER = [sys.executable, str(Path(__file__).parent / "zero_worker.py")]
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 ranks")
@@ -47,7 +47,7 @@ def test_streamed_load_of_both_layouts_equals_from_pretrained(arch, layout, tmp_
     assert len(list(src.glob("*.safetensors"))) > 1 or layout == "fused"
     out = tmp_path / "consolidated"
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(out))
-    launch(TrainConfig(**micro_train_args(tmp_path / "z", data, model=str(src), qat_recipe="none", nproc=2,
+    launch(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), qat_recipe="none", nproc=2,
                                           zero_stage=3, dist_timeout_s=60)), worker=WORKER)
     got, want = _tensors(out), _tensors(src)
     assert set(got) == set(want)
@@ -67,9 +67,9 @@ def moe_runs(tmp_path_factory, data):
     src = root / "src"
     save_tiny_moe(src, "qwen3_moe", "per-expert", seed=5)
     args = dict(model=str(src), max_steps=3, save_every=0, qat_recipe="int8-dynamic-act-int4-weight")
-    launch(TrainConfig(**micro_train_args(root / "z", data, nproc=2, zero_stage=3, dist_timeout_s=60,
+    launch(TrainConfig.from_flat(**micro_train_args(root / "z", data, nproc=2, zero_stage=3, dist_timeout_s=60,
                                           finalize="int8-dynamic-act-int4-weight", **args)), worker=WORKER)
-    run_training(TrainConfig(**micro_train_args(root / "s", data, batch_size=4, **args)))
+    run_training(TrainConfig.from_flat(**micro_train_args(root / "s", data, batch_size=4, **args)))
     return src, root / "z", root / "s"
 
 
@@ -114,7 +114,7 @@ def test_experts_without_tokens_on_one_rank_do_not_stall_the_others(tmp_path, da
     save_tiny_moe(src, "qwen3_moe", "per-expert")
     monkeypatch.setenv("FORGE_TEST_SKEW_ROUTER", "1")
     t0 = time.monotonic()
-    launch(TrainConfig(**micro_train_args(tmp_path / "z", data, model=str(src), nproc=2, zero_stage=3,
+    launch(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), nproc=2, zero_stage=3,
                                           dist_timeout_s=60, max_steps=2, save_every=0,
                                           gradient_checkpointing=True)), worker=WORKER)
     assert time.monotonic() - t0 < 50

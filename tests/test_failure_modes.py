@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
 PWNED = "FORGE_TEST_PWNED"
@@ -59,7 +59,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fm")
     data = root / "train.txt"
     data.write_text(topics["if"] + topics["while"])
-    run_training(TrainConfig(**micro_train_args(root / "run", data, max_steps=2, save_every=2)))
+    run_training(TrainConfig.from_flat(**micro_train_args(root / "run", data, max_steps=2, save_every=2)))
     return root / "run", data
 
 
@@ -276,7 +276,7 @@ def probe_yaml_exponent_learning_rate(tmp_path, run, monkeypatch):
     cfg.write_text("lr: 1e-3\nmax_steps: 1\n")
     from forge_qat.config import build_config
 
-    assert build_config(cfg).lr == 1e-3
+    assert build_config(cfg).optim.lr == 1e-3
 
 
 def probe_stale_temporaries_are_removed(tmp_path, run, monkeypatch):

@@ -20,7 +20,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
 from forge_qat.finalize import FinalizeRequest, finalize, plan_finalize
 from forge_qat.recipes import get_recipe
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
 
@@ -33,8 +33,8 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("runs")
     data = root / "train.txt"
     data.write_text(topics["if"] + topics["while"] + topics["for"])
-    run_training(TrainConfig(**micro_train_args(root / "qat", data, max_steps=3, save_every=0)))
-    run_training(TrainConfig(**micro_train_args(root / "float", data, max_steps=3, save_every=0,
+    run_training(TrainConfig.from_flat(**micro_train_args(root / "qat", data, max_steps=3, save_every=0)))
+    run_training(TrainConfig.from_flat(**micro_train_args(root / "float", data, max_steps=3, save_every=0,
                                                 qat_recipe="none")))
     return root
 

@@ -20,7 +20,7 @@ from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
 from forge_qat.models import load_model
 from forge_qat.prepare import LearnScales, convert_qat, learned_scales, prepare_qat
 from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 SPEC = AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32)
 
@@ -78,11 +78,11 @@ def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
     able = [n for n, r in RECIPES.items() if r.learnable_scales]
     assert DEFAULT_RECIPE in able and "int8-dynamic-act-int8-weight" not in able
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
-        TrainConfig(qat_recipe="int8-dynamic-act-int8-weight", qat_learn_scales=True)
+        TrainConfig.from_flat(qat_recipe="int8-dynamic-act-int8-weight", qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
-        TrainConfig(qat_recipe="none", qat_learn_scales=True)
+        TrainConfig.from_flat(qat_recipe="none", qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--fake-quant-after-steps"):
-        TrainConfig(qat_learn_scales=True, fake_quant_after_steps=10)
+        TrainConfig.from_flat(qat_learn_scales=True, fake_quant_after_steps=10)
     with pytest.raises(ConfigError, match="no learnable weight scales"):
         prepare_qat(_tiny(), get_recipe("int8-dynamic-act-int8-weight"), learn=LearnScales())
 
@@ -112,7 +112,7 @@ def _args(out, data, **kw):
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("runs") / "ls"
-    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2)))
+    run_training(TrainConfig.from_flat(**_args(out, data, max_steps=4, save_every=2)))
     return out
 
 
@@ -135,14 +135,14 @@ def test_scales_train_and_are_saved_beside_a_plain_hf_checkpoint(learned_run):
 
 def test_resume_continues_identically_with_learned_scales(tmp_path, data, learned_run):
     out = tmp_path / "r"
-    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2)))
+    run_training(TrainConfig.from_flat(**_args(out, data, max_steps=4, save_every=2)))
     shutil.rmtree(ckpt_io.checkpoint_dirs(out)[-1][1])  # as if the job had died after step 2's checkpoint
-    run_training(TrainConfig(**_args(out, data, max_steps=4, save_every=2, resume=True)))
+    run_training(TrainConfig.from_flat(**_args(out, data, max_steps=4, save_every=2, resume=True)))
     a = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(learned_run)[-1][1])
     b = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(out)[-1][1])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="qat_learn_scales"):
-        run_training(TrainConfig(**dict(_args(out, data, max_steps=6, resume=True), qat_learn_scales=False)))
+        run_training(TrainConfig.from_flat(**dict(_args(out, data, max_steps=6, resume=True), qat_learn_scales=False)))
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -182,17 +182,17 @@ def test_missing_or_corrupt_learned_scales_are_one_clear_error(learned_run, tmp_
 
 
 def test_scales_have_their_own_optimizer_group():
-    from forge_qat.train import build_optimizer
+    from forge_qat.train.optim import build_optimizer
 
     model = _tiny()
     prepare_qat(model, get_recipe(DEFAULT_RECIPE), learn=LearnScales())
     scales = {id(p) for p in learned_scales(model).values()}
-    cfg = TrainConfig(qat_learn_scales=True, qat_scale_lr=1e-3, weight_decay=0.1)
+    cfg = TrainConfig.from_flat(qat_learn_scales=True, qat_scale_lr=1e-3, weight_decay=0.1)
     groups = build_optimizer(model, cfg, lr=2e-5).param_groups
     mine = [g for g in groups if any(id(p) in scales for p in g["params"])]
     assert len(mine) == 1 and {id(p) for p in mine[0]["params"]} == scales
     assert mine[0]["lr"] == 1e-3 and mine[0]["weight_decay"] == 0.0
     assert all(g["lr"] == 2e-5 for g in groups if g is not mine[0])
-    assert build_optimizer(model, TrainConfig(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"] == 2e-5
+    assert build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"] == 2e-5
     with pytest.raises(ConfigError, match="add --qat-learn-scales"):
-        TrainConfig(qat_scale_lr=1e-3)
+        TrainConfig.from_flat(qat_scale_lr=1e-3)

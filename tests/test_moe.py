@@ -23,7 +23,7 @@ from forge_qat.errors import ConfigError
 from forge_qat.finalize import FinalizeRequest, finalize
 from forge_qat.prepare import convert_qat, prepare_qat, set_fake_quant_enabled
 from forge_qat.recipes import RECIPES, get_recipe
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 CPU_RECIPES = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
 ARCHS = ["qwen3_moe", "mixtral"]
@@ -170,7 +170,7 @@ def test_a_recipe_that_would_quantize_nothing_is_an_error_before_training(tmp_pa
     GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=64, n_layer=1, n_head=4)).save_pretrained(gpt2)
     byte_tokenizer().save_pretrained(gpt2)
     with pytest.raises(ConfigError, match="Conv1D"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "g", text_file, model=str(gpt2))))
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "g", text_file, model=str(gpt2))))
     assert not ckpt_io.checkpoint_dirs(tmp_path / "g")
 
     misfit = tmp_path / "misfit"
@@ -178,12 +178,12 @@ def test_a_recipe_that_would_quantize_nothing_is_an_error_before_training(tmp_pa
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(misfit)
     byte_tokenizer().save_pretrained(misfit)
     with pytest.raises(ConfigError, match="would quantize none.*group-size misfit"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "m", text_file, model=str(misfit))))
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "m", text_file, model=str(misfit))))
 
     moe = tmp_path / "moe"
     save_tiny_moe(moe, "qwen3_moe", "per-expert")
     with pytest.raises(ConfigError, match="no torchao route for mixture-of-experts"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "w", text_file, model=str(moe),
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "w", text_file, model=str(moe),
                                                     qat_recipe="int4-weight-only")))
 
 
@@ -200,7 +200,7 @@ def test_fake_quant_delay_and_gradient_checkpointing_reach_the_experts(tmp_path,
     src = tmp_path / "m"
     save_tiny_moe(src, "mixtral", "per-expert")
     run = tmp_path / "run"
-    run_training(TrainConfig(**micro_train_args(run, text_file, model=str(src), gradient_checkpointing=True,
+    run_training(TrainConfig.from_flat(**micro_train_args(run, text_file, model=str(src), gradient_checkpointing=True,
                                                 fake_quant_after_steps=2, qat_recipe="int8-dynamic-act-int8-weight")))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["fake_quant"] for r in records] == [False, False, True, True]
@@ -220,7 +220,7 @@ def trained(tmp_path_factory):
         src = root / f"{arch}-{layout}"
         save_tiny_moe(src, arch, layout)
         run = root / f"run-{arch}-{layout}"
-        run_training(TrainConfig(**micro_train_args(run, data, model=str(src), max_steps=3, save_every=0)))
+        run_training(TrainConfig.from_flat(**micro_train_args(run, data, model=str(src), max_steps=3, save_every=0)))
         runs[arch, layout] = (src, run)
     return runs
 

@@ -14,7 +14,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.errors import InputError
 from forge_qat.finalize import FinalizeRequest, finalize
 from forge_qat.stream_convert import plan_blocks
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def qat_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("run")
     (root / "train.txt").write_text(topics["if"] + topics["while"])
-    run_training(TrainConfig(**micro_train_args(root / "qat", root / "train.txt", max_steps=2, save_every=0)))
+    run_training(TrainConfig.from_flat(**micro_train_args(root / "qat", root / "train.txt", max_steps=2, save_every=0)))
     return root / "qat"
 
 

@@ -29,7 +29,7 @@ def test_rendered_recipe_choices_equal_registry(tmp_path, template):
     assert [m.group(1) for m in choices if m.group(2)] == [DEFAULT_RECIPE]
     assert all(m.group(3).startswith(RECIPES[m.group(1)].description) for m in choices)
     cfg = build_config(config)  # the rendered config is a valid run config
-    assert cfg.active_qat_recipe == DEFAULT_RECIPE
+    assert cfg.qat.recipe_name == DEFAULT_RECIPE
 
 
 def test_environment_is_strict_and_sandboxed(tmp_path):
@@ -57,7 +57,7 @@ def test_cli_init_renders_a_runnable_project(tmp_path):
                                       "--recipe", "int8-dynamic-act-int8-weight"])
     assert result.exit_code == 0, result.output
     cfg = build_config(tmp_path / "proj" / "forge.yaml")
-    assert cfg.qat_recipe == "int8-dynamic-act-int8-weight"
+    assert cfg.qat.qat_recipe == "int8-dynamic-act-int8-weight"
     bad = CliRunner().invoke(app, ["init", str(tmp_path / "p2"), "--recipe", "int1"])
     assert bad.exit_code == 2 and DEFAULT_RECIPE in bad.output
     assert not (tmp_path / "p2").exists()

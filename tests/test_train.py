@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
-from forge_qat.errors import InputError, OutputExistsError
-from forge_qat.train import run_training
+from forge_qat.errors import OutputExistsError, OutputWriteError
+from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
 
@@ -56,8 +56,8 @@ def test_cli_train_writes_hf_checkpoints(tmp_path, text_file):
 
 
 def test_training_reduces_loss_with_qat(tmp_path, text_file):
-    result = run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file, max_steps=30, batch_size=4,
-                                                         save_every=0)))
+    result = run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", text_file, max_steps=30,
+                                                                   batch_size=4, save_every=0)))
     losses = [r["loss"] for r in _metrics(tmp_path / "r")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert result.checkpoint.name == "checkpoint-000030"
@@ -80,14 +80,14 @@ class _CrashAt:
 def test_resume_continues_identically(tmp_path, text_file):
     args = micro_train_args(tmp_path / "a", text_file, max_steps=6, save_every=3, grad_accum=2,
                             fake_quant_after_steps=2)
-    run_training(TrainConfig(**args))
+    run_training(TrainConfig.from_flat(**args))
     straight = _metrics(tmp_path / "a")
 
     args_b = dict(args, output_dir=str(tmp_path / "b"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(TrainConfig(**args_b), observer=_CrashAt(5))
+        run_training(TrainConfig.from_flat(**args_b), observer=_CrashAt(5))
     assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
-    run_training(TrainConfig(**dict(args_b, resume=True)))
+    run_training(TrainConfig.from_flat(**dict(args_b, resume=True)))
     resumed = _metrics(tmp_path / "b")
 
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
@@ -103,16 +103,16 @@ def test_resume_continues_identically(tmp_path, text_file):
 
 def test_delayed_fake_quant_changes_training(tmp_path, text_file):
     common = micro_train_args(tmp_path, text_file, max_steps=3, save_every=0)
-    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "d0"))))
-    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "d2"), fake_quant_after_steps=2)))
-    run_training(TrainConfig(**dict(common, output_dir=str(tmp_path / "f"), qat_recipe="none")))
+    run_training(TrainConfig.from_flat(**dict(common, output_dir=str(tmp_path / "d0"))))
+    run_training(TrainConfig.from_flat(**dict(common, output_dir=str(tmp_path / "d2"), fake_quant_after_steps=2)))
+    run_training(TrainConfig.from_flat(**dict(common, output_dir=str(tmp_path / "f"), qat_recipe="none")))
     qat, delayed, float_ = (_metrics(tmp_path / d) for d in ("d0", "d2", "f"))
     assert delayed[0]["loss"] == float_[0]["loss"] != qat[0]["loss"]
     assert delayed[2]["loss"] != float_[2]["loss"]
 
 
 def test_chat_data_and_memory_options_train(tmp_path, chat_file):
-    run_training(TrainConfig(**micro_train_args(tmp_path / "c", chat_file, gradient_checkpointing=True,
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "c", chat_file, gradient_checkpointing=True,
                                                 grad_accum=2, precision="bf16",
                                                 qat_recipe="int8-dynamic-act-int8-weight")))
     assert all(r["loss"] == r["loss"] for r in _metrics(tmp_path / "c"))  # finite, not NaN
@@ -129,8 +129,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_file, monkeypat
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ckpt_io.torch, "save", flaky_save)
-    with pytest.raises(InputError, match="cannot write checkpoint .*disk full"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file)))
+    with pytest.raises(OutputWriteError, match="cannot write checkpoint .*disk full"):
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", text_file)))
     assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "r")] == [2]
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")], "temporary dirs left behind"
     from transformers import AutoModelForCausalLM
@@ -143,11 +143,11 @@ def test_output_dir_guard(tmp_path, text_file):
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        run_training(TrainConfig(**micro_train_args(foreign, text_file)))
+        run_training(TrainConfig.from_flat(**micro_train_args(foreign, text_file)))
     assert (foreign / "precious.txt").read_text() == "keep me"
-    run_training(TrainConfig(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
     with pytest.raises(OutputExistsError, match="--resume"):
-        run_training(TrainConfig(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
+        run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "mine", text_file, max_steps=2)))
 
 
 @pytest.mark.parametrize("extra, exit_code, message", [
@@ -192,18 +192,29 @@ def test_cli_resume_continues_with_the_recorded_config(tmp_path, text_file):
 
 
 def test_losses_stay_on_the_device_until_once_per_step(tmp_path, text_file, monkeypatch):
-    """micro_step returns the loss as a tensor and the loop reads it on the host once per optimizer step
-    (on a GPU, a .item() per micro-step is a device sync each)."""
-    from forge_qat.train import SingleProcess
+    """Each micro-batch's loss terms stay tensors on the device and the loop reads them on the host once per
+    optimizer step (on a GPU, a .item() per micro-step is a device sync each); the optimizer steps once per
+    grad_accum micro-batches."""
+    from forge_qat.train.local import LocalEngine
 
-    micro_results, means = [], []
-    real_micro, real_mean = SingleProcess.micro_step, SingleProcess.mean
-    monkeypatch.setattr(SingleProcess, "micro_step",
-                        lambda self, *a: micro_results.append(real_micro(self, *a)) or micro_results[-1])
-    monkeypatch.setattr(SingleProcess, "mean", lambda self, v: means.append(v) or real_mean(self, v))
-    run_training(TrainConfig(**micro_train_args(tmp_path / "r", text_file, max_steps=2, grad_accum=3)))
-    assert len(micro_results) == 6 and len(means) == 2
-    assert all(isinstance(r, torch.Tensor) and r.shape == (1,) for r in micro_results)
+    backwards, means, optimizer_steps = [], [], []
+    real_backward, real_mean, real_step = LocalEngine.backward, LocalEngine.mean, LocalEngine.step
+    monkeypatch.setattr(LocalEngine, "backward", lambda self, loss: backwards.append(loss) or real_backward(self, loss))
+    monkeypatch.setattr(LocalEngine, "mean", lambda self, v: means.append(v) or real_mean(self, v))
+
+    def adam_steps(engine) -> float:
+        return float(engine.optimizer.state_dict()["state"].get(0, {}).get("step", 0))
+
+    def step(self):
+        before = adam_steps(self)
+        real_step(self)
+        optimizer_steps.append(adam_steps(self) != before)
+
+    monkeypatch.setattr(LocalEngine, "step", step)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", text_file, max_steps=2, grad_accum=3)))
+    assert len(backwards) == 6 and len(means) == 2
+    assert all(isinstance(v, torch.Tensor) and v.shape == (1,) for v in means)
+    assert optimizer_steps == [False, False, True] * 2
 
 
 def test_rng_state_round_trip_and_cuda_state_without_cuda(caplog):
@@ -219,3 +230,25 @@ def test_rng_state_round_trip_and_cuda_state_without_cuda(caplog):
         ckpt_io.restore_rng_state({**state, "cuda_rng": [torch.zeros(16, dtype=torch.uint8)]})
         assert "random state of 1 CUDA device" in caplog.text
 
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic-act-int4-weight", "none"])
+def test_logged_eval_loss_is_what_forge_eval_reports_for_that_checkpoint(tmp_path, text_file, chat_file, recipe):
+    """Training's eval and `forge eval` are one loop (token-weighted, fixed batches): the eval loss logged at a
+    step equals `forge eval` of that step's checkpoint on the same data and batches (with fake quantization
+    for a QAT run), to float rounding. Chat data scores a different number of tokens per batch, so a mean of
+    per-batch means would differ."""
+    out = tmp_path / "r"
+    run_training(TrainConfig.from_flat(**micro_train_args(out, text_file, qat_recipe=recipe, eval_data=str(chat_file),
+                                                          eval_every=2, eval_batches=3, save_every=2)))
+    logged = {r["step"]: r["eval_loss"] for r in _metrics(out) if "eval_loss" in r}
+    assert set(logged) == {2, 4}
+    fake_quant = ["--fake-quant", recipe] if recipe != "none" else []
+    for step, ckpt in ckpt_io.checkpoint_dirs(out):
+        result = runner.invoke(app, ["eval", str(ckpt), "--data", str(chat_file), "--seq-len", "32", "--batch-size",
+                                     "2", "--max-batches", "3", *fake_quant, "--json"])
+        assert result.exit_code == 0, result.output
+        reported = json.loads(result.stdout[result.stdout.index("["):])[0]
+        assert 0 < reported["tokens"] < 3 * 2 * 31  # prompts are not scored
+        assert reported["loss"] == pytest.approx(logged[step], abs=1e-6), step
+    assert logged[2] != logged[4]

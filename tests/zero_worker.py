@@ -2,7 +2,7 @@
 
 FORGE_TEST_FAIL="RANK:BATCH" makes that rank raise when it draws micro-batch number BATCH, in the
 middle of a training step, while the other ranks go on into the step's collectives.
-FORGE_TEST_LOAD_ONLY=DIR builds the model through the ZeRO backend (streamed load), consolidates
+FORGE_TEST_LOAD_ONLY=DIR builds the model through the ZeRO engine (streamed load), consolidates
 it into DIR on rank 0 and exits, with no optimizer or training involved.
 FORGE_TEST_SKEW_ROUTER=RANK makes every MoE router on that rank send all tokens to experts 0 and 1, so
 the other experts get no tokens there while other ranks use them.
@@ -18,21 +18,21 @@ from forge_qat.distributed import worker
 if os.environ.get("FORGE_TEST_FAIL"):
     fail_rank, fail_batch = map(int, os.environ["FORGE_TEST_FAIL"].split(":"))
     if int(os.environ["RANK"]) == fail_rank:
-        import forge_qat.train as train
+        import forge_qat.train.trainer as trainer
 
-        real = train.batch_indices
+        real = trainer.batch_indices
 
         def failing(n, batch, seed, batch_number):
             if batch_number == fail_batch:
                 raise RuntimeError(f"injected failure at micro-batch {batch_number}")
             return real(n, batch, seed, batch_number)
 
-        train.batch_indices = failing
+        trainer.batch_indices = failing
 
 if os.environ.get("FORGE_TEST_BLIND_RANK") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_BLIND_RANK"]):
-    from forge_qat.distributed import zero
+    from forge_qat.train import trainer
 
-    zero._sees_run_dir = lambda out: False  # as on a machine without the shared file system
+    trainer.sees_run_dir = lambda out: False  # as on a machine without the shared file system
 
 if os.environ.get("FORGE_TEST_SKEW_ROUTER") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_SKEW_ROUTER"]):
     import torch
@@ -51,23 +51,24 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     import json
     from pathlib import Path
 
+    from forge_qat.checkpoint import write_weights
     from forge_qat.config import TrainConfig
-    from forge_qat.distributed.zero import ZeroBackend, consolidate_hf_weights
     from forge_qat.errors import ForgeError
-    from forge_qat.train import resolve
+    from forge_qat.train.model_setup import build_models
+    from forge_qat.train.optim import resolve_placement
+    from forge_qat.train.trainer import make_engine
 
-    cfg = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
-    backend = ZeroBackend(cfg)
+    cfg = TrainConfig.from_flat(**json.loads(Path(sys.argv[1]).read_text()))
+    engine = make_engine(cfg, resolve_placement(cfg))
     try:
-        model, _ = backend.build(cfg, resolve(cfg))
+        models = build_models(engine, cfg)
     except ForgeError as e:
         worker.exit_rank(worker._report(str(e), 1))
     out = Path(os.environ["FORGE_TEST_LOAD_ONLY"])
-    if backend.rank == 0:
+    if engine.rank == 0:
         out.mkdir(parents=True)
-    consolidate_hf_weights(model, out if backend.rank == 0 else None, backend.rank, backend.layout,
-                           max_shard_bytes=50_000)
-    backend.close()
+    write_weights(out if engine.rank == 0 else None, engine, models.student, models.layout, max_shard_bytes=50_000)
+    engine.close()
     sys.exit(0)
 
 worker.exit_rank(worker.main())

@@ -62,12 +62,13 @@ def _rank_error(rank: int, error_dir: Path, log_file: Path | None) -> str:
 
 
 def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
-    """Run `cfg.nproc` ranks to completion, or raise `RankFailedError` for the rank whose failure ended it."""
+    """Run `cfg.distributed.nproc` ranks to completion, or raise `RankFailedError` for the rank whose failure
+    ended it."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_nproc(cfg.nproc)
+    check_nproc(cfg.distributed.nproc)
     worker = worker or [sys.executable, "-m", "forge_qat.distributed.worker"]
     with tempfile.TemporaryDirectory(prefix="forge-launch-") as tmp:
         tmp = Path(tmp)
@@ -77,12 +78,12 @@ def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
         os.environ[ERROR_DIR_ENV] = str(tmp / "errors")
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         if not torch.cuda.is_available():  # ranks share the cores (torchrun sets 1; this keeps them busy)
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.nproc)))
         run_id = uuid.uuid4().hex[:12]
         # Rank 0 keeps the terminal (progress bar); the others write files, shown when they fail.
-        quiet = {r: Std.ALL for r in range(1, cfg.nproc)}
+        quiet = {r: Std.ALL for r in range(1, cfg.distributed.nproc)}
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=run_id, rdzv_backend="c10d",
+            min_nodes=1, max_nodes=1, nproc_per_node=cfg.distributed.nproc, run_id=run_id, rdzv_backend="c10d",
             rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2, start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=str(tmp / "logs"), redirects=quiet))
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # forge reports the failure

@@ -12,8 +12,9 @@ import sys
 import traceback
 import warnings
 
-for _noisy in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+from forge_qat.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 # DeepSpeed 0.19 calls collectives torch 2.13 deprecated (all_gather_into_tensor, reduce_scatter_tensor):
 # a warning per call site that no user can act on.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
@@ -25,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from forge_qat.config import TrainConfig
-    from forge_qat.errors import ConfigError, ForgeError
+    from forge_qat.errors import ForgeError
     from forge_qat.progress import RichTrainObserver
-    from forge_qat.train import run_training
+    from forge_qat.train.trainer import run_training
 
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", 0))
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        cfg = TrainConfig(**json.loads(open(argv[0]).read()))
+        cfg = TrainConfig.from_flat(**json.loads(open(argv[0]).read()))
         result = run_training(cfg, RichTrainObserver(console) if rank == 0 else None)
     except ForgeError as e:
-        return _report(str(e), 2 if isinstance(e, ConfigError) else 1)
+        return _report(str(e), e.exit_code)
     except Exception as e:
         if _peer_failure(e):  # a consequence: the launcher reports the rank that caused it
             return _report(f"a collective failed because another rank stopped ({str(e).splitlines()[0][:120]})",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from forge_qat.checkpoint import UNSAFE_PICKLE, weights_only_loads
 from forge_qat.errors import InputError
+from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
 
 
 def deepspeed_checkpoint_globals() -> list:

@@ -13,7 +13,7 @@ from conftest import micro_train_args
 from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
 from forge_qat.recipes import get_recipe, recipe_names
-from forge_qat.train import run_training
+from forge_qat.train.trainer import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +36,7 @@ def test_train_finalize_reload_on_cuda(tmp_path, text_file, recipe):
     r = get_recipe(recipe)
     if missing := r.missing_for_convert():
         pytest.skip(f"this GPU lacks {', '.join(missing)}")
-    result = run_training(TrainConfig(**_run_args(tmp_path, text_file, qat_recipe=recipe, finalize=recipe)))
+    result = run_training(TrainConfig.from_flat(**_run_args(tmp_path, text_file, qat_recipe=recipe, finalize=recipe)))
     artifact = tmp_path / "run" / f"final-{recipe}"
     meta = json.loads((artifact / ARTIFACT_META).read_text())
     assert meta["recipe"] == recipe and meta["converted"] > 0 and meta["reload_max_diff"] <= 1e-5
@@ -66,7 +66,7 @@ def test_learned_scales_train_on_cuda_and_convert_exactly(tmp_path, text_file):
     from forge_qat.prepare import LearnScales, prepare_qat
     from forge_qat.recipes import DEFAULT_RECIPE
 
-    result = run_training(TrainConfig(**_run_args(tmp_path, text_file, qat_recipe=DEFAULT_RECIPE,
+    result = run_training(TrainConfig.from_flat(**_run_args(tmp_path, text_file, qat_recipe=DEFAULT_RECIPE,
                                                   qat_learn_scales=True, finalize=DEFAULT_RECIPE)))
     scales = ckpt_io.read_learned_scales(result.checkpoint)
     assert scales and all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())
@@ -86,8 +86,8 @@ def test_zero3_on_two_gpus_matches_one_process_and_finalizes_three_ways(tmp_path
     from forge_qat.finalize import FinalizeRequest, finalize
 
     recipe = "int8-dynamic-act-int4-weight"
-    one = run_training(TrainConfig(**_run_args(tmp_path / "one", text_file, batch_size=8)))
-    launch(TrainConfig(**_run_args(tmp_path / "two", text_file, nproc=2, zero_stage=3, dist_timeout_s=120,
+    one = run_training(TrainConfig.from_flat(**_run_args(tmp_path / "one", text_file, batch_size=8)))
+    launch(TrainConfig.from_flat(**_run_args(tmp_path / "two", text_file, nproc=2, zero_stage=3, dist_timeout_s=120,
                                    finalize=recipe)))
     losses, reference = ([json.loads(line)["loss"] for line in (tmp_path / run / "run" / ckpt_io.METRICS).read_text()
                           .splitlines()] for run in ("two", "one"))

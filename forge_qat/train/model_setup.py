@@ -1,0 +1,104 @@
+"""Model setup for training, the same on every engine: the student and the distillation teacher
+materialized by the engine, QAT (or float8) installed, frozen parts, activation checkpointing, and the
+input casts that mixed-precision weights need.
+
+Called once by `forge_qat.train.trainer`, before the engine wraps the model for training (prepare before
+sharding, as torchtune orders it).
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torchao.quantization.qat import FakeQuantizedLinear
+from transformers import PreTrainedTokenizerBase
+
+from forge_qat import experts
+from forge_qat.config import TrainConfig
+from forge_qat.coverage import Coverage
+from forge_qat.layouts import Layout, model_layout_reader
+from forge_qat.models import ModelSource, open_model_source
+from forge_qat.prepare import LearnScales, learned_scales, prepare_float8_training, prepare_qat
+from forge_qat.recipes import Recipe
+from forge_qat.train.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingModels:
+    student: torch.nn.Module
+    """The model being trained, prepared (not yet wrapped by the engine)."""
+    teacher: torch.nn.Module | None
+    """The frozen float teacher of `--kd-teacher float`, with the student's starting weights."""
+    tokenizer: PreTrainedTokenizerBase
+    layout: Layout
+    """How the input checkpoint stores the student's tensors (on rank 0): checkpoints are written the same way."""
+    coverage: Coverage | None
+
+
+def build_models(engine: Engine, cfg: TrainConfig) -> TrainingModels:
+    """Materialize, prepare and (for mixed-precision weights) guard the models a run trains with (collective)."""
+    source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.rank == 0)
+    student = engine.materialize(source)
+    teacher = None
+    if cfg.distill.needs_float_teacher:
+        # A second model with the same starting weights, frozen; taken from the source (not a copy of the
+        # student) so that under ZeRO-3 it is built partitioned and no rank ever holds it whole.
+        teacher = engine.materialize(source).requires_grad_(False).eval()
+    layout = _input_layout(source, student) if source.reader is not None else Layout()
+    coverage = prepare_student(student, cfg, cfg.qat.recipe, engine)
+    if engine.param_dtype != torch.float32:
+        for model in (student, teacher):
+            if model is not None:
+                cast_inputs_to_weight_dtype(model)
+    return TrainingModels(student, teacher, source.tokenizer, layout, coverage)
+
+
+def _input_layout(source: ModelSource, model: torch.nn.Module) -> Layout:
+    return model_layout_reader(source.reader, model).layout
+
+
+def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | None,
+                    engine: Engine) -> Coverage | None:
+    """Everything a run config changes in a freshly materialized model before training, in the order
+    torchtune uses (swaps, then activation checkpointing; sharding by the engine after). The swaps keep the
+    model's Parameter objects (ZeRO-3 partitions included); `engine.gather` makes one whole while its
+    learned scales are chosen."""
+    cov = None
+    if recipe is not None:
+        learn = LearnScales(gather=engine.gather) if cfg.qat.qat_learn_scales else None
+        cov = prepare_qat(model, recipe, learn=learn)
+        if learn is not None:
+            scales = learned_scales(model)
+            log.info("learned weight scales: %d parameters in %d layers", sum(p.numel() for p in scales.values()),
+                     len(scales))
+        log.info("fake quantization: %s", cov.describe())
+    elif cfg.qat.fp8_recipe:
+        n = prepare_float8_training(model, cfg.qat.fp8_recipe)
+        log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
+    if cfg.optim.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.optim.gradient_checkpointing:
+        # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
+        # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return cov
+
+
+def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:
+    """Weights in bf16/fp16 without autocast (DeepSpeed mixed precision), but a model may hand a
+    fake-quantized layer fp32 activations (e.g. from an fp32 norm): the fake quantizers run in the weight's
+    dtype, so activations are cast to match before them (linear layers and MoE expert stacks alike)."""
+
+    def hook(dtype: torch.dtype):
+        def cast(module, args):
+            x = args[0]
+            return (x.to(dtype), *args[1:]) if x.dtype != dtype else None
+        return cast
+
+    for module in model.modules():
+        if isinstance(module, FakeQuantizedLinear):
+            module.register_forward_pre_hook(hook(module.weight.dtype))
+        elif experts.is_fake_quantized(module):
+            module.register_forward_pre_hook(hook(module.down_proj.dtype))
