@@ -224,13 +224,13 @@ def _parse_size(text: str) -> int:
 
 def print_finalize_report(report) -> None:
     verb = "would convert" if report.dry_run else "converted"
-    cov = report.coverage
+    coverage = report.coverage
     console.print(f"[bold]{report.recipe}[/] ({report.mode.upper()}): {verb} {report.converted} weights "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(report.by_module.items()))})")
-    kept = ", ".join(f"{reason} {n:,}" for reason, n in sorted(cov["kept_float"].items())) or "nothing"
-    console.print(f"quantized {cov['quantized_share']:.1%} of the matmul weights by parameter count "
-                  f"({cov['quantized_params']:,} of {cov['matmul_params']:,}; MoE experts "
-                  f"{cov['expert_params_quantized']:,}); kept in float: {kept}")
+    kept = ", ".join(f"{reason} {n:,}" for reason, n in sorted(coverage["kept_float"].items())) or "nothing"
+    console.print(f"quantized {coverage['quantized_share']:.1%} of the matmul weights by parameter count "
+                  f"({coverage['quantized_params']:,} of {coverage['matmul_params']:,}; MoE experts "
+                  f"{coverage['expert_params_quantized']:,}); kept in float: {kept}")
     ratio = report.artifact_bytes / report.float_bytes if report.float_bytes else float("nan")
     size_word = "expected size" if report.dry_run else "artifact"
     console.print(f"{size_word} {_size(report.artifact_bytes)} vs float32 {_size(report.float_bytes)} "

@@ -104,7 +104,7 @@ def _count(n: int) -> str:
 
 def plan(model: torch.nn.Module, recipe) -> Coverage:
     """Decide, for every matmul weight of `model`, whether `recipe` quantizes it."""
-    cov = Coverage(recipe.name)
+    coverage = Coverage(recipe.name)
     modules = dict(model.named_modules())
     expert_modules = {n: m for n, m in modules.items() if experts_mod.is_experts(m)}
     moe_blocks = {n.rpartition(".")[0]: experts_mod.num_experts(m) for n, m in expert_modules.items()}
@@ -116,47 +116,47 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
                 pname = f"{name}.{proj.weight}"
                 numel = _numel(getattr(module, proj.weight))
                 if recipe.convert_expert_stack is None:
-                    cov.kept[pname] = (NO_EXPERT_ROUTE, numel)
+                    coverage.kept[pname] = (NO_EXPERT_ROUTE, numel)
                 elif not fits(proj.in_features):
-                    cov.kept[pname] = (MISFIT, numel)
+                    coverage.kept[pname] = (MISFIT, numel)
                 else:
-                    cov.quantized[pname] = numel
-                    cov.experts.setdefault(name, []).append(proj.weight)
+                    coverage.quantized[pname] = numel
+                    coverage.experts.setdefault(name, []).append(proj.weight)
         elif isinstance(module, torch.nn.Linear):
             pname = f"{name}.weight"
             if last in OUTPUT_HEAD_NAMES:
-                cov.kept[pname] = (OUTPUT_HEAD, _numel(module.weight))
+                coverage.kept[pname] = (OUTPUT_HEAD, _numel(module.weight))
             elif parent in moe_blocks and (module.out_features == moe_blocks[parent] or last.endswith("gate")):
-                cov.kept[pname] = (ROUTER, _numel(module.weight))
+                coverage.kept[pname] = (ROUTER, _numel(module.weight))
             elif not fits(module.in_features):
-                cov.kept[pname] = (MISFIT, _numel(module.weight))
+                coverage.kept[pname] = (MISFIT, _numel(module.weight))
             else:
-                cov.quantized[pname] = _numel(module.weight)
-                cov.linears[name] = module
+                coverage.quantized[pname] = _numel(module.weight)
+                coverage.linears[name] = module
         elif _is_conv1d(module):
-            cov.kept[f"{name}.weight"] = (CONV1D, _numel(module.weight))
+            coverage.kept[f"{name}.weight"] = (CONV1D, _numel(module.weight))
         elif parent in moe_blocks and isinstance(module._parameters.get("weight"), torch.Tensor) \
                 and len(true_shape(module.weight)) == 2:
-            cov.kept[f"{name}.weight"] = (ROUTER, _numel(module.weight))  # a TopKRouter's (experts, hidden)
+            coverage.kept[f"{name}.weight"] = (ROUTER, _numel(module.weight))  # a TopKRouter's (experts, hidden)
         elif not isinstance(module, torch.nn.modules.conv._ConvNd):
             # Stacked weights of an experts class forge does not recognise: never left in float silently.
             for pname, p in module.named_parameters(recurse=False):
                 if len(true_shape(p)) == 3:
-                    cov.kept[f"{name}.{pname}" if name else pname] = (UNRECOGNISED, _numel(p))
-    return cov
+                    coverage.kept[f"{name}.{pname}" if name else pname] = (UNRECOGNISED, _numel(p))
+    return coverage
 
 
-def check_useful(cov: Coverage, recipe) -> None:
+def check_useful(coverage: Coverage, recipe) -> None:
     """Refuse, before any training or conversion, a plan that would leave quantizable weights silently
     in float or quantize nothing."""
-    kept = cov.kept_by_reason()
+    kept = coverage.kept_by_reason()
     if CONV1D in kept:
-        examples = [n for n, (r, _) in cov.kept.items() if r == CONV1D][:3]
+        examples = [n for n, (r, _) in coverage.kept.items() if r == CONV1D][:3]
         raise ConfigError(f"this model has GPT-2 style Conv1D layers ({_count(kept[CONV1D])} weights, e.g. "
                           f"{', '.join(examples)}), which forge does not quantize: forge supports nn.Linear layers "
                           f"and MoE expert stacks (Llama, Qwen2/3, Qwen3-MoE, Mistral, Mixtral, Gemma, Phi-3, ...)")
     if UNRECOGNISED in kept:
-        examples = [n for n, (r, _) in cov.kept.items() if r == UNRECOGNISED][:3]
+        examples = [n for n, (r, _) in coverage.kept.items() if r == UNRECOGNISED][:3]
         raise ConfigError(f"this model has 3-D weights ({_count(kept[UNRECOGNISED])}, e.g. {', '.join(examples)}) in "
                           f"modules that are not transformers experts modules (`@use_experts_implementation`); forge "
                           f"would leave them in float, so it refuses")
@@ -167,6 +167,6 @@ def check_useful(cov: Coverage, recipe) -> None:
         raise ConfigError(f"recipe {recipe.name} has no torchao route for mixture-of-experts stacks "
                           f"({_count(kept[NO_EXPERT_ROUTE])} expert weights here would stay float); use one of: "
                           f"{', '.join(usable)}")
-    if not cov.quantized:
+    if not coverage.quantized:
         raise ConfigError(f"recipe {recipe.name} would quantize none of this model's matmul weights "
                           f"({'; '.join(f'{r}: {_count(n)}' for r, n in sorted(kept.items())) or 'none found'})")

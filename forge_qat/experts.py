@@ -115,7 +115,7 @@ class FakeQuantizedExperts:
 
     def _eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
-        fq = getattr(self, FAKE_QUANT_ATTR)
+        per_projection = getattr(self, FAKE_QUANT_ATTR)
         first, down = projections(self)
         final = torch.zeros_like(hidden_states)
         n = num_experts(self)
@@ -133,9 +133,9 @@ class FakeQuantizedExperts:
             if e == n:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
-            h = fq[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None)
+            h = per_projection[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None)
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = fq[down.weight].linear(h, w2[e], b2[e] if b2 else None)
+            h = per_projection[down.weight].linear(h, w2[e], b2[e] if b2 else None)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -176,12 +176,12 @@ def _batched_kernel(module: torch.nn.Module):
     both keep the eager loop, as does eval mode, so eval losses are the converted model's exactly."""
     from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
-    fq = getattr(module, FAKE_QUANT_ATTR)
-    quantizers = [x for q in fq.values() for x in (q.activation_fake_quantizer, q.weight_fake_quantizer)
+    per_projection = getattr(module, FAKE_QUANT_ATTR)
+    quantizers = [x for q in per_projection.values() for x in (q.activation_fake_quantizer, q.weight_fake_quantizer)
                   if x is not None]
     # forge's fused quantizer is row-wise for any rank (tests/test_moe.py); torchao's others (float8) are
     # not proven so on 3-D stacks and keep the eager loop.
-    if module.has_post_expert_norm or any(q.integer_grid for q in fq.values()) \
+    if module.has_post_expert_norm or any(q.integer_grid for q in per_projection.values()) \
             or not all(isinstance(x, AffineFakeQuantizer) for x in quantizers):
         return None
     config = getattr(module, "config", None)
@@ -190,13 +190,13 @@ def _batched_kernel(module: torch.nn.Module):
 
 
 def _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_k_weights):
-    fq = getattr(module, FAKE_QUANT_ATTR)
+    per_projection = getattr(module, FAKE_QUANT_ATTR)
     first, down = projections(module)
 
     def quantize(q, x):
         return x if q is None else q(x)
 
-    up, dn = fq[first.weight], fq[down.weight]
+    up, dn = per_projection[first.weight], per_projection[down.weight]
     stacks = {first.weight: quantize(up.weight_fake_quantizer, getattr(module, first.weight)),
               down.weight: quantize(dn.weight_fake_quantizer, getattr(module, down.weight))}
     view = _FakeQuantizedView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))

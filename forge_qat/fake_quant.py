@@ -235,7 +235,7 @@ class LearnedScaleFakeQuantizer(torch.nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class FakeQuantPlan:
+class LinearQuantizers:
     """How a recipe fake-quantizes a linear layer when torchao cannot infer it from the base config."""
 
     activation: AffineSpec | None

@@ -27,7 +27,7 @@ from forge_qat.models import check_model_dir, is_quantized_artifact, load_config
 from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.stream_convert import FullTensor, LiveModelReader, follow_live_reads
-from forge_qat.weights import tied_aliases
+from forge_qat.weights import TensorReader, tied_aliases
 
 log = logging.getLogger(__name__)
 ARTIFACT_META = "forge_artifact.json"
@@ -50,7 +50,9 @@ class FinalizeRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class ConvertJob:
+    """What a finalize converts and how, decided from the request and the checkpoint's metadata alone."""
+
     checkpoint: Path
     recipe: Recipe
     mode: str  # "qat" or "ptq"
@@ -100,7 +102,7 @@ class FinalizeReport:
         return d
 
 
-def plan_finalize(req: FinalizeRequest) -> Plan:
+def choose_job(req: FinalizeRequest) -> ConvertJob:
     """Decide checkpoint, recipe and QAT-vs-PTQ from the request and the checkpoint metadata only."""
     if req.qat_convert and req.ptq:
         raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
@@ -122,7 +124,7 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
     learned = bool(meta.get("train_config", {}).get("qat_learn_scales"))
     unused = "; the weight scales it learned (--qat-learn-scales) are not used" if learned else ""
     if req.ptq:
-        return Plan(ckpt, get_recipe(req.ptq), "ptq", (f"{ckpt}: --ptq{unused}",) if unused else (), zero_dir)
+        return ConvertJob(ckpt, get_recipe(req.ptq), "ptq", (f"{ckpt}: --ptq{unused}",) if unused else (), zero_dir)
     name = req.qat_convert or trained
     if name is None:
         raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
@@ -130,11 +132,11 @@ def plan_finalize(req: FinalizeRequest) -> Plan:
     recipe = get_recipe(name)
     if trained is None:
         note = f"{ckpt} was not QAT-trained: converting it with {name} is post-training quantization"
-        return Plan(ckpt, recipe, "ptq", (note,), zero_dir)
+        return ConvertJob(ckpt, recipe, "ptq", (note,), zero_dir)
     if trained != name:
         note = f"{ckpt} was QAT-trained with {trained}; converting with {name} is post-training quantization"
-        return Plan(ckpt, recipe, "ptq", (note + unused,), zero_dir)
-    return Plan(ckpt, recipe, "qat", (), zero_dir, learned_scales=learned)
+        return ConvertJob(ckpt, recipe, "ptq", (note + unused,), zero_dir)
+    return ConvertJob(ckpt, recipe, "qat", (), zero_dir, learned_scales=learned)
 
 
 def sample_batch(tokenizer, vocab_size: int, length: int = 64) -> torch.Tensor:
@@ -158,31 +160,32 @@ def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
-def _dry_run(plan: Plan, req: FinalizeRequest) -> FinalizeReport:
-    config = load_config(plan.checkpoint)
+def _dry_run(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport:
+    config = load_config(job.checkpoint)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    cov = plan_coverage(skeleton, plan.recipe)
-    check_useful(cov, plan.recipe)
+    coverage = plan_coverage(skeleton, job.recipe)
+    check_useful(coverage, job.recipe)
     float_bytes = artifact = 0
     for name, t in _dedup_state_dict(skeleton).items():
         float_bytes += t.numel() * 4
-        if name in cov.quantized:
-            group = plan.recipe.group_size or t.shape[-1]
-            artifact += t.numel() * plan.recipe.storage_bits // 8 + (t.numel() // group) * 5
+        if name in coverage.quantized:
+            group = job.recipe.group_size or t.shape[-1]
+            artifact += t.numel() * job.recipe.storage_bits // 8 + (t.numel() // group) * 5
         else:
             artifact += t.numel() * 4
-    return FinalizeReport(dest=None, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes),
-                          converted=len(cov.quantized), by_module=dict(Counter(map(_weight_kind, cov.quantized))),
-                          coverage=cov.to_dict(), float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
-                          format=choose_format(req.fmt, plan.recipe.safetensors, [])[0])
+    return FinalizeReport(dest=None, recipe=job.recipe.name, mode=job.mode, notes=list(job.notes),
+                          converted=len(coverage.quantized),
+                          by_module=dict(Counter(map(_weight_kind, coverage.quantized))),
+                          coverage=coverage.to_dict(), float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
+                          format=choose_format(req.fmt, job.recipe.safetensors, [])[0])
 
 
-def check_destination(req: FinalizeRequest, plan: Plan) -> None:
+def check_destination(req: FinalizeRequest, job: ConvertJob) -> None:
     """`--dest` may not overlap the source, and `--overwrite` replaces only a previous forge artifact (or an
     empty directory): never a checkpoint, a run, or anything forge did not write."""
     dest = req.dest.resolve()
-    for source in {req.source.resolve(), plan.checkpoint.resolve()}:
+    for source in {req.source.resolve(), job.checkpoint.resolve()}:
         if dest == source or dest in source.parents or source in dest.parents:
             raise ConfigError(f"--dest {req.dest} overlaps the source {source}: writing there would replace or "
                               f"nest inside the checkpoint being converted; choose a destination outside it")
@@ -202,34 +205,34 @@ def check_destination(req: FinalizeRequest, plan: Plan) -> None:
 
 def finalize(req: FinalizeRequest) -> FinalizeReport:
     """Prepare + convert the checkpoint through the registry, write, reload and verify the artifact."""
-    plan = plan_finalize(req)
-    check_convert_hardware(plan.recipe)  # before loading anything
+    job = choose_job(req)
+    check_convert_hardware(job.recipe)  # before loading anything
     if req.dry_run:
-        return _dry_run(plan, req)
-    check_destination(req, plan)
-    for note in plan.notes:
+        return _dry_run(job, req)
+    check_destination(req, job)
+    for note in job.notes:
         log.warning(note)
 
-    if plan.zero_dir:
+    if job.zero_dir:
         from forge_qat.distributed.zero_checkpoint import ZeroCheckpointReader
 
-        return finalize_streaming(plan, req, ZeroCheckpointReader(plan.zero_dir))
-    if _use_streaming(req, plan):
-        return finalize_streaming(plan, req)
-    device, dtype = convert_placement(plan)
-    model, tokenizer = load_model(str(plan.checkpoint), dtype=dtype, device=device)
+        return finalize_streaming(job, req, ZeroCheckpointReader(job.zero_dir))
+    if _use_streaming(req, job):
+        return finalize_streaming(job, req)
+    device, dtype = convert_placement(job)
+    model, tokenizer = load_model(str(job.checkpoint), dtype=dtype, device=device)
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
     sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
     with torch.no_grad():
         float_logits = model(sample).logits
-        scales = plan.read_learned_scales()
-        cov = prepare_qat(model, plan.recipe, learn=LearnScales(initial=scales) if scales is not None else None)
-        converted = convert_qat(model, plan.recipe)
+        scales = job.read_learned_scales()
+        coverage = prepare_qat(model, job.recipe, learn=LearnScales(initial=scales) if scales is not None else None)
+        converted = convert_qat(model, job.recipe)
         quant_logits = model(sample).logits
 
     state = _dedup_state_dict(model)
-    fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, unflattenable(state))
+    fmt, reason = choose_format(req.fmt, job.recipe.safetensors, unflattenable(state))
     quantized = [state[n] for n in converted]
     quantized_numel = sum(t.numel() for t in quantized)
     quantized_bytes = sum(tensor_bytes(t) for t in quantized)
@@ -240,39 +243,39 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
         for name in list(state):
             writer.add(name, state.pop(name))
         shards = writer.close()
-        _write_extras(tmp, model.config, model.generation_config, tokenizer, plan.recipe, cov)
+        _write_extras(tmp, model.config, model.generation_config, tokenizer, job.recipe, coverage)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=False).to(device)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
         if reload_diff > 1e-5:
             raise ConversionError(f"the written artifact does not reproduce the converted model "
                                   f"(max logit difference {reload_diff:.3e}); nothing was written")
-        report = _report(req, plan, cov, converted, fmt, reason, shards, float_bytes=float_bytes,
+        report = _report(req, job, coverage, converted, fmt, reason, shards, float_bytes=float_bytes,
                          artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
                          quantized_numel=quantized_numel,
                          max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
                          reload_max_diff=reload_diff)
-        _write_report(tmp, plan, report)
+        _write_report(tmp, job, report)
     return report
 
 
-def _report(req: FinalizeRequest, plan: Plan, cov: Coverage, converted: list[str], fmt: str, reason: str,
+def _report(req: FinalizeRequest, job: ConvertJob, coverage: Coverage, converted: list[str], fmt: str, reason: str,
             shards: list[Path], *, quantized_bytes: int, quantized_numel: int, **measured) -> FinalizeReport:
     """The report of a written artifact (in-memory or streamed); `measured`: the byte counts and logit
     checks the route made."""
     return FinalizeReport(
-        dest=req.dest, recipe=plan.recipe.name, mode=plan.mode, notes=list(plan.notes), converted=len(converted),
-        by_module=dict(Counter(map(_weight_kind, converted))), coverage=cov.to_dict(), format=fmt,
+        dest=req.dest, recipe=job.recipe.name, mode=job.mode, notes=list(job.notes), converted=len(converted),
+        by_module=dict(Counter(map(_weight_kind, converted))), coverage=coverage.to_dict(), format=fmt,
         format_reason=reason, bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
-        shards=[s.name for s in shards], learned_scales=plan.learned_scales, **measured)
+        shards=[s.name for s in shards], learned_scales=job.learned_scales, **measured)
 
 
-def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe, cov: Coverage) -> None:
+def _write_extras(directory: Path, config, generation_config, tokenizer, recipe: Recipe, coverage: Coverage) -> None:
     """What makes the shards a model stock transformers loads: config with quantization_config (and the
     experts implementation that runs quantized expert stacks), generation config, tokenizer."""
-    not_converted = sorted(name.rpartition(".")[0] for name in cov.kept if name.endswith(".weight"))
+    not_converted = sorted(name.rpartition(".")[0] for name in coverage.kept if name.endswith(".weight"))
     config.quantization_config = TorchAoConfig(quant_type=recipe.base_config(), modules_to_not_convert=not_converted)
-    if cov.experts:
+    if coverage.experts:
         # A public config field (`PreTrainedConfig.__init__` reads it back): the eager expert loop selects one
         # expert's torchao tensor at a time; the default grouped_mm would call ops torchao does not implement.
         config.experts_implementation = "eager"
@@ -282,36 +285,37 @@ def _write_extras(directory: Path, config, generation_config, tokenizer, recipe:
     tokenizer.save_pretrained(directory)
 
 
-def _write_report(directory: Path, plan: Plan, report: "FinalizeReport") -> None:
-    meta = {"forge_qat_version": __version__, "source": str(plan.checkpoint), **report.to_dict()}
+def _write_report(directory: Path, job: ConvertJob, report: "FinalizeReport") -> None:
+    meta = {"forge_qat_version": __version__, "source": str(job.checkpoint), **report.to_dict()}
     (directory / ARTIFACT_META).write_text(json.dumps(meta, indent=2))
 
 
 STREAMING_THRESHOLD_BYTES = 2 * 1024**3
 
 
-def convert_placement(plan: Plan) -> tuple[torch.device, torch.dtype]:
+def convert_placement(job: ConvertJob) -> tuple[torch.device, torch.dtype]:
     """Where and in which dtype a finalize converts and verifies: on the GPU for recipes whose kernels
     are CUDA kernels, in the dtype those kernels need (bf16), else in the checkpoint's own dtype, so
     the tensors that stay float are written as they came (a bf16 model's norms and embeddings in bf16)."""
     from forge_qat.weights import SafetensorsReader
 
-    dtype = plan.recipe.convert_dtype
+    dtype = job.recipe.convert_dtype
     if dtype is None:
         try:
-            dtype = SafetensorsReader.from_dir(plan.checkpoint).float_dtype()
+            dtype = SafetensorsReader.from_dir(job.checkpoint).float_dtype()
         except InputError:  # weights only in the ZeRO state (read as fp32 masters)
             dtype = torch.float32
-    return plan.recipe.convert_device, dtype
+    return job.recipe.convert_device, dtype
 
 
-def _use_streaming(req: FinalizeRequest, plan: Plan) -> bool:
+def _use_streaming(req: FinalizeRequest, job: ConvertJob) -> bool:
     if req.streaming is not None:
         return req.streaming
-    return sum(f.stat().st_size for f in plan.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES
+    return sum(f.stat().st_size for f in job.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES
 
 
-def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> FinalizeReport:
+def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
+                       reader: TensorReader | None = None) -> FinalizeReport:
     """Block-by-block finalize (forge_qat.stream_convert): bounded memory, structural verification
     of the shards instead of a full reload (which would need the whole quantized model). `reader`
     supplies the float weights (default: the checkpoint's safetensors shards)."""
@@ -321,33 +325,33 @@ def finalize_streaming(plan: Plan, req: FinalizeRequest, reader=None) -> Finaliz
     from forge_qat.stream_convert import write_streamed
     from forge_qat.weights import SafetensorsReader
 
-    config = load_config(plan.checkpoint)
-    device, dtype = convert_placement(plan)
-    if plan.zero_dir and plan.recipe.convert_dtype is None:
+    config = load_config(job.checkpoint)
+    device, dtype = convert_placement(job)
+    if job.zero_dir and job.recipe.convert_dtype is None:
         dtype = torch.float32  # a ZeRO state holds fp32 masters
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skeleton.tie_weights()
-    cov = plan_coverage(skeleton, plan.recipe)
-    check_useful(cov, plan.recipe)
-    fmt, reason = choose_format(req.fmt, plan.recipe.safetensors, [])
-    tokenizer = load_tokenizer(plan.checkpoint)
+    coverage = plan_coverage(skeleton, job.recipe)
+    check_useful(coverage, job.recipe)
+    fmt, reason = choose_format(req.fmt, job.recipe.safetensors, [])
+    tokenizer = load_tokenizer(job.checkpoint)
     try:
-        generation_config = GenerationConfig.from_pretrained(plan.checkpoint)
+        generation_config = GenerationConfig.from_pretrained(job.checkpoint)
     except OSError:
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
-        reader = reader or model_layout_reader(SafetensorsReader.from_dir(plan.checkpoint), skeleton)
-        stats, shards, total = write_streamed(skeleton, reader, plan.recipe, tmp, fmt, req.max_shard_bytes, device,
-                                              learned=plan.read_learned_scales())
-        if set(stats.converted) != set(cov.quantized):
-            raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the plan "
-                                  f"{len(cov.quantized)}; nothing was written")
-        _write_extras(tmp, config, generation_config, tokenizer, plan.recipe, cov)
-        report = _report(req, plan, cov, stats.converted, fmt, reason, shards, float_bytes=stats.float_bytes,
+        reader = reader or model_layout_reader(SafetensorsReader.from_dir(job.checkpoint), skeleton)
+        stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,
+                                              learned=job.read_learned_scales())
+        if set(stats.converted) != set(coverage.quantized):
+            raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the "
+                                  f"coverage plan {len(coverage.quantized)}; nothing was written")
+        _write_extras(tmp, config, generation_config, tokenizer, job.recipe, coverage)
+        report = _report(req, job, coverage, stats.converted, fmt, reason, shards, float_bytes=stats.float_bytes,
                          artifact_bytes=total, quantized_bytes=stats.quantized_bytes,
                          quantized_numel=stats.quantized_numel, streaming=True)
-        _write_report(tmp, plan, report)
+        _write_report(tmp, job, report)
     return report
 
 
@@ -361,4 +365,4 @@ def finalize_live(model: torch.nn.Module, checkpoint: Path, recipe: str, dest: P
         follow_live_reads(model, full_tensor)
         return None
     req = FinalizeRequest(source=checkpoint, dest=dest, qat_convert=recipe, overwrite=True)
-    return finalize_streaming(plan_finalize(req), req, LiveModelReader(model, full_tensor)).dest
+    return finalize_streaming(choose_job(req), req, LiveModelReader(model, full_tensor)).dest

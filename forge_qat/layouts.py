@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forge_qat.errors import InputError
-from forge_qat.weights import tied_aliases, true_shape
+from forge_qat.weights import TensorReader, tied_aliases, true_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +139,7 @@ class LayoutReader:
     of a checkpoint in another layout, one slice at a time: a read that spans several checkpoint tensors
     reads each part straight into its place in `out`."""
 
-    def __init__(self, reader, layout: Layout, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, reader: TensorReader, layout: Layout, shapes: dict[str, tuple[int, ...]]):
         self.reader, self.layout = reader, layout
         self._shapes = {n: shapes[n] for n in layout.pieces}
 
@@ -161,6 +161,6 @@ class LayoutReader:
             raise InputError(f"{name}: asked for elements [{start}, {start + want}) of {offset}")
 
 
-def model_layout_reader(reader, model: torch.nn.Module) -> LayoutReader:
+def model_layout_reader(reader: TensorReader, model: torch.nn.Module) -> LayoutReader:
     """`reader` (over a checkpoint) seen under `model`'s tensor names."""
     return LayoutReader(reader, checkpoint_layout(model, reader.keys(), reader.shape), _model_shapes(model))

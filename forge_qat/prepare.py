@@ -1,8 +1,8 @@
 """Layer swaps: QAT prepare/convert through the registry (linear layers and MoE expert stacks), and
-float8 training.
+float8 training; and the QAT section of the run config (`QatConfig`), which owns those choices.
 
-Called by training (prepare, fake-quant delay) and by finalize (prepare then convert). What is quantized
-is decided once by `forge_qat.coverage.plan`, so both phases agree.
+Called by training's model setup (prepare, fake-quant delay) and by finalize (prepare then convert). What
+is quantized is decided once by `forge_qat.coverage.plan`, so both phases agree.
 """
 
 import contextlib
@@ -154,7 +154,7 @@ def _learned_quantizers(layers: dict[str, FakeQuantizedLinear], learn: LearnScal
     return quantizers
 
 
-def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = None,
+def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | None = None,
                 learn: LearnScales | None = None) -> Coverage:
     """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
     Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's;
@@ -162,29 +162,29 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, cov: Coverage | None = N
 
     Returns the plan, counted by parameters. Raises before changing anything when the recipe would
     quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`).
-    `cov`: this model's plan, when the caller has made it already."""
-    cov = cov or plan(model, recipe)
-    check_useful(cov, recipe)
+    `coverage`: this model's plan, when the caller has made it already."""
+    coverage = coverage or plan(model, recipe)
+    check_useful(coverage, recipe)
     if learn is not None:
         if not recipe.learnable_scales:
             raise ConfigError(f"{recipe.name} has no learnable weight scales; recipes that have: "
                               f"{', '.join(n for n in recipe_names() if get_recipe(n).learnable_scales)}")
-        if cov.experts:
+        if coverage.experts:
             raise ConfigError(f"--qat-learn-scales covers linear layers only so far; this model's MoE expert "
-                              f"stacks ({len(cov.experts)} MoE layers, {cov.expert_numel():,} parameters) would "
-                              f"keep dynamic scales. Train it without --qat-learn-scales")
+                              f"stacks ({len(coverage.experts)} MoE layers, {coverage.expert_numel():,} parameters) "
+                              f"would keep dynamic scales. Train it without --qat-learn-scales")
     modules = dict(model.named_modules())
-    prepared = {name: _fake_quantized_linear(linear, recipe) for name, linear in cov.linears.items()}
+    prepared = {name: _fake_quantized_linear(linear, recipe) for name, linear in coverage.linears.items()}
     if learn is not None:
         for name, quantizer in _learned_quantizers(prepared, learn).items():
             prepared[name].weight_fake_quantizer = quantizer
     for name, layer in prepared.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
-    for name, stacks in cov.experts.items():
+    for name, stacks in coverage.experts.items():
         module = modules[name]
         experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
-    return cov
+    return coverage
 
 
 def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

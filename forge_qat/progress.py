@@ -8,7 +8,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 
 class RichTrainObserver:
-    """A `forge_qat.train.TrainObserver` showing step, loss, eval loss, tokens/s and time left."""
+    """A `forge_qat.train.trainer.TrainObserver` showing step, loss, eval loss, tokens/s and time left."""
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(

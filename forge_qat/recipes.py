@@ -23,7 +23,7 @@ from torchao.quantization import (
 
 from forge_qat import hardware
 from forge_qat.errors import UnknownRecipeError, choices_message
-from forge_qat.fake_quant import AffineSpec, FakeQuantPlan
+from forge_qat.fake_quant import AffineSpec, LinearQuantizers
 from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
 
 
@@ -88,7 +88,7 @@ class Recipe:
     """One line for tables and help."""
     base_config: Callable[[], AOBaseConfig]
     """Builds the torchao PTQ config that `QATConfig(base, step="convert")` applies."""
-    fake_quant: FakeQuantPlan | None = None
+    fake_quant: LinearQuantizers | None = None
     """Fake quantization for prepare when torchao cannot infer it from the base config; None means
     `QATConfig(base, step="prepare")` infers it."""
     convert_requires: tuple[Requirement, ...] = ()
@@ -160,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
             # torchao has no QAT mapping for this config; this plan matches Int8Tensor's real kernel:
             # per-row symmetric, float32 scales and eps (torchao/quantization/quantize_/workflows/int8),
             # integer matmul scaled afterwards (torchao/kernel/intmm.py).
-            fake_quant=FakeQuantPlan(
+            fake_quant=LinearQuantizers(
                 activation=AffineSpec(bits=8, granularity="per_token", symmetric=True,
                                       eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32),
                 weight=AffineSpec(bits=8, granularity="per_channel", symmetric=True,

@@ -25,7 +25,7 @@ from forge_qat.coverage import plan
 from forge_qat.errors import ConversionError, InputError
 from forge_qat.prepare import LearnScales, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe
-from forge_qat.weights import tied_aliases, true_shape
+from forge_qat.weights import TensorReader, tied_aliases, true_shape
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _decoder_layers_prefix(model: torch.nn.Module) -> str | None:
     return best
 
 
-def plan_blocks(model: torch.nn.Module) -> list[Block]:
+def split_blocks(model: torch.nn.Module) -> list[Block]:
     """Blocks covering the (de-duplicated) state dict, in state-dict order."""
     layers = _decoder_layers_prefix(model)
     layer_re = re.compile(rf"^{re.escape(layers)}\.(\d+)\.") if layers else None
@@ -78,7 +78,8 @@ class StreamStats:
     quantized_numel: int = 0
 
 
-def _materialise(model: torch.nn.Module, block: Block, reader, device: torch.device) -> torch.nn.Module:
+def _materialise(model: torch.nn.Module, block: Block, reader: TensorReader,
+                 device: torch.device) -> torch.nn.Module:
     module = model.get_submodule(block.module_name)
     module.to_empty(device=device, recurse=True)
     for local, p in module.named_parameters():
@@ -99,8 +100,8 @@ def _block_scales(learned: Mapping[str, torch.Tensor] | None, block: Block, pare
     return LearnScales(initial={k[strip:]: v for k, v in learned.items() if k.startswith(block.prefix)})
 
 
-def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader, recipe: Recipe, stats: StreamStats,
-                   after_block=lambda: None, device: torch.device = torch.device("cpu"),
+def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader: TensorReader, recipe: Recipe,
+                   stats: StreamStats, after_block=lambda: None, device: torch.device = torch.device("cpu"),
                    learned: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (state-dict name, tensor) in state-dict order, one converted block at a time, converted on
     `device` (the recipe's convert device). `learned`: the checkpoint's learned weight scales, if any."""
@@ -179,13 +180,13 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
         raise ConversionError(f"tensors missing from the written shards: {unaccounted[:5]}")
 
 
-def write_streamed(model: torch.nn.Module, reader, recipe: Recipe, directory: Path, fmt: str,
+def write_streamed(model: torch.nn.Module, reader: TensorReader, recipe: Recipe, directory: Path, fmt: str,
                    max_shard_bytes: int, device: torch.device = torch.device("cpu"),
                    learned: Mapping[str, torch.Tensor] | None = None) -> tuple[StreamStats, list[Path], int]:
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
     trim = release_large_frees_to_os()
     stats = StreamStats()
-    blocks = plan_blocks(model)  # made once, on the intact skeleton
+    blocks = split_blocks(model)  # made once, on the intact skeleton
     names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
     for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device,
@@ -211,7 +212,7 @@ class LiveModelReader:
         self.full_tensor = full_tensor
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
-        self.blocks = plan_blocks(model)
+        self.blocks = split_blocks(model)
         self.block_of = {n: i for i, b in enumerate(self.blocks) for n in b.names}
         self._stash: dict[str, torch.Tensor] = {}
 
@@ -243,5 +244,5 @@ def _gather_block(params: dict, buffers: dict, names: list[str], full_tensor: Fu
 def follow_live_reads(model: torch.nn.Module, full_tensor: FullTensor) -> None:
     """What ranks other than 0 do while rank 0 reads a `LiveModelReader`: join each block's gather, in order."""
     params = dict(model.named_parameters())
-    for block in plan_blocks(model):
+    for block in split_blocks(model):
         _gather_block(params, {}, block.names, full_tensor, keep=False)

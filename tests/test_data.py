@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from forge_qat.data.build import DataOptions, prepare
+from forge_qat.data.build import DataOptions, ensure_cache
 from forge_qat.data.encode import IGNORE_INDEX, ChatOptions
 from forge_qat.data.store import as_one_row, batch_indices, model_inputs, open_token_store
 from forge_qat.errors import InputError
@@ -137,8 +137,8 @@ def test_an_interrupted_build_is_never_used_and_is_rebuilt(tmp_path, options):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, records)
         Encoder.encode = encode
-        build.prepare({str(path)!r}, byte_tokenizer(), build.DataOptions(cache_dir=Path({str(options.cache_dir)!r}),
-                                                                         workers=1))
+        build.ensure_cache({str(path)!r}, byte_tokenizer(),
+                           build.DataOptions(cache_dir=Path({str(options.cache_dir)!r}), workers=1))
     """)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -158,10 +158,10 @@ def test_two_processes_share_one_cache(tmp_path):
     script = textwrap.dedent(f"""
         import json, logging, sys
         from pathlib import Path
-        from forge_qat.data.build import DataOptions, prepare
+        from forge_qat.data.build import DataOptions, ensure_cache
         from forge_qat.models import byte_tokenizer
         logging.basicConfig(level=logging.INFO)
-        directory, built = prepare({str(path)!r}, byte_tokenizer(),
+        directory, built = ensure_cache({str(path)!r}, byte_tokenizer(),
                                    DataOptions(cache_dir=Path({str(tmp_path / "cache")!r}), workers=1,
                                                defer=sys.argv[1] == "1"))
         print(json.dumps({{"dir": str(directory), "built": built}}))
@@ -195,7 +195,7 @@ def test_a_waiting_process_builds_once_the_holder_leaves_without_building(tmp_pa
     threading.Thread(target=hold_for_a_second).start()
     held.wait()
     t0 = time.monotonic()
-    directory, built = prepare(str(text_file), tok, options)
+    directory, built = ensure_cache(str(text_file), tok, options)
     assert built and time.monotonic() - t0 >= 0.9
     assert "waiting for another process" in caplog.text
 

@@ -18,7 +18,7 @@ from forge_qat import hardware
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
-from forge_qat.finalize import FinalizeRequest, finalize, plan_finalize
+from forge_qat.finalize import FinalizeRequest, choose_job, finalize
 from forge_qat.recipes import get_recipe
 from forge_qat.train.trainer import run_training
 
@@ -123,14 +123,14 @@ def test_ptq_semantics(runs):
     float_ckpt = runs / "float"
     i4, i8 = "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight"
     with pytest.raises(ConfigError, match="records no QAT recipe"):
-        plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x"))
-    plan = plan_finalize(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert=i4))
+        choose_job(FinalizeRequest(source=float_ckpt, dest=runs / "x"))
+    plan = choose_job(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert=i4))
     assert plan.mode == "ptq" and "not QAT-trained" in plan.notes[0]
-    plan = plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=i8))
+    plan = choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=i8))
     assert plan.mode == "ptq" and "post-training quantization" in plan.notes[0]
-    assert plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x")).mode == "qat"
+    assert choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x")).mode == "qat"
     with pytest.raises(ConfigError, match="give one"):
-        plan_finalize(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight",
+        choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight",
                                       ptq="int8-dynamic-act-int4-weight"))
 
 
@@ -259,11 +259,11 @@ def test_cuda_recipes_convert_and_evaluate_on_the_gpu_in_bf16(tmp_path, monkeypa
     from forge_qat import hardware
     from forge_qat.errors import HardwareError
     from forge_qat.evaluate import eval_placement
-    from forge_qat.finalize import ARTIFACT_META, Plan, convert_placement
+    from forge_qat.finalize import ARTIFACT_META, ConvertJob, convert_placement
     from forge_qat.recipes import get_recipe
 
     for name in ("int4-weight-only", "float8-dynamic-act-float8-weight", "float8-dynamic-act-int4-weight"):
-        plan = Plan(tmp_path, get_recipe(name), "ptq", (), None)
+        plan = ConvertJob(tmp_path, get_recipe(name), "ptq", (), None)
         assert convert_placement(plan) == (torch.device("cuda"), torch.bfloat16)
     (tmp_path / ARTIFACT_META).write_text(json.dumps({"recipe": "int4-weight-only"}))
     monkeypatch.setattr(hardware, "cuda_available", lambda: False)

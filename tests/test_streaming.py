@@ -13,7 +13,7 @@ from safetensors import safe_open
 from forge_qat.config import TrainConfig
 from forge_qat.errors import InputError
 from forge_qat.finalize import FinalizeRequest, finalize
-from forge_qat.stream_convert import plan_blocks
+from forge_qat.stream_convert import split_blocks
 from forge_qat.train.trainer import run_training
 
 
@@ -65,7 +65,7 @@ def test_blocks_cover_the_state_dict_once():
     from forge_qat.models import preset_model
 
     model, _ = preset_model("micro-llama")
-    blocks = plan_blocks(model)
+    blocks = split_blocks(model)
     names = [n for b in blocks for n in b.names]
     assert names == [k for k in model.state_dict() if k != "lm_head.weight"]  # tied head stored once
     assert [b.prefix for b in blocks] == ["model.embed_tokens.", "model.layers.0.", "model.layers.1.",

@@ -178,7 +178,7 @@ def _remove_temporaries(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def prepare(spec: str, tok, options: DataOptions) -> tuple[Path, bool]:
+def ensure_cache(spec: str, tok, options: DataOptions) -> tuple[Path, bool]:
     """The cache directory of `spec`, built unless a complete one exists; and whether this call built it."""
     from filelock import FileLock, Timeout
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forge_qat.data.build import STORE_META, DataOptions, prepare
+from forge_qat.data.build import STORE_META, DataOptions, ensure_cache
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.errors import ConfigError, InputError, choices_message
 
@@ -126,7 +126,7 @@ def open_token_store(spec: str, tok, seq_len: int, options: DataOptions | None =
                      packing: str = "documents") -> TokenStore:
     """The packed sequences of a data spec, tokenizing it into the cache first unless already there."""
     options = options or DataOptions()
-    directory, built = prepare(spec, tok, options)
+    directory, built = ensure_cache(spec, tok, options)
     store = TokenStore(directory, seq_len, packing=packing, built=built)
     if len(store) == 0:
         raise InputError(f"data {spec} has {store.total_tokens} tokens, fewer than one sequence of {seq_len}")

@@ -31,7 +31,7 @@ def is_zero_checkpoint(path: Path) -> bool:
 
 
 class ZeroCheckpointReader:
-    """`keys` / `shape` / `read_flat` over the fp32 master weights of a ZeRO checkpoint."""
+    """A `forge_qat.weights.TensorReader` over the fp32 master weights of a ZeRO checkpoint."""
 
     def __init__(self, directory: Path, tag: str | None = None):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -65,15 +65,15 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
     torchtune uses (swaps, then activation checkpointing; sharding by the engine after). The swaps keep the
     model's Parameter objects (ZeRO-3 partitions included); `engine.gather` makes one whole while its
     learned scales are chosen."""
-    cov = None
+    coverage = None
     if recipe is not None:
         learn = LearnScales(gather=engine.gather) if cfg.qat.qat_learn_scales else None
-        cov = prepare_qat(model, recipe, learn=learn)
+        coverage = prepare_qat(model, recipe, learn=learn)
         if learn is not None:
             scales = learned_scales(model)
             log.info("learned weight scales: %d parameters in %d layers", sum(p.numel() for p in scales.values()),
                      len(scales))
-        log.info("fake quantization: %s", cov.describe())
+        log.info("fake quantization: %s", coverage.describe())
     elif cfg.qat.fp8_recipe:
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
@@ -83,7 +83,7 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
         # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return cov
+    return coverage
 
 
 def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:
