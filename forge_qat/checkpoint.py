@@ -204,7 +204,7 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
 
 
 def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module, layout: Layout,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Gather every tensor (all ranks, in the same order); rank 0 (`directory` given) appends each to the
     current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard."""
     tied = tied_aliases(model)
