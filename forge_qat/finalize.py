@@ -27,6 +27,7 @@ from forge_qat.models import check_model_dir, is_quantized_artifact, load_config
 from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.stream_convert import FullTensor, LiveModelReader, follow_live_reads
+from forge_qat.torchao_compat import EXPERTS_IMPLEMENTATION
 from forge_qat.weights import TensorReader, tied_aliases
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,10 @@ def _write_extras(directory: Path, config, generation_config, tokenizer, recipe:
     if coverage.experts:
         # A public config field (`PreTrainedConfig.__init__` reads it back): the eager expert loop selects one
         # expert's torchao tensor at a time; the default grouped_mm would call ops torchao does not implement.
-        config.experts_implementation = "eager"
+        # Stacks whose tensor lacks that select in torchao name the module that adds it instead, so that stock
+        # transformers refuses them at load, naming the import, rather than failing at the first forward.
+        config.experts_implementation = (EXPERTS_IMPLEMENTATION if recipe.convert_expert_stack.load_needs_compat
+                                         else "eager")
     config.save_pretrained(directory)
     if generation_config is not None:
         generation_config.save_pretrained(directory)

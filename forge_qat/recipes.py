@@ -120,7 +120,7 @@ class Recipe:
         if self.convert_expert_stack is None:
             return "no (models with experts are refused)"
         if self.convert_expert_stack.load_needs_compat:
-            return "yes (loading the artifact needs `import forge_qat.torchao_compat`)"
+            return "yes (loading the artifact needs `import forge_qat.torchao_compat`; without it loading fails)"
         return "yes"
 
     def missing_for_convert(self) -> list[str]:

@@ -4,7 +4,10 @@ mixture-of-experts artifacts (`aten.select` on `IntxUnpackedToInt8Tensor`). A to
 any of them breaks here and nowhere else.
 
 Importing this module registers that operator (idempotently, and never over an implementation torchao
-itself provides).
+itself provides), and registers transformers' eager expert loop under this module's name as an experts
+implementation (`EXPERTS_IMPLEMENTATION`), which int4 MoE artifacts name in their config: so such an
+artifact runs wherever this module was imported, and anywhere else fails at `from_pretrained` with
+transformers' own error naming this module, instead of loading and then failing at the first forward.
 
 Imported by forge's own loaders (finalize's reload check, eval) and by users before loading an MoE
 artifact of an `IntxUnpackedToInt8Tensor` recipe: `import forge_qat.torchao_compat` and then stock
@@ -26,9 +29,10 @@ from torchao.prototype.safetensors.safetensors_support import flatten_tensor_sta
 from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+from transformers.integrations.moe import ExpertsInterface
 
-__all__ = ["ALLOWED_TENSORS_SUBCLASSES", "IntxUnpackedToInt8Tensor", "flatten_tensor_state_dict",
-           "quantize_handler", "TORCHAO_HAS_SELECT"]
+__all__ = ["ALLOWED_TENSORS_SUBCLASSES", "EXPERTS_IMPLEMENTATION", "IntxUnpackedToInt8Tensor",
+           "flatten_tensor_state_dict", "quantize_handler", "TORCHAO_HAS_SELECT"]
 
 aten = torch.ops.aten
 
@@ -61,3 +65,19 @@ def _select(func, types, args, kwargs):
 
 if not TORCHAO_HAS_SELECT:
     IntxUnpackedToInt8Tensor.implements(aten.select.int)(_select)
+
+
+EXPERTS_IMPLEMENTATION = __name__
+"""The `experts_implementation` an artifact whose expert stacks need this module names in its config.
+Stock transformers validates the name when it builds the model: where this module was not imported, that
+fails with 'Specified `experts_implementation="forge_qat.torchao_compat"` is not supported', naming the
+import the artifact needs."""
+
+
+def _eager_experts_forward(self, *args, **kwargs):
+    """transformers' own per-expert loop: the experts class's undecorated forward (`use_experts_implementation`
+    wraps it with functools.wraps), which selects one expert's tensor at a time."""
+    return type(self).forward.__wrapped__(self, *args, **kwargs)
+
+
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, _eager_experts_forward)

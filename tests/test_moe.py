@@ -248,7 +248,8 @@ from torchao.utils import TorchAOBaseTensor
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 stacks = [m.gate_up_proj for m in model.modules() if hasattr(m, "gate_up_proj")]
 assert stacks and all(isinstance(s, TorchAOBaseTensor) for s in stacks), [type(s) for s in stacks]
-assert model.config._experts_implementation == "eager"
+assert model.config._experts_implementation in ("eager", "forge_qat.torchao_compat")
+print("loaded")
 ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
 torch.save(model(ids).logits, sys.argv[3])
 print("forge_qat" in sys.modules and sys.argv[2] != "compat")
@@ -265,7 +266,9 @@ def test_finalize_converts_experts_and_stock_transformers_runs_the_artifact(trai
     assert report.mode == "qat" and report.reload_max_diff == 0.0
     assert cov["expert_stacks"] == 4 and cov["expert_params_quantized"] > 0.5 * cov["matmul_params"]
     assert set(cov["kept_float"]) == {"output head", "router"}
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["experts_implementation"] == "eager"
+    needs_compat = get_recipe(report.recipe).convert_expert_stack.load_needs_compat
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["experts_implementation"] == (
+        "forge_qat.torchao_compat" if needs_compat else "eager")
 
     # Fake-quant model vs the artifact, the artifact loaded by stock transformers in a fresh process.
     fake, _ = load_model(str(ckpt_io.checkpoint_dirs(run)[-1][1]))
@@ -277,6 +280,19 @@ def test_finalize_converts_experts_and_stock_transformers_runs_the_artifact(trai
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(out, weights_only=True), want, rtol=0, atol=1e-5)
+
+
+def test_int4_moe_artifact_without_the_compat_import_fails_at_load_naming_it(trained, tmp_path):
+    """In a process that never imports forge_qat, an artifact whose expert stacks need the compat operator
+    fails inside `from_pretrained`, with a message naming the import, instead of loading and then failing at
+    the first forward."""
+    _, run = trained["qwen3_moe", "per-expert"]
+    report = finalize(FinalizeRequest(source=run, dest=tmp_path / "a"))
+    assert get_recipe(report.recipe).convert_expert_stack.load_needs_compat
+    done = subprocess.run([sys.executable, "-c", LOAD_ARTIFACT, str(tmp_path / "a"), "stock", str(tmp_path / "l.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "loaded" not in done.stdout
+    assert 'experts_implementation="forge_qat.torchao_compat"' in done.stderr, done.stderr[-2000:]
 
 
 def test_int8_moe_artifacts_need_nothing_but_stock_transformers(trained, tmp_path):
