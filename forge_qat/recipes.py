@@ -24,7 +24,7 @@ from torchao.quantization import (
 from forge_qat import hardware
 from forge_qat.errors import UnknownRecipeError, choices_message
 from forge_qat.fake_quant import AffineSpec, LinearQuantizers
-from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
+from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, set_intx_scale_dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,8 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
         mapping_type=config.weight_mapping_type, activation_quantization="int8_asym_per_token",
         intx_choose_qparams_algorithm=config.intx_choose_qparams_algorithm,
     )
+    if config.weight_scale_dtype is not None and config.weight_scale_dtype != weight.dtype:
+        set_intx_scale_dtype(stack, weight.detach(), config.weight_scale_dtype)  # as the config does for 2-D
     setattr(module, name, torch.nn.Parameter(stack, requires_grad=False))
 
 
@@ -141,6 +143,24 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,
+        ),
+        Recipe(
+            name="int8-dynamic-act-int4-weight-bf16-scales",
+            description="the default recipe with bf16 weight scales: the grid GGUF Q4_0 and XNNPACK store exactly",
+            base_config=lambda: Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(32), weight_scale_dtype=torch.bfloat16
+            ),
+            # torchao's QAT cannot infer fake quantizers for weight_scale_dtype (it asserts it is None): the
+            # default recipe's quantizers with the weight scales rounded to bf16, as its convert rounds them
+            # before quantizing (tests/test_parity.py checks fake quant == converted, atol 0).
+            fake_quant=LinearQuantizers(
+                activation=AffineSpec(bits=8, granularity="per_token", symmetric=False),
+                weight=AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32,
+                                  scale_dtype=torch.bfloat16),
+            ),
+            storage_bits=8,
+            group_size=32,
+            convert_expert_stack=INTX_UNPACKED_STACK,
         ),
         *(Recipe(
             name=f"int8-dynamic-act-int{bits}-weight",

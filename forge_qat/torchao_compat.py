@@ -27,14 +27,21 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.core.config import AOBaseConfig
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
+from torchao.quantization.quant_api import _adjust_scale_dtype_in_intx_unpacked_tensor
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
 from transformers.integrations.moe import ExpertsInterface
 
 __all__ = ["ALLOWED_TENSORS_SUBCLASSES", "EXPERTS_IMPLEMENTATION", "IntxUnpackedToInt8Tensor",
-           "flatten_tensor_state_dict", "quantize_handler", "TORCHAO_HAS_SELECT"]
+           "flatten_tensor_state_dict", "quantize_handler", "set_intx_scale_dtype", "TORCHAO_HAS_SELECT"]
 
 aten = torch.ops.aten
+
+
+def set_intx_scale_dtype(tensor: IntxUnpackedToInt8Tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """What `Int8DynamicActivationIntxWeightConfig(weight_scale_dtype=...)` does to the tensors it builds:
+    round the scales to `dtype`, then quantize `weight` again with them."""
+    _adjust_scale_dtype_in_intx_unpacked_tensor(tensor, weight, dtype)
 
 
 def quantize_handler(config: AOBaseConfig) -> Callable[..., torch.nn.Module]:

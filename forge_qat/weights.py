@@ -96,6 +96,9 @@ class SafetensorsReader:
     def shape(self, name: str) -> list[int]:
         return self._index[name][2]
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._index[name][1]
+
     def float_dtype(self) -> torch.dtype:
         """The floating dtype holding most of the weights (by element count): the model's own precision."""
         counts: dict[torch.dtype, int] = {}
