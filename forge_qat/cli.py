@@ -412,6 +412,86 @@ def compare_command(
         console.print(f"wrote {plot}")
 
 
+# ---- forge export ---------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("gguf",)
+
+
+@app.command("export")
+def export_command(
+    source: Annotated[Path, typer.Argument(help="A finalized forge artifact, or a float checkpoint / run directory "
+                                                "with --recipe (finalized on the way).")],
+    to: Annotated[str, typer.Option("--to", help=f"Format: {', '.join(EXPORT_FORMATS)}.")],
+    output: Annotated[Path, typer.Option(help="File to write.")],
+    recipe: Annotated[str | None, typer.Option(help="Convert a float checkpoint with this recipe first.")] = None,
+    pre_tokenizer: Annotated[str | None, typer.Option(
+        help="llama.cpp pre-tokenizer name (default by model type; SmolLM2 needs smollm).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """Write a model in a serving format (GGUF for llama.cpp) from the trained integer grid, not re-quantized."""
+    from forge_qat.errors import HardwareError
+
+    _setup_logging()
+    try:
+        if to not in EXPORT_FORMATS:
+            raise ConfigError(choices_message("export format", to, list(EXPORT_FORMATS)))
+        try:
+            from forge_qat.export.gguf import export_gguf
+        except ImportError:
+            raise HardwareError("GGUF export needs the gguf package: pip install 'forge-qat[export]'") from None
+        with _artifact_of(source, recipe, output) as artifact:
+            report = export_gguf(artifact, output, pre_tokenizer=pre_tokenizer, overwrite=overwrite)
+    except ForgeError as e:
+        raise _fail(e) from None
+    _emit(as_json, report.to_dict(), lambda: _print_export(report))
+
+
+def _artifact_of(source: Path, recipe: str | None, output: Path):
+    """`source` itself when it is an artifact; else finalized with `recipe` into a temporary directory beside
+    `output`, removed afterwards."""
+    import contextlib
+    import os
+    import shutil
+
+    from forge_qat.errors import InputError
+    from forge_qat.models import is_quantized_artifact
+
+    if is_quantized_artifact(source):
+        if recipe:
+            raise ConfigError(f"{source} is already an artifact; --recipe converts float checkpoints")
+        return contextlib.nullcontext(source)
+    if not recipe:
+        raise InputError(f"{source} is not a finalized artifact; give one (forge finalize) or add --recipe to "
+                         f"convert this checkpoint on the way")
+
+    @contextlib.contextmanager
+    def converted():
+        from forge_qat.finalize import FinalizeRequest, finalize
+
+        tmp = output.with_name(f".{output.name}.artifact-{os.getpid()}")
+        try:
+            finalize(FinalizeRequest(source=source, dest=tmp, qat_convert=recipe, streaming=True, overwrite=True))
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return converted()
+
+
+def _print_export(report) -> None:
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.by_type.items()))
+    console.print(f"[bold]{report.architecture}[/] GGUF: {report.tensors} tensors ({kinds}); "
+                  f"{report.quantized_params:,} quantized weights in {report.total_blocks:,} blocks, "
+                  f"{report.float_params:,} float; {_size(report.bytes)}")
+    exact = "every block holds the trained grid exactly" if not report.rounded_blocks else \
+        f"{report.rounded_blocks:,} blocks rounded (see the note)"
+    console.print(exact)
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {report.path}")
+
+
 # ---- forge demo -----------------------------------------------------------------------------------
 
 @app.command()

@@ -1,0 +1,378 @@
+"""GGUF for llama.cpp, written from a forge artifact's integer codes and scales, never re-quantized.
+
+Called by `forge export --to gguf`. The trained grid is what llama.cpp runs: an int4 per-group(32)
+symmetric weight becomes `Q4_0` (block scale `d` = the group's scale as fp16, code = q + 8), an int8
+per-channel weight `Q8_0` (the row's scale repeated for each block of 32). Exact wherever the scale is
+fp16-representable, which every scale of the `*-bf16-scales` recipes is (a bf16 value in fp16's normal
+range); any block whose scale fp16 rounds is counted and reported. Float tensors keep their dtype (1-D ones
+become F32, as llama.cpp wants). The artifact is read one tensor at a time from its safetensors shards
+and the GGUF written tensor by tensor, so memory stays at one tensor whatever the model's size.
+
+The architecture mapping is ours (`ARCHITECTURES`: which llama.cpp architecture, its hyperparameter keys,
+llama's rotary row order); tensor names come from the `gguf` package's own `TensorNameMap`.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from forge_qat import __version__
+from forge_qat.errors import ConfigError, InputError, OutputExistsError
+from forge_qat.models import load_config
+from forge_qat.weights import SafetensorsReader
+
+
+@dataclass(frozen=True, slots=True)
+class Architecture:
+    gguf_arch: str
+    """llama.cpp's architecture name (`gguf.MODEL_ARCH_NAMES`)."""
+    permute_qk: bool
+    """llama.cpp's LLaMA rope pairs adjacent dimensions where transformers rotates halves: q and k rows are
+    reordered head by head (the same reorder llama.cpp's own converter applies)."""
+    per_head_dims: bool = False
+    """Write the attention key/value lengths (architectures whose head_dim is not hidden/heads)."""
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", permute_qk=True),
+    "mistral": Architecture("llama", permute_qk=True),
+    "qwen2": Architecture("qwen2", permute_qk=False),
+    "qwen3": Architecture("qwen3", permute_qk=False, per_head_dims=True),
+}
+
+PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+"""llama.cpp pre-tokenizer by model type, unless `--pre-tokenizer` says otherwise (SmolLM2: smollm)."""
+
+
+@dataclass
+class GgufReport:
+    path: Path
+    architecture: str
+    tensors: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+    """Tensors per GGUF type (Q4_0, Q8_0, F32, ...)."""
+    quantized_params: int = 0
+    float_params: int = 0
+    rounded_blocks: int = 0
+    """Quantized blocks whose scale is not fp16-representable (stored rounded: not the trained grid)."""
+    total_blocks: int = 0
+    bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "path": str(self.path)}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One weight of the artifact: plain, or a torchao tensor flattened into `<module>._weight_<part>`."""
+
+    name: str
+    kind: str
+    """`Tensor`, or the torchao class name (`IntxUnpackedToInt8Tensor`, `Int8Tensor`)."""
+    info: dict
+
+
+class ArtifactReader:
+    """A forge artifact's tensors, one at a time, from its safetensors shards (plain file I/O)."""
+
+    def __init__(self, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"{directory} has no safetensors shards; GGUF export reads safetensors artifacts "
+                             f"(finalize with --format safetensors)")
+        self.reader = SafetensorsReader(files)
+        with open(files[0], "rb") as f:
+            meta = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
+        try:
+            names = json.loads(meta["tensor_names"])
+        except (KeyError, ValueError):
+            raise InputError(f"{files[0]} lacks forge's tensor list; is {directory} a forge artifact?") from None
+        self.entries = [Entry(n, *self._kind(meta.get(n))) for n in names]
+
+    @staticmethod
+    def _kind(text: str | None) -> tuple[str, dict]:
+        info = json.loads(text) if text else {"_type": "Tensor"}
+        return info.get("_type", "Tensor"), info
+
+    def part(self, entry: Entry, part: str) -> torch.Tensor:
+        module, _, param = entry.name.rpartition(".")
+        return self.read(f"{module}._{param}_{part}")
+
+    def read(self, key: str) -> torch.Tensor:
+        out = torch.empty(self.reader.shape(key), dtype=self.reader.dtype(key))
+        self.reader.read_flat(key, 0, out.view(-1))
+        return out
+
+    def shape(self, entry: Entry) -> list[int]:
+        if entry.kind == "Tensor":
+            return self.reader.shape(entry.name)
+        module, _, param = entry.name.rpartition(".")
+        return self.reader.shape(f"{module}._{param}_qdata")
+
+
+def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's LLaMA q/k row order: within each head, the two rotary halves interleaved."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _fp16_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The block scales as fp16, and how many of them fp16 had to round."""
+    half = scale.to(torch.float16)
+    return half, int((half.to(torch.float32) != scale.to(torch.float32)).sum())
+
+
+def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, int]:
+    """`Q4_0` blocks of int4 codes in [-8, 7] (rows, cols) with one scale per 32 columns (rows, cols/32):
+    per block the fp16 scale, then 16 bytes holding codes + 8, element j in the low nibble of byte j and
+    element j + 16 in its high nibble (ggml's block_q4_0). Returns (rows, cols/32*18) bytes and the rounded
+    scale count."""
+    rows, cols = qdata.shape
+    if qdata.min() < -8 or qdata.max() > 7:
+        raise InputError("int4 codes outside [-8, 7]: not a symmetric int4 grid")
+    codes = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // 32, 32)
+    nibbles = codes[..., :16] | (codes[..., 16:] << 4)
+    d, rounded = _fp16_scales(scale.reshape(rows, cols // 32))
+    blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8), nibbles], dim=-1)
+    return blocks.reshape(rows, -1).numpy(), rounded
+
+
+def q8_0_bytes(qdata: torch.Tensor, row_scale: torch.Tensor) -> tuple[np.ndarray, int]:
+    """`Q8_0` blocks of int8 codes (rows, cols) with one scale per row: per block of 32 the row's scale as
+    fp16, then the 32 codes (ggml's block_q8_0)."""
+    rows, cols = qdata.shape
+    d, rounded = _fp16_scales(row_scale.reshape(rows, 1).expand(rows, cols // 32))
+    blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8),
+                        qdata.contiguous().view(torch.uint8).reshape(rows, cols // 32, 32)], dim=-1)
+    return blocks.reshape(rows, -1).numpy(), rounded
+
+
+# ---- what each tensor becomes ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    entry: Entry
+    gguf_name: str
+    ggml_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    """As numpy holds the data written: logical shape for float tensors, byte shape for block types."""
+    nbytes: int
+    permute_heads: int | None
+    params: int
+
+
+def _float_type(dtype: torch.dtype, ndim: int):
+    if ndim == 1 or dtype == torch.float32:
+        return gguf.GGMLQuantizationType.F32, 4
+    if dtype == torch.float16:
+        return gguf.GGMLQuantizationType.F16, 2
+    if dtype == torch.bfloat16:
+        return gguf.GGMLQuantizationType.BF16, 2
+    raise InputError(f"cannot store a {dtype} tensor in GGUF")
+
+
+def _block_type(entry: Entry, shape: list[int]):
+    """The GGUF block type holding this torchao tensor's grid exactly, or a clear refusal."""
+    data = entry.info.get("_data", {})
+    rows, cols = shape
+    if entry.kind == "IntxUnpackedToInt8Tensor":
+        bits = data.get("target_dtype", {}).get("_data")
+        if bits == "int4" and data.get("block_size") == [1, 32]:
+            return gguf.GGMLQuantizationType.Q4_0, rows * cols // 32 * 18
+        raise ConfigError(f"{entry.name}: {bits} weights in groups of {data.get('block_size', ['?'])[-1]} have no "
+                          f"exact GGUF type (Q4_0 holds int4 in groups of 32; Q8_0 int8 per channel); export an "
+                          f"int4 or int8 recipe's artifact")
+    if entry.kind == "Int8Tensor" and cols % 32 == 0:
+        return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
+    raise ConfigError(f"{entry.name}: {entry.kind} has no exact GGUF type")
+
+
+def plan_tensors(reader: ArtifactReader, config, arch: Architecture) -> list[Planned]:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], config.num_hidden_layers)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    planned = []
+    for entry in reader.entries:
+        gguf_name = names.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise InputError(f"{entry.name} has no place in llama.cpp's {arch.gguf_arch} architecture")
+        shape = reader.shape(entry)
+        role = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else ""
+        permute = heads.get(role) if arch.permute_qk else None  # weights and biases alike
+        if entry.kind == "Tensor":
+            ggml_type, size = _float_type(reader.reader.dtype(entry.name), len(shape))
+            byte_shape, nbytes = tuple(shape), int(np.prod(shape)) * size
+        else:
+            ggml_type, nbytes = _block_type(entry, shape)
+            byte_shape = (shape[0], nbytes // shape[0])
+        planned.append(Planned(entry, gguf_name, ggml_type, byte_shape, nbytes, permute, int(np.prod(shape))))
+    return planned
+
+
+def tensor_data(reader: ArtifactReader, p: Planned) -> tuple[np.ndarray, int, int]:
+    """The bytes (or float array) to write for `p`, the number of its blocks and of those whose scale fp16
+    rounded."""
+    entry = p.entry
+    if entry.kind == "Tensor":
+        t = reader.read(entry.name)
+        if p.permute_heads:
+            t = _permute_rows(t, p.permute_heads)
+        if p.ggml_type == gguf.GGMLQuantizationType.F32:
+            return t.to(torch.float32).numpy(), 0, 0
+        if p.ggml_type == gguf.GGMLQuantizationType.F16:
+            return t.numpy(), 0, 0
+        return t.contiguous().view(torch.uint8).numpy(), 0, 0
+    qdata, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
+    if entry.kind == "IntxUnpackedToInt8Tensor" and reader.part(entry, "zero_point").any():
+        raise InputError(f"{entry.name}: non-zero zero points (an asymmetric grid) have no exact Q4_0 form")
+    if p.permute_heads:
+        qdata, scale = _permute_rows(qdata, p.permute_heads), _permute_rows(scale.reshape(qdata.shape[0], -1),
+                                                                            p.permute_heads)
+    pack = q4_0_bytes if p.ggml_type == gguf.GGMLQuantizationType.Q4_0 else q8_0_bytes
+    data, rounded = pack(qdata, scale)
+    return data, qdata.numel() // 32, rounded
+
+
+# ---- metadata and tokenizer -----------------------------------------------------------------------
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if params.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope type {params['rope_type']!r} is not exported yet; GGUF export covers plain "
+                          f"rotary embeddings")
+    if theta is None:
+        raise InputError("the model config names no rope_theta")
+    return float(theta)
+
+
+def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if arch.per_head_dims or head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
+    """A GPT-2-style byte-level BPE vocabulary (what transformers' fast tokenizers of these families are):
+    tokens, types, merges, special token ids and the chat template, read by the `gguf` package's own
+    vocabulary classes; padded to the embedding's rows as llama.cpp requires."""
+    try:
+        vocab = gguf.vocab.BpeVocab(directory)
+    except FileNotFoundError:
+        raise InputError(f"{directory} has no byte-level BPE tokenizer.json; GGUF export supports those "
+                         f"(GPT-2 style, as Llama 3, Qwen and SmolLM use)") from None
+    tokens, types = [], []
+    for text, _, kind in vocab.all_tokens():
+        tokens.append(text)
+        types.append(kind)
+    if len(tokens) > vocab_size:
+        raise InputError(f"the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+# ---- the export ------------------------------------------------------------------------------------
+
+FORGE_KEY = "forge_qat.version"
+"""Written into every GGUF forge makes: `--overwrite` replaces only files that carry it."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    if not _made_by_forge(out):
+        raise OutputExistsError(f"{out} is not a GGUF file forge wrote; --overwrite replaces only those: "
+                                f"choose another --output")
+
+
+def _made_by_forge(path: Path) -> bool:
+    try:
+        return path.is_file() and FORGE_KEY in gguf.GGUFReader(path).fields
+    except (ValueError, OSError, IndexError, KeyError):
+        return False
+
+
+def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
+                overwrite: bool = False) -> GgufReport:
+    """Write `artifact` (a forge safetensors artifact of a dense llama/mistral/qwen2/qwen3 model) as GGUF."""
+    config = load_config(artifact)
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ConfigError(f"GGUF export of model type {config.model_type!r} is not supported; supported: "
+                          f"{', '.join(ARCHITECTURES)}")
+    check_output(out, overwrite)
+    reader = ArtifactReader(artifact)
+    planned = plan_tensors(reader, config, arch)
+    report = GgufReport(out, arch.gguf_arch)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
+    try:
+        write_hyperparameters(writer, config, arch, artifact.name)
+        types = {p.ggml_type for p in planned}
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
+                             gguf.LlamaFileType.MOSTLY_Q8_0 if gguf.GGMLQuantizationType.Q8_0 in types else
+                             gguf.LlamaFileType.ALL_F32)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(FORGE_KEY, __version__)
+        write_tokenizer(writer, artifact, config.vocab_size,
+                        pre_tokenizer or PRE_TOKENIZERS.get(config.model_type, "default"))
+        for p in planned:
+            raw = p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
+                                   np.dtype(np.float32 if p.ggml_type == gguf.GGMLQuantizationType.F32 else
+                                            np.float16), p.nbytes, raw_dtype=p.ggml_type if raw else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:
+            data, blocks, rounded = tensor_data(reader, p)
+            writer.write_tensor_data(data)
+            _count(report, p, blocks, rounded)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    report.bytes = out.stat().st_size
+    if report.rounded_blocks:
+        report.notes.append(f"{report.rounded_blocks} of {report.total_blocks} blocks have a scale fp16 cannot "
+                            f"hold exactly and were stored rounded: those weights are not the trained grid (train "
+                            f"with a *-bf16-scales recipe for an exact export)")
+    return report
+
+
+def _count(report: GgufReport, p: Planned, blocks: int, rounded: int) -> None:
+    name = p.ggml_type.name
+    report.tensors += 1
+    report.by_type[name] = report.by_type.get(name, 0) + 1
+    if blocks:
+        report.quantized_params += p.params
+        report.total_blocks += blocks
+        report.rounded_blocks += rounded
+    else:
+        report.float_params += p.params

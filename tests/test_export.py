@@ -1,0 +1,162 @@
+"""GGUF export: the artifact's integer codes and scales written byte for byte (never re-quantized), with the
+metadata and tokenizer llama.cpp needs, for the dense architectures llama.cpp runs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+
+from forge_qat.cli import app  # noqa: E402
+from forge_qat.errors import ConfigError, OutputExistsError  # noqa: E402
+from forge_qat.export.gguf import export_gguf  # noqa: E402
+from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
+
+EXACT = "int8-dynamic-act-int4-weight-bf16-scales"
+DENSE = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"head_dim": 16}}
+REQUIRED = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+            "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon"]
+runner = CliRunner()
+
+
+def _float_model(path, model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from forge_qat.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok) + 5, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, tie_word_embeddings=model_type == "llama",
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **DENSE[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    made = {}
+    for model_type in DENSE:
+        src = _float_model(root / model_type, model_type)
+        for recipe in (EXACT, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
+                       "int8-dynamic-act-int2-weight"):
+            if model_type != "llama" and recipe != EXACT:
+                continue
+            made[model_type, recipe] = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{recipe}",
+                                                                ptq=recipe)).dest
+    return made
+
+
+def _artifact_tensors(directory):
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _llama_rows(n_rows, n_head):
+    """llama.cpp's LLaMA rotary row order, written out index by index: within each head, row 2i holds the
+    transformers row i and row 2i+1 the row half + i."""
+    head = n_rows // n_head
+    order = []
+    for h in range(n_head):
+        for i in range(head // 2):
+            order += [h * head + i, h * head + head // 2 + i]
+    return torch.tensor(order)
+
+
+def _expected(tensors, name, config, permute):
+    """The artifact's weight as the trained grid gives it: codes times their group's scale."""
+    module, _, param = name.rpartition(".")
+    if param == "weight" and f"{module}._weight_qdata" in tensors:
+        q, s = tensors[f"{module}._weight_qdata"].float(), tensors[f"{module}._weight_scale"].float()
+        value = q * s.reshape(q.shape[0], -1).repeat_interleave(q.shape[1] // s.reshape(q.shape[0], -1).shape[1], 1)
+    else:
+        value = tensors[name].float()
+    if permute and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+        heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+        value = value[_llama_rows(value.shape[0], heads)]
+    return value
+
+
+@pytest.mark.parametrize("model_type", list(DENSE))
+def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp_path):
+    art = artifacts[model_type, EXACT]
+    report = export_gguf(art, tmp_path / "m.gguf")
+    assert report.rounded_blocks == 0 and not report.notes
+    assert report.by_type["Q4_0"] == 14 and report.total_blocks > 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    arch = {"mistral": "llama"}.get(model_type, model_type)
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == arch
+    for key in REQUIRED:
+        assert f"{arch}.{key}" in fields, key
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert key in fields, key
+    config = json.loads((art / "config.json").read_text())
+    assert len(fields["tokenizer.ggml.tokens"].data) == config["vocab_size"]  # padded to the embedding rows
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 2)
+    tensors = _artifact_tensors(art)
+    hf_names = json.loads(_metadata(art)["tensor_names"])
+    written = {t.name: t for t in reader.tensors}
+    assert len(written) == len(hf_names)
+    for name in hf_names:
+        t = written[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
+        want = _expected(tensors, name, config, permute=arch == "llama")
+        assert torch.equal(got.reshape(want.shape), want), name
+        if name.endswith("_proj.weight"):
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, name
+
+
+def _metadata(directory):
+    with open(next(directory.glob("*.safetensors")), "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+
+
+def test_scales_fp16_cannot_hold_are_reported_and_int8_writes_q8_0(artifacts, tmp_path):
+    fp32_scales = export_gguf(artifacts["llama", "int8-dynamic-act-int4-weight"], tmp_path / "a.gguf")
+    assert fp32_scales.rounded_blocks > 0 and "not the trained grid" in fp32_scales.notes[0]
+    int8 = export_gguf(artifacts["llama", "int8-dynamic-act-int8-weight"], tmp_path / "b.gguf")
+    assert int8.by_type["Q8_0"] == 14
+    reader = gguf.GGUFReader(tmp_path / "b.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    tensors = _artifact_tensors(artifacts["llama", "int8-dynamic-act-int8-weight"])
+    q = tensors["model.layers.0.mlp.down_proj._weight_qdata"].float()
+    s = tensors["model.layers.0.mlp.down_proj._weight_scale"].reshape(-1, 1)
+    got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(q.shape)
+    assert torch.equal(got, q * s.half().float())  # the codes exactly; the scale as fp16 holds it
+
+
+def test_grids_gguf_cannot_hold_are_refused(artifacts, tmp_path):
+    with pytest.raises(ConfigError, match="no exact GGUF type"):
+        export_gguf(artifacts["llama", "int8-dynamic-act-int2-weight"], tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_exports_a_checkpoint_with_a_recipe_and_replaces_only_its_own_files(artifacts, tmp_path):
+    src = _float_model(tmp_path / "float", "qwen2")
+    out = tmp_path / "m.gguf"
+    done = runner.invoke(app, ["export", str(src), "--to", "gguf", "--output", str(out), "--recipe", EXACT])
+    assert done.exit_code == 0, done.output
+    assert "exactly" in done.output and out.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the temporary artifact is gone
+    again = runner.invoke(app, ["export", str(src), "--to", "gguf", "--output", str(out), "--recipe", EXACT])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, ["export", str(src), "--to", "gguf", "--output", str(out), "--recipe", EXACT,
+                               "--overwrite"]).exit_code == 0
+    foreign = tmp_path / "other.gguf"
+    foreign.write_bytes(b"not forge's")
+    with pytest.raises(OutputExistsError, match="not a GGUF file forge wrote"):
+        export_gguf(artifacts["qwen2", EXACT], foreign, overwrite=True)
+    assert foreign.read_bytes() == b"not forge's"
+    bad = runner.invoke(app, ["export", str(src), "--to", "gguf", "--output", str(tmp_path / "n.gguf")])
+    assert bad.exit_code == 1 and "--recipe" in bad.output
+    wrong = runner.invoke(app, ["export", str(src), "--to", "onnx", "--output", str(tmp_path / "n.gguf")])
+    assert wrong.exit_code == 2 and "gguf" in wrong.output
