@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_moe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
 
 EXACT = "int8-dynamic-act-int4-weight-bf16-scales"
 DENSE = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"head_dim": 16}}
+MOE = ("qwen3_moe", "mixtral")
 REQUIRED = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
             "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon"]
 runner = CliRunner()
@@ -43,6 +45,12 @@ def _float_model(path, model_type):
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     made = {}
+    for model_type in MOE:
+        model, tok = tiny_moe(model_type)
+        model.save_pretrained(root / model_type)
+        tok.save_pretrained(root / model_type)
+        made[model_type, EXACT] = finalize(FinalizeRequest(source=root / model_type, dest=root / f"{model_type}-a",
+                                                           ptq=EXACT)).dest
     for model_type in DENSE:
         src = _float_model(root / model_type, model_type)
         for recipe in (EXACT, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
@@ -72,9 +80,9 @@ def _llama_rows(n_rows, n_head):
 def _expected(tensors, name, config, permute):
     """The artifact's weight as the trained grid gives it: codes times their group's scale."""
     module, _, param = name.rpartition(".")
-    if param == "weight" and f"{module}._weight_qdata" in tensors:
-        q, s = tensors[f"{module}._weight_qdata"].float(), tensors[f"{module}._weight_scale"].float()
-        value = q * s.reshape(q.shape[0], -1).repeat_interleave(q.shape[1] // s.reshape(q.shape[0], -1).shape[1], 1)
+    if f"{module}._{param}_qdata" in tensors:
+        q, s = tensors[f"{module}._{param}_qdata"].float(), tensors[f"{module}._{param}_scale"].float()
+        value = q * s.repeat_interleave(q.shape[-1] // s.shape[-1], -1)
     else:
         value = tensors[name].float()
     if permute and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
@@ -83,14 +91,24 @@ def _expected(tensors, name, config, permute):
     return value
 
 
-@pytest.mark.parametrize("model_type", list(DENSE))
+def _gguf_names(name, value):
+    """(GGUF-side transformers name, expected value) pairs of one artifact tensor: a fused expert stack is
+    llama.cpp's separate gate and up stacks (gate first, as transformers chunks it)."""
+    if name.endswith("experts.gate_up_proj"):
+        half = value.shape[-2] // 2
+        stem = name[: -len("gate_up_proj")]
+        return [(stem + "gate_proj.weight", value[..., :half, :]), (stem + "up_proj.weight", value[..., half:, :])]
+    return [(name + ".weight" if name.endswith("experts.down_proj") else name, value)]
+
+
+@pytest.mark.parametrize("model_type", [*DENSE, *MOE])
 def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp_path):
     art = artifacts[model_type, EXACT]
     report = export_gguf(art, tmp_path / "m.gguf")
     assert report.rounded_blocks == 0 and not report.notes
     assert report.by_type["Q4_0"] == 14 and report.total_blocks > 0
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    arch = {"mistral": "llama"}.get(model_type, model_type)
+    arch = {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(model_type, model_type)
     fields = reader.fields
     assert bytes(fields["general.architecture"].parts[-1]).decode() == arch
     for key in REQUIRED:
@@ -105,14 +123,17 @@ def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp
     tensors = _artifact_tensors(art)
     hf_names = json.loads(_metadata(art)["tensor_names"])
     written = {t.name: t for t in reader.tensors}
-    assert len(written) == len(hf_names)
-    for name in hf_names:
+    expected = [pair for name in hf_names for pair in _gguf_names(name, _expected(tensors, name, config,
+                                                                                 permute=arch == "llama"))]
+    assert len(written) == len(expected)
+    for name, want in expected:
         t = written[names.get_name(name, try_suffixes=(".weight", ".bias"))]
         got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
-        want = _expected(tensors, name, config, permute=arch == "llama")
         assert torch.equal(got.reshape(want.shape), want), name
         if name.endswith("_proj.weight"):
             assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, name
+    if model_type in MOE:
+        assert f"{arch}.expert_count" in fields and f"{arch}.expert_used_count" in fields
 
 
 def _metadata(directory):

@@ -41,11 +41,14 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", permute_qk=True),
     "mistral": Architecture("llama", permute_qk=True),
+    "mixtral": Architecture("llama", permute_qk=True),  # llama.cpp runs Mixtral as llama with experts
     "qwen2": Architecture("qwen2", permute_qk=False),
     "qwen3": Architecture("qwen3", permute_qk=False, per_head_dims=True),
+    "qwen3_moe": Architecture("qwen3moe", permute_qk=False, per_head_dims=True),
 }
 
-PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "llama": "llama-bpe",
+                  "mistral": "llama-bpe", "mixtral": "llama-bpe"}
 """llama.cpp pre-tokenizer by model type, unless `--pre-tokenizer` says otherwise (SmolLM2: smollm)."""
 
 
@@ -132,24 +135,26 @@ def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, in
     per block the fp16 scale, then 16 bytes holding codes + 8, element j in the low nibble of byte j and
     element j + 16 in its high nibble (ggml's block_q4_0). Returns (rows, cols/32*18) bytes and the rounded
     scale count."""
-    rows, cols = qdata.shape
+    lead, cols = qdata.shape[:-1], qdata.shape[-1]
+    rows = qdata.numel() // cols
     if qdata.min() < -8 or qdata.max() > 7:
         raise InputError("int4 codes outside [-8, 7]: not a symmetric int4 grid")
     codes = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // 32, 32)
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)
     d, rounded = _fp16_scales(scale.reshape(rows, cols // 32))
     blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8), nibbles], dim=-1)
-    return blocks.reshape(rows, -1).numpy(), rounded
+    return blocks.reshape(*lead, -1).numpy(), rounded
 
 
 def q8_0_bytes(qdata: torch.Tensor, row_scale: torch.Tensor) -> tuple[np.ndarray, int]:
     """`Q8_0` blocks of int8 codes (rows, cols) with one scale per row: per block of 32 the row's scale as
     fp16, then the 32 codes (ggml's block_q8_0)."""
-    rows, cols = qdata.shape
+    lead, cols = qdata.shape[:-1], qdata.shape[-1]
+    rows = qdata.numel() // cols
     d, rounded = _fp16_scales(row_scale.reshape(rows, 1).expand(rows, cols // 32))
     blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8),
                         qdata.contiguous().view(torch.uint8).reshape(rows, cols // 32, 32)], dim=-1)
-    return blocks.reshape(rows, -1).numpy(), rounded
+    return blocks.reshape(*lead, -1).numpy(), rounded
 
 
 # ---- what each tensor becomes ---------------------------------------------------------------------
@@ -164,6 +169,8 @@ class Planned:
     nbytes: int
     permute_heads: int | None
     params: int
+    rows: tuple[int, int] | None = None
+    """A slice of the second-to-last dim (a fused expert stack's gate or up half)."""
 
 
 def _float_type(dtype: torch.dtype, ndim: int):
@@ -179,10 +186,10 @@ def _float_type(dtype: torch.dtype, ndim: int):
 def _block_type(entry: Entry, shape: list[int]):
     """The GGUF block type holding this torchao tensor's grid exactly, or a clear refusal."""
     data = entry.info.get("_data", {})
-    rows, cols = shape
+    cols, rows = shape[-1], int(np.prod(shape[:-1]))
     if entry.kind == "IntxUnpackedToInt8Tensor":
         bits = data.get("target_dtype", {}).get("_data")
-        if bits == "int4" and data.get("block_size") == [1, 32]:
+        if bits == "int4" and data.get("block_size") == [1] * (len(shape) - 1) + [32]:
             return gguf.GGMLQuantizationType.Q4_0, rows * cols // 32 * 18
         raise ConfigError(f"{entry.name}: {bits} weights in groups of {data.get('block_size', ['?'])[-1]} have no "
                           f"exact GGUF type (Q4_0 holds int4 in groups of 32; Q8_0 int8 per channel); export an "
@@ -192,24 +199,40 @@ def _block_type(entry: Entry, shape: list[int]):
     raise ConfigError(f"{entry.name}: {entry.kind} has no exact GGUF type")
 
 
+def _parts(entry: Entry, shape: list[int]) -> list[tuple[str, tuple[int, int] | None]]:
+    """The llama.cpp tensors one artifact tensor becomes, by transformers-style name: a fused expert stack
+    (experts, 2 * inner, hidden) splits into its gate and up halves (transformers' experts chunk the
+    projection's output gate-first); a stack's parameter gets the `.weight` the per-expert names had."""
+    if entry.name.endswith(".experts.gate_up_proj"):
+        half = shape[-2] // 2
+        stem = entry.name[: -len("gate_up_proj")]
+        return [(f"{stem}gate_proj.weight", (0, half)), (f"{stem}up_proj.weight", (half, shape[-2]))]
+    if entry.name.endswith(".experts.down_proj"):
+        return [(entry.name + ".weight", None)]
+    return [(entry.name, None)]
+
+
 def plan_tensors(reader: ArtifactReader, config, arch: Architecture) -> list[Planned]:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], config.num_hidden_layers)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     planned = []
     for entry in reader.entries:
-        gguf_name = names.get_name(entry.name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise InputError(f"{entry.name} has no place in llama.cpp's {arch.gguf_arch} architecture")
-        shape = reader.shape(entry)
-        role = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else ""
-        permute = heads.get(role) if arch.permute_qk else None  # weights and biases alike
-        if entry.kind == "Tensor":
-            ggml_type, size = _float_type(reader.reader.dtype(entry.name), len(shape))
-            byte_shape, nbytes = tuple(shape), int(np.prod(shape)) * size
-        else:
-            ggml_type, nbytes = _block_type(entry, shape)
-            byte_shape = (shape[0], nbytes // shape[0])
-        planned.append(Planned(entry, gguf_name, ggml_type, byte_shape, nbytes, permute, int(np.prod(shape))))
+        full = reader.shape(entry)
+        for name, rows in _parts(entry, full):
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise InputError(f"{entry.name} has no place in llama.cpp's {arch.gguf_arch} architecture")
+            shape = full if rows is None else [*full[:-2], rows[1] - rows[0], full[-1]]
+            role = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else ""
+            permute = heads.get(role) if arch.permute_qk else None  # weights and biases alike
+            if entry.kind == "Tensor":
+                ggml_type, size = _float_type(reader.reader.dtype(entry.name), len(shape))
+                byte_shape, nbytes = tuple(shape), int(np.prod(shape)) * size
+            else:
+                ggml_type, nbytes = _block_type(entry, shape)
+                byte_shape = (*shape[:-1], nbytes // int(np.prod(shape[:-1])))
+            planned.append(Planned(entry, gguf_name, ggml_type, byte_shape, nbytes, permute,
+                                   int(np.prod(shape)), rows))
     return planned
 
 
@@ -217,8 +240,9 @@ def tensor_data(reader: ArtifactReader, p: Planned) -> tuple[np.ndarray, int, in
     """The bytes (or float array) to write for `p`, the number of its blocks and of those whose scale fp16
     rounded."""
     entry = p.entry
+    cut = (lambda t: t[..., p.rows[0]:p.rows[1], :]) if p.rows else (lambda t: t)
     if entry.kind == "Tensor":
-        t = reader.read(entry.name)
+        t = cut(reader.read(entry.name))
         if p.permute_heads:
             t = _permute_rows(t, p.permute_heads)
         if p.ggml_type == gguf.GGMLQuantizationType.F32:
@@ -226,7 +250,8 @@ def tensor_data(reader: ArtifactReader, p: Planned) -> tuple[np.ndarray, int, in
         if p.ggml_type == gguf.GGMLQuantizationType.F16:
             return t.numpy(), 0, 0
         return t.contiguous().view(torch.uint8).numpy(), 0, 0
-    qdata, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
+    qdata, scale = cut(reader.part(entry, "qdata")), reader.part(entry, "scale")
+    scale = cut(scale) if scale.dim() == qdata.dim() else scale  # per-row scales of a stack: (experts, rows)
     if entry.kind == "IntxUnpackedToInt8Tensor" and reader.part(entry, "zero_point").any():
         raise InputError(f"{entry.name}: non-zero zero points (an asymmetric grid) have no exact Q4_0 form")
     if p.permute_heads:
@@ -235,6 +260,7 @@ def tensor_data(reader: ArtifactReader, p: Planned) -> tuple[np.ndarray, int, in
     pack = q4_0_bytes if p.ggml_type == gguf.GGMLQuantizationType.Q4_0 else q8_0_bytes
     data, rounded = pack(qdata, scale)
     return data, qdata.numel() // 32, rounded
+
 
 
 # ---- metadata and tokenizer -----------------------------------------------------------------------
@@ -266,6 +292,17 @@ def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None
     if arch.per_head_dims or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise ConfigError("GGUF export covers MoE models whose every layer has experts (mlp_only_layers empty, "
+                              "decoder_sparse_step 1)")
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if hasattr(config, "norm_topk_prob"):
+            writer.add_expert_weights_norm(bool(config.norm_topk_prob))
 
 
 def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
