@@ -414,7 +414,7 @@ def compare_command(
 
 # ---- forge export ---------------------------------------------------------------------------------
 
-EXPORT_FORMATS = ("gguf",)
+EXPORT_FORMATS = ("gguf", "executorch")
 
 
 @app.command("export")
@@ -425,11 +425,14 @@ def export_command(
     output: Annotated[Path, typer.Option(help="File to write.")],
     recipe: Annotated[str | None, typer.Option(help="Convert a float checkpoint with this recipe first.")] = None,
     pre_tokenizer: Annotated[str | None, typer.Option(
-        help="llama.cpp pre-tokenizer name (default by model type; SmolLM2 needs smollm).")] = None,
+        help="GGUF: llama.cpp pre-tokenizer name (default by model type; SmolLM2 needs smollm).")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(
+        help="ExecuTorch: KV-cache length (prompt + generated tokens). Default: the model's, at most 2048.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Write a model in a serving format (GGUF for llama.cpp) from the trained integer grid, not re-quantized."""
+    """Write a model in a serving format (GGUF for llama.cpp, .pte for ExecuTorch) from the trained integer grid,
+    not re-quantized."""
     from forge_qat.errors import HardwareError
 
     _setup_logging()
@@ -437,14 +440,20 @@ def export_command(
         if to not in EXPORT_FORMATS:
             raise ConfigError(choices_message("export format", to, list(EXPORT_FORMATS)))
         try:
-            from forge_qat.export.gguf import export_gguf
-        except ImportError:
-            raise HardwareError("GGUF export needs the gguf package: pip install 'forge-qat[export]'") from None
+            if to == "gguf":
+                from forge_qat.export.gguf import export_gguf as export
+                options = {"pre_tokenizer": pre_tokenizer}
+            else:
+                from forge_qat.export.executorch import export_executorch as export
+                options = {"max_seq_len": max_seq_len}
+        except ImportError as e:
+            raise HardwareError(f"{to} export needs {e.name}: pip install 'forge-qat[export]'") from None
         with _artifact_of(source, recipe, output) as artifact:
-            report = export_gguf(artifact, output, pre_tokenizer=pre_tokenizer, overwrite=overwrite)
+            report = export(artifact, output, overwrite=overwrite, **options)
     except ForgeError as e:
         raise _fail(e) from None
-    _emit(as_json, report.to_dict(), lambda: _print_export(report))
+    printer = _print_export if to == "gguf" else _print_pte
+    _emit(as_json, report.to_dict(), lambda: printer(report))
 
 
 def _artifact_of(source: Path, recipe: str | None, output: Path):
@@ -477,6 +486,15 @@ def _artifact_of(source: Path, recipe: str | None, output: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
     return converted()
+
+
+def _print_pte(report) -> None:
+    console.print(f"[bold]ExecuTorch[/] program ({report.recipe}): {report.quantized_linears} quantized linears, "
+                  f"{report.delegated_linears} linear ops run by XNNPACK; KV cache {report.max_seq_len} tokens; "
+                  f"{_size(report.bytes)}")
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {report.path}" + (f" and {report.tokenizer}" if report.tokenizer else ""))
 
 
 def _print_export(report) -> None:

@@ -181,3 +181,34 @@ def test_cli_exports_a_checkpoint_with_a_recipe_and_replaces_only_its_own_files(
     assert bad.exit_code == 1 and "--recipe" in bad.output
     wrong = runner.invoke(app, ["export", str(src), "--to", "onnx", "--output", str(tmp_path / "n.gguf")])
     assert wrong.exit_code == 2 and "gguf" in wrong.output
+
+
+def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, tmp_path):
+    """The .pte (XNNPACK-delegated int8 x int4 linears, static KV cache) gives the artifact's logits for a
+    prompt and then for one decoded token, within float rounding: its bf16 scales are stored as they are."""
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+    from transformers import AutoModelForCausalLM
+
+    import forge_qat.torchao_compat  # noqa: F401
+    from forge_qat.export.executorch import export_executorch
+
+    art = artifacts["llama", EXACT]
+    report = export_executorch(art, tmp_path / "m.pte", max_seq_len=32)
+    assert report.quantized_linears == 14 and report.delegated_linears >= 14 and report.rounded_scales == 0
+    assert report.tokenizer.is_file()
+    program = Runtime.get().load_program(str(tmp_path / "m.pte"))
+    assert {"forward", "get_max_seq_len", "get_eos_ids", "use_kv_cache"} <= set(program.method_names)
+    assert program.load_method("get_max_seq_len").execute([]) == [32]
+    forward = program.load_method("forward")
+    prompt = forward.execute([torch.tensor([[5, 6, 7, 8]]), torch.arange(4)])[0]
+    step = forward.execute([torch.tensor([[9]]), torch.tensor([4])])[0]
+    model = AutoModelForCausalLM.from_pretrained(art).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
+    torch.testing.assert_close(prompt, want[:, :4], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step, want[:, 4:], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="int8-dynamic-act-int4-weight"):
+        export_executorch(artifacts["llama", "int8-dynamic-act-int2-weight"], tmp_path / "x.pte")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_executorch(art, tmp_path / "m.pte", max_seq_len=32)

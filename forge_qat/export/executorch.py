@@ -1,0 +1,157 @@
+"""ExecuTorch (.pte, XNNPACK delegate) for on-device serving, from a forge artifact's torchao tensors.
+
+Called by `forge export --to executorch`. The artifact's `IntxUnpackedToInt8Tensor` linears are what
+ExecuTorch's XNNPACK backend recognises as dynamically quantized int8 x int4 (torchao's own docs name this
+unpacked layout as the ExecuTorch format): the model is exported as transformers' ExecuTorch recipe does
+(`TorchExportableModuleForDecoderOnlyLM`: a static KV cache, inputs `input_ids` and `cache_position`, one
+program for prefill and decode with a dynamic sequence length), lowered with the XNNPACK partitioner, and
+written with the metadata methods ExecuTorch's LLM runner reads. The tokenizer is written beside it. The
+report counts the quantized linears XNNPACK took; an export where any stays outside is an error.
+
+XNNPACK stores group scales in bf16: artifacts of `*-bf16-scales` recipes are exported exactly, others have
+their scales rounded, and the report says how many groups moved. The whole artifact is loaded (this is for
+models that fit a device), unlike the streaming GGUF export.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
+
+PTE_MAGIC_OFFSET = 4
+"""A .pte is a flatbuffer whose file identifier ('ET..') sits at bytes 4-8."""
+
+DELEGATED_RECIPES = ("int8-dynamic-act-int4-weight", "int8-dynamic-act-int4-weight-bf16-scales")
+"""Recipes whose converted linears XNNPACK runs as int8 x int4 (tested). Others are refused: int2/int3 have
+no XNNPACK kernel; int8 x int8 is not verified here yet."""
+
+
+@dataclass
+class ExecutorchReport:
+    path: Path
+    recipe: str
+    max_seq_len: int
+    quantized_linears: int
+    delegated_linears: int
+    """Linear ops inside XNNPACK subgraphs (the quantized ones and any float ones, e.g. the output head)."""
+    rounded_scales: int
+    """Group scales XNNPACK's bf16 storage changes (0 for *-bf16-scales recipes)."""
+    bytes: int = 0
+    tokenizer: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "path": str(self.path), "tokenizer": str(self.tokenizer)}
+
+
+def _recipe_of(artifact: Path) -> str:
+    import json
+
+    from forge_qat.finalize import ARTIFACT_META
+
+    try:
+        return json.loads((artifact / ARTIFACT_META).read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"{artifact} is not a forge artifact (no readable {ARTIFACT_META})") from None
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    with open(out, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[PTE_MAGIC_OFFSET:PTE_MAGIC_OFFSET + 2] != b"ET":
+        raise OutputExistsError(f"{out} is not an ExecuTorch program; --overwrite replaces only those: choose "
+                                f"another --output")
+
+
+def _load(artifact: Path, max_seq_len: int):
+    from torchao.utils import unwrap_tensor_subclass
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    import forge_qat.torchao_compat  # noqa: F401  (artifacts of int4 recipes select experts through it)
+
+    model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
+    model.eval().requires_grad_(False)
+    if any(hasattr(m, "gate_up_proj") for m in model.modules()):
+        raise ConfigError("ExecuTorch export of mixture-of-experts models is not built yet; export them to GGUF")
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
+                                               cache_config={"batch_size": 1, "max_cache_len": max_seq_len})
+    quantized = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
+                    and type(m.weight).__name__ == "IntxUnpackedToInt8Tensor")
+    rounded = sum(int((m.weight.scale.to(torch.bfloat16).float() != m.weight.scale.float()).sum())
+                  for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale"))
+    unwrap_tensor_subclass(model)  # plain tensors and torchao's quant ops: what torch.export and XNNPACK take
+    return model, quantized, rounded
+
+
+def lower(model, max_seq_len: int):
+    """The ExecuTorch program of `model` (prefill and decode in one method), lowered to XNNPACK, with the
+    number of linear ops XNNPACK took."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    config = model.config
+    wrapped = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
+    seq = torch.export.Dim("seq_length", min=1, max=max_seq_len - 1)
+    example = torch.tensor([[0, 1]], dtype=torch.long)
+    with torch.no_grad():
+        # strict (dynamo) export: the non-strict route fails in ExecuTorch 1.5's lowering on torch 2.13
+        program = wrapped.export(input_ids=example, cache_position=torch.arange(2, dtype=torch.long),
+                                 dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
+                "get_vocab_size": config.vocab_size, "get_n_layers": config.num_hidden_layers,
+                "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True,
+                "get_bos_id": config.bos_token_id if config.bos_token_id is not None else 0,
+                "get_eos_ids": [e for e in eos if e is not None]}
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    info = get_delegation_info(edge.exported_program().graph_module).get_operator_delegation_dataframe()
+    linear = info[info.op_type == "aten_linear_default"]
+    delegated = int(linear.occurrences_in_delegated_graphs.sum()) if len(linear) else 0
+    outside = int(linear.occurrences_in_non_delegated_graphs.sum()) if len(linear) else 0
+    return edge.to_executorch(), delegated, outside
+
+
+def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = None,
+                      overwrite: bool = False) -> ExecutorchReport:
+    recipe = _recipe_of(artifact)
+    if recipe not in DELEGATED_RECIPES:
+        raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (XNNPACK's int8 x "
+                          f"int4 linears); {artifact} was converted with {recipe}")
+    check_output(out, overwrite)
+    from forge_qat.models import load_config
+
+    limit = getattr(load_config(artifact), "max_position_embeddings", None) or 2048
+    max_seq_len = max_seq_len or min(limit, 2048)
+    if not 2 < max_seq_len <= limit:
+        raise ConfigError(f"--max-seq-len must be between 3 and the model's {limit} positions, got {max_seq_len}")
+    model, quantized, rounded = _load(artifact, max_seq_len)
+    program, delegated, outside = lower(model, max_seq_len)
+    if outside or delegated < quantized:
+        raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
+                              f"quantized linears; nothing was written")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(program.buffer)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    tokenizer = out.with_name(out.stem + ".tokenizer.json")
+    if (artifact / "tokenizer.json").is_file():
+        shutil.copyfile(artifact / "tokenizer.json", tokenizer)
+    else:
+        tokenizer = None
+    report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, out.stat().st_size, tokenizer)
+    if rounded:
+        report.notes.append(f"XNNPACK stores group scales in bf16: {rounded} of the artifact's float32 scales were "
+                            f"rounded (train with int8-dynamic-act-int4-weight-bf16-scales for an exact export)")
+    return report
