@@ -212,3 +212,17 @@ def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, t
         export_executorch(artifacts["llama", "int8-dynamic-act-int2-weight"], tmp_path / "x.pte")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_executorch(art, tmp_path / "m.pte", max_seq_len=32)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama"])
+def test_writing_row_by_row_gives_the_same_file(artifacts, model_type, tmp_path, monkeypatch):
+    """The export holds a few rows at a time (`CHUNK_BYTES`): with chunks of one row, expert stacks split
+    into halves included, the file is byte for byte the one written in one piece."""
+    import forge_qat.export.gguf as export
+
+    art = artifacts[model_type, EXACT]
+    whole = export_gguf(art, tmp_path / "whole.gguf")
+    monkeypatch.setattr(export, "CHUNK_BYTES", 1)
+    rows = export_gguf(art, tmp_path / "rows.gguf")
+    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "rows.gguf").read_bytes()
+    assert rows.total_blocks == whole.total_blocks and rows.rounded_blocks == whole.rounded_blocks == 0

@@ -236,31 +236,95 @@ def plan_tensors(reader: ArtifactReader, config, arch: Architecture) -> list[Pla
     return planned
 
 
-def tensor_data(reader: ArtifactReader, p: Planned) -> tuple[np.ndarray, int, int]:
-    """The bytes (or float array) to write for `p`, the number of its blocks and of those whose scale fp16
-    rounded."""
-    entry = p.entry
-    cut = (lambda t: t[..., p.rows[0]:p.rows[1], :]) if p.rows else (lambda t: t)
-    if entry.kind == "Tensor":
-        t = cut(reader.read(entry.name))
-        if p.permute_heads:
-            t = _permute_rows(t, p.permute_heads)
-        if p.ggml_type == gguf.GGMLQuantizationType.F32:
-            return t.to(torch.float32).numpy(), 0, 0
-        if p.ggml_type == gguf.GGMLQuantizationType.F16:
-            return t.numpy(), 0, 0
-        return t.contiguous().view(torch.uint8).numpy(), 0, 0
-    qdata, scale = cut(reader.part(entry, "qdata")), reader.part(entry, "scale")
-    scale = cut(scale) if scale.dim() == qdata.dim() else scale  # per-row scales of a stack: (experts, rows)
-    if entry.kind == "IntxUnpackedToInt8Tensor" and reader.part(entry, "zero_point").any():
-        raise InputError(f"{entry.name}: non-zero zero points (an asymmetric grid) have no exact Q4_0 form")
-    if p.permute_heads:
-        qdata, scale = _permute_rows(qdata, p.permute_heads), _permute_rows(scale.reshape(qdata.shape[0], -1),
-                                                                            p.permute_heads)
+CHUNK_BYTES = 32 * 1024**2
+"""Rows of a tensor read, packed and written together: export memory is this, not the largest tensor."""
+
+
+class _Stream:
+    """Duck-types the numpy array `GGUFWriter.write_tensor_data` writes (`nbytes`, `tofile`), producing the
+    tensor's bytes one row chunk at a time, so no tensor (a 30B MoE's expert stack is hundreds of MB) is ever
+    whole in memory. Counts the blocks written and those whose scale fp16 rounded."""
+
+    def __init__(self, nbytes: int, pieces):
+        self.nbytes, self._pieces = nbytes, pieces
+        self.blocks = self.rounded = 0
+
+    def tofile(self, f) -> None:
+        for data, blocks, rounded in self._pieces:
+            data.tofile(f)
+            self.blocks += blocks
+            self.rounded += rounded
+
+
+def _row_chunks(full: list[int], rows: tuple[int, int] | None, row_bytes: int):
+    """(first row of the flattened tensor, row count) for every chunk of the rows written, leading dims
+    (experts) outermost; `rows` selects a range of the second-to-last dim."""
+    height = full[-2] if len(full) >= 2 else 1
+    lead = int(np.prod(full[:-2])) if len(full) > 2 else 1
+    a, b = rows or (0, height)
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for outer in range(lead):
+        for r in range(a, b, step):
+            yield outer * height + r, min(step, b - r)
+
+
+def _read_rows(reader: ArtifactReader, key: str, first: int, count: int, width: int) -> torch.Tensor:
+    out = torch.empty(count * width, dtype=reader.reader.dtype(key))
+    reader.reader.read_flat(key, first * width, out)
+    return out.view(count, width)
+
+
+def _float_piece(t: torch.Tensor, ggml_type) -> np.ndarray:
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return t.to(torch.float32).numpy()
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return t.numpy()
+    return t.contiguous().view(torch.uint8).numpy()
+
+
+def _pack(p: Planned, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
+    if zero_point is not None and zero_point.any():
+        raise InputError(f"{p.entry.name}: non-zero zero points (an asymmetric grid) have no exact Q4_0 form")
     pack = q4_0_bytes if p.ggml_type == gguf.GGMLQuantizationType.Q4_0 else q8_0_bytes
     data, rounded = pack(qdata, scale)
     return data, qdata.numel() // 32, rounded
 
+
+def _whole(reader: ArtifactReader, p: Planned):
+    """The one piece of a tensor whose rows are reordered (llama's q/k: small, read whole)."""
+    entry = p.entry
+    if entry.kind == "Tensor":
+        t = _permute_rows(reader.read(entry.name), p.permute_heads)
+        yield _float_piece(t, p.ggml_type), 0, 0
+        return
+    qdata = _permute_rows(reader.part(entry, "qdata"), p.permute_heads)
+    scale = _permute_rows(reader.part(entry, "scale").reshape(qdata.shape[0], -1), p.permute_heads)
+    zero = reader.part(entry, "zero_point") if entry.kind == "IntxUnpackedToInt8Tensor" else None
+    yield _pack(p, qdata, scale, zero)
+
+
+def _by_rows(reader: ArtifactReader, p: Planned, full: list[int]):
+    entry = p.entry
+    width = full[-1]
+    if entry.kind == "Tensor":
+        for first, count in _row_chunks(full, p.rows, width * reader.reader.dtype(entry.name).itemsize):
+            yield _float_piece(_read_rows(reader, entry.name, first, count, width), p.ggml_type), 0, 0
+        return
+    module, _, param = entry.name.rpartition(".")
+    key = f"{module}._{param}_{{}}".format
+    groups = reader.reader.shape(key("scale"))[-1] if entry.kind == "IntxUnpackedToInt8Tensor" else 1
+    for first, count in _row_chunks(full, p.rows, width):
+        qdata = _read_rows(reader, key("qdata"), first, count, width)
+        scale = _read_rows(reader, key("scale"), first, count, groups)
+        zero = _read_rows(reader, key("zero_point"), first, count, groups) \
+            if entry.kind == "IntxUnpackedToInt8Tensor" else None
+        yield _pack(p, qdata, scale, zero)
+
+
+def tensor_data(reader: ArtifactReader, p: Planned) -> _Stream:
+    """What to write for `p`, produced as it is written."""
+    pieces = _whole(reader, p) if p.permute_heads else _by_rows(reader, p, reader.shape(p.entry))
+    return _Stream(p.nbytes, pieces)
 
 
 # ---- metadata and tokenizer -----------------------------------------------------------------------
@@ -386,9 +450,9 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in planned:
-            data, blocks, rounded = tensor_data(reader, p)
+            data = tensor_data(reader, p)
             writer.write_tensor_data(data)
-            _count(report, p, blocks, rounded)
+            _count(report, p, data.blocks, data.rounded)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
