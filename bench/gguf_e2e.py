@@ -100,9 +100,24 @@ def transformers_decode(model_dir: Path, prompt: list[int], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+WORKDIR = Path.home() / ".cache" / "forge_qat" / "bench-gguf"
+
+
+def smollm2_artifact(workdir: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct as an HF directory and its artifact with RECIPE (both made once in `workdir`)."""
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = smollm2_dir(workdir)
+    artifact = workdir / "smollm2-ptq-bf16-scales"
+    if not (artifact / "forge_artifact.json").is_file():
+        finalize(FinalizeRequest(source=model, dest=artifact, ptq=RECIPE, overwrite=True))
+    return model, artifact
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "forge_qat" / "bench-gguf")
+    ap.add_argument("--workdir", type=Path, default=WORKDIR)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -113,14 +128,9 @@ def main() -> None:
     from forge_qat.data.store import open_token_store
     from forge_qat.evaluate import evaluate_model
     from forge_qat.export.gguf import export_gguf
-    from forge_qat.finalize import FinalizeRequest, finalize
     from forge_qat.models import load_tokenizer
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    model = smollm2_dir(args.workdir)
-    artifact = args.workdir / "smollm2-ptq-bf16-scales"
-    if not (artifact / "forge_artifact.json").is_file():
-        finalize(FinalizeRequest(source=model, dest=artifact, ptq=RECIPE, overwrite=True))
+    model, artifact = smollm2_artifact(args.workdir)
     gguf_path = args.workdir / "smollm2-q4_0.gguf"
     report = export_gguf(artifact, gguf_path, pre_tokenizer="smollm", overwrite=True)
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.batches, packing="causal")

