@@ -38,12 +38,47 @@ def pte_decode(path: Path, prompt: list[int], n: int) -> tuple[float, torch.Tens
     return n / (time.perf_counter() - t0), first
 
 
+def window_check(pte: Path, model: Path, artifact: Path, windows: int, length: int) -> dict:
+    """Perplexity of the .pte, the artifact and the float model on the same windows, the mean |logit|
+    difference of the .pte from the artifact (and of the artifact from the float model, for scale) and how
+    often their top tokens agree."""
+    import math
+
+    from executorch.runtime import Runtime
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.data.store import open_token_store
+    from forge_qat.models import load_tokenizer
+
+    store = open_token_store(EVAL, load_tokenizer(model), 256, packing="causal")
+    forward = Runtime.get().load_program(str(pte)).load_method("forward")
+    art = AutoModelForCausalLM.from_pretrained(artifact).eval()
+    flt = AutoModelForCausalLM.from_pretrained(model).eval()
+    nll, diffs, agree, n = {"pte": 0.0, "artifact": 0.0, "float": 0.0}, [0.0, 0.0], 0, 0
+    for i in range(windows):
+        ids = store.batch(torch.tensor([i]))["input_ids"][0, :length]
+        got = forward.execute([ids[None], torch.arange(length)])[0][0]
+        with torch.no_grad():
+            a, f = art(ids[None]).logits[0], flt(ids[None]).logits[0]
+        for k, logits in (("pte", got), ("artifact", a), ("float", f)):
+            nll[k] += torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+        diffs[0] += (got - a).abs().mean().item() / windows
+        diffs[1] += (a - f).abs().mean().item() / windows
+        agree += int((got.argmax(-1) == a.argmax(-1)).sum())
+        n += length - 1
+    return {"perplexity": {k: math.exp(v / n) for k, v in nll.items()}, "mean_abs_logit_diff_pte_vs_artifact":
+            diffs[0], "mean_abs_logit_diff_artifact_vs_float": diffs[1],
+            "top1_agreement_pte_vs_artifact": agree / (windows * length), "tokens": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=WORKDIR)
     ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=4, help="windows of --max-seq-len - 1 tokens for the check")
+    ap.add_argument("--check-only", action="store_true", help="only the window check of an existing .pte")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -54,6 +89,11 @@ def main() -> None:
     from forge_qat.models import load_tokenizer
 
     model, artifact = smollm2_artifact(args.workdir)
+    check = window_check(args.workdir / "smollm2.pte", model, artifact, args.windows, args.max_seq_len - 1) \
+        if args.check_only else None
+    if check:
+        print(json.dumps(check, indent=2))
+        return
     t0 = time.perf_counter()
     report = export_executorch(artifact, args.workdir / "smollm2.pte", max_seq_len=args.max_seq_len,
                                overwrite=True)
@@ -67,6 +107,7 @@ def main() -> None:
         "export": report.to_dict(), "export_s": export_s,
         "float_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
         "prompt_logits_max_abs_diff_vs_artifact": float((first - want).abs().max()),
+        "window_check": window_check(report.path, model, artifact, args.windows, args.max_seq_len - 1),
         "decode_tokens_per_s": {"ExecuTorch XNNPACK 8da4w": pte_speed,
                                 "transformers fp32": transformers_decode(model, prompt, args.decode_tokens)},
     }

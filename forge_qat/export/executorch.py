@@ -13,14 +13,18 @@ their scales rounded, and the report says how many groups moved. The whole artif
 models that fit a device), unlike the streaming GGUF export.
 """
 
+import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 PTE_MAGIC_OFFSET = 4
 """A .pte is a flatbuffer whose file identifier ('ET..') sits at bytes 4-8."""
@@ -100,6 +104,8 @@ def lower(model, max_seq_len: int):
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     config = model.config
+    t0 = time.perf_counter()
+    log.info("exporting the model with torch.export (static KV cache of %d tokens)", max_seq_len)
     wrapped = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     seq = torch.export.Dim("seq_length", min=1, max=max_seq_len - 1)
     example = torch.tensor([[0, 1]], dtype=torch.long)
@@ -113,6 +119,8 @@ def lower(model, max_seq_len: int):
                 "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True,
                 "get_bos_id": config.bos_token_id if config.bos_token_id is not None else 0,
                 "get_eos_ids": [e for e in eos if e is not None]}
+    log.info("exported in %.0f s; lowering to XNNPACK (minutes for a model of 100M+ parameters on a small CPU)",
+             time.perf_counter() - t0)
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
     info = get_delegation_info(edge.exported_program().graph_module).get_operator_delegation_dataframe()
     linear = info[info.op_type == "aten_linear_default"]
