@@ -132,7 +132,7 @@ def main() -> None:
 
     model, artifact = smollm2_artifact(args.workdir)
     gguf_path = args.workdir / "smollm2-q4_0.gguf"
-    report = export_gguf(artifact, gguf_path, pre_tokenizer="smollm", overwrite=True)
+    report = export_gguf(artifact, gguf_path, overwrite=True)  # the pre-tokenizer is recognised: smollm
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.batches, packing="causal")
     forge_art = evaluate_model(str(artifact), EVAL, **kw)
     forge_float = evaluate_model(str(model), EVAL, **kw)

@@ -425,7 +425,8 @@ def export_command(
     output: Annotated[Path, typer.Option(help="File to write.")],
     recipe: Annotated[str | None, typer.Option(help="Convert a float checkpoint with this recipe first.")] = None,
     pre_tokenizer: Annotated[str | None, typer.Option(
-        help="GGUF: llama.cpp pre-tokenizer name (default by model type; SmolLM2 needs smollm).")] = None,
+        help="GGUF: llama.cpp's pre-tokenizer name. Default: recognised from the tokenizer as llama.cpp's converter "
+             "does, else the model type's.")] = None,
     max_seq_len: Annotated[int | None, typer.Option(
         help="ExecuTorch: KV-cache length (prompt + generated tokens). Default: the model's, at most 2048.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
@@ -501,7 +502,7 @@ def _print_export(report) -> None:
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.by_type.items()))
     console.print(f"[bold]{report.architecture}[/] GGUF: {report.tensors} tensors ({kinds}); "
                   f"{report.quantized_params:,} quantized weights in {report.total_blocks:,} blocks, "
-                  f"{report.float_params:,} float; {_size(report.bytes)}")
+                  f"{report.float_params:,} float; pre-tokenizer {report.pre_tokenizer}; {_size(report.bytes)}")
     exact = "every block holds the trained grid exactly" if not report.rounded_blocks else \
         f"{report.rounded_blocks:,} blocks rounded (see the note)"
     console.print(exact)

@@ -47,9 +47,39 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_moe": Architecture("qwen3moe", permute_qk=False, per_head_dims=True),
 }
 
+PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple "
+    "emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll "
+    "make it, 'D you like some tea? We'Ve a'lL")
+"""The text llama.cpp's converter encodes to recognise a BPE pre-tokenizer: the sha256 of `str(ids)` names it."""
+
+PRE_TOKENIZER_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 and later
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+}
+"""llama.cpp's names for the tokenizers of the families this export covers (from its converter's table)."""
+
 PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "llama": "llama-bpe",
                   "mistral": "llama-bpe", "mixtral": "llama-bpe"}
-"""llama.cpp pre-tokenizer by model type, unless `--pre-tokenizer` says otherwise (SmolLM2: smollm)."""
+"""The fallback by model type when the tokenizer is not recognised (and no --pre-tokenizer is given)."""
+
+
+def detect_pre_tokenizer(directory: Path) -> str | None:
+    """llama.cpp's name for the tokenizer in `directory`, recognised as llama.cpp's converter does."""
+    from hashlib import sha256
+
+    from forge_qat.models import load_tokenizer
+
+    ids = load_tokenizer(directory).encode(PRE_TOKENIZER_TEXT)
+    return PRE_TOKENIZER_HASHES.get(sha256(str(ids).encode()).hexdigest())
 
 
 @dataclass
@@ -65,6 +95,7 @@ class GgufReport:
     """Quantized blocks whose scale is not fp16-representable (stored rounded: not the trained grid)."""
     total_blocks: int = 0
     bytes: int = 0
+    pre_tokenizer: str = ""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -439,8 +470,14 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
                              gguf.LlamaFileType.ALL_F32)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string(FORGE_KEY, __version__)
-        write_tokenizer(writer, artifact, config.vocab_size,
-                        pre_tokenizer or PRE_TOKENIZERS.get(config.model_type, "default"))
+        pre = pre_tokenizer or detect_pre_tokenizer(artifact)
+        if pre is None:
+            pre = PRE_TOKENIZERS.get(config.model_type, "default")
+            report.notes.append(f"llama.cpp's pre-tokenizer for this tokenizer was not recognised; wrote {pre!r} "
+                                f"(the {config.model_type} default): pass --pre-tokenizer if llama.cpp's converter "
+                                f"names it otherwise")
+        report.pre_tokenizer = pre
+        write_tokenizer(writer, artifact, config.vocab_size, pre)
         for p in planned:
             raw = p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
             writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
