@@ -47,13 +47,10 @@ def model_kind(model: torch.nn.Module, fake_quant: Recipe | None) -> str:
 def eval_placement(target: Path) -> tuple[torch.device, torch.dtype]:
     """Device and dtype to evaluate `target` in: float32 (on the GPU when there is one), except artifacts
     of recipes whose kernels need CUDA and bf16 (int4-weight-only, float8), which run that way."""
-    from forge_qat.finalize import ARTIFACT_META
+    from forge_qat.finalize import artifact_recipe
     from forge_qat.recipes import RECIPES
 
-    try:
-        recipe = RECIPES.get(json.loads((target / ARTIFACT_META).read_text()).get("recipe"))
-    except (OSError, ValueError, AttributeError):
-        recipe = None
+    recipe = RECIPES.get(artifact_recipe(target))
     if recipe is not None and recipe.convert_dtype is not None:
         if not hardware.cuda_available():
             raise HardwareError(f"{target} holds {recipe.name} tensors, whose kernels need a CUDA GPU to run")

@@ -289,6 +289,16 @@ def _write_extras(directory: Path, config, generation_config, tokenizer, recipe:
     tokenizer.save_pretrained(directory)
 
 
+def artifact_recipe(directory: Path) -> str | None:
+    """The recipe a forge artifact was converted with (from its `forge_artifact.json`), or None when
+    `directory` is no readable forge artifact."""
+    try:
+        recipe = json.loads((directory / ARTIFACT_META).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, str) else None
+
+
 def _write_report(directory: Path, job: ConvertJob, report: "FinalizeReport") -> None:
     meta = {"forge_qat_version": __version__, "source": str(job.checkpoint), **report.to_dict()}
     (directory / ARTIFACT_META).write_text(json.dumps(meta, indent=2))

@@ -14,7 +14,6 @@ models that fit a device), unlike the streaming GGUF export.
 """
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
+from forge_qat.errors import ConfigError, ConversionError, InputError
+from forge_qat.export.output import check_output, temporary_output
+from forge_qat.finalize import ARTIFACT_META, artifact_recipe
+from forge_qat.models import load_config
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +54,10 @@ class ExecutorchReport:
         return {**self.__dict__, "path": str(self.path), "tokenizer": str(self.tokenizer)}
 
 
-def _recipe_of(artifact: Path) -> str:
-    import json
-
-    from forge_qat.finalize import ARTIFACT_META
-
-    try:
-        return json.loads((artifact / ARTIFACT_META).read_text())["recipe"]
-    except (OSError, ValueError, KeyError):
-        raise InputError(f"{artifact} is not a forge artifact (no readable {ARTIFACT_META})") from None
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    with open(out, "rb") as f:
+def _is_pte(path: Path) -> bool:
+    with open(path, "rb") as f:
         head = f.read(8)
-    if len(head) < 8 or head[PTE_MAGIC_OFFSET:PTE_MAGIC_OFFSET + 2] != b"ET":
-        raise OutputExistsError(f"{out} is not an ExecuTorch program; --overwrite replaces only those: choose "
-                                f"another --output")
+    return len(head) == 8 and head[PTE_MAGIC_OFFSET:PTE_MAGIC_OFFSET + 2] == b"ET"
 
 
 def _load(artifact: Path, max_seq_len: int):
@@ -131,13 +116,13 @@ def lower(model, max_seq_len: int):
 
 def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = None,
                       overwrite: bool = False) -> ExecutorchReport:
-    recipe = _recipe_of(artifact)
+    recipe = artifact_recipe(artifact)
+    if recipe is None:
+        raise InputError(f"{artifact} is not a forge artifact (no readable {ARTIFACT_META})")
     if recipe not in DELEGATED_RECIPES:
         raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (XNNPACK's int8 x "
                           f"int4 linears); {artifact} was converted with {recipe}")
-    check_output(out, overwrite)
-    from forge_qat.models import load_config
-
+    check_output(out, overwrite, _is_pte, "an ExecuTorch program")
     limit = getattr(load_config(artifact), "max_position_embeddings", None) or 2048
     max_seq_len = max_seq_len or min(limit, 2048)
     if not 2 < max_seq_len <= limit:
@@ -147,12 +132,8 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     if outside or delegated < quantized:
         raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
                               f"quantized linears; nothing was written")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with temporary_output(out) as tmp:
         tmp.write_bytes(program.buffer)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     tokenizer = out.with_name(out.stem + ".tokenizer.json")
     if (artifact / "tokenizer.json").is_file():
         shutil.copyfile(artifact / "tokenizer.json", tokenizer)

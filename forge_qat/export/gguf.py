@@ -5,16 +5,17 @@ symmetric weight becomes `Q4_0` (block scale `d` = the group's scale as fp16, co
 per-channel weight `Q8_0` (the row's scale repeated for each block of 32). Exact wherever the scale is
 fp16-representable, which every scale of the `*-bf16-scales` recipes is (a bf16 value in fp16's normal
 range); any block whose scale fp16 rounds is counted and reported. Float tensors keep their dtype (1-D ones
-become F32, as llama.cpp wants). The artifact is read one tensor at a time from its safetensors shards
-and the GGUF written tensor by tensor, so memory stays at one tensor whatever the model's size.
+become F32, as llama.cpp wants). The header is written from the shards' headers alone; then each tensor is
+read from the safetensors shards, packed and written a chunk of rows at a time, so memory stays at one
+chunk whatever the model's size.
 
 The architecture mapping is ours (`ARCHITECTURES`: which llama.cpp architecture, its hyperparameter keys,
 llama's rotary row order); tensor names come from the `gguf` package's own `TensorNameMap`.
 """
 
 import json
-import os
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 
 import gguf
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from forge_qat import __version__
-from forge_qat.errors import ConfigError, InputError, OutputExistsError
-from forge_qat.models import load_config
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.export.output import check_output, temporary_output
+from forge_qat.models import load_config, load_tokenizer
 from forge_qat.weights import SafetensorsReader
 
 
@@ -34,17 +36,20 @@ class Architecture:
     permute_qk: bool
     """llama.cpp's LLaMA rope pairs adjacent dimensions where transformers rotates halves: q and k rows are
     reordered head by head (the same reorder llama.cpp's own converter applies)."""
+    default_pre_tokenizer: str
+    """llama.cpp's pre-tokenizer for the family, when the tokenizer is not recognised (`PRE_TOKENIZER_HASHES`)."""
     per_head_dims: bool = False
     """Write the attention key/value lengths (architectures whose head_dim is not hidden/heads)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("llama", permute_qk=True),
-    "mistral": Architecture("llama", permute_qk=True),
-    "mixtral": Architecture("llama", permute_qk=True),  # llama.cpp runs Mixtral as llama with experts
-    "qwen2": Architecture("qwen2", permute_qk=False),
-    "qwen3": Architecture("qwen3", permute_qk=False, per_head_dims=True),
-    "qwen3_moe": Architecture("qwen3moe", permute_qk=False, per_head_dims=True),
+    "llama": Architecture("llama", permute_qk=True, default_pre_tokenizer="llama-bpe"),
+    "mistral": Architecture("llama", permute_qk=True, default_pre_tokenizer="llama-bpe"),
+    # llama.cpp runs Mixtral as llama with experts
+    "mixtral": Architecture("llama", permute_qk=True, default_pre_tokenizer="llama-bpe"),
+    "qwen2": Architecture("qwen2", permute_qk=False, default_pre_tokenizer="qwen2"),
+    "qwen3": Architecture("qwen3", permute_qk=False, default_pre_tokenizer="qwen2", per_head_dims=True),
+    "qwen3_moe": Architecture("qwen3moe", permute_qk=False, default_pre_tokenizer="qwen2", per_head_dims=True),
 }
 
 PRE_TOKENIZER_TEXT = (
@@ -67,17 +72,8 @@ PRE_TOKENIZER_HASHES = {
 }
 """llama.cpp's names for the tokenizers of the families this export covers (from its converter's table)."""
 
-PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "llama": "llama-bpe",
-                  "mistral": "llama-bpe", "mixtral": "llama-bpe"}
-"""The fallback by model type when the tokenizer is not recognised (and no --pre-tokenizer is given)."""
-
-
 def detect_pre_tokenizer(directory: Path) -> str | None:
     """llama.cpp's name for the tokenizer in `directory`, recognised as llama.cpp's converter does."""
-    from hashlib import sha256
-
-    from forge_qat.models import load_tokenizer
-
     ids = load_tokenizer(directory).encode(PRE_TOKENIZER_TEXT)
     return PRE_TOKENIZER_HASHES.get(sha256(str(ids).encode()).hexdigest())
 
@@ -134,9 +130,14 @@ class ArtifactReader:
         info = json.loads(text) if text else {"_type": "Tensor"}
         return info.get("_type", "Tensor"), info
 
-    def part(self, entry: Entry, part: str) -> torch.Tensor:
+    @staticmethod
+    def key(entry: Entry, part: str) -> str:
+        """Where torchao's flattening stores one part (`qdata`, `scale`, `zero_point`) of a quantized tensor."""
         module, _, param = entry.name.rpartition(".")
-        return self.read(f"{module}._{param}_{part}")
+        return f"{module}._{param}_{part}"
+
+    def part(self, entry: Entry, part: str) -> torch.Tensor:
+        return self.read(self.key(entry, part))
 
     def read(self, key: str) -> torch.Tensor:
         out = torch.empty(self.reader.shape(key), dtype=self.reader.dtype(key))
@@ -144,10 +145,7 @@ class ArtifactReader:
         return out
 
     def shape(self, entry: Entry) -> list[int]:
-        if entry.kind == "Tensor":
-            return self.reader.shape(entry.name)
-        module, _, param = entry.name.rpartition(".")
-        return self.reader.shape(f"{module}._{param}_qdata")
+        return self.reader.shape(entry.name if entry.kind == "Tensor" else self.key(entry, "qdata"))
 
 
 def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -341,14 +339,12 @@ def _by_rows(reader: ArtifactReader, p: Planned, full: list[int]):
         for first, count in _row_chunks(full, p.rows, width * reader.reader.dtype(entry.name).itemsize):
             yield _float_piece(_read_rows(reader, entry.name, first, count, width), p.ggml_type), 0, 0
         return
-    module, _, param = entry.name.rpartition(".")
-    key = f"{module}._{param}_{{}}".format
-    groups = reader.reader.shape(key("scale"))[-1] if entry.kind == "IntxUnpackedToInt8Tensor" else 1
+    intx = entry.kind == "IntxUnpackedToInt8Tensor"
+    groups = reader.reader.shape(reader.key(entry, "scale"))[-1] if intx else 1  # Int8Tensor: a scale per row
     for first, count in _row_chunks(full, p.rows, width):
-        qdata = _read_rows(reader, key("qdata"), first, count, width)
-        scale = _read_rows(reader, key("scale"), first, count, groups)
-        zero = _read_rows(reader, key("zero_point"), first, count, groups) \
-            if entry.kind == "IntxUnpackedToInt8Tensor" else None
+        qdata = _read_rows(reader, reader.key(entry, "qdata"), first, count, width)
+        scale = _read_rows(reader, reader.key(entry, "scale"), first, count, groups)
+        zero = _read_rows(reader, reader.key(entry, "zero_point"), first, count, groups) if intx else None
         yield _pack(p, qdata, scale, zero)
 
 
@@ -431,16 +427,6 @@ FORGE_KEY = "forge_qat.version"
 """Written into every GGUF forge makes: `--overwrite` replaces only files that carry it."""
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    if not _made_by_forge(out):
-        raise OutputExistsError(f"{out} is not a GGUF file forge wrote; --overwrite replaces only those: "
-                                f"choose another --output")
-
-
 def _made_by_forge(path: Path) -> bool:
     try:
         return path.is_file() and FORGE_KEY in gguf.GGUFReader(path).fields
@@ -450,58 +436,60 @@ def _made_by_forge(path: Path) -> bool:
 
 def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
                 overwrite: bool = False) -> GgufReport:
-    """Write `artifact` (a forge safetensors artifact of a dense llama/mistral/qwen2/qwen3 model) as GGUF."""
+    """Write `artifact` (a forge safetensors artifact of one of `ARCHITECTURES`' model types) as GGUF."""
     config = load_config(artifact)
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise ConfigError(f"GGUF export of model type {config.model_type!r} is not supported; supported: "
                           f"{', '.join(ARCHITECTURES)}")
-    check_output(out, overwrite)
+    check_output(out, overwrite, _made_by_forge, "a GGUF file")
     reader = ArtifactReader(artifact)
     planned = plan_tensors(reader, config, arch)
     report = GgufReport(out, arch.gguf_arch)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
-    try:
-        write_hyperparameters(writer, config, arch, artifact.name)
-        types = {p.ggml_type for p in planned}
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
-                             gguf.LlamaFileType.MOSTLY_Q8_0 if gguf.GGMLQuantizationType.Q8_0 in types else
-                             gguf.LlamaFileType.ALL_F32)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_string(FORGE_KEY, __version__)
-        pre = pre_tokenizer or detect_pre_tokenizer(artifact)
-        if pre is None:
-            pre = PRE_TOKENIZERS.get(config.model_type, "default")
-            report.notes.append(f"llama.cpp's pre-tokenizer for this tokenizer was not recognised; wrote {pre!r} "
-                                f"(the {config.model_type} default): pass --pre-tokenizer if llama.cpp's converter "
-                                f"names it otherwise")
-        report.pre_tokenizer = pre
-        write_tokenizer(writer, artifact, config.vocab_size, pre)
-        for p in planned:
-            raw = p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
-                                   np.dtype(np.float32 if p.ggml_type == gguf.GGMLQuantizationType.F32 else
-                                            np.float16), p.nbytes, raw_dtype=p.ggml_type if raw else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in planned:
-            data = tensor_data(reader, p)
-            writer.write_tensor_data(data)
-            _count(report, p, data.blocks, data.rounded)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with temporary_output(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
+        try:
+            _write(writer, artifact, config, arch, reader, planned, report, pre_tokenizer)
+        finally:
+            writer.close()
     report.bytes = out.stat().st_size
     if report.rounded_blocks:
         report.notes.append(f"{report.rounded_blocks} of {report.total_blocks} blocks have a scale fp16 cannot "
                             f"hold exactly and were stored rounded: those weights are not the trained grid (train "
                             f"with a *-bf16-scales recipe for an exact export)")
     return report
+
+
+def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, reader: ArtifactReader,
+           planned: list[Planned], report: GgufReport, pre_tokenizer: str | None) -> None:
+    """Metadata, tokenizer and tensor records first (GGUF's header), then each tensor's data in order."""
+    write_hyperparameters(writer, config, arch, artifact.name)
+    types = {p.ggml_type for p in planned}
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
+                         gguf.LlamaFileType.MOSTLY_Q8_0 if gguf.GGMLQuantizationType.Q8_0 in types else
+                         gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(FORGE_KEY, __version__)
+    pre = pre_tokenizer or detect_pre_tokenizer(artifact)
+    if pre is None:
+        pre = arch.default_pre_tokenizer
+        report.notes.append(f"llama.cpp's pre-tokenizer for this tokenizer was not recognised; wrote {pre!r} "
+                            f"(the {config.model_type} default): pass --pre-tokenizer if llama.cpp's converter "
+                            f"names it otherwise")
+    report.pre_tokenizer = pre
+    write_tokenizer(writer, artifact, config.vocab_size, pre)
+    for p in planned:
+        raw = p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
+                               np.dtype(np.float32 if p.ggml_type == gguf.GGMLQuantizationType.F32 else
+                                        np.float16), p.nbytes, raw_dtype=p.ggml_type if raw else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for p in planned:
+        data = tensor_data(reader, p)
+        writer.write_tensor_data(data)
+        _count(report, p, data.blocks, data.rounded)
 
 
 def _count(report: GgufReport, p: Planned, blocks: int, rounded: int) -> None:
