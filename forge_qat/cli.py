@@ -64,7 +64,7 @@ def recipe_rows() -> list[dict[str, Any]]:
         rows.append({"name": r.name, "description": r.description, "default": r.name == DEFAULT_RECIPE,
                      "train": True, "finalize": not missing,
                      "finalize_needs": missing, "safetensors": r.safetensors, "moe_experts": r.experts_support,
-                     "learnable_scales": r.learnable_scales})
+                     "embeddings": r.embeddings_support, "learnable_scales": r.learnable_scales})
     return rows
 
 
@@ -78,11 +78,12 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     table.add_column("train here")
     table.add_column("finalize here")
     table.add_column("MoE experts")
+    table.add_column("embeddings")
     table.add_column("learn scales")
     for row in rows:
         name = row["name"] + (" (default)" if row["default"] else "")
         finalize = "yes" if row["finalize"] else "no: needs " + ", ".join(row["finalize_needs"])
-        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"],
+        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"], row["embeddings"],
                       "yes" if row["learnable_scales"] else "no")
     _emit(as_json, rows, lambda: console.print(table))
 

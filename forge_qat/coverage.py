@@ -17,8 +17,8 @@ from forge_qat import experts as experts_mod
 from forge_qat.errors import ConfigError
 from forge_qat.weights import true_shape
 
-# Output heads stay in float: they are usually tied to the input embedding, which a linear-only
-# recipe must not quantize, and they are the layer most sensitive to quantization.
+# Output heads stay in float unless the recipe quantizes embedding tables (`Recipe.embeddings`): they are
+# usually tied to the input embedding, which a linear-only recipe must not quantize.
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
 OUTPUT_HEAD = "output head"
@@ -27,6 +27,7 @@ MISFIT = "group-size misfit"
 CONV1D = "Conv1D"
 NO_EXPERT_ROUTE = "experts (no route for this recipe)"
 UNRECOGNISED = "unrecognised 3-D weights"
+TABLE_TYPE = "embedding of an unsupported type"
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -47,6 +48,9 @@ class Coverage:
     """Linear layers to quantize, by module name."""
     experts: dict[str, list[str]] = field(default_factory=dict)
     """Experts modules to quantize, by module name: the stacks (parameter names) to quantize in each."""
+    tables: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """Input embeddings and output heads to quantize (`Recipe.embeddings`), by module name; a tied pair is
+    both here and counted once in `quantized`."""
     quantized: dict[str, int] = field(default_factory=dict)
     """Matmul weights the recipe quantizes: parameter name -> number of elements."""
     kept: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -73,6 +77,15 @@ class Coverage:
     def expert_numel(self) -> int:
         return sum(n for name, n in self.quantized.items() if name.rpartition(".")[0] in self.experts)
 
+    def table_numel(self) -> int:
+        return sum(n for name, n in self.quantized.items() if name.rpartition(".")[0] in self.tables)
+
+    def _tables_text(self) -> str:
+        kinds = sorted({"input embedding" if isinstance(m, torch.nn.Embedding) else "output head"
+                        for m in self.tables.values()})
+        tied = len(self.tables) > sum(1 for n in self.quantized if n.rpartition(".")[0] in self.tables)
+        return " and ".join(kinds) + (" (tied)" if tied else "")
+
     def describe(self) -> str:
         """One line for logs and reports."""
         parts = [f"{self.recipe} quantizes {self.share:.1%} of the matmul weights by parameter count "
@@ -80,7 +93,9 @@ class Coverage:
                  f"layers"]
         if self.experts:
             stacks = sum(len(v) for v in self.experts.values())
-            parts[0] += f" and {stacks} expert stacks in {len(self.experts)} MoE layers ({_count(self.expert_numel())})"
+            parts[0] += f", {stacks} expert stacks in {len(self.experts)} MoE layers ({_count(self.expert_numel())})"
+        if self.tables:
+            parts[0] += f", {self._tables_text()} ({_count(self.table_numel())})"
         kept = self.kept_by_reason()
         if kept:
             parts.append("kept in float: " + ", ".join(f"{reason} {_count(n)}" for reason, n in sorted(kept.items())))
@@ -90,6 +105,7 @@ class Coverage:
         return {"recipe": self.recipe, "quantized_params": self.quantized_numel, "matmul_params": self.matmul_numel,
                 "quantized_share": self.share, "expert_params_quantized": self.expert_numel(),
                 "linear_layers": len(self.linears), "expert_stacks": sum(len(v) for v in self.experts.values()),
+                "tables": sorted(self.tables), "table_params_quantized": self.table_numel(),
                 "kept_float": self.kept_by_reason(),
                 "kept_float_examples": {r: [n for n, (rr, _) in self.kept.items() if rr == r][:5]
                                         for r in self.kept_by_reason()}}
@@ -109,9 +125,15 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
     expert_modules = {n: m for n, m in modules.items() if experts_mod.is_experts(m)}
     moe_blocks = {n.rpartition(".")[0]: experts_mod.num_experts(m) for n, m in expert_modules.items()}
     fits = lambda in_features: not recipe.group_size or in_features % recipe.group_size == 0  # noqa: E731
+    tables = recipe.embeddings is not None
     for name, module in modules.items():
         parent, _, last = name.rpartition(".")
-        if name in expert_modules:
+        if tables and isinstance(module, torch.nn.Embedding):
+            if type(module) is torch.nn.Embedding:
+                _plan_table(coverage, name, module)
+            else:
+                coverage.kept[f"{name}.weight"] = (TABLE_TYPE, _numel(module.weight))
+        elif name in expert_modules:
             for proj in experts_mod.projections(module):
                 pname = f"{name}.{proj.weight}"
                 numel = _numel(getattr(module, proj.weight))
@@ -124,7 +146,9 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
                     coverage.experts.setdefault(name, []).append(proj.weight)
         elif isinstance(module, torch.nn.Linear):
             pname = f"{name}.weight"
-            if last in OUTPUT_HEAD_NAMES:
+            if last in OUTPUT_HEAD_NAMES and tables:
+                _plan_table(coverage, name, module)
+            elif last in OUTPUT_HEAD_NAMES:
                 coverage.kept[pname] = (OUTPUT_HEAD, _numel(module.weight))
             elif parent in moe_blocks and (module.out_features == moe_blocks[parent] or last.endswith("gate")):
                 coverage.kept[pname] = (ROUTER, _numel(module.weight))
@@ -146,6 +170,14 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
     return coverage
 
 
+def _plan_table(coverage: Coverage, name: str, module: torch.nn.Module) -> None:
+    """An embedding or head the recipe quantizes; the second of a tied pair (the same Parameter) is converted
+    with the first, so it is not counted again."""
+    if not any(m.weight is module.weight for m in coverage.tables.values()):
+        coverage.quantized[f"{name}.weight"] = _numel(module.weight)
+    coverage.tables[name] = module
+
+
 def check_useful(coverage: Coverage, recipe) -> None:
     """Refuse, before any training or conversion, a plan that would leave quantizable weights silently
     in float or quantize nothing."""
@@ -160,6 +192,11 @@ def check_useful(coverage: Coverage, recipe) -> None:
         raise ConfigError(f"this model has 3-D weights ({_count(kept[UNRECOGNISED])}, e.g. {', '.join(examples)}) in "
                           f"modules that are not transformers experts modules (`@use_experts_implementation`); forge "
                           f"would leave them in float, so it refuses")
+    if TABLE_TYPE in kept:
+        examples = [n for n, (r, _) in coverage.kept.items() if r == TABLE_TYPE][:3]
+        raise ConfigError(f"recipe {recipe.name} quantizes embeddings, and this model's ({', '.join(examples)}) are "
+                          f"not plain nn.Embedding layers (e.g. scaled embeddings), which forge does not quantize; "
+                          f"choose a recipe that keeps embeddings in float")
     if NO_EXPERT_ROUTE in kept:
         from forge_qat.recipes import RECIPES
 

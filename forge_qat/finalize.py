@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torchao.quantization import FqnToConfig
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 from forge_qat import __version__
@@ -22,6 +23,7 @@ from forge_qat import checkpoint as ckpt_io
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_format, tensor_bytes, unflattenable
 from forge_qat.coverage import Coverage, check_useful
 from forge_qat.coverage import plan as plan_coverage
+from forge_qat.embeddings import torchao_config
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
 from forge_qat.models import check_model_dir, is_quantized_artifact, load_config, load_model, load_tokenizer
 from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
@@ -275,7 +277,15 @@ def _write_extras(directory: Path, config, generation_config, tokenizer, recipe:
     """What makes the shards a model stock transformers loads: config with quantization_config (and the
     experts implementation that runs quantized expert stacks), generation config, tokenizer."""
     not_converted = sorted(name.rpartition(".")[0] for name in coverage.kept if name.endswith(".weight"))
-    config.quantization_config = TorchAoConfig(quant_type=recipe.base_config(), modules_to_not_convert=not_converted)
+    quant_type = recipe.base_config()
+    if coverage.tables:
+        # Per-module configs (the linears by a pattern of their names: torchao deprecates "_default"), and the
+        # flag that makes transformers' torchao loader take embeddings at all.
+        linears = "|".join(sorted({name.rpartition(".")[2] for name in coverage.linears}))
+        quant_type = FqnToConfig({**{name: torchao_config(recipe.embeddings) for name in coverage.tables},
+                                  **({f"re:(.*\\.)?({linears})": quant_type} if linears else {})})
+    config.quantization_config = TorchAoConfig(quant_type=quant_type, modules_to_not_convert=not_converted,
+                                               include_input_output_embeddings=bool(coverage.tables))
     if coverage.experts:
         # A public config field (`PreTrainedConfig.__init__` reads it back): the eager expert loop selects one
         # expert's torchao tensor at a time; the default grouped_mm would call ops torchao does not implement.

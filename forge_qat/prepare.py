@@ -20,7 +20,7 @@ from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.quantization.quant_primitives import ZeroPointDomain
 
-from forge_qat import experts, hardware
+from forge_qat import embeddings, experts, hardware
 from forge_qat.coverage import OUTPUT_HEAD_NAMES, Coverage, check_useful, plan
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
 from forge_qat.experts import ProjectionFakeQuant
@@ -181,6 +181,9 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
     for name, layer in prepared.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
+    for name, module in coverage.tables.items():
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, embeddings.fake_quantized(module, recipe.embeddings))
     for name, stacks in coverage.experts.items():
         module = modules[name]
         experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
@@ -197,6 +200,8 @@ def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if experts.is_fake_quantized(module):
             experts.set_fake_quant_enabled(module, enabled)
+        elif isinstance(module, embeddings.FakeQuantizedEmbedding):
+            module.weight_fake_quantizer.enabled = enabled
         else:
             enable_linear_fake_quant(module, enabled)
 
@@ -209,12 +214,13 @@ def check_convert_hardware(recipe: Recipe) -> None:
 
 
 def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
-    """Swap prepared layers and expert stacks for real low-bit torchao tensors; returns the names of the
-    converted weights (`...q_proj.weight`, `...experts.gate_up_proj`)."""
+    """Swap prepared layers, expert stacks and tables for real low-bit torchao tensors; returns the names of
+    the converted weights (`...q_proj.weight`, `...experts.gate_up_proj`, `model.embed_tokens.weight`)."""
     check_convert_hardware(recipe)
+    tables = embeddings.convert_tables(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
     stacks = {n: m for n, m in model.named_modules() if experts.is_fake_quantized(m)}
-    if not linears and not stacks:
+    if not linears and not stacks and not tables:
         raise ConversionError("the model has no fake-quantized layers: nothing to convert")
     modules = dict(model.named_modules())
     learned = {n for n in linears if isinstance(modules[n].weight_fake_quantizer, LearnedScaleFakeQuantizer)}
@@ -222,7 +228,7 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
         _convert_with_learned_scales(model, modules, learned, recipe)
     if linears - learned:
         quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=_filter_for(linears - learned))
-    converted = [f"{n}.weight" for n in sorted(linears)]
+    converted = [f"{n}.weight" for n in sorted(linears)] + tables
     for name, module in stacks.items():
         converted += [f"{name}.{stack}" for stack in experts.convert(module, recipe)]
     if stacks and hasattr(model, "set_experts_implementation"):

@@ -22,6 +22,7 @@ from torchao.quantization import (
 )
 
 from forge_qat import hardware
+from forge_qat.embeddings import INT8_TABLES, TableQuant
 from forge_qat.errors import UnknownRecipeError, choices_message
 from forge_qat.fake_quant import AffineSpec, LinearQuantizers
 from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, set_intx_scale_dtype
@@ -107,6 +108,8 @@ class Recipe:
     learnable_scales: bool = False
     """Whether `--qat-learn-scales` can train this recipe's weight scales: its weights are symmetric
     per-group/per-channel with a fused fake quantizer, and its torchao tensor takes a custom scale."""
+    embeddings: TableQuant | None = None
+    """How the input embedding and output head are quantized (tied ones share the grid); None: kept in float."""
     convert_dtype: torch.dtype | None = None
     """The dtype convert's kernels need for weights and activations (bf16 for the CUDA recipes); None: the
     checkpoint's own dtype."""
@@ -125,9 +128,32 @@ class Recipe:
             return "yes (loading the artifact needs `import forge_qat.torchao_compat`; without it loading fails)"
         return "yes"
 
+    @property
+    def embeddings_support(self) -> str:
+        """What this recipe does with the input embedding and output head, for tables and `forge recipes`."""
+        if self.embeddings is None:
+            return "float"
+        w = self.embeddings.weight
+        scales = f", {str(w.scale_dtype).removeprefix('torch.')} scales" if w.scale_dtype else ""
+        return f"int{w.bits} per row{scales} (tied: one grid)"
+
     def missing_for_convert(self) -> list[str]:
         """Descriptions of the convert requirements this machine does not meet (empty: can convert)."""
         return [r.description for r in self.convert_requires if not r.is_met()]
+
+
+def _int4_bf16_scales() -> Int8DynamicActivationIntxWeightConfig:
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32),
+                                                 weight_scale_dtype=torch.bfloat16)
+
+
+INT4_BF16_SCALES = LinearQuantizers(
+    activation=AffineSpec(bits=8, granularity="per_token", symmetric=False),
+    weight=AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32, scale_dtype=torch.bfloat16),
+)
+"""torchao's QAT cannot infer fake quantizers for `weight_scale_dtype` (it asserts it is None): the default
+recipe's quantizers with the weight scales rounded to bf16, as its convert rounds them before quantizing
+(tests/test_parity.py checks fake quant == converted, atol 0)."""
 
 
 RECIPES: dict[str, Recipe] = {
@@ -147,17 +173,18 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="int8-dynamic-act-int4-weight-bf16-scales",
             description="the default recipe with bf16 weight scales: the grid GGUF Q4_0 and XNNPACK store exactly",
-            base_config=lambda: Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=torch.int4, weight_granularity=PerGroup(32), weight_scale_dtype=torch.bfloat16
-            ),
-            # torchao's QAT cannot infer fake quantizers for weight_scale_dtype (it asserts it is None): the
-            # default recipe's quantizers with the weight scales rounded to bf16, as its convert rounds them
-            # before quantizing (tests/test_parity.py checks fake quant == converted, atol 0).
-            fake_quant=LinearQuantizers(
-                activation=AffineSpec(bits=8, granularity="per_token", symmetric=False),
-                weight=AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32,
-                                  scale_dtype=torch.bfloat16),
-            ),
+            base_config=_int4_bf16_scales,
+            fake_quant=INT4_BF16_SCALES,
+            storage_bits=8,
+            group_size=32,
+            convert_expert_stack=INTX_UNPACKED_STACK,
+        ),
+        Recipe(
+            name="int8-dynamic-act-int4-weight-int8-embeddings",
+            description="the bf16-scales recipe with int8 per-row embedding and output head: small end to end",
+            base_config=_int4_bf16_scales,
+            fake_quant=INT4_BF16_SCALES,
+            embeddings=INT8_TABLES,
             storage_bits=8,
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,

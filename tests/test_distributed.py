@@ -88,7 +88,9 @@ def test_streamed_load_names_missing_keys(tmp_path, data, pretrained, monkeypatc
 # summation order (measured: 6e-7 over 6 steps). With fake quantization those ~1e-7 weight
 # differences can flip a rounding decision, which is then visible at the loss (measured: 1.6e-3
 # by step 4 on this micro model at lr 1e-3).
-TOLERANCE = {"none": 1e-5, "int8-dynamic-act-int4-weight": 5e-3}
+TOLERANCE = {"none": 1e-5, "int8-dynamic-act-int4-weight": 5e-3,
+             # the tied embedding and head fake-quantized from the partitioned table
+             "int8-dynamic-act-int4-weight-int8-embeddings": 5e-3}
 
 
 @pytest.mark.parametrize("recipe", list(TOLERANCE))

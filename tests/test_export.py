@@ -17,6 +17,7 @@ from forge_qat.export.gguf import export_gguf  # noqa: E402
 from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
 
 EXACT = "int8-dynamic-act-int4-weight-bf16-scales"
+TABLES = "int8-dynamic-act-int4-weight-int8-embeddings"
 DENSE = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"head_dim": 16}}
 MOE = ("qwen3_moe", "mixtral")
 REQUIRED = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
@@ -53,9 +54,9 @@ def artifacts(tmp_path_factory):
                                                            ptq=EXACT)).dest
     for model_type in DENSE:
         src = _float_model(root / model_type, model_type)
-        for recipe in (EXACT, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
+        for recipe in (EXACT, TABLES, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
                        "int8-dynamic-act-int2-weight"):
-            if model_type != "llama" and recipe != EXACT:
+            if model_type != "llama" and recipe != EXACT and not (model_type == "qwen3" and recipe == TABLES):
                 continue
             made[model_type, recipe] = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{recipe}",
                                                                 ptq=recipe)).dest
@@ -122,6 +123,18 @@ def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp
     config = json.loads((art / "config.json").read_text())
     assert len(fields["tokenizer.ggml.tokens"].data) == config["vocab_size"]  # padded to the embedding rows
 
+    written = _assert_decodes_exactly(art, reader, arch)
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for n, t in written.items()
+               if n.startswith("blk.") and n.endswith(("_q.weight", "_k.weight", "_v.weight", "output.weight",
+                                                       "_gate.weight", "_up.weight", "_down.weight", "exps.weight")))
+    if model_type in MOE:
+        assert f"{arch}.expert_count" in fields and f"{arch}.expert_used_count" in fields
+
+
+def _assert_decodes_exactly(art, reader, arch):
+    """Every tensor of the GGUF, decoded by gguf's own `dequantize`, is the artifact's trained grid (codes times
+    scales) or float tensor, bit for bit, and nothing else is in the file. Returns the GGUF's tensors by name."""
+    config = json.loads((art / "config.json").read_text())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 2)
     tensors = _artifact_tensors(art)
     hf_names = json.loads(_metadata(art)["tensor_names"])
@@ -133,10 +146,22 @@ def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp
         t = written[names.get_name(name, try_suffixes=(".weight", ".bias"))]
         got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
         assert torch.equal(got.reshape(want.shape), want), name
-        if name.endswith("_proj.weight"):
-            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, name
-    if model_type in MOE:
-        assert f"{arch}.expert_count" in fields and f"{arch}.expert_used_count" in fields
+    return written
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_int8_embedding_and_head_are_q8_0_exactly(artifacts, model_type, tmp_path):
+    """The int8 per-row tables become Q8_0 (the row's bf16 scale per block of 32): llama's tied table once, as
+    `token_embd` (llama.cpp reuses it as the output), qwen3's untied head as `output` too."""
+    art = artifacts[model_type, TABLES]
+    report = export_gguf(art, tmp_path / "m.gguf")
+    assert report.rounded_blocks == 0 and report.by_type["Q4_0"] == 14
+    written = _assert_decodes_exactly(art, gguf.GGUFReader(tmp_path / "m.gguf"), model_type)
+    tables = ["token_embd.weight"] + (["output.weight"] if model_type == "qwen3" else [])
+    assert report.by_type["Q8_0"] == len(tables) and ("output.weight" in written) == (model_type == "qwen3")
+    for name in tables:
+        assert written[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert report.float_params < report.quantized_params / 50  # norms only: small end to end
 
 
 def _metadata(directory):
@@ -187,8 +212,9 @@ def test_cli_exports_a_checkpoint_with_a_recipe_and_replaces_only_its_own_files(
 
 
 def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, tmp_path):
-    """The .pte (XNNPACK-delegated int8 x int4 linears, static KV cache) gives the artifact's logits for a
-    prompt and then for one decoded token, within float rounding: its bf16 scales are stored as they are."""
+    """The .pte (XNNPACK-delegated int8 x int4 linears and int8 head, the int8 embedding as ExecuTorch's
+    quantized lookup, static KV cache) gives the artifact's logits for a prompt and then for one decoded token,
+    within float rounding: its bf16 scales are stored as they are."""
     pytest.importorskip("executorch")
     from executorch.runtime import Runtime
     from transformers import AutoModelForCausalLM
@@ -196,9 +222,10 @@ def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, t
     import forge_qat.torchao_compat  # noqa: F401
     from forge_qat.export.executorch import export_executorch
 
-    art = artifacts["llama", EXACT]
+    art = artifacts["llama", TABLES]
     report = export_executorch(art, tmp_path / "m.pte", max_seq_len=32)
-    assert report.quantized_linears == 14 and report.delegated_linears >= 14 and report.rounded_scales == 0
+    # 14 int4 linears and the int8 head (tied to the embedding, which runs as ExecuTorch's quantized lookup)
+    assert report.quantized_linears == 15 and report.delegated_linears >= 15 and report.rounded_scales == 0
     assert report.tokenizer.is_file()
     program = Runtime.get().load_program(str(tmp_path / "m.pte"))
     assert {"forward", "get_max_seq_len", "get_eos_ids", "use_kv_cache"} <= set(program.method_names)

@@ -30,14 +30,15 @@ def test_fake_quant_matches_converted(recipe, preset):
     x = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_logits = model(x).logits
-        expected = len(plan(model, get_recipe(recipe)).linears)
-        assert len(prepare_qat(model, get_recipe(recipe)).linears) == expected > 0
+        coverage = plan(model, get_recipe(recipe))
+        assert set(prepare_qat(model, get_recipe(recipe)).quantized) == set(coverage.quantized)
         fake_logits = model(x).logits
-        assert len(convert_qat(model, get_recipe(recipe))) == expected
+        assert set(convert_qat(model, get_recipe(recipe))) == set(coverage.quantized)
         real_logits = model(x).logits
 
     converted = [m for m in model.modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor)]
-    assert len(converted) == expected, "every prepared layer must hold a torchao low-bit tensor"
+    assert len(converted) == len(coverage.linears) + len(coverage.tables) > 0, \
+        "every prepared layer (and table) must hold a torchao low-bit tensor"
     float_gap = (float_logits - real_logits).abs().max().item()
     fake_gap = (fake_logits - real_logits).abs().max().item()
     assert float_gap > 1e-3, "quantization must change the output, or the comparison proves nothing"

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 PTE_MAGIC_OFFSET = 4
 """A .pte is a flatbuffer whose file identifier ('ET..') sits at bytes 4-8."""
 
-DELEGATED_RECIPES = ("int8-dynamic-act-int4-weight", "int8-dynamic-act-int4-weight-bf16-scales")
+DELEGATED_RECIPES = ("int8-dynamic-act-int4-weight", "int8-dynamic-act-int4-weight-bf16-scales",
+                     "int8-dynamic-act-int4-weight-int8-embeddings")
 """Recipes whose converted linears XNNPACK runs as int8 x int4 (tested). Others are refused: int2/int3 have
 no XNNPACK kernel; int8 x int8 is not verified here yet."""
 
@@ -61,7 +62,6 @@ def _is_pte(path: Path) -> bool:
 
 
 def _load(artifact: Path, max_seq_len: int):
-    from torchao.utils import unwrap_tensor_subclass
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     import forge_qat.torchao_compat  # noqa: F401  (artifacts of int4 recipes select experts through it)
@@ -70,13 +70,22 @@ def _load(artifact: Path, max_seq_len: int):
     model.eval().requires_grad_(False)
     if any(hasattr(m, "gate_up_proj") for m in model.modules()):
         raise ConfigError("ExecuTorch export of mixture-of-experts models is not built yet; export them to GGUF")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            # padding_idx only masks gradients; the quantized-embedding fusion matches lookups without it
+            module.padding_idx = None
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
                                                cache_config={"batch_size": 1, "max_cache_len": max_seq_len})
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.block_size[-1] == weight.shape[-1]:
+            # XNNPACK's int8 per-channel weights take float32 scales (it rejects bf16 ones at load); exact.
+            weight.scale = weight.scale.to(torch.float32)
     quantized = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
                     and type(m.weight).__name__ == "IntxUnpackedToInt8Tensor")
     rounded = sum(int((m.weight.scale.to(torch.bfloat16).float() != m.weight.scale.float()).sum())
-                  for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale"))
-    unwrap_tensor_subclass(model)  # plain tensors and torchao's quant ops: what torch.export and XNNPACK take
+                  for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale")
+                  and m.weight.block_size[-1] < m.weight.shape[-1])
     return model, quantized, rounded
 
 
@@ -86,12 +95,17 @@ def lower(model, max_seq_len: int):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
+    from torchao.utils import unwrap_tensor_subclass
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     config = model.config
     t0 = time.perf_counter()
     log.info("exporting the model with torch.export (static KV cache of %d tokens)", max_seq_len)
     wrapped = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
+    # Plain tensors and torchao's quant ops: what torch.export and XNNPACK take. After the wrapper is built,
+    # which sizes its KV cache in `model.dtype`, the first floating parameter: after unwrapping, that can be
+    # a quantized embedding's bf16 scale.
+    unwrap_tensor_subclass(model)
     seq = torch.export.Dim("seq_length", min=1, max=max_seq_len - 1)
     example = torch.tensor([[0, 1]], dtype=torch.long)
     with torch.no_grad():
@@ -111,7 +125,13 @@ def lower(model, max_seq_len: int):
     linear = info[info.op_type == "aten_linear_default"]
     delegated = int(linear.occurrences_in_delegated_graphs.sum()) if len(linear) else 0
     outside = int(linear.occurrences_in_non_delegated_graphs.sum()) if len(linear) else 0
-    return edge.to_executorch(), delegated, outside
+    # Quant fusion turns an int8 embedding's dequantize + lookup into ExecuTorch's quantized embedding kernel
+    # (`quantized_decomposed::embedding_byte`: rows dequantized as looked up), registered by importing its
+    # operator library.
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.exir import ExecutorchBackendConfig
+
+    return edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)), delegated, outside
 
 
 def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = None,

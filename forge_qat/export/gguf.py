@@ -2,7 +2,8 @@
 
 Called by `forge export --to gguf`. The trained grid is what llama.cpp runs: an int4 per-group(32)
 symmetric weight becomes `Q4_0` (block scale `d` = the group's scale as fp16, code = q + 8), an int8
-per-channel weight `Q8_0` (the row's scale repeated for each block of 32). Exact wherever the scale is
+per-channel weight (`int8-dynamic-act-int8-weight`'s linears, the int8 embedding tables of
+`*-int8-embeddings`) `Q8_0` (the row's scale repeated for each block of 32). Exact wherever the scale is
 fp16-representable, which every scale of the `*-bf16-scales` recipes is (a bf16 value in fp16's normal
 range); any block whose scale fp16 rounds is counted and reported. Float tensors keep their dtype (1-D ones
 become F32, as llama.cpp wants). The header is written from the shards' headers alone; then each tensor is
@@ -153,10 +154,13 @@ def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def _fp16_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The block scales as fp16, and how many of them fp16 had to round."""
+def _fp16_scales(scale: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The block scales as fp16, and how many of them fp16 had to round in blocks whose `codes` (the block's
+    values, one block per row of `scale`'s shape) are not all zero: an all-zero block (a padding token's
+    embedding, scale = eps) decodes to zeros whatever its scale."""
     half = scale.to(torch.float16)
-    return half, int((half.to(torch.float32) != scale.to(torch.float32)).sum())
+    used = codes.reshape(*scale.shape, -1).ne(0).any(-1)
+    return half, int(((half.to(torch.float32) != scale.to(torch.float32)) & used).sum())
 
 
 def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -170,7 +174,7 @@ def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, in
         raise InputError("int4 codes outside [-8, 7]: not a symmetric int4 grid")
     codes = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // 32, 32)
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)
-    d, rounded = _fp16_scales(scale.reshape(rows, cols // 32))
+    d, rounded = _fp16_scales(scale.reshape(rows, cols // 32), qdata)
     blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8), nibbles], dim=-1)
     return blocks.reshape(*lead, -1).numpy(), rounded
 
@@ -180,7 +184,7 @@ def q8_0_bytes(qdata: torch.Tensor, row_scale: torch.Tensor) -> tuple[np.ndarray
     fp16, then the 32 codes (ggml's block_q8_0)."""
     lead, cols = qdata.shape[:-1], qdata.shape[-1]
     rows = qdata.numel() // cols
-    d, rounded = _fp16_scales(row_scale.reshape(rows, 1).expand(rows, cols // 32))
+    d, rounded = _fp16_scales(row_scale.reshape(rows, 1).expand(rows, cols // 32), qdata)
     blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8),
                         qdata.contiguous().view(torch.uint8).reshape(rows, cols // 32, 32)], dim=-1)
     return blocks.reshape(*lead, -1).numpy(), rounded
@@ -218,8 +222,11 @@ def _block_type(entry: Entry, shape: list[int]):
     cols, rows = shape[-1], int(np.prod(shape[:-1]))
     if entry.kind == "IntxUnpackedToInt8Tensor":
         bits = data.get("target_dtype", {}).get("_data")
-        if bits == "int4" and data.get("block_size") == [1] * (len(shape) - 1) + [32]:
+        block = data.get("block_size")
+        if bits == "int4" and block == [1] * (len(shape) - 1) + [32]:
             return gguf.GGMLQuantizationType.Q4_0, rows * cols // 32 * 18
+        if bits == "int8" and block == [1] * (len(shape) - 1) + [cols] and cols % 32 == 0:  # per row: tables
+            return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
         raise ConfigError(f"{entry.name}: {bits} weights in groups of {data.get('block_size', ['?'])[-1]} have no "
                           f"exact GGUF type (Q4_0 holds int4 in groups of 32; Q8_0 int8 per channel); export an "
                           f"int4 or int8 recipe's artifact")
@@ -313,7 +320,8 @@ def _float_piece(t: torch.Tensor, ggml_type) -> np.ndarray:
 
 def _pack(p: Planned, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
     if zero_point is not None and zero_point.any():
-        raise InputError(f"{p.entry.name}: non-zero zero points (an asymmetric grid) have no exact Q4_0 form")
+        raise InputError(f"{p.entry.name}: non-zero zero points (an asymmetric grid) have no exact "
+                         f"{p.ggml_type.name} form")
     pack = q4_0_bytes if p.ggml_type == gguf.GGMLQuantizationType.Q4_0 else q8_0_bytes
     data, rounded = pack(qdata, scale)
     return data, qdata.numel() // 32, rounded
