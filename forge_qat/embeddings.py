@@ -12,10 +12,12 @@ does (torchao's `IntxUnpackedToInt8Tensor` with `int8_asym_per_token`); the embe
 from dataclasses import dataclass
 
 import torch
-from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.quantization.quant_primitives import MappingType
 
+from forge_qat.errors import ConversionError
 from forge_qat.fake_quant import AffineFakeQuantizer, AffineSpec, fake_quantize
 from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, set_intx_scale_dtype
 
@@ -28,7 +30,11 @@ class TableQuant:
     """The tables' grid: per_channel (one scale per row) and symmetric, so the grid of a looked-up row does
     not depend on the other rows."""
     activation: AffineSpec
-    """The head's dynamic input quantization (the converted tensor's: int8 asymmetric per token)."""
+    """The head's dynamic input quantization in training."""
+    artifact_activation: str | None = "int8_asym_per_token"
+    """The input quantization the converted head applies in the torchao artifact (`activation_quantization`
+    of `IntxUnpackedToInt8Tensor`): the same as `activation`, or None where torchao has no such scheme (the
+    llama.cpp recipe's per-block activations: the artifact then runs its head on float inputs)."""
 
     def __post_init__(self) -> None:
         if self.weight.granularity != "per_channel" or not self.weight.symmetric:
@@ -59,8 +65,11 @@ class FakeQuantizedHead(FakeQuantizedLinear):
     than the recipe's linear one."""
 
 
-def torchao_config(tables: TableQuant) -> Int8DynamicActivationIntxWeightConfig:
+def torchao_config(tables: TableQuant) -> AOBaseConfig:
     """torchao's config of the converted tables, for the artifact's `quantization_config` (per module)."""
+    if tables.artifact_activation is None:
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0),
+                                    scale_dtype=tables.weight.scale_dtype)
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0),
                                                  weight_scale_dtype=tables.weight.scale_dtype)
 
@@ -98,19 +107,20 @@ def is_fake_quantized_table(module: torch.nn.Module) -> bool:
     return isinstance(module, (FakeQuantizedEmbedding, FakeQuantizedHead))
 
 
-def quantize_table(weight: torch.Tensor, spec: AffineSpec) -> IntxUnpackedToInt8Tensor:
-    """The torchao tensor of a table on `spec`'s grid (the values the fake quantizer multiplied by): one
-    scale per row, scales rounded to `spec.scale_dtype` before the values are quantized, as torchao's
+def quantize_table(weight: torch.Tensor, tables: TableQuant) -> IntxUnpackedToInt8Tensor:
+    """The torchao tensor of a table on the tables' grid (the values the fake quantizer multiplied by): one
+    scale per row, scales rounded to the grid's `scale_dtype` before the values are quantized, as torchao's
     `weight_scale_dtype` does."""
     tensor = IntxUnpackedToInt8Tensor.from_hp(weight, (1, weight.shape[-1]), torch.int8,
                                               mapping_type=MappingType.SYMMETRIC,
-                                              activation_quantization="int8_asym_per_token")
-    if spec.scale_dtype is not None and spec.scale_dtype != weight.dtype:
-        set_intx_scale_dtype(tensor, weight, spec.scale_dtype)
+                                              activation_quantization=tables.artifact_activation)
+    dtype = tables.weight.scale_dtype
+    if dtype is not None and dtype != weight.dtype:
+        set_intx_scale_dtype(tensor, weight, dtype)
     return tensor
 
 
-def convert_tables(model: torch.nn.Module) -> list[str]:
+def convert_tables(model: torch.nn.Module, tables: TableQuant | None) -> list[str]:
     """Swap the fake-quantized embedding and head for plain modules holding the converted tensor (one tensor
     for tied tables, so they stay tied); returns the converted weights' names, a tied pair once."""
     converted: dict[int, torch.nn.Parameter] = {}
@@ -118,9 +128,11 @@ def convert_tables(model: torch.nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if not is_fake_quantized_table(module):
             continue
+        if tables is None:
+            raise ConversionError(f"{name} was prepared with quantized tables, which this recipe does not have")
         key = id(module.weight)
         if key not in converted:
-            tensor = quantize_table(module.weight.detach(), module.weight_fake_quantizer.spec)
+            tensor = quantize_table(module.weight.detach(), tables)
             converted[key] = torch.nn.Parameter(tensor, requires_grad=False)
             names.append(f"{name}.weight")
         if isinstance(module, FakeQuantizedEmbedding):

@@ -19,6 +19,7 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 
 Granularity = Literal["per_token", "per_group", "per_channel"]
+Convention = Literal["torchao", "ggml"]
 SCALE_SUFFIX = ".weight_fake_quantizer.scale"
 """How the state dict names a linear layer's learned weight scales (`LearnedScaleFakeQuantizer.scale`)."""
 
@@ -44,10 +45,16 @@ class AffineSpec:
     """Smallest scale; None means the smallest normal number of the input dtype (torchao's default)."""
     scale_dtype: torch.dtype | None = None
     """dtype the scale is computed and applied in; None means the input's dtype (torchao's default)."""
+    convention: Convention = "torchao"
+    """torchao: scales and values as torchao's quantize/dequantize compute them. ggml: llama.cpp's Q8_0
+    activation quantization (symmetric only): scale d = amax / qmax, values round(x * (qmax / amax)) in
+    [-qmax, qmax], dequantized with d rounded to `scale_dtype` (fp16, as the block stores it)."""
 
     def __post_init__(self) -> None:
         if self.granularity == "per_group" and not self.group_size:
             raise ValueError("per_group fake quantization needs a group_size")
+        if self.convention == "ggml" and not self.symmetric:
+            raise ValueError("the ggml convention is symmetric")
 
     @property
     def qmin(self) -> int:
@@ -115,12 +122,34 @@ class _FakeQuantize(torch.autograd.Function):
         return g.to(ctx.grad_dtype).view(grad.shape), None, None
 
 
+class _GgmlFakeQuantize(torch.autograd.Function):
+    """llama.cpp's `quantize_row_q8_0` (x86 SIMD path) then its dequantization: per block, d = amax / 127 stored
+    as fp16, codes round-half-even(x * 127 / amax) (0 for an all-zero block), value = code * fp16(d). Nothing
+    is clipped (|code| <= 127 by construction), so the gradient is straight through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype) -> torch.Tensor:
+        xg = _grouped(x, spec).float()
+        amax = xg.abs().amax(dim=-1, keepdim=True)
+        inv = torch.where(amax > 0, spec.qmax / amax, torch.zeros_like(amax))
+        q = (xg * inv).round_()
+        q.mul_((amax / spec.qmax).to(spec.scale_dtype or torch.float32).float())
+        ctx.x_dtype = x.dtype
+        return q.to(out_dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.x_dtype), None, None
+
+
 def fake_quantize(x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fake-quantize `x` (any leading dims; scales along the last dim) as described by `spec`.
 
     `out_dtype` (default: x's dtype) is the dtype the result is rounded to once at the end; giving the
     autocast dtype when the consumer is an autocast op produces exactly what autocast's own cast would.
     """
+    if spec.convention == "ggml":
+        return _GgmlFakeQuantize.apply(x, spec, out_dtype or x.dtype)
     return _FakeQuantize.apply(x, spec, out_dtype or x.dtype)
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +107,16 @@ class FinalizeReport:
 
 def choose_job(req: FinalizeRequest) -> ConvertJob:
     """Decide checkpoint, recipe and QAT-vs-PTQ from the request and the checkpoint metadata only."""
+    job = _choose_job(req)
+    if not job.recipe.artifact_activations:
+        note = (f"{job.recipe.name}'s activation quantization has no torchao form: this artifact runs float "
+                f"activations in transformers (its weights are the trained ones); `forge export --to gguf` writes "
+                f"the model llama.cpp runs with the trained numerics")
+        job = replace(job, notes=(*job.notes, note))
+    return job
+
+
+def _choose_job(req: FinalizeRequest) -> ConvertJob:
     if req.qat_convert and req.ptq:
         raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
     if not req.source.exists():

@@ -206,6 +206,15 @@ def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
             enable_linear_fake_quant(module, enabled)
 
 
+def set_activation_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the activation fake quantizers on or off, leaving the weights' on: the model then computes what
+    the artifact of a recipe without `artifact_activations` computes in transformers (float activations)."""
+    for module in model.modules():
+        quantizer = getattr(module, "activation_fake_quantizer", None)
+        if quantizer is not None:
+            quantizer.enabled = enabled
+
+
 def check_convert_hardware(recipe: Recipe) -> None:
     """Raise before any loading when this machine cannot run the recipe's real kernels."""
     missing = recipe.missing_for_convert()
@@ -217,7 +226,7 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     """Swap prepared layers, expert stacks and tables for real low-bit torchao tensors; returns the names of
     the converted weights (`...q_proj.weight`, `...experts.gate_up_proj`, `model.embed_tokens.weight`)."""
     check_convert_hardware(recipe)
-    tables = embeddings.convert_tables(model)
+    tables = embeddings.convert_tables(model, recipe.embeddings)
     linears = {n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
     stacks = {n: m for n, m in model.named_modules() if experts.is_fake_quantized(m)}
     if not linears and not stacks and not tables:

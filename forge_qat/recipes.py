@@ -16,6 +16,7 @@ from torchao.quantization import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8DynamicActivationIntxWeightConfig,
+    IntxWeightOnlyConfig,
     PerGroup,
     PerRow,
     quantize_,
@@ -49,19 +50,23 @@ def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Mo
 
 
 def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
-    """`Int8DynamicActivationIntxWeightConfig` asserts 2-D weights in torchao 0.18, but the tensor it
-    builds is defined for any rank: build it for the stack with the config's own arguments and a block of
-    one row per expert (tests check every expert equals its 2-D conversion bit for bit)."""
+    """`Int8DynamicActivationIntxWeightConfig` and `IntxWeightOnlyConfig` assert 2-D weights in torchao 0.18,
+    but the tensor they build is defined for any rank: build it for the stack with the config's own arguments
+    and a block of one row per expert (tests check every expert equals its 2-D conversion bit for bit)."""
     weight = getattr(module, name)
-    g = config.weight_granularity
+    if isinstance(config, IntxWeightOnlyConfig):
+        g, mapping, scale_dtype, activation = config.granularity, config.mapping_type, config.scale_dtype, None
+    else:
+        g, mapping, scale_dtype = config.weight_granularity, config.weight_mapping_type, config.weight_scale_dtype
+        activation = "int8_asym_per_token"
     group = g.group_size if isinstance(g, PerGroup) else weight.shape[-1]
     stack = IntxUnpackedToInt8Tensor.from_hp(
         weight.detach(), (1,) * (weight.dim() - 1) + (group,), config.weight_dtype,
-        mapping_type=config.weight_mapping_type, activation_quantization="int8_asym_per_token",
+        mapping_type=mapping, activation_quantization=activation,
         intx_choose_qparams_algorithm=config.intx_choose_qparams_algorithm,
     )
-    if config.weight_scale_dtype is not None and config.weight_scale_dtype != weight.dtype:
-        set_intx_scale_dtype(stack, weight.detach(), config.weight_scale_dtype)  # as the config does for 2-D
+    if scale_dtype is not None and scale_dtype != weight.dtype:
+        set_intx_scale_dtype(stack, weight.detach(), scale_dtype)  # as the config does for 2-D
     setattr(module, name, torch.nn.Parameter(stack, requires_grad=False))
 
 
@@ -108,6 +113,10 @@ class Recipe:
     learnable_scales: bool = False
     """Whether `--qat-learn-scales` can train this recipe's weight scales: its weights are symmetric
     per-group/per-channel with a fused fake quantizer, and its torchao tensor takes a custom scale."""
+    artifact_activations: bool = True
+    """Whether the torchao artifact quantizes activations as training does. False where torchao has no such
+    scheme (llama.cpp's per-block activations): the artifact then runs float activations in transformers,
+    and the trained numerics run where the format has them (`forge export --to gguf`)."""
     embeddings: TableQuant | None = None
     """How the input embedding and output head are quantized (tied ones share the grid); None: kept in float."""
     convert_dtype: torch.dtype | None = None
@@ -156,6 +165,11 @@ recipe's quantizers with the weight scales rounded to bf16, as its convert round
 (tests/test_parity.py checks fake quant == converted, atol 0)."""
 
 
+GGML_Q8_0 = AffineSpec(bits=8, granularity="per_group", group_size=32, symmetric=True, scale_dtype=torch.float16,
+                       convention="ggml")
+"""How llama.cpp quantizes the activations of its Q4_0 and Q8_0 matmuls (`quantize_row_q8_0`)."""
+
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -185,6 +199,19 @@ RECIPES: dict[str, Recipe] = {
             base_config=_int4_bf16_scales,
             fake_quant=INT4_BF16_SCALES,
             embeddings=INT8_TABLES,
+            storage_bits=8,
+            group_size=32,
+            convert_expert_stack=INTX_UNPACKED_STACK,
+        ),
+        Recipe(
+            name="llama-cpp-q4-0",
+            description="llama.cpp's Q4_0 numerics: int4 per-group(32) weights, int8 per-block(32) activations "
+                        "(Q8_0), int8 embedding and head; for GGUF",
+            base_config=lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32),
+                                                     scale_dtype=torch.bfloat16),
+            fake_quant=LinearQuantizers(activation=GGML_Q8_0, weight=INT4_BF16_SCALES.weight),
+            artifact_activations=False,
+            embeddings=TableQuant(weight=INT8_TABLES.weight, activation=GGML_Q8_0, artifact_activation=None),
             storage_bits=8,
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,

@@ -5,7 +5,7 @@ import torch
 from torchao.quantization.qat import IntxFakeQuantizeConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
-from forge_qat.fake_quant import AffineFakeQuantizer
+from forge_qat.fake_quant import AffineFakeQuantizer, fake_quantize
 from forge_qat.prepare import _fused_spec
 
 CASES = {
@@ -84,3 +84,27 @@ def test_prepared_linear_matches_torchao_under_autocast():
     out_theirs.float().square().sum().backward()
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_ggml_activation_grid_is_llama_cpps_q8_0():
+    """The `llama-cpp-q4-0` recipe's activation fake quantization is llama.cpp's Q8_0 round trip, checked against
+    the gguf package's bit-exact port of ggml's reference quantizer. The reference multiplies by 1/d and rounds
+    half away from zero; llama.cpp's x86 path (and forge) multiply by 127/amax and round half to even, so a
+    value can move by one code where x * scale lands on a tie: rare, and never more than one code."""
+    gguf = pytest.importorskip("gguf")
+    from forge_qat.recipes import GGML_Q8_0
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    x[0, :32] = 0  # an all-zero block decodes to zeros
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    want = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), q8), q8).copy())
+    got = fake_quantize(x, GGML_Q8_0)
+    step = (x.reshape(-1, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+    diff = (got - want).reshape(-1, 32).abs()
+    assert (diff <= step * 1.0001).all() and (diff > 0).float().mean() < 1e-3
+    assert torch.equal(got[0, :32], torch.zeros(32))
+    assert not torch.equal(got, x)
+    x.requires_grad_(True)
+    fake_quantize(x, GGML_Q8_0).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # nothing clips: straight through

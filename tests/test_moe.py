@@ -21,7 +21,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.coverage import MISFIT, OUTPUT_HEAD, ROUTER, plan
 from forge_qat.errors import ConfigError
 from forge_qat.finalize import FinalizeRequest, finalize
-from forge_qat.prepare import convert_qat, prepare_qat, set_fake_quant_enabled
+from forge_qat.prepare import convert_qat, prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
 from forge_qat.recipes import RECIPES, get_recipe
 from forge_qat.train.trainer import run_training
 
@@ -124,6 +124,8 @@ def test_moe_fake_quant_matches_converted(arch, recipe):
     with torch.no_grad():
         float_logits = model(x).logits
         cov = prepare_qat(model, get_recipe(recipe))
+        if not get_recipe(recipe).artifact_activations:
+            set_activation_fake_quant_enabled(model, False)  # the artifact's float activations (test_parity.py)
         fake_logits = model(x).logits
         converted = convert_qat(model, get_recipe(recipe))
         real_logits = model(x).logits
