@@ -256,3 +256,28 @@ def test_writing_row_by_row_gives_the_same_file(artifacts, model_type, tmp_path,
     rows = export_gguf(art, tmp_path / "rows.gguf")
     assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "rows.gguf").read_bytes()
     assert rows.total_blocks == whole.total_blocks and rows.rounded_blocks == whole.rounded_blocks == 0
+
+
+def test_executorch_runs_int8_x_int8_as_xnnpack_per_channel_int8(artifacts, tmp_path):
+    """The int8 x int8 recipe's linears run as XNNPACK's int8 per-channel linears: the same codes and scales,
+    with XNNPACK's asymmetric per-token activations where the recipe trained symmetric ones. The program equals
+    that model in eager torchao, and differs from the artifact by less than quantization moves the float model;
+    the report says so."""
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.export.executorch import _load, export_executorch
+
+    art = artifacts["llama", "int8-dynamic-act-int8-weight"]
+    report = export_executorch(art, tmp_path / "m.pte", max_seq_len=16)
+    assert report.quantized_linears == 14 and report.delegated_linears >= 14 and "asymmetrically" in report.notes[0]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = Runtime.get().load_program(str(tmp_path / "m.pte")).load_method("forward").execute([ids, torch.arange(4)])[0]
+    as_run, *_ = _load(art, 16)
+    with torch.no_grad():
+        want = as_run(ids).logits
+        artifact = AutoModelForCausalLM.from_pretrained(art).eval()(ids).logits
+        float_logits = AutoModelForCausalLM.from_pretrained(art.parent / "llama").eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - artifact).abs().max() < (artifact - float_logits).abs().max()

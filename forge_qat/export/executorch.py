@@ -32,9 +32,9 @@ PTE_MAGIC_OFFSET = 4
 """A .pte is a flatbuffer whose file identifier ('ET..') sits at bytes 4-8."""
 
 DELEGATED_RECIPES = ("int8-dynamic-act-int4-weight", "int8-dynamic-act-int4-weight-bf16-scales",
-                     "int8-dynamic-act-int4-weight-int8-embeddings")
-"""Recipes whose converted linears XNNPACK runs as int8 x int4 (tested). Others are refused: int2/int3 have
-no XNNPACK kernel; int8 x int8 is not verified here yet."""
+                     "int8-dynamic-act-int4-weight-int8-embeddings", "int8-dynamic-act-int8-weight")
+"""Recipes whose converted linears XNNPACK runs (int8 x int4, int8 x int8 per channel; tested). Others are
+refused: int2/int3 have no XNNPACK kernel, llama-cpp-q4-0's activations are llama.cpp's."""
 
 
 @dataclass
@@ -76,6 +76,7 @@ def _load(artifact: Path, max_seq_len: int):
             module.padding_idx = None
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
                                                cache_config={"batch_size": 1, "max_cache_len": max_seq_len})
+    as_intx = _int8_linears_as_intx(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.block_size[-1] == weight.shape[-1]:
@@ -86,7 +87,31 @@ def _load(artifact: Path, max_seq_len: int):
     rounded = sum(int((m.weight.scale.to(torch.bfloat16).float() != m.weight.scale.float()).sum())
                   for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale")
                   and m.weight.block_size[-1] < m.weight.shape[-1])
-    return model, quantized, rounded
+    return model, quantized, rounded, as_intx
+
+
+def _int8_linears_as_intx(model) -> int:
+    """Give the int8 x int8 recipe's linears (`Int8Tensor`, per-row symmetric weights) the layout XNNPACK takes
+    as int8 per-channel: the same codes and scales as an `IntxUnpackedToInt8Tensor`, whose linear quantizes
+    activations asymmetrically per token (XNNPACK's dynamic quantization) where the recipe trained symmetric
+    ones. Returns how many were re-expressed."""
+    from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
+
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or type(weight).__name__ != "Int8Tensor":
+            continue
+        rows, cols = weight.shape
+        if list(weight.block_size) != [1, cols] or (weight.zero_point is not None and weight.zero_point.any()):
+            raise ConfigError(f"an int8 weight of block size {list(weight.block_size)} is not XNNPACK's per-channel "
+                              f"int8")
+        intx = IntxUnpackedToInt8Tensor(weight.qdata, weight.scale.reshape(rows, 1).to(torch.float32),
+                                        torch.zeros(rows, 1, dtype=torch.int8), torch.int8, (1, cols), weight.dtype,
+                                        "int8_asym_per_token")
+        module.weight = torch.nn.Parameter(intx, requires_grad=False)
+        count += 1
+    return count
 
 
 def lower(model, max_seq_len: int):
@@ -140,14 +165,14 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     if recipe is None:
         raise InputError(f"{artifact} is not a forge artifact (no readable {ARTIFACT_META})")
     if recipe not in DELEGATED_RECIPES:
-        raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (XNNPACK's int8 x "
-                          f"int4 linears); {artifact} was converted with {recipe}")
+        raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (the linears XNNPACK "
+                          f"runs); {artifact} was converted with {recipe}")
     check_output(out, overwrite, _is_pte, "an ExecuTorch program")
     limit = getattr(load_config(artifact), "max_position_embeddings", None) or 2048
     max_seq_len = max_seq_len or min(limit, 2048)
     if not 2 < max_seq_len <= limit:
         raise ConfigError(f"--max-seq-len must be between 3 and the model's {limit} positions, got {max_seq_len}")
-    model, quantized, rounded = _load(artifact, max_seq_len)
+    model, quantized, rounded, as_intx = _load(artifact, max_seq_len)
     program, delegated, outside = lower(model, max_seq_len)
     if outside or delegated < quantized:
         raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
@@ -160,6 +185,10 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     else:
         tokenizer = None
     report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, out.stat().st_size, tokenizer)
+    if as_intx:
+        report.notes.append(f"{as_intx} int8 x int8 linears run as XNNPACK's int8 per-channel linears, which quantize "
+                            f"activations asymmetrically per token where {recipe} trained symmetric ones: the "
+                            f"program's logits are within that rounding of the artifact's, not equal")
     if rounded:
         report.notes.append(f"XNNPACK stores group scales in bf16: {rounded} of the artifact's float32 scales were "
                             f"rounded (train with int8-dynamic-act-int4-weight-bf16-scales for an exact export)")
