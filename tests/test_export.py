@@ -183,10 +183,29 @@ def test_scales_fp16_cannot_hold_are_reported_and_int8_writes_q8_0(artifacts, tm
     assert torch.equal(got, q * s.half().float())  # the codes exactly; the scale as fp16 holds it
 
 
-def test_grids_gguf_cannot_hold_are_refused(artifacts, tmp_path):
+def test_int2_codes_are_stored_exactly_in_q4_0_and_the_report_says_so(artifacts, tmp_path):
+    art = artifacts["llama", "int8-dynamic-act-int2-weight"]
+    report = export_gguf(art, tmp_path / "m.gguf")
+    assert report.by_type["Q4_0"] == 14
+    assert report.widened == {"int2": report.quantized_params}
+    assert any("int2 weights are stored as Q4_0" in n for n in report.notes)
+    t = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.ffn_down.weight")
+    tensors = _artifact_tensors(art)
+    q = tensors["model.layers.0.mlp.down_proj._weight_qdata"].float()
+    s = tensors["model.layers.0.mlp.down_proj._weight_scale"].repeat_interleave(32, -1)
+    assert q.abs().max() == 2  # an int2 grid: codes in [-2, 1]
+    got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(q.shape)
+    assert torch.equal(got, q * s.half().float())  # the codes exactly (this recipe's float32 scales as fp16)
+
+
+def test_grids_gguf_cannot_hold_are_refused():
+    from forge_qat.export.gguf import Entry, _block_type
+
+    int4_by_64 = {"_data": {"target_dtype": {"_data": "int4"}, "block_size": [1, 64]}}
     with pytest.raises(ConfigError, match="no exact GGUF type"):
-        export_gguf(artifacts["llama", "int8-dynamic-act-int2-weight"], tmp_path / "x.gguf")
-    assert not list(tmp_path.iterdir())
+        _block_type(Entry("w", "IntxUnpackedToInt8Tensor", int4_by_64), [128, 128])
+    with pytest.raises(ConfigError, match="no exact GGUF type"):
+        _block_type(Entry("w", "Float8Tensor", {}), [128, 128])
 
 
 def test_cli_exports_a_checkpoint_with_a_recipe_and_replaces_only_its_own_files(artifacts, tmp_path):
@@ -238,8 +257,8 @@ def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, t
         want = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
     torch.testing.assert_close(prompt, want[:, :4], rtol=0, atol=1e-5)
     torch.testing.assert_close(step, want[:, 4:], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="int8-dynamic-act-int4-weight"):
-        export_executorch(artifacts["llama", "int8-dynamic-act-int2-weight"], tmp_path / "x.pte")
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        export_executorch(artifacts["qwen3_moe", EXACT], tmp_path / "x.pte")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_executorch(art, tmp_path / "m.pte", max_seq_len=32)
 
@@ -281,3 +300,25 @@ def test_executorch_runs_int8_x_int8_as_xnnpack_per_channel_int8(artifacts, tmp_
         float_logits = AutoModelForCausalLM.from_pretrained(art.parent / "llama").eval()(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert (got - artifact).abs().max() < (artifact - float_logits).abs().max()
+
+
+def test_executorch_runs_int2_codes_on_xnnpack_int4_kernels(artifacts, tmp_path):
+    """XNNPACK has no 2-bit linear: the int2 codes run on its int4 kernels, exactly, with the float32 group
+    scales rounded to bf16 as XNNPACK stores them (counted in the report)."""
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+
+    from forge_qat.export.executorch import _load, export_executorch
+
+    art = artifacts["llama", "int8-dynamic-act-int2-weight"]
+    report = export_executorch(art, tmp_path / "m.pte", max_seq_len=16)
+    assert report.delegated_linears >= 14 and report.rounded_scales > 0
+    assert any("int2/int3 weights run on XNNPACK's int4 kernels" in n for n in report.notes)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = Runtime.get().load_program(str(tmp_path / "m.pte")).load_method("forward").execute([ids, torch.arange(4)])[0]
+    as_run, *_ = _load(art, 16)
+    for module in as_run.modules():
+        if isinstance(module, torch.nn.Linear) and hasattr(module.weight, "scale"):
+            module.weight.scale = module.weight.scale.to(torch.bfloat16).float()
+    with torch.no_grad():
+        torch.testing.assert_close(got, as_run(ids).logits, rtol=0, atol=1e-5)

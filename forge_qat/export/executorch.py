@@ -32,9 +32,11 @@ PTE_MAGIC_OFFSET = 4
 """A .pte is a flatbuffer whose file identifier ('ET..') sits at bytes 4-8."""
 
 DELEGATED_RECIPES = ("int8-dynamic-act-int4-weight", "int8-dynamic-act-int4-weight-bf16-scales",
-                     "int8-dynamic-act-int4-weight-int8-embeddings", "int8-dynamic-act-int8-weight")
-"""Recipes whose converted linears XNNPACK runs (int8 x int4, int8 x int8 per channel; tested). Others are
-refused: int2/int3 have no XNNPACK kernel, llama-cpp-q4-0's activations are llama.cpp's."""
+                     "int8-dynamic-act-int4-weight-int8-embeddings", "int8-dynamic-act-int8-weight",
+                     "int8-dynamic-act-int3-weight", "int8-dynamic-act-int2-weight")
+"""Recipes whose converted linears XNNPACK runs (int8 x int4, int2/int3 on its int4 kernels, int8 x int8 per
+channel; tested). Others are refused: llama-cpp-q4-0's activations are llama.cpp's, the CUDA recipes'
+tensors are not XNNPACK's."""
 
 
 @dataclass
@@ -77,6 +79,7 @@ def _load(artifact: Path, max_seq_len: int):
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
                                                cache_config={"batch_size": 1, "max_cache_len": max_seq_len})
     as_intx = _int8_linears_as_intx(model)
+    widened = _narrow_grids_as_int4(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.block_size[-1] == weight.shape[-1]:
@@ -87,7 +90,19 @@ def _load(artifact: Path, max_seq_len: int):
     rounded = sum(int((m.weight.scale.to(torch.bfloat16).float() != m.weight.scale.float()).sum())
                   for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale")
                   and m.weight.block_size[-1] < m.weight.shape[-1])
-    return model, quantized, rounded, as_intx
+    return model, quantized, rounded, as_intx, widened
+
+
+def _narrow_grids_as_int4(model) -> int:
+    """int2/int3 codes lie inside int4's [-8, 7]: marked int4, the same codes and scales run on XNNPACK's int4
+    kernels exactly (XNNPACK has no 2- or 3-bit linear). Returns the parameters so widened."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.target_dtype in (torch.int2, torch.int3):
+            weight.target_dtype = torch.int4
+            count += weight.numel()
+    return count
 
 
 def _int8_linears_as_intx(model) -> int:
@@ -172,7 +187,7 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     max_seq_len = max_seq_len or min(limit, 2048)
     if not 2 < max_seq_len <= limit:
         raise ConfigError(f"--max-seq-len must be between 3 and the model's {limit} positions, got {max_seq_len}")
-    model, quantized, rounded, as_intx = _load(artifact, max_seq_len)
+    model, quantized, rounded, as_intx, widened = _load(artifact, max_seq_len)
     program, delegated, outside = lower(model, max_seq_len)
     if outside or delegated < quantized:
         raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
@@ -185,6 +200,9 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     else:
         tokenizer = None
     report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, out.stat().st_size, tokenizer)
+    if widened:
+        report.notes.append(f"{widened:,} int2/int3 weights run on XNNPACK's int4 kernels (their codes exactly, "
+                            f"stored at 4 bits per weight: XNNPACK has no narrower linear)")
     if as_intx:
         report.notes.append(f"{as_intx} int8 x int8 linears run as XNNPACK's int8 per-channel linears, which quantize "
                             f"activations asymmetrically per token where {recipe} trained symmetric ones: the "

@@ -91,6 +91,8 @@ class GgufReport:
     rounded_blocks: int = 0
     """Quantized blocks whose scale is not fp16-representable (stored rounded: not the trained grid)."""
     total_blocks: int = 0
+    widened: dict[str, int] = field(default_factory=dict)
+    """Parameters by grid (int2, int3) stored in Q4_0, whose codes hold them exactly at 4.5 bits per weight."""
     bytes: int = 0
     pre_tokenizer: str = ""
     notes: list[str] = field(default_factory=list)
@@ -223,13 +225,13 @@ def _block_type(entry: Entry, shape: list[int]):
     if entry.kind == "IntxUnpackedToInt8Tensor":
         bits = data.get("target_dtype", {}).get("_data")
         block = data.get("block_size")
-        if bits == "int4" and block == [1] * (len(shape) - 1) + [32]:
+        if bits in ("int2", "int3", "int4") and block == [1] * (len(shape) - 1) + [32]:
+            # int2/int3 codes lie inside Q4_0's [-8, 7]: stored exactly, at Q4_0's size (`GgufReport.widened`)
             return gguf.GGMLQuantizationType.Q4_0, rows * cols // 32 * 18
         if bits == "int8" and block == [1] * (len(shape) - 1) + [cols] and cols % 32 == 0:  # per row: tables
             return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
-        raise ConfigError(f"{entry.name}: {bits} weights in groups of {data.get('block_size', ['?'])[-1]} have no "
-                          f"exact GGUF type (Q4_0 holds int4 in groups of 32; Q8_0 int8 per channel); export an "
-                          f"int4 or int8 recipe's artifact")
+        raise ConfigError(f"{entry.name}: {bits} weights in groups of {(block or ['?'])[-1]} have no exact GGUF "
+                          f"type (Q4_0 holds int2-int4 in groups of 32; Q8_0 int8 per channel)")
     if entry.kind == "Int8Tensor" and cols % 32 == 0:
         return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
     raise ConfigError(f"{entry.name}: {entry.kind} has no exact GGUF type")
@@ -461,6 +463,9 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
         finally:
             writer.close()
     report.bytes = out.stat().st_size
+    for bits, params in report.widened.items():
+        report.notes.append(f"{params:,} {bits} weights are stored as Q4_0 (GGUF has no {bits} type llama.cpp runs; "
+                            f"Q4_0 holds their codes exactly, at 4.5 bits per weight)")
     if report.rounded_blocks:
         report.notes.append(f"{report.rounded_blocks} of {report.total_blocks} blocks have a scale fp16 cannot "
                             f"hold exactly and were stored rounded: those weights are not the trained grid (train "
@@ -508,5 +513,8 @@ def _count(report: GgufReport, p: Planned, blocks: int, rounded: int) -> None:
         report.quantized_params += p.params
         report.total_blocks += blocks
         report.rounded_blocks += rounded
+        bits = p.entry.info.get("_data", {}).get("target_dtype", {}).get("_data")
+        if bits in ("int2", "int3"):
+            report.widened[bits] = report.widened.get(bits, 0) + p.params
     else:
         report.float_params += p.params
