@@ -143,10 +143,11 @@ class FakeQuantizedExperts:
         return final
 
 
-class _FakeQuantizedView:
-    """The experts module as transformers' batched kernels see it, with fake-quantized stacks and the
-    down projection's input quantizer folded into the gate (or activation), which those kernels apply
-    right before the down projection."""
+class StackView:
+    """The experts module as transformers' batched kernels see it, with other stacks (fake-quantized ones in
+    training; gathered-and-dequantized ones in an ExecuTorch export) and the down projection's input
+    quantizer folded into the gate (or activation), which those kernels apply right before the down
+    projection."""
 
     def __init__(self, module: torch.nn.Module, stacks: dict[str, torch.Tensor], down_input):
         self._module, self._stacks, self._down_input = module, stacks, down_input
@@ -199,7 +200,7 @@ def _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_
     up, dn = per_projection[first.weight], per_projection[down.weight]
     stacks = {first.weight: quantize(up.weight_fake_quantizer, getattr(module, first.weight)),
               down.weight: quantize(dn.weight_fake_quantizer, getattr(module, down.weight))}
-    view = _FakeQuantizedView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))
+    view = StackView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))
     return kernel(view, quantize(up.activation_fake_quantizer, hidden_states), top_k_index, top_k_weights)
 
 

@@ -90,27 +90,40 @@ def choose_qparams(xg: torch.Tensor, spec: AffineSpec) -> tuple[torch.Tensor, to
     return scale.to(scale_dtype), zero_point
 
 
+def _quantize_dequantize(xg: torch.Tensor, spec: AffineSpec):
+    """quantize -> clamp -> dequantize of grouped `xg` in torchao's op order; also returns the scale, its
+    inverse and the mask of clipped values (what the straight-through backward needs)."""
+    scale, zero_point = choose_qparams(xg, spec)
+    inv_scale = 1.0 / scale
+    q = xg * inv_scale
+    q.round_()
+    if zero_point is not None:
+        q.add_(zero_point.to(q.dtype))
+    clamped = q.clamp(spec.qmin, spec.qmax)
+    clipped = clamped != q
+    del q
+    if zero_point is not None:
+        clamped.sub_(zero_point.to(clamped.dtype))
+    clamped.mul_(scale)
+    return clamped, scale, inv_scale, clipped
+
+
+@torch.no_grad()
+def quantize_dequantize(x: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """The fake quantizer's forward values without autograd, in plain aten ops (what an exported program
+    computes where no backend kernel takes the quantization, e.g. ExecuTorch's gathered expert stacks)."""
+    return _quantize_dequantize(_grouped(x, spec), spec)[0].to(x.dtype).view(x.shape)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """quantize -> clamp -> dequantize with a straight-through, clip-masked gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype) -> torch.Tensor:
-        xg = _grouped(x, spec)
-        scale, zero_point = choose_qparams(xg, spec)
-        inv_scale = 1.0 / scale
-        q = xg * inv_scale
-        q.round_()
-        if zero_point is not None:
-            q.add_(zero_point.to(q.dtype))
-        clamped = q.clamp(spec.qmin, spec.qmax)
-        clipped = clamped != q
-        del q
-        if zero_point is not None:
-            clamped.sub_(zero_point.to(clamped.dtype))
-        clamped.mul_(scale)
+        values, scale, inv_scale, clipped = _quantize_dequantize(_grouped(x, spec), spec)
         ctx.save_for_backward(scale, inv_scale, clipped)
         ctx.grad_dtype = x.dtype
-        return clamped.to(out_dtype).view(x.shape)
+        return values.to(out_dtype).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

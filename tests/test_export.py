@@ -257,8 +257,11 @@ def test_executorch_program_runs_prefill_and_decode_as_the_artifact(artifacts, t
         want = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
     torch.testing.assert_close(prompt, want[:, :4], rtol=0, atol=1e-5)
     torch.testing.assert_close(step, want[:, 4:], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        export_executorch(artifacts["qwen3_moe", EXACT], tmp_path / "x.pte")
+    llama_cpp = tmp_path / "llama-cpp-artifact"
+    llama_cpp.mkdir()
+    (llama_cpp / "forge_artifact.json").write_text(json.dumps({"recipe": "llama-cpp-q4-0"}))
+    with pytest.raises(ConfigError, match="int8-dynamic-act-int4-weight"):
+        export_executorch(llama_cpp, tmp_path / "x.pte")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_executorch(art, tmp_path / "m.pte", max_seq_len=32)
 
@@ -322,3 +325,28 @@ def test_executorch_runs_int2_codes_on_xnnpack_int4_kernels(artifacts, tmp_path)
             module.weight.scale = module.weight.scale.to(torch.bfloat16).float()
     with torch.no_grad():
         torch.testing.assert_close(got, as_run(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_executorch_runs_moe_experts_as_the_artifact(artifacts, model_type, tmp_path):
+    """Mixture-of-experts: each token's routed experts are gathered from the int4 codes and multiplied, the
+    dense layers run on XNNPACK; prompt and decoded token equal the artifact's logits (transformers' eager
+    expert loop) within float rounding."""
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+    from transformers import AutoModelForCausalLM
+
+    import forge_qat.torchao_compat  # noqa: F401
+    from forge_qat.export.executorch import export_executorch
+
+    art = artifacts[model_type, EXACT]
+    report = export_executorch(art, tmp_path / "m.pte", max_seq_len=16)
+    assert report.expert_stacks == 4 and "routed experts" in report.notes[0]
+    forward = Runtime.get().load_program(str(tmp_path / "m.pte")).load_method("forward")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    prompt = forward.execute([ids[:, :5], torch.arange(5)])[0]
+    step = forward.execute([ids[:, 5:], torch.tensor([5])])[0]
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(art).eval()(ids).logits
+    torch.testing.assert_close(prompt, want[:, :5], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step, want[:, 5:], rtol=0, atol=1e-5)

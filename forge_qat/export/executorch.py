@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from forge_qat.errors import ConfigError, ConversionError, InputError
+from forge_qat.export.moe import make_exportable
 from forge_qat.export.output import check_output, temporary_output
 from forge_qat.finalize import ARTIFACT_META, artifact_recipe
 from forge_qat.models import load_config
@@ -49,6 +50,8 @@ class ExecutorchReport:
     """Linear ops inside XNNPACK subgraphs (the quantized ones and any float ones, e.g. the output head)."""
     rounded_scales: int
     """Group scales XNNPACK's bf16 storage changes (0 for *-bf16-scales recipes)."""
+    expert_stacks: int = 0
+    """Quantized expert stacks, run by ExecuTorch's portable kernels on the routed experts' codes."""
     bytes: int = 0
     tokenizer: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -70,8 +73,7 @@ def _load(artifact: Path, max_seq_len: int):
 
     model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
     model.eval().requires_grad_(False)
-    if any(hasattr(m, "gate_up_proj") for m in model.modules()):
-        raise ConfigError("ExecuTorch export of mixture-of-experts models is not built yet; export them to GGUF")
+    stacks = make_exportable(model)  # mixture-of-experts stacks: gathered per routed expert
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             # padding_idx only masks gradients; the quantized-embedding fusion matches lookups without it
@@ -90,7 +92,7 @@ def _load(artifact: Path, max_seq_len: int):
     rounded = sum(int((m.weight.scale.to(torch.bfloat16).float() != m.weight.scale.float()).sum())
                   for m in model.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "scale")
                   and m.weight.block_size[-1] < m.weight.shape[-1])
-    return model, quantized, rounded, as_intx, widened
+    return model, quantized, rounded, as_intx, widened, stacks
 
 
 def _narrow_grids_as_int4(model) -> int:
@@ -187,7 +189,7 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     max_seq_len = max_seq_len or min(limit, 2048)
     if not 2 < max_seq_len <= limit:
         raise ConfigError(f"--max-seq-len must be between 3 and the model's {limit} positions, got {max_seq_len}")
-    model, quantized, rounded, as_intx, widened = _load(artifact, max_seq_len)
+    model, quantized, rounded, as_intx, widened, stacks = _load(artifact, max_seq_len)
     program, delegated, outside = lower(model, max_seq_len)
     if outside or delegated < quantized:
         raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
@@ -199,7 +201,17 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
         shutil.copyfile(artifact / "tokenizer.json", tokenizer)
     else:
         tokenizer = None
-    report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, out.stat().st_size, tokenizer)
+    report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, stacks, out.stat().st_size,
+                              tokenizer)
+    lookups = sum("embedding_byte" in str(n.target) for n in program.exported_program().graph_module.graph.nodes)
+    if lookups:
+        report.notes.append("the int8 embedding runs as ExecuTorch's quantized lookup (`embedding_byte`), a kernel of "
+                            "ExecuTorch's quantized library: in Python `import executorch.kernels.quantized` before "
+                            "loading the program (ExecuTorch's LLM runner links it)")
+    if stacks:
+        report.notes.append(f"{stacks} expert stacks are stored as int8 codes (one byte per weight, not packed): "
+                            f"for each token only its routed experts' codes are gathered, dequantized and multiplied "
+                            f"(XNNPACK has no quantized routed-expert kernel)")
     if widened:
         report.notes.append(f"{widened:,} int2/int3 weights run on XNNPACK's int4 kernels (their codes exactly, "
                             f"stored at 4 bits per weight: XNNPACK has no narrower linear)")
