@@ -183,7 +183,8 @@ def _dry_run(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport:
     for name, t in _dedup_state_dict(skeleton).items():
         float_bytes += t.numel() * 4
         if name in coverage.quantized:
-            group = job.recipe.group_size or t.shape[-1]
+            per_row = name.rpartition(".")[0] in coverage.tables
+            group = t.shape[-1] if per_row else job.recipe.group_size or t.shape[-1]
             artifact += t.numel() * job.recipe.storage_bits // 8 + (t.numel() // group) * 5
         else:
             artifact += t.numel() * 4
