@@ -327,11 +327,11 @@ def test_executorch_runs_int2_codes_on_xnnpack_int4_kernels(artifacts, tmp_path)
         torch.testing.assert_close(got, as_run(ids).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", MOE)
+@pytest.mark.parametrize("model_type", ["qwen3_moe"])  # one lowering; both architectures' forward below
 def test_executorch_runs_moe_experts_as_the_artifact(artifacts, model_type, tmp_path):
     """Mixture-of-experts: each token's routed experts are gathered from the int4 codes and multiplied, the
     dense layers run on XNNPACK; prompt and decoded token equal the artifact's logits (transformers' eager
-    expert loop) within float rounding."""
+    expert loop) within float rounding. (Each ExecuTorch lowering costs ~40 s here, so one architecture.)"""
     pytest.importorskip("executorch")
     from executorch.runtime import Runtime
     from transformers import AutoModelForCausalLM
@@ -350,3 +350,21 @@ def test_executorch_runs_moe_experts_as_the_artifact(artifacts, model_type, tmp_
         want = AutoModelForCausalLM.from_pretrained(art).eval()(ids).logits
     torch.testing.assert_close(prompt, want[:, :5], rtol=0, atol=1e-5)
     torch.testing.assert_close(step, want[:, 5:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_exportable_experts_compute_the_artifacts_values(artifacts, model_type):
+    """The export's experts forward (gathered codes, batched matmul), run eagerly, equals the artifact's eager
+    expert loop for both architectures, prompt length not a multiple of anything."""
+    from transformers import AutoModelForCausalLM
+
+    import forge_qat.torchao_compat  # noqa: F401
+    from forge_qat.export.executorch import _load
+
+    art = artifacts[model_type, EXACT]
+    exportable, *_, stacks = _load(art, 16)
+    assert stacks == 4
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(exportable(ids).logits,
+                                   AutoModelForCausalLM.from_pretrained(art).eval()(ids).logits, rtol=0, atol=1e-5)
