@@ -64,7 +64,7 @@ def micro_train_args(output_dir, data, **extra):
 MOE_SHAPES = {
     # 2 layers, 4 experts, top-2; dimensions multiples of the int4 group size (32).
     "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
-                      num_experts_per_tok=2, head_dim=16),
+                      num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),  # as Qwen3-30B-A3B
     "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
 }
 

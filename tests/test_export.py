@@ -368,3 +368,17 @@ def test_exportable_experts_compute_the_artifacts_values(artifacts, model_type):
     with torch.no_grad():
         torch.testing.assert_close(exportable(ids).logits,
                                    AutoModelForCausalLM.from_pretrained(art).eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_qwen3_moe_llama_cpp_would_route_differently_is_refused(artifacts, tmp_path):
+    """llama.cpp's qwen3moe always renormalizes the top-k routing weights: a config with norm_topk_prob false
+    would run as another model, so the export refuses it, writing nothing."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["qwen3_moe", EXACT], art)
+    config = json.loads((art / "config.json").read_text())
+    (art / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
+    with pytest.raises(ConfigError, match="norm_topk_prob"):
+        export_gguf(art, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -452,6 +452,12 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
     if arch is None:
         raise ConfigError(f"GGUF export of model type {config.model_type!r} is not supported; supported: "
                           f"{', '.join(ARCHITECTURES)}")
+    if arch.gguf_arch == "qwen3moe" and not getattr(config, "norm_topk_prob", True):
+        # llama.cpp's qwen3moe graph always renormalizes the top-k routing weights (measured: a model with
+        # norm_topk_prob false runs differently, one with true matches forge's fake quant to 1e-7)
+        raise ConfigError("this Qwen3-MoE config has norm_topk_prob false; llama.cpp's qwen3moe always renormalizes "
+                          "the top-k routing weights (Qwen3-30B-A3B and its family set it true), so it would not run "
+                          "this model as trained")
     check_output(out, overwrite, _made_by_forge, "a GGUF file")
     reader = ArtifactReader(artifact)
     planned = plan_tensors(reader, config, arch)
