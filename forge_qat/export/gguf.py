@@ -406,10 +406,10 @@ def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None
             writer.add_expert_weights_norm(bool(config.norm_topk_prob))
 
 
-def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
+def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
     """A GPT-2-style byte-level BPE vocabulary (what transformers' fast tokenizers of these families are):
     tokens, types, merges, special token ids and the chat template, read by the `gguf` package's own
-    vocabulary classes; padded to the embedding's rows as llama.cpp requires."""
+    vocabulary classes; padded to the embedding's rows as llama.cpp requires. Returns the number of merges."""
     try:
         vocab = gguf.vocab.BpeVocab(directory)
     except FileNotFoundError:
@@ -428,7 +428,9 @@ def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return len(special.merges)
 
 
 # ---- the export ------------------------------------------------------------------------------------
@@ -496,7 +498,9 @@ def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, 
                             f"(the {config.model_type} default): pass --pre-tokenizer if llama.cpp's converter "
                             f"names it otherwise")
     report.pre_tokenizer = pre
-    write_tokenizer(writer, artifact, config.vocab_size, pre)
+    if not write_tokenizer(writer, artifact, config.vocab_size, pre):
+        report.notes.append("the tokenizer has no BPE merges (a bytes-only vocabulary): llama.cpp refuses a BPE "
+                            "vocabulary without merges, so llama.cpp cannot load this file as written")
     for p in planned:
         raw = p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
