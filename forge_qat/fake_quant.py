@@ -334,8 +334,65 @@ class _IntegerGridLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _LearnedScaleIntegerGridLinear(torch.autograd.Function):
+    """`_IntegerGridLinear` with the weight's per-row scale a trainable tensor: the weight codes are
+    clamp(round(w * (1 / s))) (torchao's quantize with a given scale, what the converted `Int8Tensor` holds),
+    the product is scaled in the same order, and `s` gets `_LearnedFakeQuantize`'s gradient: with
+    P = grad_out^T @ x_dequantized (the gradient of the fake-quantized weight), d/ds = sum_i P * (q - w / s)
+    inside the grid, P * q where clipped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, act_spec: AffineSpec, weight_spec: AffineSpec):
+        with torch.autocast(x.device.type, enabled=False):
+            xg = x.reshape(-1, x.shape[-1])
+            xq, xs, x_in = _to_grid(xg, act_spec)
+            ws = scale.reshape(-1, 1)
+            ratio = weight * (1.0 / ws)
+            q = torch.round(ratio)
+            wq = q.clamp(weight_spec.qmin, weight_spec.qmax)
+            w_in = wq == q
+            ds = torch.where(w_in, wq - ratio, wq)
+            del q, ratio
+            y = (xq @ wq.t().to(xq.dtype)) * xs
+            y = y.to(x.dtype) * ws.reshape(1, -1)
+            if bias is not None:
+                y = y + bias
+        ctx.save_for_backward(xq.to(torch.int8), xs, x_in, wq.to(torch.int8), ws, w_in, ds)
+        ctx.dtypes = (x.dtype, weight.dtype, scale.dtype, scale.shape)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xq, xs, x_in, wq, ws, w_in, ds = ctx.saved_tensors
+        x_dtype, w_dtype, s_dtype, s_shape = ctx.dtypes
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).float()
+            grad_x = grad_w = grad_b = grad_s = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ (wq.float() * ws)).mul_(x_in).to(x_dtype).reshape(*grad.shape[:-1], -1)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                p = g.t() @ (xq.float() * xs)
+                if ctx.needs_input_grad[3]:
+                    grad_s = (p * ds).sum(-1).to(s_dtype).view(s_shape)
+                if ctx.needs_input_grad[1]:
+                    grad_w = p.mul_(w_in).to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g.sum(0).to(w_dtype)
+        return grad_x, grad_w, grad_b, grad_s, None, None
+
+
 def integer_grid_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        act_spec: AffineSpec, weight_spec: AffineSpec) -> torch.Tensor:
+                        act_spec: AffineSpec, weight_spec: AffineSpec,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer-grid linear; `weight_scale`: learned per-row weight scales (else chosen from the weight)."""
+    if weight_scale is not None:
+        return _LearnedScaleIntegerGridLinear.apply(x, weight, bias, weight_scale, act_spec, weight_spec)
+    return _integer_grid_linear(x, weight, bias, act_spec, weight_spec)
+
+
+def _integer_grid_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         act_spec: AffineSpec, weight_spec: AffineSpec) -> torch.Tensor:
     if not (act_spec.symmetric and weight_spec.symmetric):
         raise ValueError("integer-grid fake quantization needs symmetric activations and weights")
     return _IntegerGridLinear.apply(x, weight, bias, act_spec, weight_spec)
@@ -348,5 +405,6 @@ class IntegerGridFakeQuantizedLinear(FakeQuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, weight = self.activation_fake_quantizer, self.weight_fake_quantizer
         if act is not None and weight is not None and act.enabled and weight.enabled:
-            return integer_grid_linear(x, self.weight, self.bias, act.spec, weight.spec)
+            learned = weight.scale if isinstance(weight, LearnedScaleFakeQuantizer) else None
+            return integer_grid_linear(x, self.weight, self.bias, act.spec, weight.spec, learned)
         return super().forward(x)

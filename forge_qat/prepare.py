@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from torchao.quantization import quantize_
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 from torchao.quantization.granularity import PerAxis, PerGroup, PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
@@ -35,7 +35,7 @@ from forge_qat.fake_quant import (
 )
 from forge_qat.options import at_least, one_of, option, positive_finite
 from forge_qat.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_names
-from forge_qat.torchao_compat import quantize_handler
+from forge_qat.torchao_compat import int8_weight_with_scale, quantize_handler
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +254,20 @@ def _convert_with_learned_scales(model: torch.nn.Module, modules: dict[str, torc
     `LearnedScaleFakeQuantizer`, which torchao does not recognise: the converted tensor's scales are the
     learned ones, its values `clamp(round(w * (1 / scale)))` exactly as the fake quantizer's."""
     base = copy.copy(recipe.base_config())
-    base.intx_choose_qparams_algorithm = None
+    int8 = isinstance(base, Int8DynamicActivationInt8WeightConfig)
+    if not int8:
+        base.intx_choose_qparams_algorithm = None
     handler = quantize_handler(base)
     for name in sorted(names):
         prepared = modules[name]
         scale = prepared.weight_fake_quantizer.scale.detach().to(prepared.weight.device)
-        linear = handler(prepared.to_linear(), base, custom_scale=scale,
-                         custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
+        if int8:  # its handler takes no custom scale: the same tensor, built with the learned one
+            linear = prepared.to_linear()
+            linear.weight = torch.nn.Parameter(int8_weight_with_scale(linear.weight.detach(), base, scale),
+                                               requires_grad=False)
+        else:
+            linear = handler(prepared.to_linear(), base, custom_scale=scale,
+                             custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, linear)
 

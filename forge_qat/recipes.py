@@ -242,6 +242,7 @@ RECIPES: dict[str, Recipe] = {
                 integer_matmul=True,
             ),
             convert_expert_stack=TORCHAO_STACK,
+            learnable_scales=True,  # per-row scales on the integer grid (fake_quant._LearnedScaleIntegerGridLinear)
         ),
         Recipe(
             name="int4-weight-only",

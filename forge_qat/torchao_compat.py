@@ -1,7 +1,7 @@
 """Every use of torchao beyond its public API, in one place: internal import paths, the config-handler
-registry, the prototype safetensors support, and the one operator torchao 0.18 lacks for int4
-mixture-of-experts artifacts (`aten.select` on `IntxUnpackedToInt8Tensor`). A torchao upgrade that moves
-any of them breaks here and nowhere else.
+registry, the prototype safetensors support, building an `Int8Tensor` with a given scale, and the one
+operator torchao 0.18 lacks for int4 mixture-of-experts artifacts (`aten.select` on
+`IntxUnpackedToInt8Tensor`). A torchao upgrade that moves any of them breaks here and nowhere else.
 
 Importing this module registers that operator (idempotently, and never over an implementation torchao
 itself provides), and registers transformers' eager expert loop under this module's name as an experts
@@ -28,12 +28,14 @@ from torchao.core.config import AOBaseConfig
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 from torchao.quantization.quant_api import _adjust_scale_dtype_in_intx_unpacked_tensor
+from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
 from transformers.integrations.moe import ExpertsInterface
 
 __all__ = ["ALLOWED_TENSORS_SUBCLASSES", "EXPERTS_IMPLEMENTATION", "IntxUnpackedToInt8Tensor",
-           "flatten_tensor_state_dict", "quantize_handler", "set_intx_scale_dtype", "TORCHAO_HAS_SELECT"]
+           "flatten_tensor_state_dict", "int8_weight_with_scale", "quantize_handler", "set_intx_scale_dtype",
+           "TORCHAO_HAS_SELECT"]
 
 aten = torch.ops.aten
 
@@ -42,6 +44,16 @@ def set_intx_scale_dtype(tensor: IntxUnpackedToInt8Tensor, weight: torch.Tensor,
     """What `Int8DynamicActivationIntxWeightConfig(weight_scale_dtype=...)` does to the tensors it builds:
     round the scales to `dtype`, then quantize `weight` again with them."""
     _adjust_scale_dtype_in_intx_unpacked_tensor(tensor, weight, dtype)
+
+
+def int8_weight_with_scale(weight: torch.Tensor, config: AOBaseConfig, scale: torch.Tensor) -> torch.Tensor:
+    """What `Int8DynamicActivationInt8WeightConfig` makes of `weight`, with the given per-row `scale` instead of
+    the one it would choose (its handler takes no custom scale; `Int8Tensor.from_hp` does)."""
+    act_granularity, weight_granularity = Int8Tensor._normalize_granularity(config.granularity)
+    kwargs = QuantizeTensorToInt8Kwargs(granularity=act_granularity, mapping_type=config.act_mapping_type,
+                                        reduce_range=config.reduce_range)
+    return Int8Tensor.from_hp(weight, granularity=weight_granularity, scale=scale, act_quant_kwargs=kwargs,
+                              reduce_range=config.reduce_range)
 
 
 def quantize_handler(config: AOBaseConfig) -> Callable[..., torch.nn.Module]:

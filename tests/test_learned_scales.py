@@ -56,9 +56,10 @@ def _tiny(seed=0):
     return preset_model("micro-llama", seed=seed)[0]
 
 
-def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly():
+@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"])
+def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_name):
     model, reference = _tiny(), _tiny()
-    recipe = get_recipe(DEFAULT_RECIPE)
+    recipe = get_recipe(recipe_name)
     prepare_qat(model, recipe, learn=LearnScales())
     prepare_qat(reference, recipe)
     x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -76,15 +77,16 @@ def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly():
 
 def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
     able = [n for n, r in RECIPES.items() if r.learnable_scales]
-    assert DEFAULT_RECIPE in able and "int8-dynamic-act-int8-weight" not in able
+    fixed = "int8-dynamic-act-int4-weight-bf16-scales"  # its scales are rounded to bf16: not learnable (yet)
+    assert {DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"} <= set(able) and fixed not in able
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
-        TrainConfig.from_flat(qat_recipe="int8-dynamic-act-int8-weight", qat_learn_scales=True)
+        TrainConfig.from_flat(qat_recipe=fixed, qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
         TrainConfig.from_flat(qat_recipe="none", qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--fake-quant-after-steps"):
         TrainConfig.from_flat(qat_learn_scales=True, fake_quant_after_steps=10)
     with pytest.raises(ConfigError, match="no learnable weight scales"):
-        prepare_qat(_tiny(), get_recipe("int8-dynamic-act-int8-weight"), learn=LearnScales())
+        prepare_qat(_tiny(), get_recipe(fixed), learn=LearnScales())
 
 
 def test_moe_expert_stacks_are_refused_not_silently_left_dynamic():
@@ -196,3 +198,54 @@ def test_scales_have_their_own_optimizer_group():
     assert build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"] == 2e-5
     with pytest.raises(ConfigError, match="add --qat-learn-scales"):
         TrainConfig.from_flat(qat_scale_lr=1e-3)
+
+
+def test_int8_integer_grid_gradients_are_the_learned_quantizers():
+    """int8 x int8 with learned per-row scales: the integer-grid product equals the dequantized one, and the
+    gradients of input, weight and scale are those of `LearnedScaleFakeQuantizer`'s weight fed to a linear
+    (the reference)."""
+    from forge_qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale, integer_grid_linear
+    from forge_qat.recipes import get_recipe as recipe_of
+
+    plan = recipe_of("int8-dynamic-act-int8-weight").fake_quant
+    torch.manual_seed(0)
+    x = torch.randn(6, 48, requires_grad=True)
+    w = (torch.randn(16, 48) * 0.1).requires_grad_(True)
+    s = (initial_scale(w.detach(), plan.weight) * torch.empty(16, 1).uniform_(0.6, 1.1)).requires_grad_(True)
+    y = integer_grid_linear(x, w, None, plan.activation, plan.weight, s)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    from forge_qat.fake_quant import fake_quantize
+
+    quantizer = LearnedScaleFakeQuantizer(plan.weight, s.detach())
+    w2, x2 = w.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(fake_quantize(x2, plan.activation), quantizer(w2))
+    ref.backward(g)
+    # the same grids and decisions; only the order of float sums differs
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, quantizer.scale.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    assert s.grad.abs().sum() > 0
+
+
+def test_int8_x_int8_trains_learned_scales_into_an_artifact_that_equals_its_fake_quant(tmp_path, data):
+    """The int8 x int8 recipe end to end: trained scales move, and the artifact (an `Int8Tensor` built with
+    them) reproduces the fake-quant model with the checkpoint's scales bit for bit."""
+    recipe = "int8-dynamic-act-int8-weight"
+    run_training(TrainConfig.from_flat(**_args(tmp_path / "run", data, max_steps=3, save_every=3, qat_recipe=recipe)))
+    ckpt = ckpt_io.resolve_checkpoint(tmp_path / "run")
+    scales = ckpt_io.read_learned_scales(ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    spec = get_recipe(recipe).fake_quant.weight
+    assert all(not torch.equal(s, initial_scale(weights[k.removesuffix(SCALE_SUFFIX) + ".weight"], spec))
+               for k, s in scales.items())
+    report = finalize(FinalizeRequest(source=tmp_path / "run", dest=tmp_path / "a"))
+    assert report.learned_scales and report.recipe == recipe
+    fake, tok = load_model(str(ckpt))
+    prepare_qat(fake, get_recipe(recipe), learn=LearnScales(initial=scales))
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(report.dest)(x).logits, fake.eval()(x).logits,
+                                   rtol=0, atol=0)
