@@ -267,7 +267,10 @@ class LearnedScaleFakeQuantizer(torch.nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return w
+            # The scales join the graph with a zero gradient, so the optimizer steps them (by nothing) in every
+            # step on every engine: Adam's step count is then the same in one process as under DeepSpeed,
+            # which steps every parameter of a group, when fake quantization starts later.
+            return w + self.scale.sum().to(w.dtype) * 0
         out_dtype = consumer_dtype(w)  # read before autocast is switched off below
         with torch.autocast(w.device.type, enabled=False):
             return _LearnedFakeQuantize.apply(w, self.scale, self.spec, out_dtype)

@@ -190,6 +190,24 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
     return coverage
 
 
+def reinitialize_learned_scales(model: torch.nn.Module, full_tensor: Gather,
+                                set_full: Callable[[torch.nn.Parameter, torch.Tensor], None]) -> int:
+    """Set every learned scale to what the dynamic quantizer would choose for its weight now: where fake
+    quantization starts after float steps, the scales start from the weights of that step, as they start
+    from the initial weights otherwise. `full_tensor`/`set_full`: the engine's (collective: every rank runs
+    this, in the same order). Returns the number of layers."""
+    count = 0
+    for module in model.modules():
+        quantizer = getattr(module, "weight_fake_quantizer", None)
+        if not isinstance(quantizer, LearnedScaleFakeQuantizer):
+            continue
+        with full_tensor(module.weight) as weight:
+            value = initial_scale(weight.to(quantizer.scale.device), quantizer.spec)
+        set_full(quantizer.scale, value.reshape(quantizer.scale.shape))
+        count += 1
+    return count
+
+
 def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The learned weight-scale Parameters of a prepared model, by state-dict name."""
     return {n: p for n, p in model.named_parameters() if is_learned_scale(n)}
@@ -325,7 +343,8 @@ class QatConfig:
     fake_quant_after_steps: int = option(0, "Train this many steps in float before enabling fake quantization.",
                                          resume_fixed=True)
     qat_learn_scales: bool = option(False, "Train the weight quantization scales with the model (initialised from "
-                                           "the weights; the converted artifact uses the learned scales).",
+                                           "the weights when fake quantization starts; the converted artifact uses "
+                                           "the learned scales).",
                                     resume_fixed=True)
     qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: --lr).",
                                         resume_fixed=True)
@@ -352,10 +371,6 @@ class QatConfig:
             raise ConfigError(f"--qat-learn-scales needs a QAT recipe whose weight scales can be learned "
                               f"({', '.join(able)}); this run's is {self.recipe_name or NO_RECIPE}")
         positive_finite("qat_scale_lr", self.qat_scale_lr)
-        if self.fake_quant_after_steps:
-            raise ConfigError("--qat-learn-scales chooses the scales from the weights when training starts; "
-                              "with --fake-quant-after-steps the float steps would move the weights away from "
-                              "them first. Use one or the other")
 
     @property
     def recipe_name(self) -> str | None:

@@ -134,16 +134,18 @@ def test_distillation_under_zero3_matches_single_process(tmp_path, data, teacher
     assert zero[0]["kd_loss"] > 0
 
 
-def test_learned_scales_under_zero3_match_single_process(tmp_path, data):
+@pytest.mark.parametrize("delay", [0, 2])
+def test_learned_scales_under_zero3_match_single_process(tmp_path, data, delay):
     """--qat-learn-scales under ZeRO-3 (scales chosen from each gathered weight, then partitioned and
-    trained like any parameter) vs one process; the artifact finalized from the live partitioned model
+    trained like any parameter; with `delay`, chosen again from the partitioned weights when fake
+    quantization starts) vs one process; the artifact finalized from the live partitioned model
     reproduces the fake-quant model built from the checkpoint's weights and learned scales exactly."""
     from forge_qat.finalize import sample_batch
     from forge_qat.models import load_model
     from forge_qat.prepare import LearnScales, prepare_qat
     from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
 
-    args = dict(max_steps=3, save_every=0, qat_learn_scales=True, finalize=DEFAULT_RECIPE)
+    args = dict(max_steps=3, save_every=0, qat_learn_scales=True, finalize=DEFAULT_RECIPE, fake_quant_after_steps=delay)
     launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
@@ -152,8 +154,12 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data):
     sz = ckpt_io.read_learned_scales(ckpt)
     ss = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "s")[-1][1])
     assert sz and set(sz) == set(ss) and not set(sz) & set(_weights(tmp_path / "z"))
+    # Adam's first updates move every element by about lr whatever its gradient's size: an element whose gradient
+    # is ~0 may move either way under the all-reduce's different summation order (seen with `delay`, once the
+    # weights have had float steps). So: almost all elements close, none further apart than two such moves.
     for k in sz:
-        torch.testing.assert_close(sz[k], ss[k], rtol=2e-3, atol=1e-6)
+        close = torch.isclose(sz[k], ss[k], rtol=2e-3, atol=1e-6)
+        assert close.float().mean() >= 0.98 and (sz[k] - ss[k]).abs().max() <= 2e-3, k
     fake, tok = load_model(str(ckpt))
     prepare_qat(fake, get_recipe(DEFAULT_RECIPE), learn=LearnScales(initial=sz))
     from transformers import AutoModelForCausalLM

@@ -83,8 +83,6 @@ def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
         TrainConfig.from_flat(qat_recipe=fixed, qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
         TrainConfig.from_flat(qat_recipe="none", qat_learn_scales=True)
-    with pytest.raises(ConfigError, match="--fake-quant-after-steps"):
-        TrainConfig.from_flat(qat_learn_scales=True, fake_quant_after_steps=10)
     with pytest.raises(ConfigError, match="no learnable weight scales"):
         prepare_qat(_tiny(), get_recipe(fixed), learn=LearnScales())
 
@@ -249,3 +247,36 @@ def test_int8_x_int8_trains_learned_scales_into_an_artifact_that_equals_its_fake
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(report.dest)(x).logits, fake.eval()(x).logits,
                                    rtol=0, atol=0)
+
+
+def test_delayed_fake_quantization_starts_the_scales_from_the_weights_of_that_step(tmp_path, data, monkeypatch):
+    """With --fake-quant-after-steps 2 the float steps leave the scales alone (zero gradient), then the scales
+    are chosen from the weights after those steps, exactly as the dynamic quantizer would; a run resumed
+    before that step ends where the uninterrupted one does."""
+    import forge_qat.train.trainer as trainer_mod
+    from forge_qat.prepare import learned_scales, reinitialize_learned_scales
+
+    seen = {}
+
+    def spy(model, *args):
+        layers = reinitialize_learned_scales(model, *args)
+        seen.update({k: v.detach().clone() for k, v in learned_scales(model).items()})
+        return layers
+
+    monkeypatch.setattr(trainer_mod, "reinitialize_learned_scales", spy)
+    args = _args(tmp_path / "d", data, max_steps=4, save_every=1, save_total_limit=10, fake_quant_after_steps=2)
+    run_training(TrainConfig.from_flat(**args))
+    ckpts = dict(ckpt_io.checkpoint_dirs(tmp_path / "d"))
+    weights = load_file(ckpts[2] / "model.safetensors")  # the weights fake quantization starts from
+    assert seen and all(torch.equal(s, initial_scale(weights[k.removesuffix(SCALE_SUFFIX) + ".weight"], SPEC))
+                        for k, s in seen.items())
+    before = ckpt_io.read_learned_scales(ckpts[2])  # untouched by the float steps: the step-0 choice
+    assert all(torch.equal(before[k], ckpt_io.read_learned_scales(ckpts[1])[k]) for k in before)
+    assert not all(torch.equal(before[k], seen[k]) for k in seen)
+    final = ckpt_io.read_learned_scales(ckpts[4])
+
+    for step in (3, 4):
+        shutil.rmtree(ckpts[step])  # the job died after step 2's checkpoint, before fake quantization began
+    run_training(TrainConfig.from_flat(**{**args, "resume": True}))
+    resumed = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "d")[-1][1])
+    assert set(resumed) == set(final) and all(torch.equal(resumed[k], final[k]) for k in final)

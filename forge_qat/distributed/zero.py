@@ -263,6 +263,16 @@ class ZeroEngine:
         with deepspeed.zero.GatheredParameters([p]):
             yield p.data.detach()
 
+    def set_full_tensor(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """The module's partitions (rank 0's value, re-partitioned on leaving the gather) and the optimizer's
+        fp32 master partitions (each rank its own slice of `value`), which the next step copies back."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if self.rank == 0 or not self.stage3:  # below stage 3 every rank holds the whole parameter
+                p.copy_(value.to(p.device, p.dtype))
+        safe_set_full_fp32_param(p, value.to(self.device, torch.float32))
+
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(directory / DS_STATE), tag=DS_TAG, client_state=client_state)
 

@@ -48,6 +48,9 @@ class Engine(Protocol):
     def full_tensor(self, p: torch.nn.Parameter) -> AbstractContextManager[torch.Tensor]:
         """The whole of `p` on every rank, as the optimizer holds it (fp32 masters where there are some;
         collective: every rank enters it for the same parameters in the same order)."""
+    def set_full_tensor(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Give a trained parameter a new whole value, in the model and in the optimizer's masters (collective:
+        every rank passes the same `value`)."""
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Write what `load_state` needs to continue (optimizer, schedule, `client_state`) into `directory`."""
     def load_state(self, directory: Path) -> dict[str, Any]:

@@ -66,6 +66,10 @@ class LocalEngine:
     def full_tensor(self, p: torch.nn.Parameter) -> Iterator[torch.Tensor]:
         yield p.detach()
 
+    def set_full_tensor(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            p.copy_(value)
+
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **client_state}
         ckpt_io.save_trainer_state(directory, state)

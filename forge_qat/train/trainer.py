@@ -24,7 +24,7 @@ from forge_qat.errors import ConfigError, TrainingDivergedError
 from forge_qat.evaluate import mean_loss
 from forge_qat.finalize import FinalizeRequest, finalize, finalize_live
 from forge_qat.models import load_model_tokenizer
-from forge_qat.prepare import NO_RECIPE, check_convert_hardware, set_fake_quant_enabled
+from forge_qat.prepare import NO_RECIPE, check_convert_hardware, reinitialize_learned_scales, set_fake_quant_enabled
 from forge_qat.recipes import get_recipe
 from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
@@ -182,6 +182,11 @@ class Trainer:
         fake_quant = cfg.qat.fake_quant_at(step)
         if self.recipe:
             set_fake_quant_enabled(self.models.student, fake_quant)
+        if cfg.qat.qat_learn_scales and step == cfg.qat.fake_quant_after_steps > 0:
+            layers = reinitialize_learned_scales(self.models.student, engine.full_tensor, engine.set_full_tensor)
+            if self.main:
+                log.info("fake quantization starts: learned scales of %d layers chosen from the weights of step %d",
+                         layers, step)
         t0 = time.perf_counter()
         global_batch = cfg.optim.batch_size * engine.world_size
         totals: dict[str, torch.Tensor] = {}
