@@ -168,11 +168,13 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, step: int, tokenizer,
-                    meta: dict[str, Any], keep: int, layout: Layout | None = None) -> Path | None:
+                    meta: dict[str, Any], keep: int, layout: Layout | None = None,
+                    trainer_state: dict[str, Any] | None = None) -> Path | None:
     """Write checkpoint-{step} (collective): the engine's state for --resume, the float weights gathered one
     tensor at a time and written by rank 0 under the checkpoint names of `layout` (the input model's, e.g.
     per-expert tensors for fused MoE stacks, so stock `from_pretrained` reads it as it read the input),
-    learned scales apart, config, tokenizer and metadata. Written under `.checkpoint-N.tmp-PID` (rank 0's PID,
+    learned scales apart, config, tokenizer and metadata. `trainer_state`: more that `--resume` gets back (plain
+    data and tensors). Written under `.checkpoint-N.tmp-PID` (rank 0's PID,
     shared with every rank) and renamed when complete; then pruned to the newest `keep` checkpoints.
     Returns the checkpoint on rank 0, None elsewhere."""
     main = engine.rank == 0
@@ -184,7 +186,7 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
-        engine.save_state(tmp, {"step": step, **rng_state()})
+        engine.save_state(tmp, {"step": step, **rng_state(), **(trainer_state or {})})
         write_weights(tmp if main else None, engine, model, layout or Layout())
         if main:
             model.config.save_pretrained(tmp)

@@ -131,6 +131,21 @@ def test_scales_train_and_are_saved_beside_a_plain_hf_checkpoint(learned_run):
     assert moved == len(scales)
     meta = json.loads((ckpt / ckpt_io.CHECKPOINT_META).read_text())
     assert meta["train_config"]["qat_learn_scales"] is True
+    movement = meta["learned_scales"]  # at lr 1e-3 they train: more than the "barely moved" line
+    assert movement["median_relative_change"] > 0.01 and movement["sampled_scales"] == sum(s.numel() for s in
+                                                                                            scales.values())
+
+
+def test_scales_that_barely_move_are_reported(tmp_path, data, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="forge_qat"):
+        run_training(TrainConfig.from_flat(**_args(tmp_path / "r", data, max_steps=2, save_every=2,
+                                                   qat_scale_lr=1e-9)))
+    meta = json.loads((ckpt_io.checkpoint_dirs(tmp_path / "r")[-1][1] / ckpt_io.CHECKPOINT_META).read_text())
+    assert meta["learned_scales"]["median_relative_change"] < 1e-6
+    assert any("learned scales moved a median 0.00%" in r.getMessage() and "--qat-scale-lr" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_resume_continues_identically_with_learned_scales(tmp_path, data, learned_run):
@@ -141,6 +156,10 @@ def test_resume_continues_identically_with_learned_scales(tmp_path, data, learne
     a = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(learned_run)[-1][1])
     b = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(out)[-1][1])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the movement is measured from where the scales started, not from where the resumed job did
+    metas = [json.loads((ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.CHECKPOINT_META).read_text()) for r in
+             (learned_run, out)]
+    assert metas[0]["learned_scales"] == metas[1]["learned_scales"]
     with pytest.raises(ConfigError, match="qat_learn_scales"):
         run_training(TrainConfig.from_flat(**dict(_args(out, data, max_steps=6, resume=True), qat_learn_scales=False)))
 

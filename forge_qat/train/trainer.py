@@ -30,6 +30,8 @@ from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
 from forge_qat.train.model_setup import TrainingModels, build_models
 from forge_qat.train.optim import Placement, build_optimizer, build_scheduler, resolve_placement
+from forge_qat.train.scale_watch import ScaleWatch
+from forge_qat.train.scale_watch import report as report_scale_movement
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,9 @@ class Trainer:
         student.train()
         optimizer = build_optimizer(student, cfg, self.placement.lr)
         self.scheduler = build_scheduler(optimizer, cfg)
+        self.scale_watch: ScaleWatch | None = None
+        if cfg.qat.qat_learn_scales and not cfg.qat.fake_quant_after_steps:
+            self.scale_watch = ScaleWatch.begin(student, self.engine.full_tensor)
         self.model = self.engine.wrap(student, optimizer, self.scheduler)
         teacher = self.engine.wrap_frozen(self.models.teacher) if self.models.teacher is not None else None
         self.objective = cfg.distill.objective(teacher)
@@ -183,10 +188,7 @@ class Trainer:
         if self.recipe:
             set_fake_quant_enabled(self.models.student, fake_quant)
         if cfg.qat.qat_learn_scales and step == cfg.qat.fake_quant_after_steps > 0:
-            layers = reinitialize_learned_scales(self.models.student, engine.full_tensor, engine.set_full_tensor)
-            if self.main:
-                log.info("fake quantization starts: learned scales of %d layers chosen from the weights of step %d",
-                         layers, step)
+            self._start_scales_again(step)
         t0 = time.perf_counter()
         global_batch = cfg.optim.batch_size * engine.world_size
         totals: dict[str, torch.Tensor] = {}
@@ -214,6 +216,15 @@ class Trainer:
             record["fake_quant"] = fake_quant
         return record
 
+    def _start_scales_again(self, step: int) -> None:
+        """Delayed fake quantization starts: the learned scales are chosen from this step's weights."""
+        student, engine = self.models.student, self.engine
+        layers = reinitialize_learned_scales(student, engine.full_tensor, engine.set_full_tensor)
+        self.scale_watch = ScaleWatch.begin(student, engine.full_tensor)
+        if self.main:
+            log.info("fake quantization starts: learned scales of %d layers chosen from the weights of step %d",
+                     layers, step)
+
     def maybe_eval(self, record: dict[str, Any]) -> None:
         """Held-out loss at the eval cadence and the last step: the same token-weighted loop as `forge eval`."""
         if self.eval_data is None or not self.cfg.run.eval_due(record["step"], self.cfg.optim.max_steps):
@@ -226,9 +237,15 @@ class Trainer:
     def maybe_save(self, done: int) -> None:
         if not self.cfg.run.save_due(done, self.cfg.optim.max_steps):
             return
+        meta = self._checkpoint_meta()
+        if self.scale_watch is not None and done > self.cfg.qat.fake_quant_after_steps:
+            meta["learned_scales"] = self.scale_watch.movement(self.models.student, self.engine.full_tensor)
+            if self.main:
+                report_scale_movement(meta["learned_scales"], done, self.cfg.qat.qat_scale_lr or self.placement.lr)
+        state = {"scale_watch": self.scale_watch.state()} if self.scale_watch is not None else None
         self.last_checkpoint = ckpt_io.save_checkpoint(self.engine, self.models.student, self.out, done,
-                                                       self.models.tokenizer, self._checkpoint_meta(),
-                                                       self.cfg.run.save_total_limit, self.models.layout)
+                                                       self.models.tokenizer, meta, self.cfg.run.save_total_limit,
+                                                       self.models.layout, trainer_state=state)
         self.observer and self.last_checkpoint and self.observer.on_checkpoint(self.last_checkpoint)
 
     def _checkpoint_meta(self) -> dict[str, Any]:
@@ -251,7 +268,10 @@ class Trainer:
             ckpt_io.remove_stale_temporaries(self.out)
         if not self.engine.state_includes_weights:
             ckpt_io.load_weights_into(self.models.student, path)
-        ckpt_io.restore_rng_state(self.engine.load_state(path))
+        state = self.engine.load_state(path)
+        ckpt_io.restore_rng_state(state)
+        if state.get("scale_watch") is not None:
+            self.scale_watch = ScaleWatch.from_state(state["scale_watch"])
         if self.main:
             ckpt_io.trim_metrics(self.out, step)
             log.info("resumed from %s (step %d)", path, step)
