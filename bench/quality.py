@@ -11,7 +11,8 @@ Part A, from the pretrained model (the teacher of `float` KD is the pretrained m
   float fine-tune            cross-entropy, no quantization, and PTQ of it (the reference degradation)
   QAT                        torchao's plain recipe: cross-entropy on fake-quantized forwards
   QAT + KD <loss>            + distillation, for each --kd-loss (float teacher) and --self-kd-losses
-  QAT, learnable scales      --qat-learn-scales; and KD with learnable scales (--both)
+  QAT, learnable scales      --qat-learn-scales (scale lr = lr, and each of --scale-lrs); and KD with
+                             learnable scales (--both)
 Part B (rows `ft-*`), QAT of the fine-tuned model: each row continues the float fine-tune for the same
 number of steps again, so the float teacher is the fine-tuned model itself, the model being quantized.
 Its reference is the float run continued as long, and PTQ of that.
@@ -90,7 +91,8 @@ def _kd(teacher: str, loss: str) -> dict:
     return {"kd_teacher": teacher, "kd_loss": loss, "kd_weight": 1.0, **tempered}
 
 
-def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str], scale_lr: float) -> dict[str, dict]:
+def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
+         scale_lrs: list[float]) -> dict[str, dict]:
     """Row name -> how it is made: train settings (None: the starting model), whether it is PTQ, its label."""
     qat = {"qat_recipe": "{recipe}"}
     table = {
@@ -106,6 +108,9 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str], sc
             table[name] = {"train": {**qat, **_kd(teacher, loss)},
                            "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, {teacher} teacher"}
     table["qat-ls"] = {"train": {**qat, "qat_learn_scales": True}, "label": "QAT, learnable scales"}
+    for scale_lr in scale_lrs:
+        table[f"qat-ls-lr{scale_lr:g}"] = {"train": {**qat, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
+                                          "label": f"QAT, learnable scales at lr {scale_lr:g}"}
     teacher, loss = both
     table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**qat, **_kd(teacher, loss), "qat_learn_scales": True},
                                             "label": f"QAT + KD {loss}, {teacher} teacher, learnable scales"}
@@ -127,10 +132,11 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str], sc
     table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**qat, **_kd("float", both[1]),
                                                                    "qat_learn_scales": True},
                                      "label": f"QAT + KD {both[1]}, fine-tune as teacher, learnable scales" + cont}
-    for kd, label in (({}, "QAT"), (_kd("float", both[1]), f"QAT + KD {both[1]}, fine-tune as teacher")):
-        name = "ft-qat" + (f"-kd-{both[1]}" if kd else "") + "-ls-fast"
-        table[name] = {"from": "float-ft", "train": {**qat, **kd, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
-                       "label": f"{label}, learnable scales at lr {scale_lr:g}" + cont}
+    for scale_lr in scale_lrs:
+        for kd, label in (({}, "QAT"), (_kd("float", both[1]), f"QAT + KD {both[1]}, fine-tune as teacher")):
+            name = "ft-qat" + (f"-kd-{both[1]}" if kd else "") + f"-ls-lr{scale_lr:g}"
+            table[name] = {"from": "float-ft", "label": f"{label}, learnable scales at lr {scale_lr:g}" + cont,
+                           "train": {**qat, **kd, "qat_learn_scales": True, "qat_scale_lr": scale_lr}}
     return table
 
 
@@ -171,7 +177,7 @@ def main() -> None:
     p.add_argument("--kd-losses", default=",".join(KD_LOSSES), help="comma-separated --kd-loss names")
     p.add_argument("--self-kd-losses", default="kl", help="comma-separated --kd-loss names with --kd-teacher self")
     p.add_argument("--both", default="self:kl", help="TEACHER:LOSS of the KD row with learnable scales too")
-    p.add_argument("--scale-lr", type=float, default=1e-3, help="--qat-scale-lr of the *-ls-fast rows")
+    p.add_argument("--scale-lrs", default="1e-3", help="comma-separated --qat-scale-lr values of the *-ls-lr* rows")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout for every row")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
     p.add_argument("--keep-runs", action="store_true", help="keep each row's run and artifact (default: delete)")
@@ -182,7 +188,8 @@ def main() -> None:
     budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
               "warmup_steps": max(args.steps // 10, 1), "seed": args.seed}
     teacher, _, loss = args.both.partition(":")
-    table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss), args.scale_lr)
+    table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss),
+                 [float(v) for v in args.scale_lrs.split(",")])
     chosen = list(table) if args.rows == "all" else args.rows.split(",")
     unknown = [r for r in chosen if r not in table]
     if unknown:
