@@ -127,8 +127,8 @@ def main() -> None:
     speed = results["decode_tokens_per_s"]
     print(json.dumps(results, indent=2, default=str))
     print(f"prompt logits vs the artifact: max |diff| {results['prompt_logits_max_abs_diff_vs_artifact']:.2e}; "
-          f"decode {speed['ExecuTorch XNNPACK 8da4w']:.1f} vs {speed['transformers fp32']:.1f} tok/s "
-          f"({speed['ExecuTorch XNNPACK 8da4w'] / speed['transformers fp32']:.2f}x); .pte {report.bytes / 1e6:.1f} MB "
+          f"decode {speed['ExecuTorch XNNPACK']:.1f} vs {speed['transformers fp32']:.1f} tok/s "
+          f"({speed['ExecuTorch XNNPACK'] / speed['transformers fp32']:.2f}x); .pte {report.bytes / 1e6:.1f} MB "
           f"vs fp32 {results['float_bytes'] / 1e6:.1f} MB ({report.bytes / results['float_bytes']:.2f}x); "
           f"export {export_s:.0f} s")
     results["recipe"] = args.recipe
