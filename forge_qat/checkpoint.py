@@ -21,10 +21,10 @@ from forge_qat import __version__
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from forge_qat.errors import InputError, OutputExistsError, OutputWriteError
 from forge_qat.fake_quant import is_learned_scale
-from forge_qat.layouts import Layout
+from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.safe_load import UNSAFE_PICKLE
 from forge_qat.train.engine import Engine, full_tensors
-from forge_qat.weights import tied_aliases
+from forge_qat.weights import SafetensorsReader, tied_aliases
 
 RUN_MARKER = "forge_run.json"
 CHECKPOINT_META = "forge_checkpoint.json"
@@ -295,23 +295,34 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load a checkpoint's float weights into an (already prepared) model of the same architecture."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        try:
-            state.update(load_file(f))
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:200]}); resume from an "
-                             f"earlier checkpoint") from None
-    state.update(read_learned_scales(ckpt) or {})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = set(missing) - tied_aliases(model)  # a tied parameter is stored under its first name only
-    if missing or unexpected:
+    """Load a checkpoint's float weights (in the layout it was written in: MoE checkpoints keep their input's
+    per-expert tensors) and learned scales into an (already prepared) model of the same architecture, one
+    tensor at a time."""
+    reader = model_layout_reader(SafetensorsReader.from_dir(ckpt), model)
+    tied = tied_aliases(model)
+    state = model.state_dict(keep_vars=True)
+    wanted = [n for n in state if n not in tied and not is_learned_scale(n)]
+    missing = [n for n in wanted if n not in reader.keys()]
+    if missing or reader.layout.unexpected:
         raise InputError(f"{ckpt} does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+                         f"unexpected {sorted(reader.layout.unexpected)[:5]}")
+    with torch.no_grad():
+        for name in wanted:
+            target = state[name]
+            if list(target.shape) != reader.shape(name):
+                raise InputError(f"{ckpt}: {name} has shape {reader.shape(name)}, the model's is "
+                                 f"{list(target.shape)}")
+            value = torch.empty(target.numel(), dtype=target.dtype)
+            reader.read_flat(name, 0, value)
+            target.copy_(value.view(target.shape))
+    scales = read_learned_scales(ckpt) or {}
+    expected = {n for n in state if is_learned_scale(n)}
+    if set(scales) != expected:
+        raise InputError(f"{ckpt}: its learned scales do not match the model's: missing "
+                         f"{sorted(expected - set(scales))[:3]}, unexpected {sorted(set(scales) - expected)[:3]}")
+    with torch.no_grad():
+        for name, value in scales.items():
+            state[name].copy_(value)
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:

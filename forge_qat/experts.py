@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from forge_qat.errors import ConfigError
-from forge_qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
+from forge_qat.fake_quant import AffineFakeQuantizer, LearnedScaleFakeQuantizer, integer_grid_linear
 from forge_qat.weights import true_shape
 
 
@@ -75,16 +75,25 @@ class ProjectionFakeQuant(torch.nn.Module):
         self.weight_fake_quantizer = weight
         self.integer_grid = integer_grid
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """What the recipe's `FakeQuantizedLinear` computes for weight `w` (one expert's slice)."""
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+        """What the recipe's `FakeQuantizedLinear` computes for weight `w` (one expert's slice); `scale`: that
+        expert's slice of the learned scales, where they are learned."""
         act, wq = self.activation_fake_quantizer, self.weight_fake_quantizer
         if self.integer_grid and act is not None and wq is not None and act.enabled and wq.enabled:
-            return integer_grid_linear(x, w, b, act.spec, wq.spec)
+            return integer_grid_linear(x, w, b, act.spec, wq.spec, scale)
         if act is not None:
             x = act(x)
         if wq is not None:
-            w = wq(w)
+            w = wq(w) if scale is None else wq(w, scale)
         return F.linear(x, w, b)
+
+    def expert_scales(self) -> tuple[torch.Tensor, ...] | None:
+        """The learned scales as one view per expert (None where the scales are chosen dynamically). Read
+        inside the experts module's forward: under ZeRO-3 the engine registers the scales as that module's
+        external parameters (`forge_qat.prepare.learned_scale_readers`), so they are gathered with it."""
+        wq = self.weight_fake_quantizer
+        return wq.scale.unbind(0) if isinstance(wq, LearnedScaleFakeQuantizer) else None
 
     def set_enabled(self, enabled: bool) -> None:
         for q in (self.activation_fake_quantizer, self.weight_fake_quantizer):
@@ -128,14 +137,16 @@ class FakeQuantizedExperts:
         w1, w2 = getattr(self, first.weight).unbind(0), getattr(self, down.weight).unbind(0)
         b1 = getattr(self, first.bias).unbind(0) if first.bias else None
         b2 = getattr(self, down.bias).unbind(0) if down.bias else None
+        s1, s2 = per_projection[first.weight].expert_scales(), per_projection[down.weight].expert_scales()
         for expert_idx in expert_hit:
             e = int(expert_idx[0])
             if e == n:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
-            h = per_projection[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None)
+            h = per_projection[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None,
+                                                    s1[e] if s1 else None)
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = per_projection[down.weight].linear(h, w2[e], b2[e] if b2 else None)
+            h = per_projection[down.weight].linear(h, w2[e], b2[e] if b2 else None, s2[e] if s2 else None)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -180,10 +191,11 @@ def _batched_kernel(module: torch.nn.Module):
     per_projection = getattr(module, FAKE_QUANT_ATTR)
     quantizers = [x for q in per_projection.values() for x in (q.activation_fake_quantizer, q.weight_fake_quantizer)
                   if x is not None]
-    # forge's fused quantizer is row-wise for any rank (tests/test_moe.py); torchao's others (float8) are
+    # forge's fused quantizers (learned scales too: one per expert, row and group) are row-wise for any rank
+    # (tests/test_moe.py, tests/test_learned_scales.py); torchao's others (float8) are
     # not proven so on 3-D stacks and keep the eager loop.
     if module.has_post_expert_norm or any(q.integer_grid for q in per_projection.values()) \
-            or not all(isinstance(x, AffineFakeQuantizer) for x in quantizers):
+            or not all(isinstance(x, AffineFakeQuantizer | LearnedScaleFakeQuantizer) for x in quantizers):
         return None
     config = getattr(module, "config", None)
     return {"grouped_mm": grouped_mm_experts_forward, "batched_mm": batched_mm_experts_forward}.get(
@@ -230,9 +242,12 @@ def set_fake_quant_enabled(module: torch.nn.Module, enabled: bool) -> None:
 def convert(module: torch.nn.Module, recipe) -> list[str]:
     """Replace the fake-quantized stacks of `module` by the recipe's torchao tensors and restore the
     experts class; returns the names of the converted stacks."""
-    names = [name for name, q in getattr(module, FAKE_QUANT_ATTR).items() if q.weight_fake_quantizer is not None]
+    per_projection = getattr(module, FAKE_QUANT_ATTR)
+    names = [name for name, q in per_projection.items() if q.weight_fake_quantizer is not None]
     for name in names:
-        recipe.convert_expert_stack(recipe.base_config(), module, name)
+        wq = per_projection[name].weight_fake_quantizer
+        learned = wq.scale.detach() if isinstance(wq, LearnedScaleFakeQuantizer) else None
+        recipe.convert_expert_stack(recipe.base_config(), module, name, learned)
     delattr(module, FAKE_QUANT_ATTR)
     module.__class__ = _ORIGINAL_CLASSES[type(module)]
     return names

@@ -265,15 +265,18 @@ class LearnedScaleFakeQuantizer(torch.nn.Module):
     def config(self) -> AffineSpec:
         return self.spec
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize `w` with `scale` (default: all of `self.scale`; an MoE stack's eager loop passes one
+        expert's slice of it with that expert's weight)."""
+        scale = self.scale if scale is None else scale
         if not self.enabled:
             # The scales join the graph with a zero gradient, so the optimizer steps them (by nothing) in every
             # step on every engine: Adam's step count is then the same in one process as under DeepSpeed,
             # which steps every parameter of a group, when fake quantization starts later.
-            return w + self.scale.sum().to(w.dtype) * 0
+            return w + scale.sum().to(w.dtype) * 0
         out_dtype = consumer_dtype(w)  # read before autocast is switched off below
         with torch.autocast(w.device.type, enabled=False):
-            return _LearnedFakeQuantize.apply(w, self.scale, self.spec, out_dtype)
+            return _LearnedFakeQuantize.apply(w, scale, self.spec, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.spec!r}, learned scale {tuple(self.scale.shape)}"

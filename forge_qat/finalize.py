@@ -400,4 +400,7 @@ def finalize_live(model: torch.nn.Module, checkpoint: Path, recipe: str, dest: P
         follow_live_reads(model, full_tensor)
         return None
     req = FinalizeRequest(source=checkpoint, dest=dest, qat_convert=recipe, overwrite=True)
-    return finalize_streaming(choose_job(req), req, LiveModelReader(model, full_tensor)).dest
+    reader = LiveModelReader(model, full_tensor)
+    artifact = finalize_streaming(choose_job(req), req, reader).dest
+    reader.finish()
+    return artifact

@@ -36,6 +36,7 @@ from forge_qat.fake_quant import (
 from forge_qat.options import at_least, one_of, option, positive_finite
 from forge_qat.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_names
 from forge_qat.torchao_compat import int8_weight_with_scale, quantize_handler
+from forge_qat.weights import true_shape
 
 log = logging.getLogger(__name__)
 
@@ -119,46 +120,86 @@ Gather = Callable[[torch.nn.Parameter], AbstractContextManager]
 
 @dataclass(frozen=True, slots=True)
 class LearnScales:
-    """`--qat-learn-scales`: every quantized linear layer's weight scales become a trainable Parameter
-    (`<layer>.weight_fake_quantizer.scale`, float32, one per group)."""
+    """`--qat-learn-scales`: the weight scales of every quantized linear layer and MoE expert stack become a
+    trainable Parameter (float32, one per output row and group; for a stack, per expert too), named
+    `<layer>.weight_fake_quantizer.scale` and `<experts>.forge_fake_quant.<stack>.weight_fake_quantizer.scale`."""
 
     initial: Mapping[str, torch.Tensor] | None = None
     """Scales by parameter name (a checkpoint's, see `forge_qat.checkpoint.read_learned_scales`); None:
     chosen from the weights as the dynamic quantizer would, so training starts where plain QAT does."""
     gather: Gather = field(default=lambda p: contextlib.nullcontext())
-    """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer at a time)."""
+    """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer or stack at a time)."""
 
 
-def _learned_quantizers(layers: dict[str, FakeQuantizedLinear], learn: LearnScales) -> dict[str, torch.nn.Module]:
-    """A `LearnedScaleFakeQuantizer` for each prepared linear layer, by module name, with its starting scales;
-    all checked before any layer of the model is swapped."""
-    for name, layer in layers.items():
-        if not isinstance(layer.weight_fake_quantizer, AffineFakeQuantizer):
-            raise ConfigError(f"{name}: its weight fake quantizer ({type(layer.weight_fake_quantizer).__name__}) "
-                              f"has no learnable scales")
-    if learn.initial is not None:
-        wanted = {name + SCALE_SUFFIX for name in layers}
-        missing, unused = sorted(wanted - set(learn.initial)), sorted(set(learn.initial) - wanted)
-        if missing or unused:
-            raise ConversionError(f"the checkpoint's learned scales do not match the model's quantized layers: "
-                                  f"missing {missing[:3]}, unexpected {unused[:3]}")
-    quantizers = {}
-    for name, layer in layers.items():
-        spec = layer.weight_fake_quantizer.spec
+@dataclass(frozen=True, slots=True)
+class _ScaleSite:
+    """Where a weight is fake-quantized: the module holding its `weight_fake_quantizer` (a prepared linear,
+    or one projection's quantizers of an experts module), the weight, and the module whose forward reads
+    the quantizer's learned scale (the linear; the experts module, whose eager loop reads one expert's slice)."""
+
+    holder: torch.nn.Module
+    weight: torch.nn.Parameter
+    reader: torch.nn.Module
+
+
+def _scale_sites(model: torch.nn.Module) -> dict[str, _ScaleSite]:
+    """Every fake-quantized weight of a prepared model, by the name its learned scale's prefix has."""
+    sites = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizedLinear) and module.weight_fake_quantizer is not None:
+            sites[name] = _ScaleSite(module, module.weight, module)
+        elif experts.is_fake_quantized(module):
+            for stack, quantizers in getattr(module, experts.FAKE_QUANT_ATTR).items():
+                if quantizers.weight_fake_quantizer is not None:
+                    sites[f"{name}.{experts.FAKE_QUANT_ATTR}.{stack}"] = _ScaleSite(
+                        quantizers, getattr(module, stack), module)
+    return sites
+
+
+def _expected_scale_names(coverage: Coverage) -> set[str]:
+    """The learned-scale names the prepared model will have (as `_scale_sites` names them + the suffix)."""
+    stacks = {f"{name}.{experts.FAKE_QUANT_ATTR}.{stack}" for name, found in coverage.experts.items() for stack in found}
+    return {name + SCALE_SUFFIX for name in set(coverage.linears) | stacks}
+
+
+def _check_initial_scales(coverage: Coverage, initial: Mapping[str, torch.Tensor]) -> None:
+    wanted = _expected_scale_names(coverage)
+    missing, unused = sorted(wanted - set(initial)), sorted(set(initial) - wanted)
+    if missing or unused:
+        raise ConversionError(f"the checkpoint's learned scales do not match the model's quantized layers: "
+                              f"missing {missing[:3]}, unexpected {unused[:3]}")
+
+
+def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
+    """Give every fake-quantized weight of the prepared `model` a `LearnedScaleFakeQuantizer` with its starting
+    scales (one site at a time: under ZeRO-3 one gathered weight or stack at a time)."""
+    for name, site in _scale_sites(model).items():
+        quantizer = site.holder.weight_fake_quantizer
+        if not isinstance(quantizer, AffineFakeQuantizer):
+            raise ConfigError(f"{name}: its weight fake quantizer ({type(quantizer).__name__}) has no learnable "
+                              f"scales")
         if learn.initial is not None:
-            scale = learn.initial[name + SCALE_SUFFIX].to(layer.weight.device)
+            scale = learn.initial[name + SCALE_SUFFIX].to(site.weight.device)
         else:
-            with learn.gather(layer.weight):
-                scale = initial_scale(layer.weight.data, spec)
-        quantizers[name] = LearnedScaleFakeQuantizer(spec, scale)
-    return quantizers
+            with learn.gather(site.weight):
+                scale = initial_scale(site.weight.data, quantizer.spec)
+        site.holder.weight_fake_quantizer = LearnedScaleFakeQuantizer(quantizer.spec, scale)
+
+
+def learned_scale_readers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """(module, scale) for every learned scale read in a module's forward other than its quantizer's own: the
+    integer-grid linear multiplies with it directly, an experts module's eager loop slices it per expert.
+    ZeRO-3 gathers a parameter only for the forward of the module that owns it, so the engine registers
+    these as external parameters of their readers (`deepspeed.zero.register_external_parameter`)."""
+    return [(site.reader, site.holder.weight_fake_quantizer.scale) for site in _scale_sites(model).values()
+            if isinstance(site.holder.weight_fake_quantizer, LearnedScaleFakeQuantizer)]
 
 
 def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | None = None,
                 learn: LearnScales | None = None) -> Coverage:
     """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
     Parameter objects (so the state dict, ZeRO-3 partitions and optimizer state are the float model's;
-    with `learn`, plus one scale Parameter per quantized linear layer).
+    with `learn`, plus one scale Parameter per quantized linear layer and expert stack).
 
     Returns the plan, counted by parameters. Raises before changing anything when the recipe would
     quantize nothing, or would leave weights it cannot handle silently in float (`check_useful`).
@@ -169,15 +210,10 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
         if not recipe.learnable_scales:
             raise ConfigError(f"{recipe.name} has no learnable weight scales; recipes that have: "
                               f"{', '.join(n for n in recipe_names() if get_recipe(n).learnable_scales)}")
-        if coverage.experts:
-            raise ConfigError(f"--qat-learn-scales covers linear layers only so far; this model's MoE expert "
-                              f"stacks ({len(coverage.experts)} MoE layers, {coverage.expert_numel():,} parameters) "
-                              f"would keep dynamic scales. Train it without --qat-learn-scales")
+        if learn.initial is not None:
+            _check_initial_scales(coverage, learn.initial)
     modules = dict(model.named_modules())
     prepared = {name: _fake_quantized_linear(linear, recipe) for name, linear in coverage.linears.items()}
-    if learn is not None:
-        for name, quantizer in _learned_quantizers(prepared, learn).items():
-            prepared[name].weight_fake_quantizer = quantizer
     for name, layer in prepared.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
@@ -187,6 +223,8 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
     for name, stacks in coverage.experts.items():
         module = modules[name]
         experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
+    if learn is not None:
+        _learn_scales(model, learn)
     return coverage
 
 
@@ -195,15 +233,15 @@ def reinitialize_learned_scales(model: torch.nn.Module, full_tensor: Gather,
     """Set every learned scale to what the dynamic quantizer would choose for its weight now: where fake
     quantization starts after float steps, the scales start from the weights of that step, as they start
     from the initial weights otherwise. `full_tensor`/`set_full`: the engine's (collective: every rank runs
-    this, in the same order). Returns the number of layers."""
+    this, in the same order). Returns the number of weights (linear layers and expert stacks)."""
     count = 0
-    for module in model.modules():
-        quantizer = getattr(module, "weight_fake_quantizer", None)
+    for site in _scale_sites(model).values():
+        quantizer = site.holder.weight_fake_quantizer
         if not isinstance(quantizer, LearnedScaleFakeQuantizer):
             continue
-        with full_tensor(module.weight) as weight:
+        with full_tensor(site.weight) as weight:
             value = initial_scale(weight.to(quantizer.scale.device), quantizer.spec)
-        set_full(quantizer.scale, value.reshape(quantizer.scale.shape))
+        set_full(quantizer.scale, value.reshape(true_shape(quantizer.scale)))  # not a ZeRO-3 partition's shape
         count += 1
     return count
 

@@ -26,7 +26,7 @@ from forge_qat import hardware
 from forge_qat.embeddings import INT8_TABLES, TableQuant
 from forge_qat.errors import UnknownRecipeError, choices_message
 from forge_qat.fake_quant import AffineSpec, LinearQuantizers
-from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, set_intx_scale_dtype
+from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, int8_weight_with_scale, set_intx_scale_dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +43,28 @@ SM90 = Requirement("CUDA compute capability 9.0+ (Hopper)", lambda: hardware.has
 MSLK = Requirement("the mslk kernel package (pip install mslk)", lambda: hardware.has_mslk())
 
 
-def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
+def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Module, name: str,
+                                       scale: torch.Tensor | None = None) -> None:
     """torchao's own parameter-level quantization (`FqnToConfig` with a parameter name), for configs whose
-    tensors take 3-D weights: the result selects per expert to the tensor an `nn.Linear` would get."""
-    quantize_(module, FqnToConfig({name: config}), filter_fn=None)
+    tensors take 3-D weights: the result selects per expert to the tensor an `nn.Linear` would get. With
+    learned `scale` (experts, out, 1) (int8 per-row weights only), the same tensor built with those scales."""
+    if scale is None:
+        quantize_(module, FqnToConfig({name: config}), filter_fn=None)
+        return
+    if not isinstance(config, Int8DynamicActivationInt8WeightConfig):
+        raise TypeError(f"learned scales for {type(config).__name__} expert stacks are not implemented")
+    weight = getattr(module, name).detach()
+    setattr(module, name, torch.nn.Parameter(int8_weight_with_scale(weight, config, scale.to(weight.device)),
+                                             requires_grad=False))
 
 
-def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
+def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module, name: str,
+                                   scale: torch.Tensor | None = None) -> None:
     """`Int8DynamicActivationIntxWeightConfig` and `IntxWeightOnlyConfig` assert 2-D weights in torchao 0.18,
     but the tensor they build is defined for any rank: build it for the stack with the config's own arguments
-    and a block of one row per expert (tests check every expert equals its 2-D conversion bit for bit)."""
+    and a block of one row per expert (tests check every expert equals its 2-D conversion bit for bit). With
+    learned `scale` (experts, out, groups): built with those scales and zero points 0, as the config's handler
+    builds a linear's tensor from a `custom_scale`."""
     weight = getattr(module, name)
     if isinstance(config, IntxWeightOnlyConfig):
         g, mapping, scale_dtype, activation = config.granularity, config.mapping_type, config.scale_dtype, None
@@ -60,10 +72,13 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
         g, mapping, scale_dtype = config.weight_granularity, config.weight_mapping_type, config.weight_scale_dtype
         activation = "int8_asym_per_token"
     group = g.group_size if isinstance(g, PerGroup) else weight.shape[-1]
+    learned = {} if scale is None else dict(
+        intx_choose_qparams_algorithm=None, custom_scale=scale.to(weight.device),
+        custom_zero_point=torch.zeros_like(scale, dtype=torch.int8, device=weight.device))
     stack = IntxUnpackedToInt8Tensor.from_hp(
         weight.detach(), (1,) * (weight.dim() - 1) + (group,), config.weight_dtype,
         mapping_type=mapping, activation_quantization=activation,
-        intx_choose_qparams_algorithm=config.intx_choose_qparams_algorithm,
+        **({"intx_choose_qparams_algorithm": config.intx_choose_qparams_algorithm} | learned),
     )
     if scale_dtype is not None and scale_dtype != weight.dtype:
         set_intx_scale_dtype(stack, weight.detach(), scale_dtype)  # as the config does for 2-D
@@ -74,12 +89,14 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
 class ExpertStackConverter:
     """Replaces the 3-D expert stack `module.<name>` (experts, out, in) by its torchao tensor, in place."""
 
-    convert: Callable[[AOBaseConfig, torch.nn.Module, str], None]
+    convert: Callable[[AOBaseConfig, torch.nn.Module, str, torch.Tensor | None], None]
     load_needs_compat: bool = False
     """Whether loading the artifact needs `import forge_qat.torchao_compat` (an operator torchao lacks)."""
 
-    def __call__(self, config: AOBaseConfig, module: torch.nn.Module, name: str) -> None:
-        self.convert(config, module, name)
+    def __call__(self, config: AOBaseConfig, module: torch.nn.Module, name: str,
+                 scale: torch.Tensor | None = None) -> None:
+        """`scale`: the stack's learned weight scales (experts, out, groups); None: chosen from the weights."""
+        self.convert(config, module, name, scale)
 
 
 TORCHAO_STACK = ExpertStackConverter(convert_stack_with_torchao_handler)

@@ -11,6 +11,7 @@ byte-identical to the in-memory finalize's.
 import gc
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -47,7 +48,7 @@ def _decoder_layers_prefix(model: torch.nn.Module) -> str | None:
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList):
-            count = sum(p.numel() for p in module.parameters())
+            count = sum(math.prod(true_shape(p)) for p in module.parameters())  # not a ZeRO-3 partition's size
             if count > best_count:
                 best, best_count = name, count
     return best
@@ -206,7 +207,12 @@ FullTensor = Callable[[torch.nn.Parameter], AbstractContextManager[torch.Tensor]
 class LiveModelReader:
     """A `TensorReader` over a live model being trained (`forge train --finalize` under ZeRO): the first read
     from a block makes that whole block whole through `full_tensor` (a collective the other ranks join in
-    `follow_live_reads`), later reads are served from it. Only one block is held at a time."""
+    `follow_live_reads`), later reads are served from it. Only one block is held at a time.
+
+    The other ranks gather every block in order, so this reader does too: blocks the conversion does not read
+    (e.g. one holding only learned scales, which finalize takes from the checkpoint) are gathered and dropped
+    on the way to the next one it reads, and by `finish` after the last. Reading an earlier block again would
+    need a gather the others never join: that is an error, not a hang."""
 
     def __init__(self, model: torch.nn.Module, full_tensor: FullTensor):
         self.full_tensor = full_tensor
@@ -215,6 +221,18 @@ class LiveModelReader:
         self.blocks = split_blocks(model)
         self.block_of = {n: i for i, b in enumerate(self.blocks) for n in b.names}
         self._stash: dict[str, torch.Tensor] = {}
+        self._next = 0  # the next block the collectives reach
+
+    def _gather_until(self, index: int, keep_last: bool) -> None:
+        for i in range(self._next, index + 1):
+            kept = _gather_block(self.params, self.buffers, self.blocks[i].names, self.full_tensor,
+                                 keep=keep_last and i == index)
+        self._stash = kept if keep_last else {}
+        self._next = index + 1
+
+    def finish(self) -> None:
+        """Join the gathers of the blocks after the last one read, as the other ranks do."""
+        self._gather_until(len(self.blocks) - 1, keep_last=False)
 
     def keys(self) -> set[str]:
         return set(self.block_of)
@@ -225,8 +243,11 @@ class LiveModelReader:
 
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
         if name not in self._stash:
-            block = self.blocks[self.block_of[name]]
-            self._stash = _gather_block(self.params, self.buffers, block.names, self.full_tensor, keep=True)
+            index = self.block_of[name]
+            if index < self._next:
+                raise ConversionError(f"internal: {name} was read after later blocks were gathered; the other ranks "
+                                      f"gather each block once, in order")
+            self._gather_until(index, keep_last=True)
         out.copy_(self._stash[name].reshape(-1)[start:start + out.numel()])
 
 

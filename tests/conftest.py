@@ -61,6 +61,14 @@ def micro_train_args(output_dir, data, **extra):
     return args
 
 
+def partition_everything(directory) -> str:
+    """A DeepSpeed config that partitions every parameter: by default ZeRO-3 keeps parameters of up to 1e5
+    elements whole on every rank, which on these tiny models would be all learned scales."""
+    path = directory / "ds_partition_all.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    return str(path)
+
+
 MOE_SHAPES = {
     # 2 layers, 4 experts, top-2; dimensions multiples of the int4 group size (32).
     "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=4,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_train_args
+from conftest import micro_train_args, partition_everything
 from safetensors.torch import load_file
 
 from forge_qat import checkpoint as ckpt_io
@@ -134,19 +134,25 @@ def test_distillation_under_zero3_matches_single_process(tmp_path, data, teacher
     assert zero[0]["kd_loss"] > 0
 
 
-@pytest.mark.parametrize("delay", [0, 2])
-def test_learned_scales_under_zero3_match_single_process(tmp_path, data, delay):
+@pytest.mark.parametrize(("recipe", "delay"), [("int8-dynamic-act-int8-weight", 0), ("int8-dynamic-act-int4-weight", 2)])
+def test_learned_scales_under_zero3_match_single_process(tmp_path, data, recipe, delay):
     """--qat-learn-scales under ZeRO-3 (scales chosen from each gathered weight, then partitioned and
     trained like any parameter; with `delay`, chosen again from the partitioned weights when fake
     quantization starts) vs one process; the artifact finalized from the live partitioned model
-    reproduces the fake-quant model built from the checkpoint's weights and learned scales exactly."""
+    reproduces the fake-quant model built from the checkpoint's weights and learned scales exactly. The int8
+    recipe's linear multiplies with its scales itself (not through its quantizer's forward, for which
+    DeepSpeed would gather them): the engine registers them as the linear's external parameters. Default
+    recipe without delay: with MoE experts in tests/test_distributed_moe.py."""
     from forge_qat.finalize import sample_batch
     from forge_qat.models import load_model
     from forge_qat.prepare import LearnScales, prepare_qat
-    from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+    from forge_qat.recipes import get_recipe
 
-    args = dict(max_steps=3, save_every=0, qat_learn_scales=True, finalize=DEFAULT_RECIPE, fake_quant_after_steps=delay)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    # int8 per-row scales are ~1e-3: at the preset's lr (1e-3) Adam would move them by their own size per step
+    args = dict(max_steps=3, save_every=0, qat_learn_scales=True, qat_recipe=recipe, finalize=recipe,
+                fake_quant_after_steps=delay, qat_scale_lr=1e-5 if "int8-weight" in recipe else None)
+    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, deepspeed_config=partition_everything(tmp_path),
+                                              **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
@@ -161,10 +167,10 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data, delay):
         close = torch.isclose(sz[k], ss[k], rtol=2e-3, atol=1e-6)
         assert close.float().mean() >= 0.98 and (sz[k] - ss[k]).abs().max() <= 2e-3, k
     fake, tok = load_model(str(ckpt))
-    prepare_qat(fake, get_recipe(DEFAULT_RECIPE), learn=LearnScales(initial=sz))
+    prepare_qat(fake, get_recipe(recipe), learn=LearnScales(initial=sz))
     from transformers import AutoModelForCausalLM
 
-    real = AutoModelForCausalLM.from_pretrained(tmp_path / "z" / f"final-{DEFAULT_RECIPE}")
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "z" / f"final-{recipe}")
     x = sample_batch(tok, fake.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)

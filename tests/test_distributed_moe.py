@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_train_args, save_tiny_moe
+from conftest import partition_everything, micro_train_args, save_tiny_moe
 from safetensors.torch import load_file
 
 from forge_qat import checkpoint as ckpt_io
@@ -61,14 +61,17 @@ def test_streamed_load_of_both_layouts_equals_from_pretrained(arch, layout, tmp_
 
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory, data):
-    """2-rank ZeRO-3 QAT (finalizing itself at the end) and 1-process QAT on the same global batch,
-    both from a per-expert Qwen3-MoE checkpoint."""
+    """2-rank ZeRO-3 QAT with learned scales (finalizing itself at the end) and 1-process QAT on the same global
+    batch, both from a per-expert Qwen3-MoE checkpoint. Every parameter partitioned, the scales too (ZeRO-3 would
+    keep these small ones whole): the experts' eager loop reads them per expert, registered with the module."""
     root = tmp_path_factory.mktemp("moe_zero")
     src = root / "src"
     save_tiny_moe(src, "qwen3_moe", "per-expert", seed=5)
-    args = dict(model=str(src), max_steps=3, save_every=0, qat_recipe="int8-dynamic-act-int4-weight")
+    args = dict(model=str(src), max_steps=3, save_every=0, qat_recipe="int8-dynamic-act-int4-weight",
+                qat_learn_scales=True)
     launch(TrainConfig.from_flat(**micro_train_args(root / "z", data, nproc=2, zero_stage=3, dist_timeout_s=60,
-                                          finalize="int8-dynamic-act-int4-weight", **args)), worker=WORKER)
+                                                    deepspeed_config=partition_everything(root),
+                                                    finalize="int8-dynamic-act-int4-weight", **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(root / "s", data, batch_size=4, **args)))
     return src, root / "z", root / "s"
 
@@ -84,6 +87,34 @@ def test_zero3_moe_training_matches_single_process(moe_runs):
     assert set(wz) == set(ws) == set(_tensors(src))  # both keep the per-expert layout of the input
     for k in ws:
         torch.testing.assert_close(wz[k], ws[k], rtol=0, atol=2e-3)
+    # learned scales, the experts' (one per expert, row and group) among them: as in tests/test_distributed.py
+    sz, ss = (ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(run)[-1][1]) for run in (zero, single))
+    assert set(sz) == set(ss) and sum(".forge_fake_quant." in k for k in sz) == 4
+    for k in sz:
+        close = torch.isclose(sz[k], ss[k], rtol=2e-3, atol=1e-6)
+        assert close.float().mean() >= 0.98 and (sz[k] - ss[k]).abs().max() <= 2e-3, k
+
+
+def test_zero3_moe_artifact_is_the_fake_quant_model_with_the_learned_scales(moe_runs):
+    """The artifact finalized from the live partitioned model reproduces, atol 0, the fake-quant model built
+    from the checkpoint's weights and learned scales (every expert's stack converted with its own scales)."""
+    from transformers import AutoModelForCausalLM
+
+    import forge_qat.torchao_compat  # noqa: F401  (int4 MoE artifacts name it as their experts implementation)
+    from forge_qat.finalize import sample_batch
+    from forge_qat.models import load_model
+    from forge_qat.prepare import LearnScales, prepare_qat
+    from forge_qat.recipes import get_recipe
+
+    _, zero, _ = moe_runs
+    ckpt = ckpt_io.checkpoint_dirs(zero)[-1][1]
+    fake, tok = load_model(str(ckpt))
+    prepare_qat(fake, get_recipe("int8-dynamic-act-int4-weight"),
+                learn=LearnScales(initial=ckpt_io.read_learned_scales(ckpt)))
+    real = AutoModelForCausalLM.from_pretrained(zero / "final-int8-dynamic-act-int4-weight")
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)
 
 
 def test_three_ways_to_finalize_a_zero3_moe_run_agree(moe_runs, tmp_path):

@@ -87,13 +87,112 @@ def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
         prepare_qat(_tiny(), get_recipe(fixed), learn=LearnScales())
 
 
-def test_moe_expert_stacks_are_refused_not_silently_left_dynamic():
+LEARNABLE = [n for n, r in RECIPES.items() if r.learnable_scales and not r.missing_for_convert()]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"])
+def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, mode):
+    """An experts module with learned scales (one per expert, output row and group) computes, and
+    differentiates to its input, weights and scales, what a loop over experts computes in which each
+    expert's slices are `nn.Linear`s prepared with learned scales (the dense path, checked against torchao's
+    range learning above) starting from that expert's slice of the scales. In train mode the default recipe
+    runs transformers' grouped_mm kernel on the whole fake-quantized stacks; eval mode and the integer-grid
+    recipe run the eager loop, one expert's scales at a time."""
     from conftest import tiny_moe
 
+    from forge_qat import experts
+
+    recipe = get_recipe(recipe_name)
     model, _ = tiny_moe("qwen3_moe")
-    with pytest.raises(ConfigError, match="MoE expert stacks .* parameters"):
-        prepare_qat(model, get_recipe(DEFAULT_RECIPE), learn=LearnScales())
-    assert not learned_scales(model)  # nothing was changed
+    model.train(mode == "train")
+    block = model.model.layers[0].mlp
+    module = block.experts
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 64, generator=gen)
+    _, weights, chosen = (t.detach() for t in block.gate(x))
+    prepare_qat(model, recipe, learn=LearnScales())
+    stacks = {"gate_up_proj": "up", "down_proj": "down"}
+    scales = {stack: learned_scales(module)[f"forge_fake_quant.{stack}{SCALE_SUFFIX}"] for stack in stacks}
+    assert [tuple(s.shape) for s in scales.values()] == (
+        [(4, 64, 2), (4, 64, 1)] if recipe_name == DEFAULT_RECIPE else [(4, 64, 1), (4, 64, 1)])
+    with torch.no_grad():  # away from the dynamic choice, so clipping and both gradient cases occur
+        for s in scales.values():
+            s.mul_(torch.empty_like(s).uniform_(0.6, 1.1, generator=gen))
+
+    reference = []
+    for e in range(4):
+        pair = torch.nn.ModuleDict({short: torch.nn.Linear(getattr(module, stack).shape[2],
+                                                           getattr(module, stack).shape[1], bias=False)
+                                    for stack, short in stacks.items()})
+        for stack, short in stacks.items():
+            pair[short].weight.data = getattr(module, stack).data[e].clone()
+        prepare_qat(pair, recipe, learn=LearnScales(initial={
+            f"{short}{SCALE_SUFFIX}": scales[stack].data[e].clone() for stack, short in stacks.items()}))
+        reference.append(pair)
+
+    def reference_forward(x):
+        out = torch.zeros_like(x)
+        for e, pair in enumerate(reference):
+            token, pos = torch.where(chosen == e)
+            if len(token):
+                gate, up = pair["up"](x[token]).chunk(2, dim=-1)
+                h = pair["down"](module.act_fn(gate) * up) * weights[token, pos, None]
+                out.index_add_(0, token, h)
+        return out
+
+    if module.training:
+        batched = not recipe.fake_quant or not recipe.fake_quant.integer_matmul
+        assert (experts._batched_kernel(module) is not None) == batched
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = reference_forward(xr), module(xo, chosen, weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    hit = chosen.unique().tolist()
+    for stack, short in stacks.items():
+        for e, pair in enumerate(reference):
+            torch.testing.assert_close(getattr(module, stack).grad[e], pair[short].weight.grad, rtol=1e-5, atol=1e-6)
+            ref_grad = pair[short].weight_fake_quantizer.scale.grad
+            if e in hit:
+                torch.testing.assert_close(scales[stack].grad[e], ref_grad, rtol=1e-4,
+                                           atol=1e-5 * ref_grad.abs().max().item())
+                assert ref_grad.abs().sum() > 0
+            else:
+                assert ref_grad is None and not scales[stack].grad[e].any()
+
+
+@pytest.mark.parametrize("recipe_name", LEARNABLE)
+def test_moe_artifact_with_learned_scales_equals_fake_quant_per_expert(recipe_name):
+    """Converting stacks with learned scales: every expert of the converted stack holds exactly the codes and
+    scales the fake quantizer multiplied by, and the converted model's logits are the fake-quant model's
+    (eval, the eager loop both run), atol 0; they differ from dynamic scales'."""
+    from conftest import tiny_moe
+
+    recipe = get_recipe(recipe_name)
+    model, tok = tiny_moe("qwen3_moe")
+    model.eval()
+    prepare_qat(model, recipe, learn=LearnScales())
+    with torch.no_grad():
+        for p in learned_scales(model).values():
+            p.mul_(torch.empty_like(p).uniform_(0.7, 1.2, generator=torch.Generator().manual_seed(2)))
+    scales = {k: v.detach().clone() for k, v in learned_scales(model).items()}
+    dynamic, _ = tiny_moe("qwen3_moe")
+    prepare_qat(dynamic.eval(), recipe)
+    x = torch.randint(0, len(tok), (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fake = model(x).logits
+        assert not torch.equal(fake, dynamic(x).logits)
+        convert_qat(model, recipe)
+        torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0)
+    state = model.state_dict()
+    stacks = [k for k in scales if ".forge_fake_quant." in k]
+    assert len(stacks) == 4  # 2 layers x 2 stacks, besides the attention layers' scales
+    for key, scale in scales.items():
+        owner = key.removesuffix(SCALE_SUFFIX)
+        converted = state[owner.replace(".forge_fake_quant.", ".") if key in stacks else owner + ".weight"]
+        assert torch.equal(converted.scale.reshape(scale.shape).float(), scale), key
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +261,25 @@ def test_resume_continues_identically_with_learned_scales(tmp_path, data, learne
     assert metas[0]["learned_scales"] == metas[1]["learned_scales"]
     with pytest.raises(ConfigError, match="qat_learn_scales"):
         run_training(TrainConfig.from_flat(**dict(_args(out, data, max_steps=6, resume=True), qat_learn_scales=False)))
+
+
+def test_moe_learned_scales_train_save_and_resume_identically(tmp_path, data):
+    """A Qwen3-MoE run with learned scales: the stacks' scales are saved beside the HF weights, they move,
+    and a run resumed from step 2 ends bit-identical to the uninterrupted one."""
+    from conftest import save_tiny_moe
+
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", "per-expert")
+    args = dict(model=str(src), max_steps=4, save_every=2)
+    run_training(TrainConfig.from_flat(**_args(tmp_path / "a", data, **args)))
+    run_training(TrainConfig.from_flat(**_args(tmp_path / "b", data, **args)))
+    shutil.rmtree(ckpt_io.checkpoint_dirs(tmp_path / "b")[-1][1])
+    run_training(TrainConfig.from_flat(**_args(tmp_path / "b", data, resume=True, **args)))
+    a, b = (ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / r)[-1][1]) for r in "ab")
+    stacks = [k for k in a if ".forge_fake_quant." in k]
+    assert len(stacks) == 4 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    start = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "a")[0][1])
+    assert all(not torch.equal(a[k], start[k]) for k in stacks)  # trained between steps 2 and 4
 
 
 @pytest.mark.parametrize("streaming", [False, True])

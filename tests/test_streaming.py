@@ -72,6 +72,47 @@ def test_blocks_cover_the_state_dict_once():
                                          "model.norm."]
 
 
+def test_live_reader_joins_every_gather_in_order_whatever_it_reads():
+    """Under ZeRO-3 every rank but 0 gathers every block in order while rank 0 reads what conversion needs: the
+    reader gathers (and drops) the blocks it skips, `finish` those after the last read, and reading back is an
+    error (a gather the other ranks would never join: a hang). Blocks are found by true sizes: ZeRO-3 leaves each
+    rank's parameters empty (here: every `p.numel()` reads 0), which once made every tensor its own block."""
+    import contextlib
+
+    from forge_qat.errors import ConversionError
+    from forge_qat.models import preset_model
+    from forge_qat.stream_convert import LiveModelReader
+
+    model, _ = preset_model("micro-llama")
+    params = dict(model.named_parameters())
+    gathered = []
+
+    @contextlib.contextmanager
+    def full_tensor(p):
+        gathered.append(next(n for n, q in params.items() if q is p))
+        yield p.detach()
+
+    class Partitioned(torch.nn.Parameter):  # what a partitioned parameter reports
+        def numel(self):
+            return 0
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, Partitioned(p.data))
+    model.tie_weights()
+    params = dict(model.named_parameters())
+    blocks = split_blocks(model)
+    assert [b.prefix for b in blocks] == ["model.embed_tokens.", "model.layers.0.", "model.layers.1.", "model.norm."]
+    reader = LiveModelReader(model, full_tensor)
+    out = torch.empty(4)
+    reader.read_flat("model.layers.1.mlp.up_proj.weight", 0, out)
+    assert gathered == blocks[0].names + blocks[1].names + blocks[2].names
+    with pytest.raises(ConversionError, match="in order"):
+        reader.read_flat("model.layers.0.mlp.up_proj.weight", 0, out)
+    reader.finish()
+    assert gathered == [n for b in blocks for n in b.names]
+
+
 def test_truncated_shard_is_an_error_and_writes_nothing(qat_run, tmp_path):
     import shutil
 

@@ -56,9 +56,13 @@ def _rank_error(rank: int, error_dir: Path, log_file: Path | None) -> str:
     if error_file.is_file() and error_file.read_text().strip():
         return error_file.read_text().strip()
     if log_file and log_file.is_file():
-        lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-        return "\n".join(lines[-15:]) or "no output"
+        return _log_tail(log_file) or "no output"
     return "no error message (see its output above)"
+
+
+def _log_tail(log_file: Path, lines: int = 15) -> str:
+    said = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    return "\n".join(said[-lines:])
 
 
 def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
@@ -93,9 +97,12 @@ def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
             codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
             failed = _cause(codes)
             code = codes[failed]
-            if code < 0:  # killed by a signal: say so, and exit as a shell reports it (128 + signal number)
-                raise RankFailedError(failed, 128 - code, f"killed by signal {signal.Signals(-code).name}") from None
             logs = sorted((tmp / "logs").glob(f"{run_id}*/attempt_0/{failed}/stderr.log"))
+            if code < 0:  # killed by a signal: say so, with what it printed last (a rank > 0 logs to a file
+                # that goes with this directory), and exit as a shell reports it (128 + signal number)
+                said = _log_tail(logs[0]) if logs else ""
+                raise RankFailedError(failed, 128 - code, f"killed by signal {signal.Signals(-code).name}"
+                                      + (f"; its last output:\n{said}" if said else "")) from None
             raise RankFailedError(failed, code, _rank_error(failed, tmp / "errors", logs[0] if logs else None)) \
                 from None
         finally:

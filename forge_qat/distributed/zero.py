@@ -28,6 +28,7 @@ from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
 from forge_qat.layouts import model_layout_reader
 from forge_qat.models import ModelSource, load_model
+from forge_qat.prepare import learned_scale_readers
 from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
 from forge_qat.weights import TensorReader, tied_aliases
 
@@ -221,6 +222,9 @@ class ZeroEngine:
         return deepspeed.zero.GatheredParameters([p])
 
     def wrap(self, model, optimizer, scheduler) -> torch.nn.Module:
+        if self.stage3:
+            for reader, scale in learned_scale_readers(model):
+                deepspeed.zero.register_external_parameter(reader, scale)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
         return self.engine
