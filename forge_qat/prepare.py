@@ -158,7 +158,8 @@ def _scale_sites(model: torch.nn.Module) -> dict[str, _ScaleSite]:
 
 def _expected_scale_names(coverage: Coverage) -> set[str]:
     """The learned-scale names the prepared model will have (as `_scale_sites` names them + the suffix)."""
-    stacks = {f"{name}.{experts.FAKE_QUANT_ATTR}.{stack}" for name, found in coverage.experts.items() for stack in found}
+    stacks = {f"{name}.{experts.FAKE_QUANT_ATTR}.{stack}"
+              for name, found in coverage.experts.items() for stack in found}
     return {name + SCALE_SUFFIX for name in set(coverage.linears) | stacks}
 
 
@@ -384,8 +385,8 @@ class QatConfig:
                                            "the weights when fake quantization starts; the converted artifact uses "
                                            "the learned scales).",
                                     resume_fixed=True)
-    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: --lr).",
-                                        resume_fixed=True)
+    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 2% of their "
+                                              "median starting value).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
 
     def __post_init__(self) -> None:

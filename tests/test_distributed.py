@@ -134,7 +134,8 @@ def test_distillation_under_zero3_matches_single_process(tmp_path, data, teacher
     assert zero[0]["kd_loss"] > 0
 
 
-@pytest.mark.parametrize(("recipe", "delay"), [("int8-dynamic-act-int8-weight", 0), ("int8-dynamic-act-int4-weight", 2)])
+@pytest.mark.parametrize(("recipe", "delay"), [("int8-dynamic-act-int8-weight", 0),
+                                               ("int8-dynamic-act-int4-weight", 2)])
 def test_learned_scales_under_zero3_match_single_process(tmp_path, data, recipe, delay):
     """--qat-learn-scales under ZeRO-3 (scales chosen from each gathered weight, then partitioned and
     trained like any parameter; with `delay`, chosen again from the partitioned weights when fake

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import partition_everything, micro_train_args, save_tiny_moe
+from conftest import micro_train_args, partition_everything, save_tiny_moe
 from safetensors.torch import load_file
 
 from forge_qat import checkpoint as ckpt_io

@@ -330,7 +330,16 @@ def test_scales_have_their_own_optimizer_group():
     assert len(mine) == 1 and {id(p) for p in mine[0]["params"]} == scales
     assert mine[0]["lr"] == 1e-3 and mine[0]["weight_decay"] == 0.0
     assert all(g["lr"] == 2e-5 for g in groups if g is not mine[0])
-    assert build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"] == 2e-5
+    # default: 2% of the scales' median starting value, whatever the weights' size
+    from forge_qat.train.optim import SCALE_LR_RELATIVE
+    default = build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"]
+    median = torch.cat([p.detach().reshape(-1) for p in learned_scales(model).values()]).median().item()
+    assert default == pytest.approx(SCALE_LR_RELATIVE * median, rel=0.05)
+    with torch.no_grad():
+        for p in learned_scales(model).values():
+            p.mul_(10)
+    bigger = build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"]
+    assert bigger == pytest.approx(10 * default, rel=1e-6)
     with pytest.raises(ConfigError, match="add --qat-learn-scales"):
         TrainConfig.from_flat(qat_scale_lr=1e-3)
 

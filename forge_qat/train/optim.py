@@ -14,6 +14,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.errors import HardwareError
 from forge_qat.models import is_preset
 from forge_qat.prepare import learned_scales
+from forge_qat.train.scale_watch import sample_evenly
 from forge_qat.weights import true_shape
 
 
@@ -39,11 +40,37 @@ def resolve_placement(cfg: TrainConfig) -> Placement:
     return Placement(device, precision, lr)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+SCALE_LR_RELATIVE = 0.02
+"""Default peak learning rate of learned scales, as a share of their median starting value (see
+`scale_learning_rate`; the sweep that chose it: docs/benchmarks.md, "Learned-scale learning rate")."""
+
+def scale_learning_rate(model: torch.nn.Module, cfg: TrainConfig) -> float | None:
+    """The peak learning rate of the model's learned scales: `--qat-scale-lr` when given, else
+    `SCALE_LR_RELATIVE` times the median of the scales as they start. Adam moves every element by about its
+    learning rate per step whatever the gradient's size, and scales are as large as the weights they divide
+    (int4 groups of SmolLM2-135M: median 0.058; its int8 rows: 0.005): so one absolute default would move
+    one model's (or recipe's) scales by a percent a step and another's by a fifth. Relative to their own size
+    every scale moves alike. Called before the engine partitions the scales (every rank computes the same
+    value from the same whole tensors); on resume the model starts from the same weights, so the value is the
+    original run's. None: the model has no learned scales."""
+    scales = learned_scales(model)
+    if not scales:
+        return None
+    if cfg.qat.qat_scale_lr is not None:
+        return cfg.qat.qat_scale_lr
+    sample = torch.cat([sample_evenly(p) for _, p in sorted(scales.items())])
+    return SCALE_LR_RELATIVE * sample.median().item()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float,
+                    scale_lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters; `scale_lr`: the learned scales' peak learning rate
+    (`scale_learning_rate`; None: computed here)."""
     # model.parameters() yields each Parameter once, so tied or shared parameters appear once here
     # (DeepSpeed would otherwise reject the duplicate). Decay weight matrices only. Learned quantization
     # scales get a group of their own: no decay (it would shrink them towards a grid that clips
-    # everything) and their own peak learning rate (--qat-scale-lr; the schedule scales every group alike).
+    # everything) and their own peak learning rate (the schedule scales every group alike).
+    scale_lr = scale_lr if scale_lr is not None else scale_learning_rate(model, cfg)
     scales = {id(p) for p in learned_scales(model).values()}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
     is_matrix = lambda p: len(true_shape(p)) >= 2
@@ -51,7 +78,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torc
         {"params": [p for p in params if is_matrix(p)], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0},
         {"params": [p for p in model.parameters() if id(p) in scales], "weight_decay": 0.0,
-         "lr": cfg.qat.qat_scale_lr or lr},
+         "lr": scale_lr},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
 

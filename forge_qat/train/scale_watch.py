@@ -27,7 +27,8 @@ BARELY_MOVED = 0.01
 FullTensor = Callable[[torch.nn.Parameter], AbstractContextManager[torch.Tensor]]
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
+def sample_evenly(t: torch.Tensor) -> torch.Tensor:
+    """At most `SAMPLE` evenly spaced elements of `t`, as float32 on the CPU (a whole tensor's, not a partition's)."""
     flat = t.detach().reshape(-1).float().cpu()
     index = torch.linspace(0, flat.numel() - 1, min(SAMPLE, flat.numel())).round().long()
     return flat[index]
@@ -38,7 +39,7 @@ def _sampled_scales(model: torch.nn.Module, full_tensor: FullTensor) -> dict[str
     samples = {}
     for name, p in sorted(learned_scales(model).items()):
         with full_tensor(p) as whole:
-            samples[name] = _sample(whole)
+            samples[name] = sample_evenly(whole)
     return samples
 
 

@@ -29,7 +29,14 @@ from forge_qat.recipes import get_recipe
 from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
 from forge_qat.train.model_setup import TrainingModels, build_models
-from forge_qat.train.optim import Placement, build_optimizer, build_scheduler, resolve_placement
+from forge_qat.train.optim import (
+    SCALE_LR_RELATIVE,
+    Placement,
+    build_optimizer,
+    build_scheduler,
+    resolve_placement,
+    scale_learning_rate,
+)
 from forge_qat.train.scale_watch import ScaleWatch
 from forge_qat.train.scale_watch import report as report_scale_movement
 
@@ -128,7 +135,12 @@ class Trainer:
         self.models: TrainingModels = build_models(self.engine, cfg)
         student = self.models.student
         student.train()
-        optimizer = build_optimizer(student, cfg, self.placement.lr)
+        self.scale_lr = scale_learning_rate(student, cfg)
+        if self.scale_lr is not None:
+            log.info("learned scales: peak learning rate %.3g (%s)", self.scale_lr,
+                     "--qat-scale-lr" if cfg.qat.qat_scale_lr is not None
+                     else f"{SCALE_LR_RELATIVE:.0%} of their median starting value; --qat-scale-lr sets it")
+        optimizer = build_optimizer(student, cfg, self.placement.lr, self.scale_lr)
         self.scheduler = build_scheduler(optimizer, cfg)
         self.scale_watch: ScaleWatch | None = None
         if cfg.qat.qat_learn_scales and not cfg.qat.fake_quant_after_steps:
@@ -239,9 +251,10 @@ class Trainer:
             return
         meta = self._checkpoint_meta()
         if self.scale_watch is not None and done > self.cfg.qat.fake_quant_after_steps:
-            meta["learned_scales"] = self.scale_watch.movement(self.models.student, self.engine.full_tensor)
+            meta["learned_scales"] = {**self.scale_watch.movement(self.models.student, self.engine.full_tensor),
+                                      "peak_lr": self.scale_lr}
             if self.main:
-                report_scale_movement(meta["learned_scales"], done, self.cfg.qat.qat_scale_lr or self.placement.lr)
+                report_scale_movement(meta["learned_scales"], done, self.scale_lr)
         state = {"scale_watch": self.scale_watch.state()} if self.scale_watch is not None else None
         self.last_checkpoint = ckpt_io.save_checkpoint(self.engine, self.models.student, self.out, done,
                                                        self.models.tokenizer, meta, self.cfg.run.save_total_limit,
