@@ -9,9 +9,11 @@ fake-quant model.
 Part A, from the pretrained model (the teacher of `float` KD is the pretrained model):
   float (pretrained)         the starting model, and PTQ of it
   float fine-tune            cross-entropy, no quantization, and PTQ of it (the reference degradation)
-  QAT                        torchao's plain recipe: cross-entropy on fake-quantized forwards
+  QAT                        torchao's plain recipe: cross-entropy on fake-quantized forwards, scales chosen
+                             from the weights (--no-qat-learn-scales)
   QAT + KD <loss>            + distillation, for each --kd-loss (float teacher) and --self-kd-losses
-  QAT, learnable scales      --qat-learn-scales (scale lr = lr, and each of --scale-lrs); and KD with
+  QAT, shipped defaults      `forge train --qat-recipe RECIPE` and nothing else
+  QAT, learnable scales      --qat-learn-scales at the weights' lr, and at each of --scale-lrs; and KD with
                              learnable scales (--both)
 Part B (rows `ft-*`), QAT of the fine-tuned model: each row continues the float fine-tune for the same
 number of steps again, so the float teacher is the fine-tuned model itself, the model being quantized.
@@ -94,7 +96,8 @@ def _kd(teacher: str, loss: str) -> dict:
 def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
          scale_lrs: list[float]) -> dict[str, dict]:
     """Row name -> how it is made: train settings (None: the starting model), whether it is PTQ, its label."""
-    qat = {"qat_recipe": "{recipe}"}
+    qat = {"qat_recipe": RECIPE, "qat_learn_scales": False}  # plain QAT: scales chosen from the weights
+    shared = {"qat_recipe": RECIPE, "qat_learn_scales": True, "qat_scale_lr": SHARED_LR}  # the lr of the weights
     table = {
         "float": {"train": None, "label": "float (pretrained)"},
         "ptq": {"train": None, "ptq": True, "label": "PTQ of pretrained"},
@@ -107,12 +110,14 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
             name = f"qat-kd-{loss}" if teacher == "float" else f"qat-kd-self-{loss}"
             table[name] = {"train": {**qat, **_kd(teacher, loss)},
                            "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, {teacher} teacher"}
-    table["qat-ls"] = {"train": {**qat, "qat_learn_scales": True}, "label": "QAT, learnable scales"}
+    table["qat-defaults"] = {"train": {"qat_recipe": RECIPE},
+                             "label": "QAT, shipped defaults"}
+    table["qat-ls"] = {"train": shared, "label": "QAT, learnable scales at the weights' lr"}
     for scale_lr in scale_lrs:
         table[f"qat-ls-lr{scale_lr:g}"] = {"train": {**qat, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
                                           "label": f"QAT, learnable scales at lr {scale_lr:g}"}
     teacher, loss = both
-    table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**qat, **_kd(teacher, loss), "qat_learn_scales": True},
+    table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**shared, **_kd(teacher, loss)},
                                             "label": f"QAT + KD {loss}, {teacher} teacher, learnable scales"}
     # Part B: QAT of the fine-tuned model. Each row continues the float fine-tune for the same number of
     # steps; its float teacher is then the fine-tuned model itself (the model being quantized).
@@ -121,16 +126,17 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
     table["ft-ptq"] = {"from": "float-ft", "train": {"qat_recipe": "none"}, "ptq": True,
                        "label": "PTQ of float, continued" + cont}
     table["ft-qat"] = {"from": "float-ft", "train": qat, "label": "QAT (cross-entropy)" + cont}
+    table["ft-qat-defaults"] = {"from": "float-ft", "train": {"qat_recipe": RECIPE},
+                                "label": "QAT, shipped defaults" + cont}
     for loss in kd_losses:
         table[f"ft-qat-kd-{loss}"] = {
             "from": "float-ft", "train": {**qat, **_kd("float", loss)},
             "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, fine-tune as teacher" + cont}
     table["ft-qat-kd-only-kl"] = {"from": "float-ft", "train": {**qat, **_kd("float", "kl"), "lm_weight": 0.0},
                                   "label": "QAT + KD kl alone (no cross-entropy), fine-tune as teacher" + cont}
-    table["ft-qat-ls"] = {"from": "float-ft", "train": {**qat, "qat_learn_scales": True},
-                          "label": "QAT, learnable scales" + cont}
-    table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**qat, **_kd("float", both[1]),
-                                                                   "qat_learn_scales": True},
+    table["ft-qat-ls"] = {"from": "float-ft", "train": shared,
+                          "label": "QAT, learnable scales at the weights' lr" + cont}
+    table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**shared, **_kd("float", both[1])},
                                      "label": f"QAT + KD {both[1]}, fine-tune as teacher, learnable scales" + cont}
     for scale_lr in scale_lrs:
         for kd, label in (({}, "QAT"), (_kd("float", both[1]), f"QAT + KD {both[1]}, fine-tune as teacher")):
@@ -138,6 +144,10 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
             table[name] = {"from": "float-ft", "label": f"{label}, learnable scales at lr {scale_lr:g}" + cont,
                            "train": {**qat, **kd, "qat_learn_scales": True, "qat_scale_lr": scale_lr}}
     return table
+
+
+RECIPE, SHARED_LR = object(), object()
+"""Placeholders in row settings: the recipe and the learning rate of the run."""
 
 
 def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe: str) -> dict:
@@ -149,7 +159,7 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
     source = model
     train = how["train"]
     if train is not None:
-        settings = {k: (v.format(recipe=recipe) if isinstance(v, str) else v) for k, v in train.items()}
+        settings = {k: recipe if v is RECIPE else budget["lr"] if v is SHARED_LR else v for k, v in train.items()}
         run = work / {"ptq-ft": "float-ft", "ft-ptq": "ft-float"}.get(name, name)
         reuse = name in ("ptq-ft", "ft-ptq") and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
         if not reuse:

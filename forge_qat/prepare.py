@@ -385,7 +385,7 @@ class QatConfig:
                                            "the weights when fake quantization starts; the converted artifact uses "
                                            "the learned scales).",
                                     resume_fixed=True)
-    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 2% of their "
+    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 3.5% of their "
                                               "median starting value).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
 

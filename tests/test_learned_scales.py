@@ -330,7 +330,7 @@ def test_scales_have_their_own_optimizer_group():
     assert len(mine) == 1 and {id(p) for p in mine[0]["params"]} == scales
     assert mine[0]["lr"] == 1e-3 and mine[0]["weight_decay"] == 0.0
     assert all(g["lr"] == 2e-5 for g in groups if g is not mine[0])
-    # default: 2% of the scales' median starting value, whatever the weights' size
+    # default: a share of the scales' median starting value, whatever the weights' size
     from forge_qat.train.optim import SCALE_LR_RELATIVE
     default = build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"]
     median = torch.cat([p.detach().reshape(-1) for p in learned_scales(model).values()]).median().item()
@@ -341,7 +341,7 @@ def test_scales_have_their_own_optimizer_group():
     bigger = build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"]
     assert bigger == pytest.approx(10 * default, rel=1e-6)
     with pytest.raises(ConfigError, match="add --qat-learn-scales"):
-        TrainConfig.from_flat(qat_scale_lr=1e-3)
+        TrainConfig.from_flat(qat_scale_lr=1e-3, qat_learn_scales=False)
 
 
 def test_int8_integer_grid_gradients_are_the_learned_quantizers():
