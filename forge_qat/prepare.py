@@ -190,8 +190,10 @@ def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
 def learned_scale_readers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
     """(module, scale) for every learned scale read in a module's forward other than its quantizer's own: the
     integer-grid linear multiplies with it directly, an experts module's eager loop slices it per expert.
-    ZeRO-3 gathers a parameter only for the forward of the module that owns it, so the engine registers
-    these as external parameters of their readers (`deepspeed.zero.register_external_parameter`)."""
+    ZeRO-3 gathers a parameter for the forward of the module that owns it; one read elsewhere it finds only
+    when the read happens inside the engine's own forward (it then registers it on the fly). The engine
+    registers these up front as external parameters of their readers
+    (`deepspeed.zero.register_external_parameter`), so they are gathered with the reader however it is called."""
     return [(site.reader, site.holder.weight_fake_quantizer.scale) for site in _scale_sites(model).values()
             if isinstance(site.holder.weight_fake_quantizer, LearnedScaleFakeQuantizer)]
 

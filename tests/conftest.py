@@ -69,6 +69,19 @@ def partition_everything(directory) -> str:
     return str(path)
 
 
+def per_expert_reference(module, pairs, chosen, weights, x):
+    """What a Qwen3-MoE experts `module` computes for routing (`chosen`, `weights`), with each expert's two
+    projections given as `pairs[e]["up"]`, `pairs[e]["down"]` (layers standing in for its stack slices)."""
+    out = torch.zeros_like(x)
+    for e, pair in enumerate(pairs):
+        token, pos = torch.where(chosen == e)
+        if len(token):
+            gate, up = pair["up"](x[token]).chunk(2, dim=-1)
+            h = pair["down"](module.act_fn(gate) * up) * weights[token, pos, None]
+            out.index_add_(0, token, h)
+    return out
+
+
 MOE_SHAPES = {
     # 2 layers, 4 experts, top-2; dimensions multiples of the int4 group size (32).
     "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=4,

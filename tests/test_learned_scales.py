@@ -99,7 +99,7 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
     range learning above) starting from that expert's slice of the scales. In train mode the default recipe
     runs transformers' grouped_mm kernel on the whole fake-quantized stacks; eval mode and the integer-grid
     recipe run the eager loop, one expert's scales at a time."""
-    from conftest import tiny_moe
+    from conftest import per_expert_reference, tiny_moe
 
     from forge_qat import experts
 
@@ -131,21 +131,11 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
             f"{short}{SCALE_SUFFIX}": scales[stack].data[e].clone() for stack, short in stacks.items()}))
         reference.append(pair)
 
-    def reference_forward(x):
-        out = torch.zeros_like(x)
-        for e, pair in enumerate(reference):
-            token, pos = torch.where(chosen == e)
-            if len(token):
-                gate, up = pair["up"](x[token]).chunk(2, dim=-1)
-                h = pair["down"](module.act_fn(gate) * up) * weights[token, pos, None]
-                out.index_add_(0, token, h)
-        return out
-
     if module.training:
         batched = not recipe.fake_quant or not recipe.fake_quant.integer_matmul
         assert (experts._batched_kernel(module) is not None) == batched
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    want, got = reference_forward(xr), module(xo, chosen, weights)
+    want, got = per_expert_reference(module, reference, chosen, weights, xr), module(xo, chosen, weights)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     got.square().sum().backward()
     want.square().sum().backward()

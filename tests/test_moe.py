@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_train_args, save_tiny_moe, tiny_moe
+from conftest import micro_train_args, per_expert_reference, save_tiny_moe, tiny_moe
 from safetensors.torch import load_file
 
 from forge_qat import checkpoint as ckpt_io
@@ -60,22 +60,12 @@ def test_each_expert_gets_the_numerics_of_a_linear_layer(recipe, mode):
         prepare_qat(pair, get_recipe(recipe))
         reference.append(pair)
 
-    def reference_forward(x):
-        out = torch.zeros_like(x)
-        for e, pair in enumerate(reference):
-            token, pos = torch.where(chosen == e)
-            if len(token):
-                gate, up = pair["up"](x[token]).chunk(2, dim=-1)
-                h = pair["down"](module.act_fn(gate) * up) * weights[token, pos, None]
-                out.index_add_(0, token, h)
-        return out
-
     prepare_qat(model, get_recipe(recipe))
     assert experts.is_fake_quantized(module)
     if module.training:
         assert (experts._batched_kernel(module) is not None) == batched
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    want, got = reference_forward(xr), module(xo, chosen, weights)
+    want, got = per_expert_reference(module, reference, chosen, weights, xr), module(xo, chosen, weights)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     got.square().sum().backward()
     want.square().sum().backward()

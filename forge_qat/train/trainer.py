@@ -139,7 +139,7 @@ class Trainer:
         if self.scale_lr is not None:
             log.info("learned scales: peak learning rate %.3g (%s)", self.scale_lr,
                      "--qat-scale-lr" if cfg.qat.qat_scale_lr is not None
-                     else f"{SCALE_LR_RELATIVE:.0%} of their median starting value; --qat-scale-lr sets it")
+                     else f"{SCALE_LR_RELATIVE:.1%} of their median starting value; --qat-scale-lr sets it")
         optimizer = build_optimizer(student, cfg, self.placement.lr, self.scale_lr)
         self.scheduler = build_scheduler(optimizer, cfg)
         self.scale_watch: ScaleWatch | None = None
