@@ -16,13 +16,13 @@ FILES = ("README.md", "docs/recipes.md")
 
 def recipe_table_markdown() -> str:
     lines = ["| recipe | what it simulates | convert needs | artifact format | MoE experts | embeddings, head "
-             "| `--qat-learn-scales` |",
+             "| learned scales |",
              "|---|---|---|---|---|---|---|"]
     for r in RECIPES.values():
         name = f"`{r.name}`" + (" (default)" if r.name == DEFAULT_RECIPE else "")
         needs = ", ".join(q.description for q in r.convert_requires) or "any CPU"
         fmt = "safetensors" if r.safetensors else "pytorch_model.bin"
-        learn = "yes (linear layers and expert stacks)" if r.learnable_scales else "no"
+        learn = "yes, by default (linear layers and expert stacks)" if r.learnable_scales else "no"
         lines.append(f"| {name} | {r.description} | {needs} | {fmt} | {r.experts_support} | {r.embeddings_support} "
                      f"| {learn} |")
     return "\n".join(lines)

@@ -80,6 +80,13 @@ def mean_loss(model: torch.nn.Module, data: TokenStore, *, batch_size: int, devi
     return total / count, count
 
 
+def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe) -> None:
+    """Fake-quantize `model` (the checkpoint's weights) as training did: with the scales the checkpoint
+    learned where it learned them, else with scales chosen from the weights."""
+    scales = ckpt_io.read_learned_scales(checkpoint)
+    prepare_qat(model, recipe, learn=LearnScales(initial=scales) if scales is not None else None)
+
+
 @torch.no_grad()
 def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int = 8,
                    max_batches: int | None = None, fake_quant: Recipe | None = None,
@@ -91,8 +98,7 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     if fake_quant and getattr(model.config, "quantization_config", None):
         raise ConfigError(f"{target} is already a quantized artifact; --fake-quant applies to float checkpoints")
     if fake_quant:
-        scales = ckpt_io.read_learned_scales(target)  # a --qat-learn-scales checkpoint: with what it learned
-        prepare_qat(model, fake_quant, learn=LearnScales(initial=scales) if scales is not None else None)
+        prepare_as_trained(model, target, fake_quant)
     packed = open_token_store(data, tokenizer, seq_len, data_options, packing=packing)
     loss, count = mean_loss(model, packed, batch_size=batch_size, device=device, max_batches=max_batches)
     return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count)

@@ -221,7 +221,13 @@ class _LearnedFakeQuantize(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, scale: torch.Tensor, spec: AffineSpec, out_dtype: torch.dtype) -> torch.Tensor:
         wg = _grouped(w, spec)
         s = scale.reshape(-1, 1)
-        inv_scale = 1.0 / s
+        if spec.scale_dtype is not None:
+            # The recipe stores its scales in this dtype (bf16: what XNNPACK and GGUF Q4_0 hold exactly), and
+            # its converted tensor rounds the learned scale to it before quantizing: so does the forward. The
+            # rounding is straight through for the gradient (the scale stays a float32 Parameter that can move
+            # by less than a bf16 step per update and cross one later).
+            s = s.to(spec.scale_dtype)
+        inv_scale = 1.0 / s  # in the scale's dtype, as torchao's quantize_affine computes it
         ratio = wg * inv_scale
         q = torch.round(ratio)
         clamped = q.clamp(spec.qmin, spec.qmax)
@@ -231,7 +237,7 @@ class _LearnedFakeQuantize(torch.autograd.Function):
         ds = torch.where(clipped, clamped, clamped - ratio)
         del ratio
         out = clamped.mul_(s)
-        ctx.save_for_backward(s, inv_scale, clipped, ds)
+        ctx.save_for_backward(s.to(scale.dtype), inv_scale.to(scale.dtype), clipped, ds)
         ctx.shapes = (w.shape, scale.shape, w.dtype, scale.dtype)
         return out.to(out_dtype).view(w.shape)
 

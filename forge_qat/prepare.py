@@ -146,6 +146,10 @@ def _scale_sites(model: torch.nn.Module) -> dict[str, _ScaleSite]:
     """Every fake-quantized weight of a prepared model, by the name its learned scale's prefix has."""
     sites = {}
     for name, module in model.named_modules():
+        if embeddings.is_fake_quantized_table(module):
+            # The output head's grid is the input embedding's where they are tied (one weight, one grid):
+            # embedding tables keep the scales chosen from their weights.
+            continue
         if isinstance(module, FakeQuantizedLinear) and module.weight_fake_quantizer is not None:
             sites[name] = _ScaleSite(module, module.weight, module)
         elif experts.is_fake_quantized(module):
@@ -383,10 +387,10 @@ class QatConfig:
         None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
     fake_quant_after_steps: int = option(0, "Train this many steps in float before enabling fake quantization.",
                                          resume_fixed=True)
-    qat_learn_scales: bool = option(False, "Train the weight quantization scales with the model (initialised from "
-                                           "the weights when fake quantization starts; the converted artifact uses "
-                                           "the learned scales).",
-                                    resume_fixed=True)
+    qat_learn_scales: bool | None = option(
+        None, "Train the weight quantization scales with the model (initialised from the weights when fake "
+              "quantization starts; the converted artifact uses the learned scales). Default: on for the recipes "
+              "whose scales can be learned (`forge recipes`).", resume_fixed=True)
     qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 3.5% of their "
                                               "median starting value).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
@@ -401,8 +405,14 @@ class QatConfig:
             one_of(self, swap.option, swap.choices())
         if self.fake_quant_after_steps and self.recipe is None:
             raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
+        if self.qat_learn_scales is None:  # the default: learned wherever the recipe's scales can be
+            self.qat_learn_scales = self.recipe is not None and self.recipe.learnable_scales
+            if self.qat_scale_lr is not None and not self.qat_learn_scales:
+                raise ConfigError(f"--qat-scale-lr sets the learning rate of learned scales, and this run's recipe "
+                                  f"({self.recipe_name or NO_RECIPE}) has none")
         if self.qat_scale_lr is not None and not self.qat_learn_scales:
-            raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: add --qat-learn-scales")
+            raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: remove "
+                              "--no-qat-learn-scales")
         if self.qat_learn_scales:
             self._check_learned_scales()
 

@@ -209,6 +209,7 @@ RECIPES: dict[str, Recipe] = {
             storage_bits=8,
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
+            learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
         ),
         Recipe(
             name="int8-dynamic-act-int4-weight-int8-embeddings",
@@ -219,6 +220,7 @@ RECIPES: dict[str, Recipe] = {
             storage_bits=8,
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
+            learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
         ),
         Recipe(
             name="llama-cpp-q4-0",
@@ -232,6 +234,7 @@ RECIPES: dict[str, Recipe] = {
             storage_bits=8,
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
+            learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
         ),
         *(Recipe(
             name=f"int8-dynamic-act-int{bits}-weight",

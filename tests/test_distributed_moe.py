@@ -101,16 +101,15 @@ def test_zero3_moe_artifact_is_the_fake_quant_model_with_the_learned_scales(moe_
     from transformers import AutoModelForCausalLM
 
     import forge_qat.torchao_compat  # noqa: F401  (int4 MoE artifacts name it as their experts implementation)
+    from forge_qat.evaluate import prepare_as_trained
     from forge_qat.finalize import sample_batch
     from forge_qat.models import load_model
-    from forge_qat.prepare import LearnScales, prepare_qat
     from forge_qat.recipes import get_recipe
 
     _, zero, _ = moe_runs
     ckpt = ckpt_io.checkpoint_dirs(zero)[-1][1]
     fake, tok = load_model(str(ckpt))
-    prepare_qat(fake, get_recipe("int8-dynamic-act-int4-weight"),
-                learn=LearnScales(initial=ckpt_io.read_learned_scales(ckpt)))
+    prepare_as_trained(fake, ckpt, get_recipe("int8-dynamic-act-int4-weight"))
     real = AutoModelForCausalLM.from_pretrained(zero / "final-int8-dynamic-act-int4-weight")
     x = sample_batch(tok, fake.config.vocab_size)
     with torch.no_grad():

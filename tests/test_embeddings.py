@@ -13,6 +13,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.coverage import plan
 from forge_qat.embeddings import FakeQuantizedEmbedding, FakeQuantizedHead
 from forge_qat.errors import ConfigError
+from forge_qat.evaluate import prepare_as_trained
 from forge_qat.finalize import FinalizeRequest, finalize
 from forge_qat.models import load_model, preset_model
 from forge_qat.prepare import convert_qat, prepare_qat, set_fake_quant_enabled
@@ -114,8 +115,9 @@ def test_trained_tables_finalize_to_a_tied_artifact_stock_transformers_runs(tmp_
     artifact = AutoModelForCausalLM.from_pretrained(tmp_path / "art").eval()
     assert artifact.lm_head.weight is artifact.model.embed_tokens.weight
 
-    fake, _ = load_model(str(resolve_checkpoint(tmp_path / "run")))
-    prepare_qat(fake.eval(), TABLES)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    fake, _ = load_model(str(ckpt))
+    prepare_as_trained(fake.eval(), ckpt, TABLES)  # with the scales it learned
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(artifact(ids).logits, fake(ids).logits, rtol=0, atol=1e-5)

@@ -76,13 +76,14 @@ def test_artifact_matches_fake_quant_model(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from forge_qat.checkpoint import resolve_checkpoint
+    from forge_qat.evaluate import prepare_as_trained
     from forge_qat.finalize import sample_batch
     from forge_qat.models import load_model
-    from forge_qat.prepare import prepare_qat
 
     report = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "a"))
-    fake, tok = load_model(str(resolve_checkpoint(runs / "qat")))
-    prepare_qat(fake, get_recipe(report.recipe))
+    ckpt = resolve_checkpoint(runs / "qat")
+    fake, tok = load_model(str(ckpt))
+    prepare_as_trained(fake, ckpt, get_recipe(report.recipe))  # with the scales it learned
     real = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     x = sample_batch(tok, fake.config.vocab_size)
     with torch.no_grad():

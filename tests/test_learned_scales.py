@@ -18,7 +18,7 @@ from forge_qat.errors import ConfigError
 from forge_qat.fake_quant import SCALE_SUFFIX, AffineSpec, LearnedScaleFakeQuantizer, initial_scale
 from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
 from forge_qat.models import load_model
-from forge_qat.prepare import LearnScales, convert_qat, learned_scales, prepare_qat
+from forge_qat.prepare import LearnScales, convert_qat, learned_scales, prepare_qat, set_activation_fake_quant_enabled
 from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from forge_qat.train.trainer import run_training
 
@@ -56,7 +56,38 @@ def _tiny(seed=0):
     return preset_model("micro-llama", seed=seed)[0]
 
 
-@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"])
+def test_bf16_scale_recipes_round_the_learned_scale_in_every_forward():
+    """Recipes that store bf16 scales (the grid XNNPACK and GGUF Q4_0 hold) learn a float32 scale and quantize
+    with its bf16 rounding, straight through: the forward and both gradients are those of a quantizer whose
+    scale is the rounded value, and at the start they are the dynamic bf16-scale quantizer's."""
+    from forge_qat.fake_quant import AffineFakeQuantizer
+
+    spec = get_recipe("int8-dynamic-act-int4-weight-bf16-scales").fake_quant.weight
+    assert spec.scale_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * 0.05
+    start = initial_scale(w, spec)
+    assert torch.equal(start, start.bfloat16().float())  # the dynamic choice, already on the bf16 grid
+    torch.testing.assert_close(LearnedScaleFakeQuantizer(spec, start)(w), AffineFakeQuantizer(spec)(w),
+                               rtol=0, atol=0)
+    moved = start * torch.empty_like(start).uniform_(0.7, 1.1)
+    assert not torch.equal(moved, moved.bfloat16().float())
+    ours, rounded = LearnedScaleFakeQuantizer(spec, moved), LearnedScaleFakeQuantizer(spec, moved.bfloat16().float())
+    w1, w2 = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out, ref = ours(w1), rounded(w2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert not torch.equal(out, LearnedScaleFakeQuantizer(SPEC, moved)(w))  # the float32 scale would differ
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ours.scale.grad, rounded.scale.grad, rtol=0, atol=0)
+    assert ours.scale.dtype == torch.float32 and ours.scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight",
+                                         "int8-dynamic-act-int4-weight-bf16-scales",
+                                         "int8-dynamic-act-int4-weight-int8-embeddings"])
 def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_name):
     model, reference = _tiny(), _tiny()
     recipe = get_recipe(recipe_name)
@@ -77,8 +108,9 @@ def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_nam
 
 def test_recipes_and_models_learned_scales_cannot_serve_are_refused():
     able = [n for n, r in RECIPES.items() if r.learnable_scales]
-    fixed = "int8-dynamic-act-int4-weight-bf16-scales"  # its scales are rounded to bf16: not learnable (yet)
-    assert {DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"} <= set(able) and fixed not in able
+    fixed = "int4-weight-only"  # torchao's tiled int4 tensor takes no custom scale
+    assert {DEFAULT_RECIPE, "int8-dynamic-act-int8-weight", "int8-dynamic-act-int4-weight-bf16-scales",
+            "llama-cpp-q4-0"} <= set(able) and fixed not in able
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
         TrainConfig.from_flat(qat_recipe=fixed, qat_learn_scales=True)
     with pytest.raises(ConfigError, match="--qat-learn-scales needs a QAT recipe"):
@@ -171,12 +203,18 @@ def test_moe_artifact_with_learned_scales_equals_fake_quant_per_expert(recipe_na
     dynamic, _ = tiny_moe("qwen3_moe")
     prepare_qat(dynamic.eval(), recipe)
     x = torch.randint(0, len(tok), (2, 40), generator=torch.Generator().manual_seed(1))
+    if not recipe.artifact_activations:  # llama.cpp's per-block activations run where GGUF runs them
+        set_activation_fake_quant_enabled(model, False)
+        set_activation_fake_quant_enabled(dynamic, False)
     with torch.no_grad():
         fake = model(x).logits
         assert not torch.equal(fake, dynamic(x).logits)
         convert_qat(model, recipe)
         torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0)
     state = model.state_dict()
+    stored = recipe.fake_quant.weight.scale_dtype if recipe.fake_quant else None  # bf16 for the GGUF/XNNPACK grid
+    if stored is not None:
+        scales = {k: v.to(stored).float() for k, v in scales.items()}
     stacks = [k for k in scales if ".forge_fake_quant." in k]
     assert len(stacks) == 4  # 2 layers x 2 stacks, besides the attention layers' scales
     for key, scale in scales.items():
@@ -330,8 +368,19 @@ def test_scales_have_their_own_optimizer_group():
             p.mul_(10)
     bigger = build_optimizer(model, TrainConfig.from_flat(qat_learn_scales=True), lr=2e-5).param_groups[-1]["lr"]
     assert bigger == pytest.approx(10 * default, rel=1e-6)
-    with pytest.raises(ConfigError, match="add --qat-learn-scales"):
+    with pytest.raises(ConfigError, match="remove --no-qat-learn-scales"):
         TrainConfig.from_flat(qat_scale_lr=1e-3, qat_learn_scales=False)
+    with pytest.raises(ConfigError, match=r"recipe \(int4-weight-only\) has none"):
+        TrainConfig.from_flat(qat_scale_lr=1e-3, qat_recipe="int4-weight-only")
+
+
+def test_learned_scales_are_on_by_default_where_the_recipe_has_them():
+    for name, recipe in RECIPES.items():
+        assert TrainConfig.from_flat(qat_recipe=name).qat.qat_learn_scales is recipe.learnable_scales, name
+    assert TrainConfig.from_flat().qat.qat_learn_scales  # the default recipe
+    assert not TrainConfig.from_flat(qat_recipe="none").qat.qat_learn_scales
+    assert not TrainConfig.from_flat(qat_learn_scales=False).qat.qat_learn_scales
+    assert TrainConfig.from_flat().to_dict()["qat_learn_scales"] is True  # recorded resolved, for --resume
 
 
 def test_int8_integer_grid_gradients_are_the_learned_quantizers():

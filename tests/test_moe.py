@@ -20,6 +20,7 @@ from forge_qat import experts, torchao_compat
 from forge_qat.config import TrainConfig
 from forge_qat.coverage import MISFIT, OUTPUT_HEAD, ROUTER, plan
 from forge_qat.errors import ConfigError
+from forge_qat.evaluate import prepare_as_trained
 from forge_qat.finalize import FinalizeRequest, finalize
 from forge_qat.prepare import convert_qat, prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
 from forge_qat.recipes import RECIPES, get_recipe
@@ -264,8 +265,9 @@ def test_finalize_converts_experts_and_stock_transformers_runs_the_artifact(trai
         "forge_qat.torchao_compat" if needs_compat else "eager")
 
     # Fake-quant model vs the artifact, the artifact loaded by stock transformers in a fresh process.
-    fake, _ = load_model(str(ckpt_io.checkpoint_dirs(run)[-1][1]))
-    prepare_qat(fake.eval(), get_recipe(report.recipe))
+    ckpt = ckpt_io.checkpoint_dirs(run)[-1][1]
+    fake, _ = load_model(str(ckpt))
+    prepare_as_trained(fake.eval(), ckpt, get_recipe(report.recipe))  # with the scales it learned
     with torch.no_grad():
         want = fake(torch.tensor([[1, 2, 3, 4, 5, 6]])).logits
     out = tmp_path / "logits.pt"

@@ -71,6 +71,12 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         coverage = prepare_qat(model, recipe, learn=learn)
         if learn is not None:
             scales = learned_scales(model)
+            if engine.param_dtype != torch.float32:
+                # DeepSpeed's mixed precision holds every trained parameter in the module dtype (ZeRO-3 packs
+                # them into one buffer of one dtype, and asserts it) with fp32 masters in the optimizer: the
+                # scales are stored in bf16 too, as torchao's dynamic scales of bf16 weights are.
+                for p in scales.values():
+                    p.data = p.data.to(engine.param_dtype)
             log.info("learned weight scales: %d parameters in %d layers", sum(p.numel() for p in scales.values()),
                      len(scales))
         log.info("fake quantization: %s", coverage.describe())

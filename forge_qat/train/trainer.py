@@ -136,7 +136,9 @@ class Trainer:
         student = self.models.student
         student.train()
         self.scale_lr = scale_learning_rate(student, cfg)
-        if self.scale_lr is not None:
+        if self.scale_lr is not None and cfg.run.resume and cfg.qat.qat_scale_lr is None:
+            self.scale_lr = self._resumed_scale_lr(self.scale_lr)
+        elif self.scale_lr is not None:
             log.info("learned scales: peak learning rate %.3g (%s)", self.scale_lr,
                      "--qat-scale-lr" if cfg.qat.qat_scale_lr is not None
                      else f"{SCALE_LR_RELATIVE:.1%} of their median starting value; --qat-scale-lr sets it")
@@ -151,6 +153,26 @@ class Trainer:
         if self.main and not cfg.run.resume:
             ckpt_io.start_run_dir(self.out, cfg.to_dict())
         self._check_shared_run_dir()
+
+    def _resumed_scale_lr(self, computed: float) -> float:
+        """The default scale learning rate of a resumed run: the one its checkpoint trained with. Runs written
+        before the default became relative (3.5% of the scales' median) trained their scales at `--lr`, and
+        continue so (with a warning) rather than at a learning rate they never had."""
+        ckpts = ckpt_io.checkpoint_dirs(self.out)
+        if not ckpts:
+            return computed  # resume() refuses this run directory
+        path = ckpts[-1][1]
+        meta = ckpt_io.read_checkpoint_meta(path) or {}
+        recorded = meta.get("scale_lr") or meta.get("learned_scales", {}).get("peak_lr")
+        if recorded is not None:
+            if self.main:
+                log.info("learned scales: peak learning rate %.3g, as the run started", recorded)
+            return recorded
+        recorded = meta.get("lr", self.placement.lr)
+        if self.main:
+            log.warning("--resume: %s predates the relative default scale learning rate and trained its scales at "
+                        "--lr; they continue at %.3g (a new run would use %.3g)", path, recorded, computed)
+        return recorded
 
     def _log_plan(self) -> None:
         p = self.placement
@@ -264,7 +286,7 @@ class Trainer:
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"qat_recipe": self.cfg.qat.recipe_name, "fp8_recipe": self.cfg.qat.fp8_recipe,
                 "precision": self.placement.precision, "lr": self.placement.lr,
-                "world_size": self.engine.world_size, "train_config": self.cfg.to_dict(),
+                "world_size": self.engine.world_size, "train_config": self.cfg.to_dict(), "scale_lr": self.scale_lr,
                 "data_key": self.train_data.key}
 
     # ---- resume and finish ------------------------------------------------------------------------
