@@ -465,3 +465,26 @@ def test_delayed_fake_quantization_starts_the_scales_from_the_weights_of_that_st
     run_training(TrainConfig.from_flat(**{**args, "resume": True}))
     resumed = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "d")[-1][1])
     assert set(resumed) == set(final) and all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_scales_warm_up_with_the_weights_then_hold_their_peak_lr():
+    from forge_qat.train.optim import build_optimizer, build_scheduler
+
+    model = _tiny()
+    prepare_qat(model, get_recipe(DEFAULT_RECIPE), learn=LearnScales())
+    cfg = TrainConfig.from_flat(max_steps=10, warmup_steps=3, qat_scale_lr=1e-3)
+    optimizer = build_optimizer(model, cfg, lr=2e-5)
+    scheduler = build_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    weights, scales = [r[0] for r in lrs], [r[-1] for r in lrs]
+    assert scales[:4] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3]) and scales[4:] == [1e-3] * 6
+    assert weights[3] == pytest.approx(2e-5) and weights[-1] < 0.1 * weights[3]  # cosine decay, as before
+    plain = _tiny()
+    prepare_qat(plain, get_recipe(DEFAULT_RECIPE))
+    single = build_scheduler(build_optimizer(plain, TrainConfig.from_flat(max_steps=10, warmup_steps=3,
+                                                                          qat_learn_scales=False), lr=2e-5), cfg)
+    assert len(single.lr_lambdas) == 2  # no scales: transformers' schedule for every group
