@@ -92,9 +92,9 @@ SCALE_GROUP = "forge_learned_scales"
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """The weights' schedule (`--lr-schedule` after `--warmup-steps`); learned scales warm up alike and then
     hold their peak learning rate to the end. Scales follow weights that keep changing until the last step,
-    and a decayed scale lr froze them early: on bench/quality.py (two seeds, both parts) holding it raised the
-    share of the PTQ degradation recovered in three of four cases and put all four at 80% or more
-    (docs/benchmarks.md, "Learned-scale learning rate")."""
+    and a decayed scale lr freezes them early. On bench/quality.py the held schedule averaged better than the
+    decayed one over two seeds and both parts, but single rows there swing 10-20 points under small changes
+    (docs/benchmarks.md, "Learned-scale learning rate"): not an established difference."""
     schedule = cfg.optim.lr_schedule
     weights = get_scheduler(schedule if schedule != "constant" else "constant_with_warmup", optimizer,
                             num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.optim.max_steps)
