@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from forge_qat import __version__
+from forge_qat import __version__, lora
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from forge_qat.errors import InputError, OutputExistsError, OutputWriteError
 from forge_qat.fake_quant import is_learned_scale
@@ -194,6 +194,8 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_checkpoint_meta(tmp, step, meta)
+            if (tmp / lora.ADAPTER_DIR).is_dir():
+                write_adapter_config(tmp, lora.recorded_config(meta), str(meta["train_config"].get("model", "")))
             _replace(tmp, final)
             prune_checkpoints(output_dir, keep)
     except OSError as e:
@@ -210,15 +212,17 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
     """Gather every tensor (all ranks, in the same order); rank 0 (`directory` given) appends each to the
     current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard."""
     tied = tied_aliases(model)
-    names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n)]
+    names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
     writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes) \
         if directory is not None else None
-    scales = {}
+    scales, adapters = {}, {}
     for name, tensor in full_tensors(engine, model):
         if writer is None:
             continue
         if is_learned_scale(name):
             scales[name] = tensor
+        elif lora.is_adapter(name):
+            adapters[name] = tensor
         else:
             for key, piece in layout.checkpoint_tensors(name, tensor):
                 writer.add(key, piece)
@@ -226,6 +230,8 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
         writer.close()
         if scales:
             write_learned_scales(directory, scales)
+        if adapters:
+            write_adapters(directory, adapters)
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -245,6 +251,40 @@ def write_learned_scales(directory: Path, scales: dict[str, torch.Tensor]) -> No
     (directory / LEARNED_SCALES).parent.mkdir(exist_ok=True)
     save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in scales.items()},
               directory / LEARNED_SCALES)
+
+
+def write_adapters(directory: Path, adapters: dict[str, torch.Tensor]) -> None:
+    """LoRA adapters in PEFT's layout under `adapter/` (expert-stack pairs in a file beside it); its
+    adapter_config.json is written by `write_adapter_config` from the run's settings."""
+    from safetensors.torch import save_file
+
+    folder = directory / lora.ADAPTER_DIR
+    folder.mkdir(exist_ok=True)
+    dense, stacks = lora.to_peft({n: t.detach().to("cpu").contiguous() for n, t in adapters.items()})
+    save_file(dense, folder / lora.PEFT_WEIGHTS)
+    if stacks:
+        save_file(stacks, folder / lora.EXPERT_WEIGHTS)
+
+
+def write_adapter_config(directory: Path, cfg: "lora.LoraConfig", base_model: str) -> None:
+    folder = directory / lora.ADAPTER_DIR
+    adapters = read_adapters(directory) or {}
+    (folder / lora.PEFT_CONFIG).write_text(json.dumps(lora.peft_config(cfg, adapters, base_model), indent=2) + "\n")
+
+
+def read_adapters(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's LoRA adapters by state-dict name, or None when it has none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = ckpt / lora.ADAPTER_DIR
+    if not (folder / lora.PEFT_WEIGHTS).is_file():
+        return None
+    try:
+        stacks = load_file(folder / lora.EXPERT_WEIGHTS) if (folder / lora.EXPERT_WEIGHTS).is_file() else {}
+        return lora.from_peft(load_file(folder / lora.PEFT_WEIGHTS), stacks)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{folder} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
 
 
 def read_learned_scales(ckpt: Path) -> dict[str, torch.Tensor] | None:
@@ -301,7 +341,7 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     reader = model_layout_reader(SafetensorsReader.from_dir(ckpt), model)
     tied = tied_aliases(model)
     state = model.state_dict(keep_vars=True)
-    wanted = [n for n in state if n not in tied and not is_learned_scale(n)]
+    wanted = [n for n in state if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
     missing = [n for n in wanted if n not in reader.keys()]
     if missing or reader.layout.unexpected:
         raise InputError(f"{ckpt} does not match the model: missing {sorted(missing)[:5]}, "
@@ -323,6 +363,7 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     with torch.no_grad():
         for name, value in scales.items():
             state[name].copy_(value)
+    lora.load(model, read_adapters(ckpt) or {}, ckpt)
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:

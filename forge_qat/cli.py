@@ -245,6 +245,11 @@ def print_finalize_report(report) -> None:
             console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
                           f"max |logit| change vs float: {report.max_logit_diff_vs_float:.4f}; "
                           f"reloaded artifact matches: max diff {report.reload_max_diff:.1e}")
+        if report.lora_merged:
+            trained = ("not measured (streaming)" if math.isnan(report.lora_trained_vs_artifact)
+                       else f"{report.lora_trained_vs_artifact:.4g}")
+            console.print(f"LoRA adapters merged into {report.lora_merged} weights (W + s*BA); max |logit| "
+                          f"difference between the model as trained and the artifact: {trained}")
         console.print(f"wrote {report.dest}")
 
 

@@ -23,11 +23,12 @@ from forge_qat.data.config import DataConfig
 from forge_qat.distill import DistillConfig
 from forge_qat.distributed.config import DistributedConfig
 from forge_qat.errors import ConfigError, InputError, choices_message
+from forge_qat.lora import LoraConfig
 from forge_qat.prepare import QatConfig
 from forge_qat.train.config import OptimConfig, RunConfig
 
-SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "qat": QatConfig, "distill": DistillConfig,
-                             "optim": OptimConfig, "distributed": DistributedConfig}
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "qat": QatConfig, "lora": LoraConfig,
+                             "distill": DistillConfig, "optim": OptimConfig, "distributed": DistributedConfig}
 """Section attribute of `TrainConfig` -> its dataclass, in the order the CLI lists their options."""
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from forge_qat import lora
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.errors import ConfigError, choices_message
 from forge_qat.options import finite_at_least_zero, one_of, option
@@ -143,10 +144,12 @@ class Distillation:
                 teacher_logits = self.teacher(**batch).logits
             else:
                 set_fake_quant_enabled(model, False)
+                lora.set_enabled(model, False)  # a LoRA student's own teacher is its frozen base
                 try:
                     teacher_logits = model(**batch).logits
                 finally:
                     set_fake_quant_enabled(model, fake_quant)
+                    lora.set_enabled(model, True)
         out = model(**batch)
         kd = kd_loss(self.kd_loss, out.logits, teacher_logits, batch["labels"], temperature=self.temperature,
                      top_k=self.top_k)

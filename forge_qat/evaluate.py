@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from forge_qat import checkpoint as ckpt_io
-from forge_qat import hardware
+from forge_qat import hardware, lora
 from forge_qat.data.build import DataOptions
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.data.store import TokenStore, model_inputs, open_token_store
@@ -82,9 +82,21 @@ def mean_loss(model: torch.nn.Module, data: TokenStore, *, batch_size: int, devi
 
 def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe) -> None:
     """Fake-quantize `model` (the checkpoint's weights) as training did: with the scales the checkpoint
-    learned where it learned them, else with scales chosen from the weights."""
+    learned where it learned them, else with scales chosen from the weights; with its LoRA adapters, in the
+    mode they trained in."""
     scales = ckpt_io.read_learned_scales(checkpoint)
-    prepare_qat(model, recipe, learn=LearnScales(initial=scales) if scales is not None else None)
+    coverage = prepare_qat(model, recipe, learn=LearnScales(initial=scales) if scales is not None else None)
+    cfg = lora.recorded_config(ckpt_io.read_checkpoint_meta(checkpoint))
+    if cfg is not None:
+        lora.install(model, cfg, list(coverage.linears), coverage.experts)
+        lora.load(model, ckpt_io.read_adapters(checkpoint) or {}, checkpoint)
+
+
+def _merge_adapters(model: torch.nn.Module, checkpoint: Path) -> None:
+    """A LoRA checkpoint evaluated in float: the model is its base with the adapters merged."""
+    cfg = lora.recorded_config(ckpt_io.read_checkpoint_meta(checkpoint))
+    if cfg is not None:
+        lora.merge_into(model, ckpt_io.read_adapters(checkpoint) or {}, cfg.alpha / cfg.lora_rank)
 
 
 @torch.no_grad()
@@ -99,6 +111,8 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
         raise ConfigError(f"{target} is already a quantized artifact; --fake-quant applies to float checkpoints")
     if fake_quant:
         prepare_as_trained(model, target, fake_quant)
+    elif target.is_dir():
+        _merge_adapters(model, target)
     packed = open_token_store(data, tokenizer, seq_len, data_options, packing=packing)
     loss, count = mean_loss(model, packed, batch_size=batch_size, device=device, max_batches=max_batches)
     return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count)

@@ -134,7 +134,8 @@ class FakeQuantizedExperts:
         # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers'
         # eager loop does) makes autograd build a full-size zero gradient per expert and add it up,
         # O(experts^2) memory traffic; unbind's backward stacks the experts' gradients once.
-        w1, w2 = getattr(self, first.weight).unbind(0), getattr(self, down.weight).unbind(0)
+        w1, w2 = _stack(self, first.weight).unbind(0), _stack(self, down.weight).unbind(0)
+        side1, side2 = _separate_pair(self, first.weight), _separate_pair(self, down.weight)
         b1 = getattr(self, first.bias).unbind(0) if first.bias else None
         b2 = getattr(self, down.bias).unbind(0) if down.bias else None
         s1, s2 = per_projection[first.weight].expert_scales(), per_projection[down.weight].expert_scales()
@@ -143,10 +144,14 @@ class FakeQuantizedExperts:
             if e == n:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
-            h = per_projection[first.weight].linear(hidden_states[token_idx], w1[e], b1[e] if b1 else None,
-                                                    s1[e] if s1 else None)
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = per_projection[down.weight].linear(h, w2[e], b2[e] if b2 else None, s2[e] if s2 else None)
+            x = hidden_states[token_idx]
+            h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None)
+            if side1 is not None:
+                h = h + side1.path(x, e)
+            x = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None)
+            if side2 is not None:
+                h = h + side2.path(x, e)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -194,6 +199,8 @@ def _batched_kernel(module: torch.nn.Module):
     # forge's fused quantizers (learned scales too: one per expert, row and group) are row-wise for any rank
     # (tests/test_moe.py, tests/test_learned_scales.py); torchao's others (float8) are
     # not proven so on 3-D stacks and keep the eager loop.
+    if any(_separate_pair(module, name) is not None for name in per_projection):
+        return None  # separate LoRA adds each expert's own side path: the eager loop
     if module.has_post_expert_norm or any(q.integer_grid for q in per_projection.values()) \
             or not all(isinstance(x, AffineFakeQuantizer | LearnedScaleFakeQuantizer) for x in quantizers):
         return None
@@ -210,10 +217,49 @@ def _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_
         return x if q is None else q(x)
 
     up, dn = per_projection[first.weight], per_projection[down.weight]
-    stacks = {first.weight: quantize(up.weight_fake_quantizer, getattr(module, first.weight)),
-              down.weight: quantize(dn.weight_fake_quantizer, getattr(module, down.weight))}
+    stacks = {first.weight: quantize(up.weight_fake_quantizer, _stack(module, first.weight)),
+              down.weight: quantize(dn.weight_fake_quantizer, _stack(module, down.weight))}
     view = StackView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))
     return kernel(view, quantize(up.activation_fake_quantizer, hidden_states), top_k_index, top_k_weights)
+
+
+LORA_ATTR = "forge_lora"
+"""An experts module's LoRA pairs, by stack name (`forge_qat.lora`)."""
+
+
+def _stack(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The stack the expert matmuls use: the Parameter, plus s*B@A per expert where merged LoRA adapts it."""
+    weight = getattr(module, name)
+    pair = _lora_pair(module, name)
+    return weight + pair.delta(weight.dtype) if pair is not None and pair.mode == "merged" else weight
+
+
+def _lora_pair(module: torch.nn.Module, name: str):
+    pairs = module._modules.get(LORA_ATTR)
+    pair = pairs[name] if pairs is not None and name in pairs else None
+    return pair if pair is not None and pair.enabled else None
+
+
+def _separate_pair(module: torch.nn.Module, name: str):
+    """The stack's LoRA pair when it trains beside the quantized stack (separate mode), else None."""
+    pair = _lora_pair(module, name)
+    return pair if pair is not None and pair.mode == "separate" else None
+
+
+def has_lora(module: torch.nn.Module) -> bool:
+    return LORA_ATTR in getattr(module, "_modules", {})
+
+
+def install_lora(module: torch.nn.Module, pairs: torch.nn.ModuleDict) -> None:
+    """Attach LoRA pairs (per stack) to a fake-quantized experts module; its forward then uses them."""
+    if not is_fake_quantized(module):
+        raise ConfigError("LoRA on expert stacks runs through the fake-quantized experts forward: it needs a QAT "
+                          "recipe that quantizes the experts (or --lora-targets without experts)")
+    setattr(module, LORA_ATTR, pairs)
+
+
+def remove_lora(module: torch.nn.Module) -> None:
+    delattr(module, LORA_ATTR)
 
 
 _FAKE_QUANTIZED_CLASSES: dict[type, type] = {}

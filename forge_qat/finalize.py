@@ -20,13 +20,14 @@ from transformers import AutoModelForCausalLM, TorchAoConfig
 
 from forge_qat import __version__
 from forge_qat import checkpoint as ckpt_io
+from forge_qat import lora as lora_mod
 from forge_qat.artifact import DEFAULT_MAX_SHARD_BYTES, ShardWriter, choose_format, tensor_bytes, unflattenable
 from forge_qat.coverage import Coverage, check_useful
 from forge_qat.coverage import plan as plan_coverage
 from forge_qat.embeddings import torchao_config
 from forge_qat.errors import ConfigError, ConversionError, InputError, OutputExistsError
 from forge_qat.models import check_model_dir, is_quantized_artifact, load_config, load_model, load_tokenizer
-from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat
+from forge_qat.prepare import LearnScales, check_convert_hardware, convert_qat, prepare_qat, set_fake_quant_enabled
 from forge_qat.recipes import Recipe, get_recipe, recipe_names
 from forge_qat.stream_convert import FullTensor, LiveModelReader, follow_live_reads
 from forge_qat.torchao_compat import EXPERTS_IMPLEMENTATION
@@ -65,6 +66,19 @@ class ConvertJob:
     learned_scales: bool = False
     """Convert with the weight scales the checkpoint learned (`--qat-learn-scales`) instead of choosing them."""
 
+    lora: "lora_mod.LoraConfig | None" = None
+    """The LoRA settings the checkpoint trained with: its adapters are merged (W + s*B@A) before converting."""
+
+    def read_adapters(self) -> dict[str, torch.Tensor] | None:
+        if self.lora is None:
+            return None
+        adapters = ckpt_io.read_adapters(self.checkpoint)
+        if not adapters:
+            raise InputError(f"{self.checkpoint} was trained with LoRA (--lora-rank {self.lora.lora_rank}) but lacks "
+                             f"its adapters ({lora_mod.ADAPTER_DIR}/{lora_mod.PEFT_WEIGHTS}); the checkpoint is "
+                             f"incomplete")
+        return adapters
+
     def read_learned_scales(self) -> dict[str, torch.Tensor] | None:
         if not self.learned_scales:
             return None
@@ -97,6 +111,12 @@ class FinalizeReport:
     streaming: bool = False
     learned_scales: bool = False
     """Whether the weight scales are those the checkpoint learned (`--qat-learn-scales`)."""
+    lora_merged: int = 0
+    """Weights into which LoRA adapters were merged (W + s*B@A) before converting."""
+    lora_trained_vs_artifact: float = math.nan
+    """max |logit| difference between the model as LoRA trained it (fake quantization, adapters in their
+    --lora-qat mode) and the artifact, on the verification batch: 0 for merged mode; what deploying a
+    separate-mode run changes. NaN: not measured (streaming finalize)."""
     shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -117,6 +137,11 @@ def choose_job(req: FinalizeRequest) -> ConvertJob:
 
 
 def _choose_job(req: FinalizeRequest) -> ConvertJob:
+    job = _choose_recipe_job(req)
+    return replace(job, lora=lora_mod.recorded_config(ckpt_io.read_checkpoint_meta(job.checkpoint)))
+
+
+def _choose_recipe_job(req: FinalizeRequest) -> ConvertJob:
     if req.qat_convert and req.ptq:
         raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
     if not req.source.exists():
@@ -238,12 +263,19 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
     model.eval()
     float_bytes = sum(tensor_bytes(t) for t in _dedup_state_dict(model).values())
     sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
+    lora_measured = {}
     with torch.no_grad():
-        float_logits = model(sample).logits
         scales = job.read_learned_scales()
-        coverage = prepare_qat(model, job.recipe, learn=LearnScales(initial=scales) if scales is not None else None)
+        learn = LearnScales(initial=scales) if scales is not None else None
+        if job.lora is None:
+            float_logits = model(sample).logits
+            coverage = prepare_qat(model, job.recipe, learn=learn)
+        else:
+            coverage, float_logits, lora_measured = _prepare_merged(model, job, learn, sample)
         converted = convert_qat(model, job.recipe)
         quant_logits = model(sample).logits
+        if lora_measured:
+            lora_measured["lora_trained_vs_artifact"] = (quant_logits - lora_measured.pop("trained")).abs().max().item()
 
     state = _dedup_state_dict(model)
     fmt, reason = choose_format(req.fmt, job.recipe.safetensors, unflattenable(state))
@@ -268,9 +300,27 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
                          artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
                          quantized_numel=quantized_numel,
                          max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
-                         reload_max_diff=reload_diff)
+                         reload_max_diff=reload_diff, **lora_measured)
         _write_report(tmp, job, report)
     return report
+
+
+def _prepare_merged(model: torch.nn.Module, job: ConvertJob, learn: LearnScales | None,
+                    sample: torch.Tensor) -> tuple[Coverage, torch.Tensor, dict]:
+    """A LoRA checkpoint, in memory: the model as it trained (fake quantization and adapters in their mode; the
+    logits deploying is compared with), then the adapters merged into the weights (W + s*B@A, the expression
+    merged-mode training used) and the float logits of the merged model: the prepared model convert takes."""
+    coverage = prepare_qat(model, job.recipe, learn=learn)
+    adapters = job.read_adapters()
+    installed = lora_mod.install(model, job.lora, list(coverage.linears), coverage.experts)
+    lora_mod.load(model, adapters, job.checkpoint)
+    trained = model(sample).logits
+    merged = lora_mod.merge(model)
+    set_fake_quant_enabled(model, False)
+    float_logits = model(sample).logits
+    set_fake_quant_enabled(model, True)
+    log.info("LoRA: adapters merged into %d weights (%s)", len(merged), installed.describe())
+    return coverage, float_logits, {"trained": trained, "lora_merged": len(merged)}
 
 
 def _report(req: FinalizeRequest, job: ConvertJob, coverage: Coverage, converted: list[str], fmt: str, reason: str,
@@ -377,6 +427,11 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
         generation_config = None
     with ckpt_io.atomic_dir(req.dest) as tmp:
         reader = reader or model_layout_reader(SafetensorsReader.from_dir(job.checkpoint), skeleton)
+        lora_measured = {}
+        if job.lora is not None:
+            adapters = job.read_adapters()
+            reader = lora_mod.MergedReader(reader, adapters, job.lora.alpha / job.lora.lora_rank)
+            lora_measured["lora_merged"] = len(lora_mod.adapted_weights(adapters))
         stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,
                                               learned=job.read_learned_scales())
         if set(stats.converted) != set(coverage.quantized):
@@ -385,7 +440,7 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
         _write_extras(tmp, config, generation_config, tokenizer, job.recipe, coverage)
         report = _report(req, job, coverage, stats.converted, fmt, reason, shards, float_bytes=stats.float_bytes,
                          artifact_bytes=total, quantized_bytes=stats.quantized_bytes,
-                         quantized_numel=stats.quantized_numel, streaming=True)
+                         quantized_numel=stats.quantized_numel, streaming=True, **lora_measured)
         _write_report(tmp, job, report)
     return report
 

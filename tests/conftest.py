@@ -121,3 +121,19 @@ def save_tiny_moe(path, model_type, layout, seed=0, max_shard_size="10GB"):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
                   metadata={"format": "pt"})
     return model
+
+
+class CrashAt:
+    """A training observer that raises at `step` (a crash after the checkpoints before it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_data_progress(self, label, done_bytes, total_bytes): ...
+    def on_start(self, total_steps, start_step): ...
+    def on_checkpoint(self, path): ...
+    def on_end(self): ...
+
+    def on_step(self, record):
+        if record["step"] == self.step:
+            raise RuntimeError("simulated crash")

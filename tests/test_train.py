@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import micro_train_args
+from conftest import CrashAt, micro_train_args
 from typer.testing import CliRunner
 
 from forge_qat import checkpoint as ckpt_io
@@ -63,20 +63,6 @@ def test_training_reduces_loss_with_qat(tmp_path, text_file):
     assert result.checkpoint.name == "checkpoint-000030"
 
 
-class _CrashAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_data_progress(self, label, done_bytes, total_bytes): ...
-    def on_start(self, total_steps, start_step): ...
-    def on_checkpoint(self, path): ...
-    def on_end(self): ...
-
-    def on_step(self, record):
-        if record["step"] == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_resume_continues_identically(tmp_path, text_file):
     args = micro_train_args(tmp_path / "a", text_file, max_steps=6, save_every=3, grad_accum=2,
                             fake_quant_after_steps=2)
@@ -85,7 +71,7 @@ def test_resume_continues_identically(tmp_path, text_file):
 
     args_b = dict(args, output_dir=str(tmp_path / "b"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(TrainConfig.from_flat(**args_b), observer=_CrashAt(5))
+        run_training(TrainConfig.from_flat(**args_b), observer=CrashAt(5))
     assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
     run_training(TrainConfig.from_flat(**dict(args_b, resume=True)))
     resumed = _metrics(tmp_path / "b")

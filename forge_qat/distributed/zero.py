@@ -23,7 +23,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from forge_qat import hardware
+from forge_qat import hardware, lora
 from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
 from forge_qat.layouts import model_layout_reader
@@ -223,8 +223,8 @@ class ZeroEngine:
 
     def wrap(self, model, optimizer, scheduler) -> torch.nn.Module:
         if self.stage3:
-            for reader, scale in learned_scale_readers(model):
-                deepspeed.zero.register_external_parameter(reader, scale)
+            for reader, param in learned_scale_readers(model) + lora.readers(model):
+                deepspeed.zero.register_external_parameter(reader, param)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
         return self.engine

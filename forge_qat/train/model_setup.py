@@ -13,13 +13,13 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import PreTrainedTokenizerBase
 
-from forge_qat import experts
+from forge_qat import experts, lora
 from forge_qat.config import TrainConfig
-from forge_qat.coverage import Coverage
+from forge_qat.coverage import Coverage, plan
 from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.models import ModelSource, open_model_source
 from forge_qat.prepare import LearnScales, learned_scales, prepare_float8_training, prepare_qat
-from forge_qat.recipes import Recipe
+from forge_qat.recipes import DEFAULT_RECIPE, Recipe, get_recipe
 from forge_qat.train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
     elif cfg.qat.fp8_recipe:
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
+    if cfg.lora.enabled:
+        _install_lora(model, cfg, coverage)
     if cfg.optim.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.optim.gradient_checkpointing:
@@ -90,6 +92,18 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return coverage
+
+
+def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage | None) -> None:
+    """Adapters on the layers the recipe quantizes (a float run: the layers the default recipe would), the
+    rest of the model frozen."""
+    basis = coverage or plan(model, get_recipe(DEFAULT_RECIPE))
+    stacks = basis.experts if coverage is not None else {}
+    if coverage is None and basis.experts and "experts" in cfg.lora.targets:
+        log.warning("LoRA: %d experts modules stay frozen without adapters: expert adapters run through the "
+                    "fake-quantized experts forward, which a float run (--qat-recipe none) does not install",
+                    len(basis.experts))
+    log.info("%s", lora.install(model, cfg.lora, list(basis.linears), stacks, seed=cfg.run.seed).describe())
 
 
 def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:

@@ -1,0 +1,277 @@
+"""LoRA adapters on fake-quantized models (forge_qat/lora.py): merged mode trains the weight that ships,
+separate mode the peers' way; checked against the converted artifact and against per-layer references."""
+
+import pytest
+import torch
+
+from forge_qat import lora
+from forge_qat.coverage import plan
+from forge_qat.errors import ConfigError
+from forge_qat.prepare import LearnScales, convert_qat, prepare_qat
+from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+
+
+def _tiny(seed=0):
+    from forge_qat.models import preset_model
+
+    return preset_model("micro-llama", seed=seed)[0].eval()
+
+
+def _with_lora(model, recipe_name=DEFAULT_RECIPE, mode="merged", learn=False, rank=4, targets="attention,mlp,experts"):
+    recipe = get_recipe(recipe_name)
+    coverage = prepare_qat(model, recipe, learn=LearnScales() if learn else None)
+    cfg = lora.LoraConfig(lora_rank=rank, lora_qat=mode, lora_targets=targets)
+    installed = lora.install(model, cfg, list(coverage.linears), coverage.experts)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B starts at zero; give it values so the adapters change something
+        for name, p in lora.adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return recipe, installed
+
+
+def _ids(model, seed=1):
+    return torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapters_start_as_the_frozen_model_and_train_alone():
+    model, reference = _tiny(), _tiny()
+    recipe = get_recipe(DEFAULT_RECIPE)
+    coverage = prepare_qat(model, recipe)
+    prepare_qat(reference, recipe)
+    installed = lora.install(model, lora.LoraConfig(lora_rank=4), list(coverage.linears), coverage.experts)
+    x = _ids(model)
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)  # B = 0
+    assert len(installed.linears) == len(coverage.linears) == 14
+    a = lora.adapter_parameters(model)
+    assert len(a) == 28 and installed.adapter_numel == sum(p.numel() for p in a.values())
+    assert "model.layers.0.self_attn.q_proj.forge_lora.lora_A" in a
+    only_attention = _tiny()
+    cov = prepare_qat(only_attention, recipe)
+    inst = lora.install(only_attention, lora.LoraConfig(lora_rank=2, lora_targets="attention"), list(cov.linears),
+                        cov.experts)
+    assert inst.linears and all("self_attn" in n for n in inst.linears)
+
+
+@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight",
+                                         "int8-dynamic-act-int4-weight-bf16-scales"])
+@pytest.mark.parametrize("learn", [False, True])
+def test_merged_mode_is_the_converted_merged_model(recipe_name, learn):
+    """q(W + s*BA) in training == convert(merge(W, A, B)), bit for bit, with dynamic and learned scales."""
+    model = _tiny()
+    recipe, _ = _with_lora(model, recipe_name, "merged", learn)
+    x = _ids(model)
+    with torch.no_grad():
+        fake = model(x).logits
+        plain = _tiny()
+        prepare_qat(plain, recipe)
+        assert not torch.equal(fake, plain(x).logits)
+        merged = lora.merge(model)
+        assert len(merged) == 14 and not lora.adapter_parameters(model)
+        convert_qat(model, recipe)
+        torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0)
+
+
+def test_separate_mode_trains_another_model_than_the_one_that_ships():
+    model = _tiny()
+    recipe, _ = _with_lora(model, DEFAULT_RECIPE, "separate")
+    x = _ids(model)
+    with torch.no_grad():
+        fake = model(x).logits
+        lora.merge(model)
+        convert_qat(model, recipe)
+        shipped = model(x).logits
+    assert not torch.equal(fake, shipped)
+    assert (fake - shipped).abs().max() < 0.5 * fake.abs().max()  # close, not the same
+
+
+@pytest.mark.parametrize("mode", ["merged", "separate"])
+def test_gradients_reach_only_the_adapters(mode):
+    model = _tiny().train()
+    _with_lora(model, DEFAULT_RECIPE, mode, learn=True)
+    x = _ids(model)
+    model(input_ids=x, labels=x).loss.backward()
+    for name, p in model.named_parameters():
+        trainable = lora.is_adapter(name) or name.endswith("weight_fake_quantizer.scale")
+        assert p.requires_grad == trainable, name
+        if trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", ["merged", "separate"])
+def test_moe_expert_adapters_are_each_experts_linear_adapters(mode):
+    """An experts module with adapters (one pair per expert) computes, in train (grouped_mm for merged) and
+    eval mode (eager loop), what per-expert prepared `nn.Linear`s with the same adapters compute."""
+    from conftest import per_expert_reference, tiny_moe
+
+    recipe = get_recipe(DEFAULT_RECIPE)
+    model, _ = tiny_moe("qwen3_moe")
+    block = model.model.layers[0].mlp
+    module = block.experts
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 64, generator=gen)
+    _, weights, chosen = (t.detach() for t in block.gate(x))
+    _with_lora(model, DEFAULT_RECIPE, mode, targets="experts")
+    pairs = module.forge_lora
+    stacks = {"gate_up_proj": "up", "down_proj": "down"}
+    reference = []
+    for e in range(4):
+        pair = torch.nn.ModuleDict({short: torch.nn.Linear(getattr(module, stack).shape[2],
+                                                           getattr(module, stack).shape[1], bias=False)
+                                    for stack, short in stacks.items()})
+        for stack, short in stacks.items():
+            pair[short].weight.data = getattr(module, stack).data[e].clone()
+        cov = prepare_qat(pair, recipe)
+        lora.install(pair, lora.LoraConfig(lora_rank=4, lora_qat=mode), list(cov.linears), {})
+        with torch.no_grad():
+            for stack, short in stacks.items():
+                pair[short].forge_lora.lora_A.copy_(pairs[stack].lora_A[e])
+                pair[short].forge_lora.lora_B.copy_(pairs[stack].lora_B[e])
+        reference.append(pair)
+    for training in (True, False):
+        model.train(training)
+        want = per_expert_reference(module, reference, chosen, weights, x)
+        torch.testing.assert_close(module(x, chosen, weights), want, rtol=0, atol=1e-6)
+
+
+def test_bad_lora_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="valid kinds are attention, mlp, experts"):
+        lora.LoraConfig(lora_rank=4, lora_targets="attn")
+    with pytest.raises(ConfigError, match="valid --lora-qat modes: merged, separate"):
+        lora.LoraConfig(lora_rank=4, lora_qat="fused")
+    model = _tiny()
+    cov = plan(model, get_recipe(DEFAULT_RECIPE))
+    with pytest.raises(ConfigError, match="no such layers"):
+        lora.install(model, lora.LoraConfig(lora_rank=4, lora_targets="experts"), list(cov.linears), cov.experts)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(topics["if"] + topics["while"] + topics["for"])
+    return path
+
+
+def _train(out, data, observer=None, **kw):
+    from conftest import micro_train_args
+
+    from forge_qat.config import TrainConfig
+    from forge_qat.train.trainer import run_training
+
+    return run_training(TrainConfig.from_flat(**micro_train_args(out, data, lora_rank=4, lr=1e-3, **kw)),
+                        observer=observer)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("lora")
+    for mode in ("merged", "separate"):
+        _train(root / mode, data, lora_qat=mode)
+    return root
+
+
+def test_a_lora_run_trains_adapters_only_and_saves_them_in_peft_layout(lora_runs):
+    from safetensors.torch import load_file
+
+    from forge_qat import checkpoint as ckpt_io
+    from forge_qat.models import preset_model
+
+    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    base = preset_model("micro-llama", seed=0)[0].state_dict()
+    weights = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(weights[k], base[k]) for k in weights)  # the base stayed frozen
+    adapter = ckpt / lora.ADAPTER_DIR
+    peft_weights = load_file(adapter / lora.PEFT_WEIGHTS)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in peft_weights
+    assert len(peft_weights) == 28 and any(t.abs().sum() > 0 for k, t in peft_weights.items() if "lora_B" in k)
+    import json
+
+    config = json.loads((adapter / lora.PEFT_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert len(config["target_modules"]) == 14
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_merged_lora_artifact_is_the_trained_model(lora_runs, tmp_path, streaming):
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat import checkpoint as ckpt_io
+    from forge_qat.evaluate import prepare_as_trained
+    from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
+    from forge_qat.models import load_model
+
+    report = finalize(FinalizeRequest(source=lora_runs / "merged", dest=tmp_path / "a", streaming=streaming))
+    assert report.lora_merged == 14
+    if not streaming:
+        assert report.lora_trained_vs_artifact == 0.0
+    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    fake, tok = load_model(str(ckpt))
+    prepare_as_trained(fake, ckpt, get_recipe(report.recipe))  # learned scales and adapters as trained
+    assert len(lora.adapter_parameters(fake)) == 28
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)
+
+
+def test_separate_lora_artifact_differs_and_the_report_says_by_how_much(lora_runs, tmp_path):
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    report = finalize(FinalizeRequest(source=lora_runs / "separate", dest=tmp_path / "a"))
+    assert report.lora_merged == 14 and report.lora_trained_vs_artifact > 0
+
+
+def test_lora_resume_is_bit_identical(tmp_path, data):
+    """A LoRA run stopped after its step-2 checkpoint and resumed ends where the uninterrupted run ends."""
+    from conftest import CrashAt
+    from safetensors.torch import load_file
+
+    from forge_qat import checkpoint as ckpt_io
+
+    _train(tmp_path / "full", data, max_steps=4, save_every=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(tmp_path / "part", data, max_steps=4, save_every=2, observer=CrashAt(3))
+    _train(tmp_path / "part", data, max_steps=4, save_every=2, resume=True)
+    want, got = (load_file(ckpt_io.checkpoint_dirs(tmp_path / r)[-1][1] / lora.ADAPTER_DIR / lora.PEFT_WEIGHTS)
+                 for r in ("full", "part"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_forge_eval_of_a_lora_checkpoint_uses_its_adapters(lora_runs, data, tmp_path):
+    """Float eval merges the adapters, --fake-quant evaluates them as trained: the latter equals the artifact's
+    loss exactly (artifact == fake quant), and both differ from the base model's."""
+    from forge_qat.evaluate import evaluate_model
+    from forge_qat.finalize import FinalizeRequest, finalize
+
+    run = lora_runs / "merged"
+    kw = dict(seq_len=32, batch_size=2, max_batches=2)
+    recipe = get_recipe(DEFAULT_RECIPE)
+    fake = evaluate_model(str(run), str(data), fake_quant=recipe, **kw)
+    finalize(FinalizeRequest(source=run, dest=tmp_path / "a"))
+    assert evaluate_model(str(tmp_path / "a"), str(data), **kw).loss == fake.loss
+    float_loss = evaluate_model(str(run), str(data), **kw).loss
+    base = evaluate_model("micro-llama", str(data), **kw).loss
+    assert float_loss != base and fake.loss != float_loss
+
+
+@pytest.mark.parametrize("mode", ["merged", "separate"])
+def test_the_self_teacher_of_a_lora_student_is_its_frozen_base(mode, monkeypatch):
+    """KD composes with LoRA: `--kd-teacher self` distils from the float base with the adapters off."""
+    from forge_qat import distill
+
+    model, base = _tiny(), _tiny()
+    _with_lora(model, DEFAULT_RECIPE, mode)
+    seen = {}
+
+    def capture(name, student, teacher, labels, **kw):
+        seen["teacher"] = teacher
+        return student.sum() * 0
+
+    monkeypatch.setattr(distill, "kd_loss", capture)
+    x = _ids(model)
+    distill.Distillation("kl", 1.0, 1.0, 1.0, 0, None)(model, {"input_ids": x, "labels": x})
+    with torch.no_grad():
+        torch.testing.assert_close(seen["teacher"], base(x).logits, rtol=0, atol=0)
+        assert not torch.equal(model(x).logits, base(x).logits)  # the adapters and fake quant are back on
