@@ -361,7 +361,8 @@ def test_broken_zero_checkpoints_name_the_file(zero_run, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode", ["merged", "separate"])
+@pytest.mark.parametrize("mode", ["merged"])  # separate mode's ZeRO-3 path is the same (tried: passes);
+# its numerics are tested on one process (tests/test_lora.py)
 def test_lora_under_zero3_matches_single_process(tmp_path, data, mode):
     """LoRA adapters under ZeRO-3 (every parameter partitioned: the frozen base, the adapters, the learned
     scales; adapters gathered with the layers that read them) vs one process on the same batches; the artifact
