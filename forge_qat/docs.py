@@ -22,7 +22,8 @@ def recipe_table_markdown() -> str:
         name = f"`{r.name}`" + (" (default)" if r.name == DEFAULT_RECIPE else "")
         needs = ", ".join(q.description for q in r.convert_requires) or "any CPU"
         fmt = "safetensors" if r.safetensors else "pytorch_model.bin"
-        learn = "yes, by default (linear layers and expert stacks)" if r.learnable_scales else "no"
+        learn = ("yes, by default" if r.learn_scales_by_default else "yes, with `--qat-learn-scales`"
+                 if r.learnable_scales else "no")
         lines.append(f"| {name} | {r.description} | {needs} | {fmt} | {r.experts_support} | {r.embeddings_support} "
                      f"| {learn} |")
     return "\n".join(lines)

@@ -389,8 +389,8 @@ class QatConfig:
                                          resume_fixed=True)
     qat_learn_scales: bool | None = option(
         None, "Train the weight quantization scales with the model (initialised from the weights when fake "
-              "quantization starts; the converted artifact uses the learned scales). Default: on for the recipes "
-              "whose scales can be learned (`forge recipes`).", resume_fixed=True)
+              "quantization starts; the converted artifact uses the learned scales). Default: on for the int4 "
+              "recipes (`forge recipes`).", resume_fixed=True)
     qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 3.5% of their "
                                               "median starting value).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
@@ -405,11 +405,13 @@ class QatConfig:
             one_of(self, swap.option, swap.choices())
         if self.fake_quant_after_steps and self.recipe is None:
             raise ConfigError("--fake-quant-after-steps needs a QAT recipe")
-        if self.qat_learn_scales is None:  # the default: learned wherever the recipe's scales can be
-            self.qat_learn_scales = self.recipe is not None and self.recipe.learnable_scales
+        if self.qat_learn_scales is None:  # the default: learned where the recipe says they help
+            self.qat_learn_scales = self.recipe is not None and self.recipe.learn_scales_by_default
             if self.qat_scale_lr is not None and not self.qat_learn_scales:
+                has = self.recipe is not None and self.recipe.learnable_scales
                 raise ConfigError(f"--qat-scale-lr sets the learning rate of learned scales, and this run's recipe "
-                                  f"({self.recipe_name or NO_RECIPE}) has none")
+                                  f"({self.recipe_name or NO_RECIPE}) "
+                                  + ("learns none by default: add --qat-learn-scales" if has else "has none"))
         if self.qat_scale_lr is not None and not self.qat_learn_scales:
             raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: remove "
                               "--no-qat-learn-scales")

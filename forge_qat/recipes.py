@@ -130,6 +130,10 @@ class Recipe:
     learnable_scales: bool = False
     """Whether `--qat-learn-scales` can train this recipe's weight scales: its weights are symmetric
     per-group/per-channel with a fused fake quantizer, and its torchao tensor takes a custom scale."""
+    learn_scales_by_default: bool = False
+    """Whether a run learns them without `--qat-learn-scales`: where a benchmark showed them to help (int4
+    groups: bench/quality.py). Not for int2/int3 (the embedded demo's int2 run recovered 49% of the PTQ gap with
+    them, 84% without) nor int8 per-channel (not measured)."""
     artifact_activations: bool = True
     """Whether the torchao artifact quantizes activations as training does. False where torchao has no such
     scheme (llama.cpp's per-block activations): the artifact then runs float activations in transformers,
@@ -200,6 +204,7 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,
+            learn_scales_by_default=True,
         ),
         Recipe(
             name="int8-dynamic-act-int4-weight-bf16-scales",
@@ -210,6 +215,7 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
+            learn_scales_by_default=True,
         ),
         Recipe(
             name="int8-dynamic-act-int4-weight-int8-embeddings",
@@ -221,6 +227,7 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
+            learn_scales_by_default=True,
         ),
         Recipe(
             name="llama-cpp-q4-0",
@@ -235,6 +242,7 @@ RECIPES: dict[str, Recipe] = {
             group_size=32,
             convert_expert_stack=INTX_UNPACKED_STACK,
             learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
+            learn_scales_by_default=True,
         ),
         *(Recipe(
             name=f"int8-dynamic-act-int{bits}-weight",

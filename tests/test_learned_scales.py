@@ -376,7 +376,12 @@ def test_scales_have_their_own_optimizer_group():
 
 def test_learned_scales_are_on_by_default_where_the_recipe_has_them():
     for name, recipe in RECIPES.items():
-        assert TrainConfig.from_flat(qat_recipe=name).qat.qat_learn_scales is recipe.learnable_scales, name
+        assert TrainConfig.from_flat(qat_recipe=name).qat.qat_learn_scales is recipe.learn_scales_by_default, name
+        assert recipe.learnable_scales or not recipe.learn_scales_by_default
+    assert not TrainConfig.from_flat(qat_recipe="int8-dynamic-act-int2-weight").qat.qat_learn_scales
+    assert TrainConfig.from_flat(qat_recipe="int8-dynamic-act-int2-weight", qat_learn_scales=True).qat.qat_learn_scales
+    with pytest.raises(ConfigError, match="learns none by default: add --qat-learn-scales"):
+        TrainConfig.from_flat(qat_recipe="int8-dynamic-act-int2-weight", qat_scale_lr=1e-3)
     assert TrainConfig.from_flat().qat.qat_learn_scales  # the default recipe
     assert not TrainConfig.from_flat(qat_recipe="none").qat.qat_learn_scales
     assert not TrainConfig.from_flat(qat_learn_scales=False).qat.qat_learn_scales
