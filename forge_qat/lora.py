@@ -350,7 +350,6 @@ class MergedReader:
 
     def __init__(self, reader, adapters: dict[str, torch.Tensor], scaling: float):
         self._reader, self._pairs, self._scaling = reader, adapted_weights(adapters), scaling
-        self.layout = getattr(reader, "layout", None)
 
     def keys(self) -> set[str]:
         return self._reader.keys()
@@ -358,7 +357,7 @@ class MergedReader:
     def shape(self, name: str) -> list[int]:
         return self._reader.shape(name)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # anything else the wrapped reader offers (a layout reader's `layout`)
         return getattr(self._reader, name)
 
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:

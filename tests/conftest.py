@@ -137,3 +137,18 @@ class CrashAt:
     def on_step(self, record):
         if record["step"] == self.step:
             raise RuntimeError("simulated crash")
+
+
+EXPERT_STACKS = {"gate_up_proj": "up", "down_proj": "down"}
+"""A Qwen3-MoE experts module's stacks, by the short names `per_expert_reference` gives their layers."""
+
+
+def expert_linears(module, e):
+    """Expert `e` of a Qwen3-MoE experts `module` as two float `nn.Linear`s ("up", "down") holding copies of its
+    stack slices: the per-expert reference layers tests prepare and compare with the stacks."""
+    pair = torch.nn.ModuleDict({short: torch.nn.Linear(getattr(module, stack).shape[2],
+                                                       getattr(module, stack).shape[1], bias=False)
+                                for stack, short in EXPERT_STACKS.items()})
+    for stack, short in EXPERT_STACKS.items():
+        pair[short].weight.data = getattr(module, stack).data[e].clone()
+    return pair

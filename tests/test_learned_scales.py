@@ -131,7 +131,7 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
     range learning above) starting from that expert's slice of the scales. In train mode the default recipe
     runs transformers' grouped_mm kernel on the whole fake-quantized stacks; eval mode and the integer-grid
     recipe run the eager loop, one expert's scales at a time."""
-    from conftest import per_expert_reference, tiny_moe
+    from conftest import EXPERT_STACKS, expert_linears, per_expert_reference, tiny_moe
 
     from forge_qat import experts
 
@@ -144,7 +144,7 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
     x = torch.randn(24, 64, generator=gen)
     _, weights, chosen = (t.detach() for t in block.gate(x))
     prepare_qat(model, recipe, learn=LearnScales())
-    stacks = {"gate_up_proj": "up", "down_proj": "down"}
+    stacks = EXPERT_STACKS
     scales = {stack: learned_scales(module)[f"forge_fake_quant.{stack}{SCALE_SUFFIX}"] for stack in stacks}
     assert [tuple(s.shape) for s in scales.values()] == (
         [(4, 64, 2), (4, 64, 1)] if recipe_name == DEFAULT_RECIPE else [(4, 64, 1), (4, 64, 1)])
@@ -154,11 +154,7 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
 
     reference = []
     for e in range(4):
-        pair = torch.nn.ModuleDict({short: torch.nn.Linear(getattr(module, stack).shape[2],
-                                                           getattr(module, stack).shape[1], bias=False)
-                                    for stack, short in stacks.items()})
-        for stack, short in stacks.items():
-            pair[short].weight.data = getattr(module, stack).data[e].clone()
+        pair = expert_linears(module, e)
         prepare_qat(pair, recipe, learn=LearnScales(initial={
             f"{short}{SCALE_SUFFIX}": scales[stack].data[e].clone() for stack, short in stacks.items()}))
         reference.append(pair)

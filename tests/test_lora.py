@@ -102,7 +102,7 @@ def test_gradients_reach_only_the_adapters(mode):
 def test_moe_expert_adapters_are_each_experts_linear_adapters(mode):
     """An experts module with adapters (one pair per expert) computes, in train (grouped_mm for merged) and
     eval mode (eager loop), what per-expert prepared `nn.Linear`s with the same adapters compute."""
-    from conftest import per_expert_reference, tiny_moe
+    from conftest import EXPERT_STACKS, expert_linears, per_expert_reference, tiny_moe
 
     recipe = get_recipe(DEFAULT_RECIPE)
     model, _ = tiny_moe("qwen3_moe")
@@ -113,14 +113,10 @@ def test_moe_expert_adapters_are_each_experts_linear_adapters(mode):
     _, weights, chosen = (t.detach() for t in block.gate(x))
     _with_lora(model, DEFAULT_RECIPE, mode, targets="experts")
     pairs = module.forge_lora
-    stacks = {"gate_up_proj": "up", "down_proj": "down"}
+    stacks = EXPERT_STACKS
     reference = []
     for e in range(4):
-        pair = torch.nn.ModuleDict({short: torch.nn.Linear(getattr(module, stack).shape[2],
-                                                           getattr(module, stack).shape[1], bias=False)
-                                    for stack, short in stacks.items()})
-        for stack, short in stacks.items():
-            pair[short].weight.data = getattr(module, stack).data[e].clone()
+        pair = expert_linears(module, e)
         cov = prepare_qat(pair, recipe)
         lora.install(pair, lora.LoraConfig(lora_rank=4, lora_qat=mode), list(cov.linears), {})
         with torch.no_grad():
