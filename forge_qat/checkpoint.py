@@ -267,9 +267,12 @@ def write_adapters(directory: Path, adapters: dict[str, torch.Tensor]) -> None:
 
 
 def write_adapter_config(directory: Path, cfg: "lora.LoraConfig", base_model: str) -> None:
+    from safetensors import safe_open
+
     folder = directory / lora.ADAPTER_DIR
-    adapters = read_adapters(directory) or {}
-    (folder / lora.PEFT_CONFIG).write_text(json.dumps(lora.peft_config(cfg, adapters, base_model), indent=2) + "\n")
+    with safe_open(folder / lora.PEFT_WEIGHTS, "pt") as f:  # the names only: no tensor is read
+        keys = list(f.keys())
+    (folder / lora.PEFT_CONFIG).write_text(json.dumps(lora.peft_config(cfg, keys, base_model), indent=2) + "\n")
 
 
 def read_adapters(ckpt: Path) -> dict[str, torch.Tensor] | None:

@@ -96,7 +96,7 @@ def _merge_adapters(model: torch.nn.Module, checkpoint: Path) -> None:
     """A LoRA checkpoint evaluated in float: the model is its base with the adapters merged."""
     cfg = lora.recorded_config(ckpt_io.read_checkpoint_meta(checkpoint))
     if cfg is not None:
-        lora.merge_into(model, ckpt_io.read_adapters(checkpoint) or {}, cfg.alpha / cfg.lora_rank)
+        lora.merge_into(model, ckpt_io.read_adapters(checkpoint) or {}, cfg.scaling)
 
 
 @torch.no_grad()

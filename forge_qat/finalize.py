@@ -430,7 +430,7 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
         lora_measured = {}
         if job.lora is not None:
             adapters = job.read_adapters()
-            reader = lora_mod.MergedReader(reader, adapters, job.lora.alpha / job.lora.lora_rank)
+            reader = lora_mod.MergedReader(reader, adapters, job.lora.scaling)
             lora_measured["lora_merged"] = len(lora_mod.adapted_weights(adapters))
         stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,
                                               learned=job.read_learned_scales())

@@ -71,6 +71,11 @@ class LoraConfig:
         return self.lora_rank > 0
 
     @property
+    def scaling(self) -> float:
+        """s in W + s*B@A."""
+        return self.alpha / self.lora_rank
+
+    @property
     def targets(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
@@ -201,7 +206,7 @@ def install(model: torch.nn.Module, cfg: LoraConfig, linears: list[str], stacks:
     if not chosen and not chosen_stacks:
         raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no such layers to adapt "
                           f"(it has {len(linears)} linear layers and {len(stacks)} experts modules)")
-    scaling = cfg.alpha / cfg.lora_rank
+    scaling = cfg.scaling
     adapted = added = 0
     for name in chosen:
         layer = modules[name]
@@ -323,10 +328,10 @@ def from_peft(dense: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor]) -
     return out
 
 
-def peft_config(cfg: LoraConfig, adapters: dict[str, torch.Tensor], base_model: str) -> dict:
-    """adapter_config.json as `peft` reads it (`LoraConfig`): the adapted linear layers by full module name."""
-    layers = sorted({n.rpartition(f".{ADAPTER_ATTR}.")[0] for n in adapters
-                     if "." not in n.rpartition(f".{ADAPTER_ATTR}.")[2]})
+def peft_config(cfg: LoraConfig, peft_keys, base_model: str) -> dict:
+    """adapter_config.json as `peft` reads it (`LoraConfig`): the adapted linear layers (the layers of
+    `peft_keys`, the PEFT file's keys) by full module name."""
+    layers = sorted({k[len(_PEFT_PREFIX):].rsplit(".", 2)[0] for k in peft_keys})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": cfg.lora_rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
             "target_modules": layers, "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
