@@ -9,7 +9,7 @@ import contextlib
 import json
 import math
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,9 +32,13 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+    sequences: tuple[tuple[float, int], ...] = field(default=(), repr=False, compare=False)
+    """Per evaluated sequence: (summed loss, tokens scored), in order; for the noise of a comparison."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["sequences"]
+        return d
 
 
 def model_kind(model: torch.nn.Module, fake_quant: Recipe | None) -> str:
@@ -60,11 +64,12 @@ def eval_placement(target: Path) -> tuple[torch.device, torch.dtype]:
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, data: TokenStore, *, batch_size: int, device: torch.device,
-              max_batches: int | None = None, autocast: AbstractContextManager | None = None) -> tuple[float, int]:
+              max_batches: int | None = None, autocast: AbstractContextManager | None = None,
+              per_sequence: list[tuple[float, int]] | None = None) -> tuple[float, int]:
     """The one eval loop (training's eval loss, `forge eval`, `forge compare`): mean next-token loss over the
     first `max_batches` micro-batches of `data` (all by default) in a fixed order, weighted by the tokens each
     batch scores; returns it and the token count. Every rank of a ZeRO-3 job runs the same batches: each
-    forward is a collective."""
+    forward is a collective. `per_sequence`, when given, receives each sequence's (summed loss, tokens)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -73,11 +78,21 @@ def mean_loss(model: torch.nn.Module, data: TokenStore, *, batch_size: int, devi
         batch = model_inputs(data, torch.arange(start, min(start + batch_size, n)), model, device)
         tokens = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
         with autocast or contextlib.nullcontext():
-            loss = model(**batch).loss
-        total += loss.float().item() * tokens
+            out = model(**batch)
+        total += out.loss.float().item() * tokens
+        if per_sequence is not None:
+            per_sequence.extend(_sequence_losses(out.logits, batch["labels"]))
         count += tokens
     model.train(was_training)
     return total / count, count
+
+
+def _sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+    """Each row's summed next-token loss and scored-token count, as the model's own loss shifts its labels."""
+    targets = labels[..., 1:]
+    losses = torch.nn.functional.cross_entropy(logits[..., :-1, :].float().transpose(1, 2), targets,
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    return list(zip(losses.sum(-1).tolist(), (targets != IGNORE_INDEX).sum(-1).tolist(), strict=True))
 
 
 def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe) -> None:
@@ -114,8 +129,10 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
     elif target.is_dir():
         _merge_adapters(model, target)
     packed = open_token_store(data, tokenizer, seq_len, data_options, packing=packing)
-    loss, count = mean_loss(model, packed, batch_size=batch_size, device=device, max_batches=max_batches)
-    return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count)
+    sequences: list[tuple[float, int]] = []
+    loss, count = mean_loss(model, packed, batch_size=batch_size, device=device, max_batches=max_batches,
+                            per_sequence=sequences)
+    return EvalResult(str(target), model_kind(model, fake_quant), loss, math.exp(loss), count, tuple(sequences))
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +140,31 @@ class Comparison:
     float_result: EvalResult
     ptq_result: EvalResult
     qat_result: EvalResult
+
+    @property
+    def degradation(self) -> float:
+        """PTQ's eval loss minus the float model's."""
+        return self.ptq_result.loss - self.float_result.loss
+
+    @property
+    def degradation_noise(self) -> float:
+        """Two standard errors of `degradation` as a token-weighted mean over the eval sequences, paired by
+        sequence (both models scored the same text): how much of it another sample of held-out text of this
+        size could move. NaN when the results carry no per-sequence losses."""
+        f, q = self.float_result.sequences, self.ptq_result.sequences
+        if len(f) != len(q) or len(f) < 2:
+            return math.nan
+        tokens = sum(t for _, t in f)
+        diff = [(lq - lf, t) for (lf, t), (lq, _) in zip(f, q, strict=True)]
+        mean = sum(d for d, _ in diff) / tokens
+        # the ratio estimator's variance: residuals d_i - mean * t_i over sequences
+        var = sum((d - mean * t) ** 2 for d, t in diff) * len(diff) / (len(diff) - 1)
+        return 2 * math.sqrt(var) / tokens
+
+    @property
+    def within_noise(self) -> bool:
+        """PTQ's degradation is not distinguishable from the eval set's sampling noise."""
+        return self.degradation <= self.degradation_noise
 
     @property
     def recovered(self) -> float:
@@ -138,7 +180,9 @@ class Comparison:
                  ("QAT converted", self.qat_result))]
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows(), "qat_recovers_fraction_of_ptq_degradation": self.recovered}
+        return {"rows": self.rows(), "qat_recovers_fraction_of_ptq_degradation": self.recovered,
+                "ptq_degradation": self.degradation, "ptq_degradation_noise": self.degradation_noise,
+                "within_noise": self.within_noise, "sequences": len(self.float_result.sequences)}
 
 
 def compare(float_model: str, ptq_model: str, qat_model: str, data: str, **kw) -> Comparison:
