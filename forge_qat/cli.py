@@ -266,13 +266,18 @@ def print_finalize_report(report) -> None:
                   f"({ratio:.2f}x), format {report.format}")
     if not report.dry_run:
         console.print(f"format reason: {report.format_reason}")
+        from forge_qat.recipes import RECIPES
+
+        recipe = RECIPES.get(report.recipe)
+        layout = (" (torchao's unpacked layout: each value in an int8 byte, plus scales; `forge export` packs "
+                  "int4 to 4.5 bits in GGUF Q4_0 and ExecuTorch)") if recipe and recipe.storage_bits == 8 else ""
+        console.print(f"bits per quantized weight as stored here, incl. scales: {report.bits_per_weight:.2f}{layout}")
         if report.streaming:
-            console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
-                          "streamed block by block; shards verified structurally (no full reload)")
+            console.print("streamed block by block; shards verified structurally (no full reload)")
         else:
-            console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
-                          f"max |logit| change vs float: {report.max_logit_diff_vs_float:.4f}; "
-                          f"reloaded artifact matches: max diff {report.reload_max_diff:.1e}")
+            console.print(f"max |logit| change vs the same checkpoint unquantized: "
+                          f"{report.max_logit_diff_vs_float:.4f}; reloaded artifact matches: max diff "
+                          f"{report.reload_max_diff:.1e}")
         if report.lora_merged:
             trained = ("not measured (streaming)" if math.isnan(report.lora_trained_vs_artifact)
                        else f"{report.lora_trained_vs_artifact:.4g}")
@@ -449,7 +454,8 @@ def compare_command(
     try:
         comparison = compare(float_model, ptq_model, qat_model, data)
         if plot:
-            plot_loss_curves({p.name: p for p in runs or []}, plot)
+            plot_loss_curves({p.name: p for p in runs or []}, plot, finals=comparison.finals(),
+                             summary=comparison.summary())
     except ForgeError as e:
         raise _fail(e) from None
     _emit(as_json, comparison.to_dict(), lambda: print_comparison(comparison))

@@ -179,6 +179,19 @@ class Comparison:
                 (("float fine-tune", self.float_result), ("PTQ of float", self.ptq_result),
                  ("QAT converted", self.qat_result))]
 
+    def finals(self) -> dict[str, float]:
+        """Eval loss by label, for a plot."""
+        return {"float": self.float_result.loss, "PTQ": self.ptq_result.loss,
+                "QAT\nconverted": self.qat_result.loss}
+
+    def summary(self) -> str:
+        """One line: what QAT recovered of PTQ's degradation, or why no share is meaningful."""
+        if self.degradation <= 0:
+            return "PTQ did not degrade eval loss"
+        if self.within_noise:
+            return f"PTQ gap {self.degradation:.4f} within noise (+-{self.degradation_noise:.4f})"
+        return f"QAT recovers {self.recovered:.0%} of the PTQ gap ({self.degradation:.4f})"
+
     def to_dict(self) -> dict:
         return {"rows": self.rows(), "qat_recovers_fraction_of_ptq_degradation": self.recovered,
                 "ptq_degradation": self.degradation, "ptq_degradation_noise": self.degradation_noise,
@@ -196,33 +209,66 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_loss_curves(runs: dict[str, Path], out: Path) -> Path:
-    """PNG of train loss (light) and eval loss (points) against step, one colour per run."""
+def plot_loss_curves(runs: dict[str, Path], out: Path, finals: dict[str, float] | None = None,
+                     summary: str = "") -> Path:
+    """PNG of train loss (light) and eval loss (points) against step, one colour per run. With `finals` (label ->
+    eval loss, e.g. float, PTQ and QAT-converted from a comparison), a panel beside the curves shows them side by
+    side on their own scale, `summary` under it: the PTQ gap and what QAT won back at a glance. The curves'
+    y-range follows the eval losses and the later train loss, not the first steps, which would flatten the
+    rest."""
     if not runs:
         raise ConfigError("no runs to plot")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if finals:
+        fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 5), dpi=120, gridspec_kw={"width_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    shown: list[float] = []  # values the curves' y-range must include
+    switched = False
     for i, (label, run_dir) in enumerate(runs.items()):
         records = read_metrics(run_dir)
         color = f"C{i}"
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, alpha=0.35, lw=1,
-                label=f"{label} train")
+        losses = [r["loss"] for r in records]
+        ax.plot([r["step"] for r in records], losses, color=color, alpha=0.3, lw=1, label=f"{label} train")
+        shown += losses[len(losses) // 4:]  # the train loss once past its first quarter
         evals = [r for r in records if "eval_loss" in r]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color=color, ms=4,
                     label=f"{label} eval")
+            shown += [r["eval_loss"] for r in evals[len(evals) // 3:]]
         switch = next((r["step"] for r in records if r.get("fake_quant")), None)
         if switch and switch > 1:
             ax.axvline(switch, color=color, ls=":", lw=1)
+            switched = True
+    if shown:
+        lo, hi = min(shown), max(shown)
+        pad = max(hi - lo, 1e-3) * 0.1
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("forge_qat training curves (dotted: fake quantization starts)")
-    ax.legend(fontsize=8)
+    ax.set_title("training" + (" (dotted: fake quantization starts)" if switched else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
+    if finals:
+        labels, values = list(finals), list(finals.values())
+        side.plot(range(len(values)), values, "o", ms=8, color="C3")
+        for x, v in enumerate(values):
+            side.annotate(f"{v:.4f}", (x, v), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
+        lo, hi = min(values), max(values)
+        pad = max(hi - lo, 1e-3) * 0.3
+        side.set_ylim(lo - pad, hi + pad)
+        side.set_xlim(-0.6, len(values) - 0.4)
+        side.set_xticks(range(len(values)), labels, fontsize=8)
+        side.set_title("eval loss of the finished models", fontsize=10)
+        side.grid(alpha=0.3, axis="y")
+        if summary:
+            side.set_xlabel(summary, fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
