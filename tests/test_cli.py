@@ -2,6 +2,7 @@
 collide, warnings for settings that silently do nothing, a comparison that knows its noise."""
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -143,3 +144,28 @@ def test_sequence_losses_add_up_to_the_models_own_loss():
     per = _sequence_losses(out.logits, labels)
     assert [t for _, t in per] == [15, 11, 15]  # labels 1..4 of row 1 ignored
     assert sum(s for s, _ in per) / sum(t for _, t in per) == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_report_to_tensorboard_writes_the_metrics_tensorboard_reads(tmp_path, text_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = micro_train_args(out, text_file, eval_data=str(text_file), eval_every=2, report_to="tensorboard")
+    result = runner.invoke(app, ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in records]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+    assert "train/lr" in events.Tags()["scalars"]
+
+
+def test_report_to_rejects_unknown_trackers():
+    from forge_qat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tensorboard"):
+        build_config(report_to="wandb")

@@ -30,12 +30,17 @@ class RunConfig:
     eval_batches: int = option(8, "Micro-batches per eval measurement.")
     save_every: int = option(100, "Steps between checkpoints (the last step is always saved).")
     save_total_limit: int = option(2, "Checkpoints kept in output_dir (oldest removed first).")
+    report_to: str = option("none", "Experiment trackers that get each step's metrics (rank 0): none or "
+                                    "tensorboard (event files in OUTPUT_DIR/tensorboard).")
     resume: bool = option(False, "Continue from the latest checkpoint in output_dir.", cli_only=True)
     overwrite: bool = option(False, "Replace an existing output_dir.", cli_only=True)
 
     def __post_init__(self) -> None:
         at_least(self, 1, "eval_batches", "save_total_limit")
         at_least(self, 0, "eval_every", "save_every")
+        from forge_qat.train import tracking
+
+        tracking.parse(self.report_to)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         if self.finalize is not None:
