@@ -4,9 +4,8 @@ Each command parses options, calls the library, and maps `ForgeError` to a one-l
 class's exit code (2 for bad configuration, 1 otherwise; see `forge_qat.errors`). Only this module prints.
 """
 
-import logging
 
-from forge_qat.logs import quiet_libraries
+from forge_qat.logs import console_logging, quiet_libraries
 
 quiet_libraries()  # before torchao is first imported
 
@@ -19,23 +18,39 @@ from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.logging import RichHandler  # noqa: E402
+from rich.padding import Padding  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from forge_qat import config as config_mod  # noqa: E402
 from forge_qat.errors import ConfigError, ForgeError, choices_message  # noqa: E402
 from forge_qat.recipes import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, recipe_names  # noqa: E402
 
+
+class _Command(typer.core.TyperCommand):
+    """Plain click help (wrapped to the terminal, at most 80 columns, nothing cut: rich's option tables cut
+    long flags and choice lists with an ellipsis at 80 columns), its options grouped by their panel name."""
+
+    def format_options(self, ctx, formatter) -> None:
+        groups: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                kind = "Arguments" if isinstance(param, typer.core.TyperArgument) else "Options"
+                groups.setdefault(getattr(param, "rich_help_panel", None) or kind, []).append(record)
+        for name, records in groups.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="forge_qat: quantization-aware training of causal LMs on torchao.")
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _setup_logging() -> None:
-    handler = RichHandler(console=err_console, show_path=False, show_time=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("forge_qat").setLevel(logging.INFO)
+    console_logging(err_console)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -68,29 +83,30 @@ def recipe_rows() -> list[dict[str, Any]]:
     return rows
 
 
-@app.command()
+@app.command(cls=_Command)
 def recipes(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
-    """List QAT recipes and whether training and finalize can run on this machine."""
+    """List QAT recipes and what runs on this machine.
+
+    For each recipe: whether training and finalize run here, and what it quantizes."""
     rows = recipe_rows()
-    table = Table(title="QAT recipes")
-    table.add_column("recipe", no_wrap=True)
-    table.add_column("description")
-    table.add_column("train here")
-    table.add_column("finalize here")
-    table.add_column("MoE experts")
-    table.add_column("embeddings")
-    table.add_column("learn scales")
-    for row in rows:
-        name = row["name"] + (" (default)" if row["default"] else "")
-        finalize = "yes" if row["finalize"] else "no: needs " + ", ".join(row["finalize_needs"])
-        table.add_row(name, row["description"], "yes", finalize, row["moe_experts"], row["embeddings"],
-                      "yes" if row["learnable_scales"] else "no")
-    _emit(as_json, rows, lambda: console.print(table))
+
+    def render() -> None:
+        # One block per recipe rather than a table: the cells are sentences, which a 7-column table squeezes
+        # to a few characters (and cuts) below ~200 columns.
+        for row in rows:
+            console.print(f"[bold]{row['name']}[/]" + (" (default)" if row["default"] else ""), highlight=False)
+            finalize = "yes" if row["finalize"] else "no, needs " + ", ".join(row["finalize_needs"])
+            for label, value in (("", row["description"]), ("finalize here: ", finalize),
+                                 ("MoE experts: ", row["moe_experts"]), ("embeddings: ", row["embeddings"]),
+                                 ("learned scales: ", "yes" if row["learnable_scales"] else "no")):
+                console.print(Padding(f"{label}{value}", (0, 0, 0, 2)), highlight=False)
+
+    _emit(as_json, rows, render)
 
 
 # ---- forge init ---------------------------------------------------------------------------------
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     directory: Annotated[Path, typer.Argument(help="Project directory to create.")],
     template: Annotated[str, typer.Option(help="Project template (an unknown name lists the choices).")] = (
@@ -174,6 +190,12 @@ def _train_command(config: str | None = None, **flags: Any) -> None:
                   f"checkpoint {result.checkpoint}")
 
 
+HELP_PANELS = {"run": "Model, output and checkpoints", "data": "Data", "qat": "Quantization-aware training",
+               "lora": "LoRA adapters", "distill": "Distillation", "optim": "Optimisation",
+               "distributed": "Distributed (DeepSpeed ZeRO)"}
+"""The heading each config section's options are listed under in `forge train --help`."""
+
+
 def _train_signature() -> inspect.Signature:
     """One typer option per TrainConfig field; None means 'not given' so YAML values survive."""
     from forge_qat.prepare import LINEAR_SWAPS
@@ -185,21 +207,27 @@ def _train_signature() -> inspect.Signature:
         flag = "--" + name.replace("_", "-")
         kind = o.type
         decl = (f"{flag}/--no-{flag[2:]}",) if kind is bool and not o.cli_only else (flag,)
-        default_note = "" if o.default is None or kind is bool else f" [default: {o.default}]"
-        choices = next((" Choices: " + ", ".join(s.choices()) + "." for s in LINEAR_SWAPS if s.option == name), "")
-        option = typer.Option(*decl, help=o.help + choices + default_note, show_default=False)
+        default = ("on" if o.default else "off") if kind is bool else o.default
+        default_note = "" if o.default is None or o.cli_only else f" [default: {default}]"
+        # choices one per line: click's wrapping would split the recipe names at their hyphens (\b: as written)
+        choices = next(("\n\n\b\nChoices:\n" + "\n".join("  " + c for c in s.choices())
+                        for s in LINEAR_SWAPS if s.option == name), "")
+        option = typer.Option(*decl, help=o.help + default_note + choices, show_default=False,
+                              rich_help_panel=HELP_PANELS[o.section])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[kind | None, option]))
     return inspect.Signature(params)
 
 
 def train(**kwargs: Any) -> None:
-    """Fine-tune a causal LM with fake quantization (defaults: the embedded tiny demo)."""
+    """Fine-tune a causal LM with fake quantization.
+
+    With no options: the embedded tiny model on CPython's documentation."""
     _train_command(**kwargs)
 
 
 train.__signature__ = _train_signature()
-app.command(help=train.__doc__)(train)
+app.command(cls=_Command, help=train.__doc__)(train)
 
 
 # ---- forge finalize -----------------------------------------------------------------------------
@@ -238,13 +266,18 @@ def print_finalize_report(report) -> None:
                   f"({ratio:.2f}x), format {report.format}")
     if not report.dry_run:
         console.print(f"format reason: {report.format_reason}")
+        from forge_qat.recipes import RECIPES
+
+        recipe = RECIPES.get(report.recipe)
+        layout = (" (torchao's unpacked layout: each value in an int8 byte, plus scales; `forge export` packs "
+                  "int4 to 4.5 bits in GGUF Q4_0 and ExecuTorch)") if recipe and recipe.storage_bits == 8 else ""
+        console.print(f"bits per quantized weight as stored here, incl. scales: {report.bits_per_weight:.2f}{layout}")
         if report.streaming:
-            console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
-                          "streamed block by block; shards verified structurally (no full reload)")
+            console.print("streamed block by block; shards verified structurally (no full reload)")
         else:
-            console.print(f"bits per quantized weight (stored, incl. scales): {report.bits_per_weight:.2f}; "
-                          f"max |logit| change vs float: {report.max_logit_diff_vs_float:.4f}; "
-                          f"reloaded artifact matches: max diff {report.reload_max_diff:.1e}")
+            console.print(f"max |logit| change vs the same checkpoint unquantized: "
+                          f"{report.max_logit_diff_vs_float:.4f}; reloaded artifact matches: max diff "
+                          f"{report.reload_max_diff:.1e}")
         if report.lora_merged:
             trained = ("not measured (streaming)" if math.isnan(report.lora_trained_vs_artifact)
                        else f"{report.lora_trained_vs_artifact:.4g}")
@@ -253,7 +286,7 @@ def print_finalize_report(report) -> None:
         console.print(f"wrote {report.dest}")
 
 
-@app.command("finalize")
+@app.command("finalize", cls=_Command)
 def finalize_command(
     source: Annotated[Path, typer.Option(help="Checkpoint directory, or a run directory (its latest checkpoint).")],
     dest: Annotated[Path, typer.Option(help="Artifact directory to write.")],
@@ -272,7 +305,9 @@ def finalize_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Convert a trained checkpoint to real low-bit tensors and write a deployable artifact."""
+    """Convert a checkpoint to a low-bit torchao artifact.
+
+    Real low-bit tensors, written so that stock transformers loads them."""
     from forge_qat.finalize import FinalizeRequest, finalize
 
     _setup_logging()
@@ -320,13 +355,15 @@ def _data_signature() -> inspect.Signature:
 
 
 def data(**kwargs: Any) -> None:
-    """Tokenize a data set into the cache (what `forge train` does first), e.g. once before a cluster job;
-    prints its documents, tokens and sequences."""
+    """Tokenize a data set into the token cache.
+
+    What `forge train` does first, e.g. once before a cluster job; prints its documents, tokens and
+    sequences."""
     _data_command(**kwargs)
 
 
 data.__signature__ = _data_signature()
-app.command(help=data.__doc__)(data)
+app.command(cls=_Command, help=data.__doc__)(data)
 
 
 # ---- forge eval / compare -------------------------------------------------------------------------
@@ -341,7 +378,7 @@ def _results_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="Checkpoints, run directories or finalized artifacts.")],
     data: Annotated[str, typer.Option(help="Held-out data: a .jsonl/.json/.parquet/.txt file, a directory, a "
@@ -386,14 +423,19 @@ def eval_command(
 
 def print_comparison(comparison) -> None:
     console.print(_results_table(comparison.rows(), "float vs PTQ vs QAT"))
-    rec = comparison.recovered
-    if rec == rec:  # not NaN
-        console.print(f"QAT recovers {rec:.0%} of the PTQ degradation in eval loss")
-    else:
+    rec, noise = comparison.recovered, comparison.degradation_noise
+    if comparison.degradation <= 0:
         console.print("PTQ did not degrade eval loss here, so there is nothing for QAT to recover")
+    elif comparison.within_noise:
+        console.print(f"PTQ's degradation ({comparison.degradation:.4f} in eval loss) is within the eval set's "
+                      f"noise (+-{noise:.4f}, two standard errors over {len(comparison.float_result.sequences)} "
+                      f"sequences): a recovered share would measure noise. Evaluate on more held-out text.")
+    else:
+        console.print(f"QAT recovers {rec:.0%} of the PTQ degradation in eval loss (PTQ degradation "
+                      f"{comparison.degradation:.4f} +- {noise:.4f}, two standard errors)")
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command)
 def compare_command(
     float_model: Annotated[str, typer.Option("--float", help="The float fine-tuned checkpoint or run directory.")],
     ptq_model: Annotated[str, typer.Option("--ptq", help="The artifact finalized from it with --ptq.")],
@@ -403,14 +445,17 @@ def compare_command(
     runs: Annotated[list[Path] | None, typer.Option(help="Run directories to plot (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
-    """Float fine-tune vs PTQ of it vs QAT-converted, and how much of the PTQ loss QAT recovers."""
+    """Float vs PTQ vs QAT-converted: what QAT recovers.
+
+    Evaluates the three and reports the share of the PTQ degradation the QAT artifact wins back."""
     from forge_qat.evaluate import compare, plot_loss_curves
 
     _setup_logging()
     try:
         comparison = compare(float_model, ptq_model, qat_model, data)
         if plot:
-            plot_loss_curves({p.name: p for p in runs or []}, plot)
+            plot_loss_curves({p.name: p for p in runs or []}, plot, finals=comparison.finals(),
+                             summary=comparison.summary())
     except ForgeError as e:
         raise _fail(e) from None
     _emit(as_json, comparison.to_dict(), lambda: print_comparison(comparison))
@@ -423,7 +468,7 @@ def compare_command(
 EXPORT_FORMATS = ("gguf", "executorch")
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 def export_command(
     source: Annotated[Path, typer.Argument(help="A finalized forge artifact, or a float checkpoint / run directory "
                                                 "with --recipe (finalized on the way).")],
@@ -438,8 +483,9 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Write a model in a serving format (GGUF for llama.cpp, .pte for ExecuTorch) from the trained integer grid,
-    not re-quantized."""
+    """Write GGUF (llama.cpp) or .pte (ExecuTorch) from an artifact.
+
+    The trained integer grid is written as it is, not re-quantized."""
     from forge_qat.errors import HardwareError
 
     _setup_logging()
@@ -519,7 +565,7 @@ def _print_export(report) -> None:
 
 # ---- forge demo -----------------------------------------------------------------------------------
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo's runs and artifacts go.")] = Path("forge-runs/demo"),
     recipe: Annotated[str, typer.Option(help=f"QAT recipe. Choices: {', '.join(recipe_names())}.")]
@@ -528,7 +574,9 @@ def demo(
     qat_steps: Annotated[int, typer.Option(help="Final steps of the QAT run with fake quantization on.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of model init and data order, shared by both runs.")] = 0,
 ):
-    """The embedded default end to end: train float and QAT, finalize both, compare. No downloads."""
+    """Float vs PTQ vs QAT on the embedded default, end to end.
+
+    Trains float and QAT, finalizes both, compares them. No downloads."""
     from forge_qat.demo import run_demo
 
     _setup_logging()

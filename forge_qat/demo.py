@@ -65,6 +65,7 @@ def run_demo(root: Path, *, recipe: str = DEMO_RECIPE, steps: int = 300, qat_ste
     qat = finalize(FinalizeRequest(source=root / "qat", dest=root / f"qat-{recipe}"))
     on_stage("4/4 evaluate on held-out text")
     comparison = compare(str(root / "float"), str(ptq.dest), str(qat.dest), EVAL_DATA)
-    plot = plot_loss_curves({"float": root / "float", "QAT": root / "qat"}, root / "loss_curves.png")
+    plot = plot_loss_curves({"float": root / "float", "QAT": root / "qat"}, root / "loss_curves.png",
+                            finals=comparison.finals(), summary=comparison.summary())
     (root / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2))
     return DemoResult(root, comparison, ptq, qat, plot)

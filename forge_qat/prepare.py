@@ -384,7 +384,8 @@ class QatConfig:
     """The QAT section of a run configuration (and float8 training, the other linear-layer swap)."""
 
     qat_recipe: str | None = option(
-        None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default.")
+        None, "QAT recipe (see `forge recipes`); 'none' trains in float. Default: the registry default "
+              f"({DEFAULT_RECIPE}).")
     fake_quant_after_steps: int = option(0, "Train this many steps in float before enabling fake quantization.",
                                          resume_fixed=True)
     qat_learn_scales: bool | None = option(

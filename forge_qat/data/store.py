@@ -132,10 +132,15 @@ def open_token_store(spec: str, tok, seq_len: int, options: DataOptions | None =
         raise InputError(f"data {spec} has {store.total_tokens} tokens, fewer than one sequence of {seq_len}")
     if store.meta["learned_tokens"] == 0:
         raise InputError(f"data {spec} has no tokens to learn (every token is prompt)")
-    if not built:
+    if not built and directory not in _ANNOUNCED:  # once per process: `forge compare` opens it per model
+        _ANNOUNCED.add(directory)
         log.info("reusing tokenized %s from %s (%d documents, %d tokens)", spec, directory, store.documents,
                  store.total_tokens)
     return store
+
+
+_ANNOUNCED: set[Path] = set()
+"""Cache directories this process has said it reuses."""
 
 
 def batch_indices(num_sequences: int, batch_size: int, seed: int, batch_number: int) -> torch.Tensor:

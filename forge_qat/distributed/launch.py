@@ -83,6 +83,9 @@ def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         if not torch.cuda.is_available():  # ranks share the cores (torchrun sets 1; this keeps them busy)
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.nproc)))
+        # c10d's C++ warnings (e.g. "No backend of type 0 found for Process Group" at teardown) are for torch
+        # developers; a user's own TORCH_CPP_LOG_LEVEL wins
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         run_id = uuid.uuid4().hex[:12]
         # Rank 0 keeps the terminal (progress bar); the others write files, shown when they fail.
         quiet = {r: Std.ALL for r in range(1, cfg.distributed.nproc)}

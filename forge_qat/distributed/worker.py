@@ -12,7 +12,7 @@ import sys
 import traceback
 import warnings
 
-from forge_qat.logs import quiet_libraries  # noqa: E402
+from forge_qat.logs import console_logging, quiet_libraries  # noqa: E402
 
 quiet_libraries()
 # DeepSpeed 0.19 calls collectives torch 2.13 deprecated (all_gather_into_tensor, reduce_scatter_tensor):
@@ -22,7 +22,6 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
-    from rich.logging import RichHandler
     from transformers.utils import logging as hf_logging
 
     from forge_qat.config import TrainConfig
@@ -34,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     _die_with_launcher()
     console = Console(stderr=True)
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s", force=True,
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
-    logging.getLogger("forge_qat").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console_logging(console, f"[rank {rank}] %(message)s", logging.INFO if rank == 0 else logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -12,6 +12,7 @@ finalize.
 
 import contextlib
 import gc
+import io
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -50,7 +51,10 @@ def init_process_group(timeout_s: int) -> tuple[int, int]:
     if cuda:  # before the process group: NCCL binds each rank to its device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=process_group_backend(cuda), timeout=timedelta(seconds=timeout_s))
+        # DeepSpeed print()s a line per rank when it builds its CPU shared-memory op: nothing a user acts on
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=process_group_backend(cuda),
+                                       timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 

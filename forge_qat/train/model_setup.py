@@ -90,7 +90,7 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
     if cfg.optim.gradient_checkpointing:
         # Non-reentrant: works when no input requires grad (frozen embeddings), under autocast and
         # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return coverage
 
 

@@ -26,6 +26,7 @@ from forge_qat.finalize import FinalizeRequest, finalize, finalize_live
 from forge_qat.models import load_model_tokenizer
 from forge_qat.prepare import NO_RECIPE, check_convert_hardware, reinitialize_learned_scales, set_fake_quant_enabled
 from forge_qat.recipes import get_recipe
+from forge_qat.train import tracking
 from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
 from forge_qat.train.model_setup import TrainingModels, build_models
@@ -101,6 +102,7 @@ class Trainer:
             raise ConfigError(f"{self.out} is already trained to step {start}; raise --max-steps to continue")
         self.observer and self.observer.on_start(self.cfg.optim.max_steps, start)
         metrics = (self.out / ckpt_io.METRICS).open("a") if self.main else None
+        trackers = tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out) if self.main else None
         try:
             for step in range(start, self.cfg.optim.max_steps):
                 record = self.step(step)
@@ -108,6 +110,7 @@ class Trainer:
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    trackers.log(record)
                 self.observer and self.observer.on_step(record)
                 if not math.isfinite(record["loss"]):
                     raise TrainingDivergedError(f"loss became {record['loss']} at step {record['step']}; lower "
@@ -116,6 +119,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
+                trackers.close()
             self.observer and self.observer.on_end()
         return self.finish()
 
