@@ -23,10 +23,10 @@ from forge_qat.errors import InputError, OutputExistsError, OutputWriteError
 from forge_qat.fake_quant import is_learned_scale
 from forge_qat.layouts import Layout, model_layout_reader
 from forge_qat.safe_load import UNSAFE_PICKLE
+from forge_qat.train.config import RUN_MARKER
 from forge_qat.train.engine import Engine, full_tensors
 from forge_qat.weights import SafetensorsReader, tied_aliases
 
-RUN_MARKER = "forge_run.json"
 CHECKPOINT_META = "forge_checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"

@@ -70,6 +70,18 @@ def _fail(e: ForgeError) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
+def _check_recipes(*names: str | None) -> None:
+    """Recipe names given on the command line, checked before a command imports torch (a typo fails fast)."""
+    from forge_qat.recipes import get_recipe
+
+    try:
+        for name in names:
+            if name is not None:
+                get_recipe(name)
+    except ForgeError as e:
+        raise _fail(e) from None
+
+
 # ---- forge recipes ------------------------------------------------------------------------------
 
 def recipe_rows() -> list[dict[str, Any]]:
@@ -165,11 +177,14 @@ def _config_path(value: str | None) -> Path | None:
 
 
 def _train_command(config: str | None = None, **flags: Any) -> None:
+    try:
+        cfg = config_mod.build_config(_config_path(config), **flags)  # before torch is imported: errors are fast
+    except ForgeError as e:
+        raise _fail(e) from None
     from forge_qat.train.trainer import run_training
 
     _setup_logging()
     try:
-        cfg = config_mod.build_config(_config_path(config), **flags)
         if cfg.distributed.uses_deepspeed:
             from forge_qat.distributed.launch import RankFailedError, launch, launched_by_a_launcher
 
@@ -198,7 +213,7 @@ HELP_PANELS = {"run": "Model, output and checkpoints", "data": "Data", "qat": "Q
 
 def _train_signature() -> inspect.Signature:
     """One typer option per TrainConfig field; None means 'not given' so YAML values survive."""
-    from forge_qat.prepare import LINEAR_SWAPS
+    from forge_qat.qat_config import LINEAR_SWAPS
 
     params = [inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                 annotation=Annotated[str | None, typer.Argument(
@@ -308,6 +323,7 @@ def finalize_command(
     """Convert a checkpoint to a low-bit torchao artifact.
 
     Real low-bit tensors, written so that stock transformers loads them."""
+    _check_recipes(qat_convert, ptq)
     from forge_qat.finalize import FinalizeRequest, finalize
 
     _setup_logging()
@@ -398,20 +414,23 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """Perplexity of one or more models on held-out text."""
-    from forge_qat.data.build import DataOptions
-    from forge_qat.data.encode import ChatOptions
-    from forge_qat.evaluate import evaluate_model
+    from forge_qat.recipes import get_recipe
 
-    _setup_logging()
     try:
-        from forge_qat.recipes import get_recipe
-
         for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if packing not in ("documents", "causal"):
             raise ConfigError(choices_message("packing", packing, ["documents", "causal"]))
         recipe = get_recipe(fake_quant) if fake_quant else None
+    except ForgeError as e:
+        raise _fail(e) from None
+    from forge_qat.data.build import DataOptions
+    from forge_qat.data.encode import ChatOptions
+    from forge_qat.evaluate import evaluate_model
+
+    _setup_logging()
+    try:
         options = DataOptions(chat=ChatOptions(chat_column, chat_loss))
         results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
                                   fake_quant=recipe, data_options=options, packing=packing).to_dict()
@@ -488,10 +507,11 @@ def export_command(
     The trained integer grid is written as it is, not re-quantized."""
     from forge_qat.errors import HardwareError
 
+    if to not in EXPORT_FORMATS:
+        raise _fail(ConfigError(choices_message("export format", to, list(EXPORT_FORMATS))))
+    _check_recipes(recipe)
     _setup_logging()
     try:
-        if to not in EXPORT_FORMATS:
-            raise ConfigError(choices_message("export format", to, list(EXPORT_FORMATS)))
         try:
             if to == "gguf":
                 from forge_qat.export.gguf import export_gguf as export
@@ -577,12 +597,13 @@ def demo(
     """Float vs PTQ vs QAT on the embedded default, end to end.
 
     Trains float and QAT, finalizes both, compares them. No downloads."""
+    if steps < 1:
+        raise _fail(ConfigError(f"--steps must be at least 1, got {steps}"))
+    _check_recipes(recipe)
     from forge_qat.demo import run_demo
 
     _setup_logging()
     try:
-        if steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {steps}")
         result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, seed=seed,
                           observer=lambda stage: _observer(),
                           on_stage=lambda s: console.print(f"[bold cyan]{s}"))

@@ -1,7 +1,8 @@
 """The run configuration of `forge train`: one section per feature, one flat name per option.
 
 Each feature owns its section and validates it (`train.config.RunConfig`/`OptimConfig`, `data.config.DataConfig`,
-`prepare.QatConfig`, `distill.DistillConfig`, `distributed.config.DistributedConfig`); a rule that spans two
+`qat_config.QatConfig`, `lora_config.LoraConfig`, `distill_config.DistillConfig`,
+`distributed.config.DistributedConfig`; none imports torch, so the CLI's help needs none); a rule that spans two
 sections lives with the feature that needs it (`DistillConfig.check_with`). Users see flat names only: the
 CLI builds one `--kebab-case` option per field, YAML files and recorded run configs use the snake_case
 names, so a new option is one field in its section. Which options a resumed run must keep is field
@@ -18,14 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
-from forge_qat.checkpoint import RUN_MARKER
 from forge_qat.data.config import DataConfig
-from forge_qat.distill import DistillConfig
+from forge_qat.distill_config import DistillConfig
 from forge_qat.distributed.config import DistributedConfig
 from forge_qat.errors import ConfigError, InputError, choices_message
-from forge_qat.lora import LoraConfig
-from forge_qat.prepare import QatConfig
-from forge_qat.train.config import OptimConfig, RunConfig
+from forge_qat.lora_config import LoraConfig
+from forge_qat.qat_config import QatConfig
+from forge_qat.train.config import RUN_MARKER, OptimConfig, RunConfig
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "qat": QatConfig, "lora": LoraConfig,
                              "distill": DistillConfig, "optim": OptimConfig, "distributed": DistributedConfig}

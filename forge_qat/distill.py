@@ -1,6 +1,6 @@
 """Knowledge distillation for QAT: the fake-quantized student learns from a float teacher's logits.
 
-Owns the distillation section of the run config (`DistillConfig`) and the training objective: the LM loss
+Owns the training objective (its settings are `forge_qat.distill_config.DistillConfig`): the LM loss
 alone, or with `--kd-weight` > 0 `lm_weight * CE + kd_weight * KD`, each returning its named terms. Every KD
 loss is per token, computed in fp32 over the positions the LM loss uses (label != IGNORE_INDEX, after the
 causal shift), and averaged over them. The teacher is the starting float model, frozen (`--kd-teacher
@@ -10,16 +10,16 @@ forward pass, no second copy of the weights).
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from forge_qat import lora
 from forge_qat.data.encode import IGNORE_INDEX
+from forge_qat.distill_config import DistillConfig
 from forge_qat.errors import ConfigError, choices_message
-from forge_qat.options import finite_at_least_zero, one_of, option
-from forge_qat.prepare import QatConfig, set_fake_quant_enabled
+from forge_qat.prepare import set_fake_quant_enabled
 
 PerToken = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
@@ -157,55 +157,9 @@ class Distillation:
         return loss, {"loss": loss.detach().float(), "lm_loss": out.loss.detach().float(), "kd_loss": kd.detach()}
 
 
-KdTeacher = Literal["float", "self"]
-
-
-@dataclass(kw_only=True)
-class DistillConfig:
-    """The distillation section of a run configuration: loss = lm_weight * CE + kd_weight * KD."""
-
-    kd_loss: str | None = option(None, "Distillation loss: kl, rkl, mse, kd (tempered KL), kl-top-k, rkl-top-k, "
-                                       "cakld.", resume_fixed=True)
-    kd_weight: float = option(0.0, "Weight of the distillation loss (0: no distillation).", resume_fixed=True)
-    lm_weight: float = option(1.0, "Weight of the cross-entropy loss on the labels.", resume_fixed=True)
-    kd_teacher: KdTeacher = option("float", "float: the starting model, frozen (one more copy of the weights); "
-                                            "self: the student with fake quantization off (one more forward).",
-                                   resume_fixed=True)
-    kd_temperature: float = option(1.0, "Temperature of the kd loss.", resume_fixed=True)
-    kd_top_k: int = option(50, "Tokens kept by the top-k KD losses.", resume_fixed=True)
-
-    def __post_init__(self) -> None:
-        finite_at_least_zero(self, "kd_weight", "lm_weight", "kd_temperature")
-        if self.kd_temperature == 0 or self.kd_top_k < 1:
-            raise ConfigError("kd_temperature must be > 0 and kd_top_k at least 1")
-        one_of(self, "kd_teacher", KdTeacher, "KD teacher")
-        if not self.enabled:
-            if self.kd_loss is not None:
-                raise ConfigError(f"--kd-loss {self.kd_loss} has no effect with --kd-weight 0; give --kd-weight")
-            if self.lm_weight == 0:
-                raise ConfigError("--lm-weight 0 without distillation leaves nothing to train on")
-            return
-        if self.kd_loss not in KD_LOSSES:
-            raise ConfigError(choices_message("KD loss name", self.kd_loss, list(KD_LOSSES)))
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.kd_weight)
-
-    @property
-    def needs_float_teacher(self) -> bool:
-        """A frozen copy of the starting model is built beside the student."""
-        return self.enabled and self.kd_teacher == "float"
-
-    def check_with(self, qat: QatConfig) -> None:
-        """Distillation teaches a quantized student: without QAT there is nothing to distil into."""
-        if self.enabled and qat.recipe_name is None:
-            raise ConfigError("distillation (--kd-weight) needs a QAT recipe: the teacher is the float model")
-
-    def objective(self, teacher: torch.nn.Module | None) -> Objective:
-        """The training objective: the LM loss alone, or distillation from `teacher` (None: the student with
-        fake quantization off)."""
-        if not self.enabled:
-            return LanguageModelLoss()
-        return Distillation(self.kd_loss, self.lm_weight, self.kd_weight, self.kd_temperature, self.kd_top_k,
-                            teacher)
+def objective(cfg: DistillConfig, teacher: torch.nn.Module | None) -> Objective:
+    """The training objective of a run's distillation section: the LM loss alone, or distillation from
+    `teacher` (None: the student with fake quantization off)."""
+    if not cfg.enabled:
+        return LanguageModelLoss()
+    return Distillation(cfg.kd_loss, cfg.lm_weight, cfg.kd_weight, cfg.kd_temperature, cfg.kd_top_k, teacher)

@@ -352,7 +352,7 @@ def _write_extras(directory: Path, config, generation_config, tokenizer, recipe:
         # expert's torchao tensor at a time; the default grouped_mm would call ops torchao does not implement.
         # Stacks whose tensor lacks that select in torchao name the module that adds it instead, so that stock
         # transformers refuses them at load, naming the import, rather than failing at the first forward.
-        config.experts_implementation = (EXPERTS_IMPLEMENTATION if recipe.convert_expert_stack.load_needs_compat
+        config.experts_implementation = (EXPERTS_IMPLEMENTATION if recipe.stacks_need_compat
                                          else "eager")
     config.save_pretrained(directory)
     if generation_config is not None:

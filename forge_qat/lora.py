@@ -22,7 +22,6 @@ Parameters and state-dict names.
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,56 +34,10 @@ from forge_qat.fake_quant import (
     integer_grid_linear,
     is_learned_scale,
 )
-from forge_qat.options import at_least, one_of, option
+from forge_qat.lora_config import CONFIG_FIELDS, LoraConfig
 from forge_qat.weights import true_shape
 
-LoraMode = Literal["merged", "separate"]
-LORA_MODES = ("merged", "separate")
-TARGET_KINDS = ("attention", "mlp", "experts")
 ADAPTER_ATTR = "forge_lora"
-
-
-@dataclass(kw_only=True)
-class LoraConfig:
-    """The LoRA section of a run configuration."""
-
-    lora_rank: int = option(0, "Train LoRA adapters of this rank on a frozen model (0: train every weight).",
-                            resume_fixed=True)
-    lora_alpha: float | None = option(None, "LoRA scaling numerator: adapters add alpha/rank * B@A (default: "
-                                            "2 x rank).", resume_fixed=True)
-    lora_targets: str = option("attention,mlp,experts", "Comma-separated module kinds that get adapters: "
-                                                        "attention, mlp, experts.", resume_fixed=True)
-    lora_qat: LoraMode = option("merged", "merged: fake-quantize W + s*BA, the weight that ships; separate: "
-                                          "fq(W) + s*BA beside it, as peers train.", resume_fixed=True)
-
-    def __post_init__(self) -> None:
-        at_least(self, 0, "lora_rank")
-        one_of(self, "lora_qat", list(LORA_MODES), label="--lora-qat mode")
-        unknown = [t for t in self.targets if t not in TARGET_KINDS]
-        if unknown or not self.targets:
-            raise ConfigError(f"--lora-targets {self.lora_targets!r}: valid kinds are {', '.join(TARGET_KINDS)}")
-        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.lora_rank > 0
-
-    @property
-    def scaling(self) -> float:
-        """s in W + s*B@A."""
-        return self.alpha / self.lora_rank
-
-    @property
-    def targets(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
-
-
-CONFIG_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_qat")
 
 
 def delta(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -42,6 +43,53 @@ def test_help_and_recipes_fit_80_columns_uncut(args):
         assert "    int8-dynamic-act-int4-weight-int8-embeddings\n" in out  # recipe names whole, one per line
     if args == ("recipes",):
         assert "int8-dynamic-act-int4-weight (default)" in out and "learned scales: yes" in out
+
+
+HEAVY = ("torch", "torchao", "transformers", "deepspeed", "datasets", "pyarrow")
+_PROBE = """
+import runpy, sys, time
+t0 = time.perf_counter()
+sys.argv = ["forge", *sys.argv[1:]]
+try:
+    runpy.run_module("forge_qat.cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("PROBE", code, time.perf_counter() - t0, ",".join(m for m in HEAVY if m in sys.modules), file=sys.stderr)
+"""
+
+
+def _probe(*args: str) -> tuple[int, float, list[str], str]:
+    """`forge ARGS` in a fresh process: exit code, seconds from start to exit, heavy modules it imported."""
+    done = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + _PROBE, *args], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "80"})
+    line = next(x for x in done.stderr.splitlines() if x.startswith("PROBE "))
+    _, code, seconds, heavy = line.split(" ", 3)
+    return int(code or 0), float(seconds), [m for m in heavy.split(",") if m], done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("args", [("--help",), ("train", "--help"), ("finalize", "--help"), ("export", "--help"),
+                                  ("train", "--qat-recipe", "int5"), ("train", "--lr", "-1"),
+                                  ("finalize", "--source", "s", "--dest", "d", "--qat-convert", "int5"),
+                                  ("eval", "m", "--fake-quant", "int5"), ("demo", "--recipe", "int5")])
+def test_help_and_argument_errors_import_no_torch(args):
+    """Help and bad arguments answer before torch, torchao, transformers or deepspeed load (each costs
+    seconds): the config sections and the recipe registry import none of them."""
+    code, _, heavy, out = _probe(*args)
+    assert heavy == [], f"forge {' '.join(args)} imported {heavy}"
+    assert code == (0 if "--help" in args else 2), out
+    if "int5" in args:
+        assert "int8-dynamic-act-int4-weight" in out  # the error lists the valid names
+
+
+def test_forge_help_is_fast():
+    """`forge --help` under 1.5 s of wall time, interpreter start included (the best of three runs: the
+    machine may be busy; before the lazy imports it took 4-7 s here)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "forge_qat.cli", "--help"], capture_output=True, check=True)
+        best = min(best, time.perf_counter() - t0)
+    assert best < 1.5
 
 
 def test_train_and_demo_default_to_different_directories():

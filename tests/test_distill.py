@@ -8,6 +8,7 @@ import torch
 
 from forge_qat.data.encode import IGNORE_INDEX
 from forge_qat.distill import KD_LOSSES, kd_loss
+from forge_qat.distill_config import KD_LOSS_NAMES
 
 V = 11
 
@@ -172,3 +173,8 @@ def test_distillation_under_gradient_checkpointing_trains_the_same(tmp_path, tex
             assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
     for k in w_plain:
         torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=0, atol=1e-6)
+
+
+def test_kd_loss_choices_are_the_implemented_losses():
+    """The config's choices (torch-free, for the CLI) name exactly the losses distill.py implements."""
+    assert tuple(KD_LOSSES) == KD_LOSS_NAMES

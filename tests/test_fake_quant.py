@@ -92,7 +92,7 @@ def test_ggml_activation_grid_is_llama_cpps_q8_0():
     half away from zero; llama.cpp's x86 path (and forge) multiply by 127/amax and round half to even, so a
     value can move by one code where x * scale lands on a tie: rare, and never more than one code."""
     gguf = pytest.importorskip("gguf")
-    from forge_qat.recipes import GGML_Q8_0
+    from forge_qat.recipe_numerics import GGML_Q8_0
 
     torch.manual_seed(0)
     x = torch.randn(64, 256) * torch.logspace(-3, 2, 64).unsqueeze(1)

@@ -260,7 +260,7 @@ def test_finalize_converts_experts_and_stock_transformers_runs_the_artifact(trai
     assert report.mode == "qat" and report.reload_max_diff == 0.0
     assert cov["expert_stacks"] == 4 and cov["expert_params_quantized"] > 0.5 * cov["matmul_params"]
     assert set(cov["kept_float"]) == {"output head", "router"}
-    needs_compat = get_recipe(report.recipe).convert_expert_stack.load_needs_compat
+    needs_compat = get_recipe(report.recipe).stacks_need_compat
     assert json.loads((tmp_path / "a" / "config.json").read_text())["experts_implementation"] == (
         "forge_qat.torchao_compat" if needs_compat else "eager")
 
@@ -283,7 +283,7 @@ def test_int4_moe_artifact_without_the_compat_import_fails_at_load_naming_it(tra
     the first forward."""
     _, run = trained["qwen3_moe", "per-expert"]
     report = finalize(FinalizeRequest(source=run, dest=tmp_path / "a"))
-    assert get_recipe(report.recipe).convert_expert_stack.load_needs_compat
+    assert get_recipe(report.recipe).stacks_need_compat
     done = subprocess.run([sys.executable, "-c", LOAD_ARTIFACT, str(tmp_path / "a"), "stock", str(tmp_path / "l.pt")],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "loaded" not in done.stdout

@@ -34,6 +34,15 @@ def test_every_base_config_builds():
         assert recipe.base_config() is not None
 
 
+def test_what_forge_recipes_says_matches_the_quantizers():
+    """`forge recipes` reads only the torch-free record; its words agree with the numerics they stand for."""
+    from forge_qat.recipe_numerics import describe_tables
+
+    for recipe in RECIPES.values():
+        assert recipe.embeddings_support == describe_tables(recipe.embeddings), recipe.name
+        assert (recipe.expert_stacks is None) == (recipe.convert_expert_stack is None), recipe.name
+
+
 @pytest.mark.parametrize("name", ["int4-weight-only", "float8-dynamic-act-float8-weight",
                                   "float8-dynamic-act-int4-weight"])
 def test_gpu_recipes_gate_both_ways(name, monkeypatch):

@@ -6,12 +6,13 @@ Composed into `forge_qat.config.TrainConfig`; `options()` turns it into the `Dat
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from forge_qat.data.build import DataOptions, Progress
-from forge_qat.data.encode import ChatOptions
 from forge_qat.errors import ConfigError
 from forge_qat.options import at_least, one_of, option
+
+if TYPE_CHECKING:
+    from forge_qat.data.build import DataOptions, Progress
 
 ChatLoss = Literal["last", "all"]
 Packing = Literal["documents", "causal"]
@@ -51,8 +52,11 @@ class DataConfig:
     def has_eval(self) -> bool:
         return self.eval_data not in (None, NO_EVAL)
 
-    def options(self, *, defer: bool = False, progress: Progress | None = None) -> DataOptions:
+    def options(self, *, defer: bool = False, progress: "Progress | None" = None) -> "DataOptions":
         """How the data is tokenized and cached; `defer`: let this machine's first rank build the cache."""
+        from forge_qat.data.build import DataOptions  # tokenizers and Arrow: not for the CLI's help
+        from forge_qat.data.encode import ChatOptions
+
         chosen = {}
         if self.data_cache:
             chosen["cache_dir"] = Path(self.data_cache)

@@ -19,12 +19,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-# forge_qat/distributed/__init__.py, imported before this module, has set DS_ACCELERATOR.
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from forge_qat import hardware, lora
+from forge_qat.distributed import use_cpu_accelerator_without_cuda
 from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
 from forge_qat.layouts import model_layout_reader
@@ -32,6 +31,9 @@ from forge_qat.models import ModelSource, load_model
 from forge_qat.prepare import learned_scale_readers
 from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
 from forge_qat.weights import TensorReader, tied_aliases
+
+use_cpu_accelerator_without_cuda()  # DeepSpeed picks its accelerator when first imported
+import deepspeed  # noqa: E402
 
 DS_STATE = "deepspeed"
 DS_TAG = "state"

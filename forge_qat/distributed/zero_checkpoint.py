@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from forge_qat.distributed import use_cpu_accelerator_without_cuda
 from forge_qat.errors import InputError
 from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
 
+use_cpu_accelerator_without_cuda()  # this module imports deepspeed in its functions
 
 def deepspeed_checkpoint_globals() -> list:
     """The plain-data classes DeepSpeed pickles into its checkpoint files (an enum and the loss-scaler

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
 DEFAULT_WARMUP = 20
+RUN_MARKER = "forge_run.json"
+"""The file that marks `RunConfig.output_dir` as a forge run (written by `forge_qat.checkpoint`)."""
 
 
 @dataclass(kw_only=True)

@@ -18,13 +18,15 @@ from typing import Any, Protocol
 import torch
 
 from forge_qat import checkpoint as ckpt_io
+from forge_qat import distill
 from forge_qat.config import TrainConfig, resume_fixed_names
 from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_token_store
 from forge_qat.errors import ConfigError, TrainingDivergedError
 from forge_qat.evaluate import mean_loss
 from forge_qat.finalize import FinalizeRequest, finalize, finalize_live
 from forge_qat.models import load_model_tokenizer
-from forge_qat.prepare import NO_RECIPE, check_convert_hardware, reinitialize_learned_scales, set_fake_quant_enabled
+from forge_qat.prepare import check_convert_hardware, reinitialize_learned_scales, set_fake_quant_enabled
+from forge_qat.qat_config import NO_RECIPE
 from forge_qat.recipes import get_recipe
 from forge_qat.train import tracking
 from forge_qat.train.engine import Engine
@@ -153,7 +155,7 @@ class Trainer:
             self.scale_watch = ScaleWatch.begin(student, self.engine.full_tensor)
         self.model = self.engine.wrap(student, optimizer, self.scheduler)
         teacher = self.engine.wrap_frozen(self.models.teacher) if self.models.teacher is not None else None
-        self.objective = cfg.distill.objective(teacher)
+        self.objective = distill.objective(cfg.distill, teacher)
         if self.main and not cfg.run.resume:
             ckpt_io.start_run_dir(self.out, cfg.to_dict())
         self._check_shared_run_dir()
