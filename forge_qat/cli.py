@@ -177,6 +177,7 @@ def _config_path(value: str | None) -> Path | None:
 
 
 def _train_command(config: str | None = None, **flags: Any) -> None:
+    console_logging(err_console)  # building the config warns (e.g. warmup >= max steps)
     try:
         cfg = config_mod.build_config(_config_path(config), **flags)  # before torch is imported: errors are fast
     except ForgeError as e:
