@@ -48,7 +48,7 @@ class QatConfig:
         None, "Train the weight quantization scales with the model (initialised from the weights when fake "
               "quantization starts; the converted artifact uses the learned scales). Default: on for the int4 "
               "recipes (`forge recipes`).", resume_fixed=True)
-    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 3.5% of their "
+    qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 1.75% of their "
                                               "median starting value).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
 

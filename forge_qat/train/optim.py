@@ -42,7 +42,7 @@ def resolve_placement(cfg: TrainConfig) -> Placement:
     return Placement(device, precision, lr)
 
 
-SCALE_LR_RELATIVE = 0.035
+SCALE_LR_RELATIVE = 0.0175
 """Default peak learning rate of learned scales, as a share of their median starting value (see
 `scale_learning_rate`; the sweep that chose it: docs/benchmarks.md, "Learned-scale learning rate")."""
 

@@ -162,7 +162,7 @@ class Trainer:
 
     def _resumed_scale_lr(self, computed: float) -> float:
         """The default scale learning rate of a resumed run: the one its checkpoint trained with. Runs written
-        before the default became relative (3.5% of the scales' median) trained their scales at `--lr`, and
+        before the default became relative (a share of the scales' median) trained their scales at `--lr`, and
         continue so (with a warning) rather than at a learning rate they never had."""
         ckpts = ckpt_io.checkpoint_dirs(self.out)
         if not ckpts:
