@@ -14,6 +14,9 @@ Part A, from the pretrained model (the teacher of `float` KD is the pretrained m
                              from the weights (--no-qat-learn-scales)
   QAT + KD <loss>            + distillation, for each --kd-loss (float teacher) and --self-kd-losses
   QAT, shipped defaults      `forge train --qat-recipe RECIPE` and nothing else
+  LoRA-QAT merged/separate   --lora-rank 16 --lora-qat MODE, shipped defaults
+                             otherwise, at each of --lora-lrs (rows lora-MODE-lrLR: adapters train at a
+                             higher lr than full fine-tuning)
   QAT, learnable scales      --qat-learn-scales at the weights' lr, and at each of --scale-lrs; and KD with
                              learnable scales (--both)
 Part B (rows `ft-*`), QAT of the fine-tuned model: each row continues the float fine-tune for the same
@@ -118,7 +121,7 @@ def _kd(teacher: str, loss: str) -> dict:
 
 
 def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
-         scale_lrs: list[float]) -> dict[str, dict]:
+         scale_lrs: list[float], lora_lrs: list[float] = ()) -> dict[str, dict]:
     """Row name -> how it is made: train settings (None: the starting model), whether it is PTQ, its label."""
     qat = {"qat_recipe": RECIPE, "qat_learn_scales": False}  # plain QAT: scales chosen from the weights
     shared = {"qat_recipe": RECIPE, "qat_learn_scales": True, "qat_scale_lr": SHARED_LR}  # the lr of the weights
@@ -140,6 +143,11 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
     for scale_lr in scale_lrs:
         table[f"qat-ls-lr{scale_lr:g}"] = {"train": {**qat, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
                                           "label": f"QAT, learnable scales at lr {scale_lr:g}"}
+    lora = {"qat_recipe": RECIPE, "lora_rank": LORA_RANK}  # shipped defaults otherwise (learned scales on)
+    for lr in lora_lrs:
+        for mode in ("merged", "separate"):
+            table[f"lora-{mode}-lr{lr:g}"] = {"train": {**lora, "lora_qat": mode, "lr": lr},
+                                              "label": f"LoRA-QAT {mode}, rank {LORA_RANK}, lr {lr:g}"}
     teacher, loss = both
     table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**shared, **_kd(teacher, loss)},
                                             "label": f"QAT + KD {loss}, {teacher} teacher, learnable scales"}
@@ -162,6 +170,10 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
                           "label": "QAT, learnable scales at the weights' lr" + cont}
     table[f"ft-qat-kd-{both[1]}-ls"] = {"from": "float-ft", "train": {**shared, **_kd("float", both[1])},
                                      "label": f"QAT + KD {both[1]}, fine-tune as teacher, learnable scales" + cont}
+    for lr in lora_lrs:
+        for mode in ("merged", "separate"):
+            table[f"ft-lora-{mode}-lr{lr:g}"] = {"from": "float-ft", "train": {**lora, "lora_qat": mode, "lr": lr},
+                                                 "label": f"LoRA-QAT {mode}, rank {LORA_RANK}, lr {lr:g}" + cont}
     for scale_lr in scale_lrs:
         for kd, label in (({}, "QAT"), (_kd("float", both[1]), f"QAT + KD {both[1]}, fine-tune as teacher")):
             name = "ft-qat" + (f"-kd-{both[1]}" if kd else "") + f"-ls-lr{scale_lr:g}"
@@ -169,6 +181,9 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
                            "train": {**qat, **kd, "qat_learn_scales": True, "qat_scale_lr": scale_lr}}
     return table
 
+
+LORA_RANK = 16
+"""--lora-rank of the LoRA rows (PEFT's examples use 8-64)."""
 
 RECIPE, SHARED_LR = object(), object()
 """Placeholders in row settings: the recipe and the learning rate of the run."""
@@ -189,7 +204,8 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
         reuse = name in ("ptq-ft", "ft-ptq") and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
         if not reuse:
             run_training(TrainConfig.from_flat(model=str(model), data=data[0], eval_data=None, output_dir=str(run),
-                                     overwrite=True, save_every=0, save_total_limit=1, **budget, **settings))
+                                               overwrite=True, save_every=0, save_total_limit=1,
+                                               **{**budget, **settings}))  # a row may set its own lr (LoRA)
         source = run
         if settings["qat_recipe"] != "none":
             source = finalize(FinalizeRequest(source=run, dest=work / f"{name}-artifact", overwrite=True)).dest
@@ -213,6 +229,7 @@ def main() -> None:
     p.add_argument("--self-kd-losses", default="kl", help="comma-separated --kd-loss names with --kd-teacher self")
     p.add_argument("--both", default="self:kl", help="TEACHER:LOSS of the KD row with learnable scales too")
     p.add_argument("--scale-lrs", default="1e-3", help="comma-separated --qat-scale-lr values of the *-ls-lr* rows")
+    p.add_argument("--lora-lrs", default="2e-4", help="comma-separated --lr values of the LoRA rows")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and dropout for every row")
     p.add_argument("--held-out", choices=("builtin", "wide"), default="builtin",
                    help="builtin: train on builtin:python-docs, score on builtin:python-docs-eval (2.5k tokens); "
@@ -227,7 +244,7 @@ def main() -> None:
               "warmup_steps": max(args.steps // 10, 1), "seed": args.seed}
     teacher, _, loss = args.both.partition(":")
     table = rows(args.kd_losses.split(","), args.self_kd_losses.split(","), (teacher, loss),
-                 [float(v) for v in args.scale_lrs.split(",")])
+                 [float(v) for v in args.scale_lrs.split(",")], [float(v) for v in args.lora_lrs.split(",")])
     chosen = list(table) if args.rows == "all" else args.rows.split(",")
     unknown = [r for r in chosen if r not in table]
     if unknown:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from forge_qat import experts as experts_mod
 from forge_qat.errors import ConfigError, InputError
@@ -97,6 +98,11 @@ def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor, weight: torch.Tens
     return F.linear(x, weight, layer.bias)
 
 
+def _merged_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Merged mode's layer: the quantized linear of W + s*B@A."""
+    return quantized_linear(layer, x, layer.weight + getattr(layer, ADAPTER_ATTR).delta(layer.weight.dtype))
+
+
 class LoraLinear:
     """Mixin placed before a linear layer's class by `install`: same Parameters and state-dict names plus
     the adapter pair under `forge_lora`, and the LoRA forward."""
@@ -106,7 +112,14 @@ class LoraLinear:
         if not pair.enabled:
             return quantized_linear(self, x, self.weight)
         if pair.mode == "merged":
-            return quantized_linear(self, x, self.weight + pair.delta(self.weight.dtype))
+            if torch.is_grad_enabled() and pair.lora_A.requires_grad:
+                # Recomputed in backward: autograd would otherwise keep, per layer until backward, the merged
+                # weight's fake-quantized copy and the quantizer's masks, each the size of W (W itself is
+                # frozen). The recompute runs the same ops under the same autocast state, so values and
+                # gradients are those of the plain forward (tests/test_lora.py); the quantizers draw no
+                # random numbers, so no RNG state is kept.
+                return checkpoint(_merged_linear, self, x, use_reentrant=False, preserve_rng_state=False)
+            return _merged_linear(self, x)
         return quantized_linear(self, x, self.weight) + pair.path(x)
 
 

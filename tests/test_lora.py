@@ -85,6 +85,39 @@ def test_separate_mode_trains_another_model_than_the_one_that_ships():
     assert (fake - shipped).abs().max() < 0.5 * fake.abs().max()  # close, not the same
 
 
+def _loss_grads_and_saved_bytes(model, x):
+    """Loss, gradients and the bytes autograd keeps for backward during the forward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, sum(saved)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_merged_mode_recomputes_the_merged_weight_in_backward(learn, monkeypatch):
+    """Training keeps no fake-quantized copy of W + s*BA for backward (it is recomputed), and the loss and
+    every gradient are those of the plain forward, bit for bit."""
+    model = _tiny().train()
+    _with_lora(model, DEFAULT_RECIPE, "merged", learn=learn)
+    x = _ids(model)
+    loss, grads, kept = _loss_grads_and_saved_bytes(model, x)
+    monkeypatch.setattr(lora, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # the plain forward
+    plain_loss, plain_grads, plain_kept = _loss_grads_and_saved_bytes(model, x)
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys() and len(grads) >= 28
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=0, atol=0, msg=name)
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if lora.is_lora_linear(m))
+    assert plain_kept - kept >= weights  # at least one full-size copy per adapted layer no longer kept
+
+
 @pytest.mark.parametrize("mode", ["merged", "separate"])
 def test_gradients_reach_only_the_adapters(mode):
     model = _tiny().train()
