@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError
 from forge_qat.fake_quant import AffineFakeQuantizer, LearnedScaleFakeQuantizer, integer_grid_linear
@@ -117,10 +118,14 @@ class FakeQuantizedExperts:
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        kernel = _batched_kernel(self) if self.training else None
-        if kernel is not None:
-            return _batched_fake_quant_forward(self, kernel, hidden_states, top_k_index, top_k_weights)
-        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+        if _trains_merged_lora(self):
+            # Recomputed in backward, like a merged-LoRA linear (`forge_qat.lora.LoraLinear`): autograd would
+            # otherwise keep, per experts module until backward, each stack's W + s*B@A and its fake-quantized
+            # copy (experts x out x in each: the stacks are most of an MoE model). Same ops, same autocast
+            # state, no random draws: values and gradients are the plain forward's (tests/test_lora.py).
+            return checkpoint(_fake_quant_forward, self, hidden_states, top_k_index, top_k_weights,
+                              use_reentrant=False, preserve_rng_state=False)
+        return _fake_quant_forward(self, hidden_states, top_k_index, top_k_weights)
 
     def _eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -157,6 +162,14 @@ class FakeQuantizedExperts:
             h = h * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, h.to(final.dtype))
         return final
+
+
+def _fake_quant_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    kernel = _batched_kernel(module) if module.training else None
+    if kernel is not None:
+        return _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_k_weights)
+    return module._eager_forward(hidden_states, top_k_index, top_k_weights)
 
 
 class StackView:
@@ -244,6 +257,15 @@ def _separate_pair(module: torch.nn.Module, name: str):
     """The stack's LoRA pair when it trains beside the quantized stack (separate mode), else None."""
     pair = _lora_pair(module, name)
     return pair if pair is not None and pair.mode == "separate" else None
+
+
+def _trains_merged_lora(module: torch.nn.Module) -> bool:
+    """Whether this forward trains merged-mode adapters of the module's stacks (grad on, adapters trainable)."""
+    if not torch.is_grad_enabled():
+        return False
+    pairs = module._modules.get(LORA_ATTR)
+    return pairs is not None and any(p.enabled and p.mode == "merged" and p.lora_A.requires_grad
+                                     for p in pairs.values())
 
 
 def has_lora(module: torch.nn.Module) -> bool:

@@ -118,6 +118,32 @@ def test_merged_mode_recomputes_the_merged_weight_in_backward(learn, monkeypatch
     assert plain_kept - kept >= weights  # at least one full-size copy per adapted layer no longer kept
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "eager"])
+def test_merged_expert_stacks_are_recomputed_in_backward(kernel, monkeypatch):
+    """The same for MoE expert stacks: the experts module keeps no merged or fake-quantized stack for backward,
+    in the batched (grouped_mm) training path and the eager loop, and computes the plain forward's loss and
+    gradients bit for bit."""
+    from conftest import tiny_moe
+
+    from forge_qat import experts
+
+    model, _ = tiny_moe("qwen3_moe")
+    model.config._experts_implementation = kernel
+    model.train()
+    _with_lora(model, DEFAULT_RECIPE, "merged", learn=True, targets="experts")
+    x = _ids(model)
+    loss, grads, kept = _loss_grads_and_saved_bytes(model, x)
+    monkeypatch.setattr(experts, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    plain_loss, plain_grads, plain_kept = _loss_grads_and_saved_bytes(model, x)
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert any("forge_lora" in n for n in grads) and any(n.endswith("scale") for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=0, atol=0, msg=name)
+    stacks = sum(p.numel() * p.element_size() for m in model.modules() if experts.has_lora(m)
+                 for n, p in m.named_parameters(recurse=False))
+    assert plain_kept - kept >= stacks  # at least one full-size copy of every stack no longer kept
+
+
 @pytest.mark.parametrize("mode", ["merged", "separate"])
 def test_gradients_reach_only_the_adapters(mode):
     model = _tiny().train()
