@@ -1,7 +1,8 @@
 """What LoRA-QAT costs a training step against full QAT: time and memory, one fresh process per variant.
 
-The SmolLM2-135M shape (hidden 576, intermediate 1536, --layers deep), int8-dynamic-act-int4-weight with the
-shipped defaults (learned scales on), fp32, batch --batch x --seq. A training step is forward, backward and
+The SmolLM2-135M shape (hidden 576, intermediate 1536, --layers deep; or with --shape moe a Qwen3-MoE of its
+width, 16 experts of intermediate 256, top-4, adapters on the expert stacks too), int8-dynamic-act-int4-weight
+with the shipped defaults (learned scales on), fp32, batch --batch x --seq. A training step is forward, backward and
 the AdamW step. Variants:
 
   qat        full QAT: every weight trains (gradients and Adam state for all of them)
@@ -36,9 +37,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
     quiet_libraries()
     import torch
+    from learned_scales import build
     from memory import peak_rss_bytes, reset_peak, rss_bytes
-    from train_step import smollm_shape
-    from transformers import AutoModelForCausalLM
 
     from forge_qat import lora
     from forge_qat.coverage import plan
@@ -47,7 +47,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_config(smollm_shape(args.layers), dtype=torch.float32).train()
+    model = build(args.shape, args.layers).train()
     recipe = get_recipe(DEFAULT_RECIPE)
     if variant == "float":
         coverage = plan(model, recipe)
@@ -55,7 +55,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         coverage = prepare_qat(model, recipe, learn=LearnScales())
     if variant != "qat":
         cfg = lora.LoraConfig(lora_rank=args.rank, lora_qat="separate" if variant == "separate" else "merged")
-        lora.install(model, cfg, list(coverage.linears), {})
+        lora.install(model, cfg, list(coverage.linears), coverage.experts)
     trainable = [p for p in model.parameters() if p.requires_grad]
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     before = rss_bytes()
@@ -74,6 +74,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("dense", "moe"), default="dense",
+                   help="dense: SmolLM2-135M; moe: a Qwen3-MoE of its width (bench/learned_scales.py)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -97,7 +99,8 @@ def main() -> None:
                    "train_peak_bytes": statistics.median(r["train_peak_bytes"] for r in rs),
                    "trainable": rs[0]["trainable"], "parameters": rs[0]["parameters"]} for v, rs in results.items()}
     base = summary["qat"]
-    print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}x{args.seq}, rank {args.rank}, fp32, "
+    shape = "SmolLM2-135M" if args.shape == "dense" else "Qwen3-MoE (16 experts, top-4)"
+    print(f"{shape} shape, {args.layers} layers, batch {args.batch}x{args.seq}, rank {args.rank}, fp32, "
           f"{args.threads} threads; median of {args.rounds} processes per variant")
     for v, s in summary.items():
         print(f"  {v:9s} trainable {s['trainable'] / 1e6:7.2f}M  step {s['step_s']:.3f} s "

@@ -187,7 +187,11 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
             tmp.mkdir(parents=True)
         engine.barrier()
         engine.save_state(tmp, {"step": step, **rng_state(), **(trainer_state or {})})
-        write_weights(tmp if main else None, engine, model, layout or Layout())
+        shared = engine.broadcast(str(frozen_base_source(output_dir, model, meta) or "") if main else None)
+        if shared:  # every rank skips the base's gathers alike
+            write_weights(tmp if main else None, engine, model, layout or Layout(), base_from=Path(shared))
+        else:
+            write_weights(tmp if main else None, engine, model, layout or Layout())
         if main:
             model.config.save_pretrained(tmp)
             if model.generation_config is not None:
@@ -208,15 +212,20 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
 
 
 def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module, layout: Layout,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, base_from: Path | None = None) -> None:
     """Gather every tensor (all ranks, in the same order); rank 0 (`directory` given) appends each to the
-    current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard."""
+    current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard.
+    `base_from`: a checkpoint of this run with the same frozen base (`frozen_base_source`; the same on every
+    rank): its weight files are linked instead, and only the trained tensors are gathered."""
     tied = tied_aliases(model)
     names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
-    writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes) \
-        if directory is not None else None
+    writer = None
+    if directory is not None:
+        writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes) \
+            if base_from is None else _link_weight_files(base_from, directory)
     scales, adapters = {}, {}
-    for name, tensor in full_tensors(engine, model):
+    trained = None if base_from is None else (lambda n: is_learned_scale(n) or lora.is_adapter(n))
+    for name, tensor in full_tensors(engine, model, only=trained):
         if writer is None:
             continue
         if is_learned_scale(name):
@@ -232,6 +241,57 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
             write_learned_scales(directory, scales)
         if adapters:
             write_adapters(directory, adapters)
+
+
+_WEIGHT_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The float weight files `write_weights` wrote in a checkpoint (shards and index)."""
+    return sorted(p for p in ckpt.iterdir() if _WEIGHT_FILE_RE.match(p.name))
+
+
+def frozen_base_source(output_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path | None:
+    """The newest checkpoint of this run whose float weights a new checkpoint can share, or None.
+
+    A LoRA run trains only its adapters (and learned scales, saved apart): the base weights are frozen, so
+    every checkpoint of the run holds the same bytes (a 30B model: 60 GB each). Only a checkpoint of this run
+    qualifies (`start_run_dir` empties the directory for a new run; resumed runs keep the model and LoRA
+    settings, checked again here from the metadata), and only while every base parameter is frozen."""
+    if not lora.adapter_parameters(model) or any(
+            p.requires_grad for n, p in model.named_parameters() if not lora.is_adapter(n) and not is_learned_scale(n)):
+        return None
+    ckpts = checkpoint_dirs(output_dir)
+    if not ckpts:
+        return None
+    previous = ckpts[-1][1]
+    before, now = (read_checkpoint_meta(previous) or {}).get("train_config", {}), meta.get("train_config", {})
+    if any(before.get(k) != now.get(k) for k in ("model", "lora_rank", "lora_targets")) \
+            or not before.get("lora_rank") or not weight_files(previous):
+        return None
+    return previous
+
+
+class _LinkedWeights:
+    """Stands in for a `ShardWriter` when the weight files are links to another checkpoint's."""
+
+    def add(self, key: str, piece: torch.Tensor) -> None:
+        raise AssertionError(f"{key}: a checkpoint that links its base writes no base tensor")
+
+    def close(self) -> None:
+        pass
+
+
+def _link_weight_files(source: Path, directory: Path) -> _LinkedWeights:
+    """Hard-link (else copy) `source`'s weight files into `directory`: each checkpoint stays a complete
+    model directory that stock `from_pretrained` reads, pruning one checkpoint frees nothing another uses,
+    and the disk holds the base once."""
+    for f in weight_files(source):
+        try:
+            os.link(f, directory / f.name)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(f, directory / f.name)
+    return _LinkedWeights()
 
 
 def _replace(tmp: Path, final: Path) -> None:

@@ -375,13 +375,15 @@ def test_lora_under_zero3_matches_single_process(tmp_path, data, mode):
     from forge_qat.models import load_model
     from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
 
-    args = dict(max_steps=3, save_every=0, lora_rank=4, lora_qat=mode, finalize=DEFAULT_RECIPE)
+    args = dict(max_steps=3, save_every=2, lora_rank=4, lora_qat=mode, finalize=DEFAULT_RECIPE)
     launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, deepspeed_config=partition_everything(tmp_path),
                                               **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
-    ckpt = ckpt_io.checkpoint_dirs(tmp_path / "z")[-1][1]
+    ckpts = [p for _, p in ckpt_io.checkpoint_dirs(tmp_path / "z")]  # steps 2 and 3: the base written once
+    assert len(ckpts) == 2 and len({ckpt_io.weight_files(p)[0].stat().st_ino for p in ckpts}) == 1
+    ckpt = ckpts[-1]
     az, a1 = ckpt_io.read_adapters(ckpt), ckpt_io.read_adapters(ckpt_io.checkpoint_dirs(tmp_path / "s")[-1][1])
     assert az and set(az) == set(a1) and not any(lora.is_adapter(k) for k in _weights(tmp_path / "z"))
     for k in az:

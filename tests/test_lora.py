@@ -248,6 +248,58 @@ def test_a_lora_run_trains_adapters_only_and_saves_them_in_peft_layout(lora_runs
     assert len(config["target_modules"]) == 14
 
 
+def test_peft_loads_the_adapters_onto_the_base(lora_runs):
+    """`peft.PeftModel.from_pretrained(base, checkpoint/adapter)` computes what forge's float model with the
+    adapters merged computes (PEFT runs them beside the base: float rounding apart), and not the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    base = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    x = _ids(base)
+    with torch.no_grad():
+        base_logits = base(x).logits
+        with_peft = PeftModel.from_pretrained(base, ckpt / lora.ADAPTER_DIR).eval()
+        peft_logits = with_peft(x).logits
+    merged = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    cfg = lora.recorded_config(ckpt_io.read_checkpoint_meta(ckpt))
+    assert lora.merge_into(merged, ckpt_io.read_adapters(ckpt), cfg.scaling) == 14
+    with torch.no_grad():
+        want = merged(x).logits
+    torch.testing.assert_close(peft_logits, want, rtol=1e-4, atol=1e-4)
+    assert (peft_logits - base_logits).abs().max() > 100 * (peft_logits - want).abs().max()
+
+
+def test_checkpoints_of_a_lora_run_share_one_copy_of_the_frozen_base(lora_runs, tmp_path, data):
+    """Every checkpoint of a LoRA run links the first one's weight files (the base is frozen), stays a complete
+    model directory, and outlives the pruning of the checkpoint it links; a full-QAT run writes its own."""
+    from safetensors.torch import load_file
+
+    from forge_qat import checkpoint as ckpt_io
+
+    ckpts = [p for _, p in ckpt_io.checkpoint_dirs(lora_runs / "merged")]  # steps 2 and 4
+    assert len(ckpts) == 2
+    first, last = (ckpt_io.weight_files(p) for p in ckpts)
+    assert [f.name for f in first] == [f.name for f in last] == ["model.safetensors"]
+    assert first[0].stat().st_ino == last[0].stat().st_ino and last[0].stat().st_nlink == 2
+    adapters = [load_file(p / lora.ADAPTER_DIR / lora.PEFT_WEIGHTS) for p in ckpts]
+    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in between
+    _train(tmp_path / "r", data, max_steps=3, save_every=1)  # checkpoint 1 pruned after 3 is written
+    kept = [p for _, p in ckpt_io.checkpoint_dirs(tmp_path / "r")]
+    assert len(kept) == 2 and ckpt_io.weight_files(kept[0])[0].stat().st_nlink == 2
+    assert load_file(kept[1] / "model.safetensors").keys() == load_file(ckpts[0] / "model.safetensors").keys()
+    from conftest import micro_train_args
+
+    from forge_qat.config import TrainConfig
+    from forge_qat.train.trainer import run_training
+
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "full", data)))
+    full = [ckpt_io.weight_files(p)[0] for _, p in ckpt_io.checkpoint_dirs(tmp_path / "full")]
+    assert full[0].stat().st_ino != full[1].stat().st_ino and full[1].stat().st_nlink == 1
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_merged_lora_artifact_is_the_trained_model(lora_runs, tmp_path, streaming):
     from transformers import AutoModelForCausalLM

@@ -6,7 +6,7 @@ ZeRO, and nothing of the product (no checkpoint format, no teacher, no finalize)
 (`model_setup`) and the checkpoint writer (`forge_qat.checkpoint`) use them through the protocol only.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,14 +63,16 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def full_tensors(engine: Engine, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of `model`'s state dict (tied aliases once), one whole tensor at a time, as float32 on
-    the CPU (collective: every rank iterates to the end; only what rank 0 receives is meant to be kept)."""
+def full_tensors(engine: Engine, model: torch.nn.Module,
+                 only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `model`'s state dict (tied aliases once; `only`: those whose name it accepts, the
+    same on every rank), one whole tensor at a time, as float32 on the CPU (collective: every rank iterates
+    to the end; only what rank 0 receives is meant to be kept)."""
     params = dict(model.named_parameters())
     tied = tied_aliases(model)
     buffers = dict(model.named_buffers())
     for name in model.state_dict():
-        if name in tied:
+        if name in tied or (only is not None and not only(name)):
             continue
         if name in params:
             with engine.full_tensor(params[name]) as value:
