@@ -212,8 +212,73 @@ def test_report_to_tensorboard_writes_the_metrics_tensorboard_reads(tmp_path, te
     assert "train/lr" in events.Tags()["scalars"]
 
 
+def _train_reporting_to(tracker, out, text_file):
+    args = micro_train_args(out, text_file, eval_data=str(text_file), eval_every=2, report_to=tracker)
+    result = runner.invoke(app, ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_report_to_mlflow_logs_what_mlflow_reads_back(tmp_path, text_file, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses its file store otherwise
+    records = _train_reporting_to("mlflow", tmp_path / "run", text_file)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("forge").experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.params["model"] == "micro-llama" and run.data.params["max_steps"] == "4"
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == [r["step"] for r in records]
+    assert [m.value for m in loss] == pytest.approx([r["loss"] for r in records], rel=1e-12)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4]
+
+
+def test_report_to_trackio_logs_what_trackio_reads_back(tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    pytest.importorskip("trackio")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    records = _train_reporting_to("trackio", tmp_path / "run", text_file)
+    logs = SQLiteStorage.get_logs("forge", "run")
+    assert [row["step"] for row in logs] == [r["step"] for r in records]
+    assert [row["train/loss"] for row in logs] == pytest.approx([r["loss"] for r in records], rel=1e-12)
+    assert [row["step"] for row in logs if "eval/loss" in row] == [2, 4]
+
+
+def test_report_to_wandb_logs_each_step(tmp_path, text_file, monkeypatch):
+    pytest.importorskip("wandb")
+    from forge_qat.train import tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = {}
+    finish = tracking._Wandb.close
+
+    def close(self):  # the run's summary and config as wandb holds them, before it finishes
+        seen.update(summary=dict(self.run.summary), config=dict(self.run.config), dir=self.run.dir)
+        finish(self)
+
+    monkeypatch.setattr(tracking._Wandb, "close", close)
+    records = _train_reporting_to("wandb", tmp_path / "run", text_file)
+    assert seen["summary"]["train/loss"] == pytest.approx(records[-1]["loss"], rel=1e-12)
+    assert seen["summary"]["_step"] == records[-1]["step"] and seen["summary"]["eval/loss"] > 0
+    assert seen["config"]["max_steps"] == 4 and seen["dir"].startswith(str(tmp_path / "run" / "wandb"))
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, text_file, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    args = micro_train_args(tmp_path / "run", text_file, report_to="mlflow")
+    result = runner.invoke(app, ["train", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]])
+    assert result.exit_code == 2 and "--report-to mlflow could not start a run" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_report_to_rejects_unknown_trackers():
     from forge_qat.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="tensorboard"):
-        build_config(report_to="wandb")
+    with pytest.raises(ConfigError, match="tensorboard, mlflow, wandb, trackio"):
+        build_config(report_to="comet")

@@ -32,8 +32,9 @@ class RunConfig:
     eval_batches: int = option(8, "Micro-batches per eval measurement.")
     save_every: int = option(100, "Steps between checkpoints (the last step is always saved).")
     save_total_limit: int = option(2, "Checkpoints kept in output_dir (oldest removed first).")
-    report_to: str = option("none", "Experiment trackers that get each step's metrics (rank 0): none or "
-                                    "tensorboard (event files in OUTPUT_DIR/tensorboard).")
+    report_to: str = option("none", "Experiment trackers that get each step's metrics (rank 0), comma-separated: "
+                                    "none, tensorboard (OUTPUT_DIR/tensorboard), mlflow, wandb, trackio (each "
+                                    "needs its package; where runs go: README).")
     resume: bool = option(False, "Continue from the latest checkpoint in output_dir.", cli_only=True)
     overwrite: bool = option(False, "Replace an existing output_dir.", cli_only=True)
 

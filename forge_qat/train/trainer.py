@@ -103,8 +103,9 @@ class Trainer:
         if start >= self.cfg.optim.max_steps:
             raise ConfigError(f"{self.out} is already trained to step {start}; raise --max-steps to continue")
         self.observer and self.observer.on_start(self.cfg.optim.max_steps, start)
+        trackers = tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out, self.cfg.to_dict()) \
+            if self.main else None
         metrics = (self.out / ckpt_io.METRICS).open("a") if self.main else None
-        trackers = tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out) if self.main else None
         try:
             for step in range(start, self.cfg.optim.max_steps):
                 record = self.step(step)
