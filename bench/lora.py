@@ -8,7 +8,7 @@ the AdamW step. Variants:
   qat        full QAT: every weight trains (gradients and Adam state for all of them)
   merged     --lora-rank R, --lora-qat merged: q(W + s*BA) in every forward, W frozen
   separate   --lora-rank R, --lora-qat separate: fq(W) x + s*B(A x)
-  float      --lora-rank R without fake quantization (--qat-recipe none): float LoRA
+  float      --lora-rank R without fake quantization (--qat-recipe none): float LoRA (dense shape only)
 
 Each variant runs in its own process (rounds interleave the variants, so machine noise hits all alike):
 memory is that process's peak resident memory while training (VmHWM) above its resident memory once the
@@ -89,9 +89,11 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args)))
         return
     forwarded = [f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
-    results = {v: [] for v in VARIANTS}
+    # Float LoRA has no MoE variant: adapters on expert stacks run through the fake-quantized experts forward.
+    variants = VARIANTS if args.shape == "dense" else tuple(v for v in VARIANTS if v != "float")
+    results = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             out = subprocess.run([sys.executable, __file__, *forwarded, f"--variant={variant}"], check=True,
                                  capture_output=True, text=True).stdout
             results[variant].append(json.loads(out.strip().splitlines()[-1]))
