@@ -188,10 +188,8 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, st
         engine.barrier()
         engine.save_state(tmp, {"step": step, **rng_state(), **(trainer_state or {})})
         shared = engine.broadcast(str(frozen_base_source(output_dir, model, meta) or "") if main else None)
-        if shared:  # every rank skips the base's gathers alike
-            write_weights(tmp if main else None, engine, model, layout or Layout(), base_from=Path(shared))
-        else:
-            write_weights(tmp if main else None, engine, model, layout or Layout())
+        write_weights(tmp if main else None, engine, model, layout or Layout(),  # every rank skips alike
+                      base_from=Path(shared) if shared else None)
         if main:
             model.config.save_pretrained(tmp)
             if model.generation_config is not None:
@@ -220,13 +218,14 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
     tied = tied_aliases(model)
     names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
     writer = None
-    if directory is not None:
-        writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes) \
-            if base_from is None else _link_weight_files(base_from, directory)
+    if directory is not None and base_from is None:
+        writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes)
+    elif directory is not None:
+        _link_weight_files(base_from, directory)
     scales, adapters = {}, {}
     trained = None if base_from is None else (lambda n: is_learned_scale(n) or lora.is_adapter(n))
     for name, tensor in full_tensors(engine, model, only=trained):
-        if writer is None:
+        if directory is None:
             continue
         if is_learned_scale(name):
             scales[name] = tensor
@@ -235,12 +234,14 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
         else:
             for key, piece in layout.checkpoint_tensors(name, tensor):
                 writer.add(key, piece)
+    if directory is None:
+        return
     if writer is not None:
         writer.close()
-        if scales:
-            write_learned_scales(directory, scales)
-        if adapters:
-            write_adapters(directory, adapters)
+    if scales:
+        write_learned_scales(directory, scales)
+    if adapters:
+        write_adapters(directory, adapters)
 
 
 _WEIGHT_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
@@ -272,17 +273,7 @@ def frozen_base_source(output_dir: Path, model: torch.nn.Module, meta: dict[str,
     return previous
 
 
-class _LinkedWeights:
-    """Stands in for a `ShardWriter` when the weight files are links to another checkpoint's."""
-
-    def add(self, key: str, piece: torch.Tensor) -> None:
-        raise AssertionError(f"{key}: a checkpoint that links its base writes no base tensor")
-
-    def close(self) -> None:
-        pass
-
-
-def _link_weight_files(source: Path, directory: Path) -> _LinkedWeights:
+def _link_weight_files(source: Path, directory: Path) -> None:
     """Hard-link (else copy) `source`'s weight files into `directory`: each checkpoint stays a complete
     model directory that stock `from_pretrained` reads, pruning one checkpoint frees nothing another uses,
     and the disk holds the base once."""
@@ -291,7 +282,6 @@ def _link_weight_files(source: Path, directory: Path) -> _LinkedWeights:
             os.link(f, directory / f.name)
         except OSError:  # a file system without hard links
             shutil.copyfile(f, directory / f.name)
-    return _LinkedWeights()
 
 
 def _replace(tmp: Path, final: Path) -> None:
