@@ -283,7 +283,7 @@ def main() -> None:
         # as many steps as they took, and its PTQ.
         ref = [results.get(k) for k in (("ft-float", "ft-ptq") if name.startswith("ft-") else ("float-ft", "ptq-ft"))]
         recovered = ""
-        if all(ref) and "qat" in name:
+        if all(ref) and ("qat" in name or "lora" in name):
             gap = ref[1]["perplexity"] - ref[0]["perplexity"]
             recovered = f"{100 * (ref[1]['perplexity'] - r['perplexity']) / gap:.0f}%" if gap > 0 else "n/a"
         print(f"| {table[name]['label']} | {r['loss']:.4f} | {r['perplexity']:.3f} | {recovered} |")
