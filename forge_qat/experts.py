@@ -261,11 +261,8 @@ def _separate_pair(module: torch.nn.Module, name: str):
 
 def _trains_merged_lora(module: torch.nn.Module) -> bool:
     """Whether this forward trains merged-mode adapters of the module's stacks (grad on, adapters trainable)."""
-    if not torch.is_grad_enabled():
-        return False
     pairs = module._modules.get(LORA_ATTR)
-    return pairs is not None and any(p.enabled and p.mode == "merged" and p.lora_A.requires_grad
-                                     for p in pairs.values())
+    return pairs is not None and any(p.trains_merged() for p in pairs.values())
 
 
 def has_lora(module: torch.nn.Module) -> bool:

@@ -68,6 +68,11 @@ class LoraPair(torch.nn.Module):
         self.enabled = True
         """False: the layer computes without its adapters (the `self` distillation teacher is the base)."""
 
+    def trains_merged(self) -> bool:
+        """Whether this forward trains the pair in merged mode (grad on, adapters trainable): then the layer
+        (or experts module) recomputes q(W + s*BA) in backward instead of keeping it."""
+        return self.enabled and self.mode == "merged" and torch.is_grad_enabled() and self.lora_A.requires_grad
+
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
         """s * B @ A in `dtype` (the weight's): what merged mode adds to the weight, and finalize too."""
         return delta(self.lora_A, self.lora_B, self.scaling, dtype)
@@ -112,7 +117,7 @@ class LoraLinear:
         if not pair.enabled:
             return quantized_linear(self, x, self.weight)
         if pair.mode == "merged":
-            if torch.is_grad_enabled() and pair.lora_A.requires_grad:
+            if pair.trains_merged():
                 # Recomputed in backward: autograd would otherwise keep, per layer until backward, the merged
                 # weight's fake-quantized copy and the quantizer's masks, each the size of W (W itself is
                 # frozen). The recompute runs the same ops under the same autocast state, so values and
