@@ -69,6 +69,6 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
         out.mkdir(parents=True)
     write_weights(out if engine.rank == 0 else None, engine, models.student, models.layout, max_shard_bytes=50_000)
     engine.close()
-    sys.exit(0)
+    worker.exit_rank(0)
 
 worker.exit_rank(worker.main())

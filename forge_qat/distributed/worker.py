@@ -67,13 +67,18 @@ def _peer_failure(e: Exception) -> bool:
 
 
 def exit_rank(code: int) -> None:
-    """End the rank with `code`. After a failure the process group is still up: letting the interpreter
-    shut down with gloo's (or DeepSpeed's shared-memory) threads running aborts the process
-    ("terminate called without an active exception", SIGABRT), which would then be reported instead of
-    the rank's own error; and tearing the group down could wait on peers that are gone. So a failed rank
-    leaves at once, its message already written."""
-    if code == 0:
-        sys.exit(0)
+    """End the rank with `code`, without the interpreter's shutdown.
+
+    After a failure the process group is still up: shutting the interpreter down with gloo's (or DeepSpeed's
+    shared-memory) threads running aborts the process ("terminate called without an active exception",
+    SIGABRT), which would then be reported instead of the rank's own error, and tearing the group down could
+    wait on peers that are gone. A rank that succeeded has torn its group down (`ZeroEngine.close`), yet its
+    shutdown still aborted now and then the same way (one CI run in many: rank 1 of a 2-rank run, after the
+    checkpoint was written and both ranks had passed the closing barrier), and the launcher reported a
+    finished run as failed. So every rank leaves at once: its outputs are closed and renamed by then (files
+    are written under `with` blocks, trackers finished in the trainer), and the logging handlers and
+    standard streams are flushed here."""
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
