@@ -123,7 +123,11 @@ class _Trackio:
         self.run.log(values, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        import trackio
+
+        # The module-level finish, not the run's: it also forgets the run, which trackio's exit hook would
+        # otherwise finish a second time (printing "Run finished" again when the process ends).
+        trackio.finish()
 
 
 _CLASSES = {"tensorboard": _TensorBoard, "mlflow": _Mlflow, "wandb": _Wandb, "trackio": _Trackio}
