@@ -139,6 +139,10 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
                            "label": f"QAT + KD {loss}{' (temperature 2)' if loss == 'kd' else ''}, {teacher} teacher"}
     table["qat-defaults"] = {"train": {"qat_recipe": RECIPE},
                              "label": "QAT, shipped defaults"}
+    table["qat-defaults-absmax"] = {"train": {"qat_recipe": RECIPE, "qat_scale_init": "absmax"},
+                                    "label": "QAT, shipped defaults but scales starting at absmax"}
+    table["ptq-mse-ft"] = {"train": {"qat_recipe": "none"}, "ptq": "mse",
+                           "label": "PTQ of fine-tune, least-squared-error scales (the learned scales' start)"}
     table["qat-ls"] = {"train": shared, "label": "QAT, learnable scales at the weights' lr"}
     for scale_lr in scale_lrs:
         table[f"qat-ls-lr{scale_lr:g}"] = {"train": {**qat, "qat_learn_scales": True, "qat_scale_lr": scale_lr},
@@ -160,6 +164,10 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
     table["ft-qat"] = {"from": "float-ft", "train": qat, "label": "QAT (cross-entropy)" + cont}
     table["ft-qat-defaults"] = {"from": "float-ft", "train": {"qat_recipe": RECIPE},
                                 "label": "QAT, shipped defaults" + cont}
+    table["ft-qat-defaults-absmax"] = {"from": "float-ft", "train": {"qat_recipe": RECIPE, "qat_scale_init": "absmax"},
+                                       "label": "QAT, shipped defaults but scales starting at absmax" + cont}
+    table["ft-ptq-mse"] = {"from": "float-ft", "train": {"qat_recipe": "none"}, "ptq": "mse",
+                           "label": "PTQ of float, continued, least-squared-error scales" + cont}
     for loss in kd_losses:
         table[f"ft-qat-kd-{loss}"] = {
             "from": "float-ft", "train": {**qat, **_kd("float", loss)},
@@ -200,8 +208,8 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
     train = how["train"]
     if train is not None:
         settings = {k: recipe if v is RECIPE else budget["lr"] if v is SHARED_LR else v for k, v in train.items()}
-        run = work / {"ptq-ft": "float-ft", "ft-ptq": "ft-float"}.get(name, name)
-        reuse = name in ("ptq-ft", "ft-ptq") and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
+        run = work / FLOAT_RUN.get(name, name)
+        reuse = name in FLOAT_RUN and any(run.glob("checkpoint-*/forge_checkpoint.json"))  # the float run
         if not reuse:
             run_training(TrainConfig.from_flat(model=str(model), data=data[0], eval_data=None, output_dir=str(run),
                                                overwrite=True, save_every=0, save_total_limit=1,
@@ -209,11 +217,41 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
         source = run
         if settings["qat_recipe"] != "none":
             source = finalize(FinalizeRequest(source=run, dest=work / f"{name}-artifact", overwrite=True)).dest
+    if how.get("ptq") == "mse":
+        return _score_mse_start(resolve_checkpoint(source), recipe, data[1], budget["seq_len"], t0)
     if how.get("ptq"):
         source = finalize(FinalizeRequest(source=source, dest=work / f"{name}-artifact", ptq=recipe,
                                           overwrite=True)).dest
     result = evaluate_model(str(source), data[1], seq_len=budget["seq_len"])
     return {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens, "kind": result.kind,
+            "seconds": time.perf_counter() - t0}
+
+
+FLOAT_RUN = {"ptq-ft": "float-ft", "ptq-mse-ft": "float-ft", "ft-ptq": "ft-float", "ft-ptq-mse": "ft-float"}
+"""PTQ rows -> the float run they quantize (trained once, by whichever row comes first)."""
+
+
+def _score_mse_start(checkpoint: Path, recipe: str, data: str, seq_len: int, t0: float) -> dict:
+    """Held-out perplexity of `checkpoint` fake-quantized with the learned scales' default start and no
+    training: where the shipped-defaults QAT row starts. Scored on the fake-quant model, which computes what
+    its converted artifact computes (tests/test_learned_scales.py); the loop and batches of `forge eval`."""
+    import math
+
+    import torch
+
+    from forge_qat.data.store import open_token_store
+    from forge_qat.evaluate import mean_loss
+    from forge_qat.models import load_model
+    from forge_qat.prepare import LearnScales, prepare_qat
+    from forge_qat.recipes import get_recipe
+
+    model, tokenizer = load_model(str(checkpoint))
+    prepare_qat(model, get_recipe(recipe), learn=LearnScales(init="mse"))
+    model.eval()
+    with torch.no_grad():
+        loss, tokens = mean_loss(model, open_token_store(data, tokenizer, seq_len), batch_size=8,
+                                 device=torch.device("cpu"))
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "kind": "fake-quant (mse start)",
             "seconds": time.perf_counter() - t0}
 
 

@@ -200,14 +200,66 @@ class AffineFakeQuantizer(torch.nn.Module):
         return repr(self.spec)
 
 
-def initial_scale(weight: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
-    """The scales the dynamic quantizer would choose for `weight` now, in float32, shaped (*rows, groups):
-    the starting point of learned scales, so training starts exactly where plain QAT does."""
+ScaleInit = Literal["mse", "absmax"]
+"""Where learned scales start. absmax: the scales the dynamic quantizer chooses (the weight's largest magnitude
+on the grid's edge), so training starts where plain QAT does. mse: per group (per row for per-channel
+grids), the candidate `SCALE_SEARCH_FACTORS` x absmax whose quantized weights are nearest the float ones in
+squared error: clipping a few outliers buys a finer grid for the rest."""
+
+SCALE_SEARCH_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(21))
+"""Candidates of the mse start, as multiples of the absmax scale: 1.00 first (a tie keeps it; the start is
+never further from the weights than absmax's), down to 0.80. Nearer weights are not a better model before
+training (on bench/quality.py's fine-tuned SmolLM2 this start scores worse than absmax PTQ), but QAT from it
+ends better: the shipped-defaults rows recover 2-5 points more of the PTQ gap on three of six rows and as
+much on the rest (docs/benchmarks.md, "Where learned scales start")."""
+
+SEARCH_CHUNK_ELEMENTS = 1 << 24
+"""The mse search works on this many weight elements at a time (a few 64 MB float32 buffers), whatever the
+size of the weight or expert stack."""
+
+
+def initial_scale(weight: torch.Tensor, spec: AffineSpec, init: ScaleInit = "mse") -> torch.Tensor:
+    """Starting values of a weight's learned scales (see `ScaleInit`), in float32, shaped (*rows, groups).
+    Deterministic: every rank of a job that chooses them from the same weight gets the same values."""
     if not spec.symmetric:
         raise ValueError("learned scales are implemented for symmetric weight grids only")
+    if init not in ("mse", "absmax"):
+        raise ValueError(f"unknown scale init {init!r}")
     rows = weight.shape[:-1]
-    scale, _ = choose_qparams(_grouped(weight.detach(), spec), spec)
-    return scale.to(torch.float32).reshape(*rows, -1)
+    grouped = _grouped(weight.detach(), spec)
+    scale, _ = choose_qparams(grouped, spec)
+    scale = scale.to(torch.float32)
+    if init == "mse":
+        scale = _searched_scale(grouped, scale, spec)
+    return scale.reshape(*rows, -1)
+
+
+@torch.no_grad()
+def _searched_scale(grouped: torch.Tensor, absmax: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """Per row of `grouped`, the candidate multiple of `absmax` (float32, one per row) with the least squared
+    quantization error, the candidate applied as the learned forward applies it (rounded to the recipe's
+    scale dtype, values multiplied by the inverse scale) and returned as applied (on that dtype's grid, as
+    the absmax start is)."""
+    best = absmax.clone()
+    rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // grouped.shape[-1])
+    for start in range(0, grouped.shape[0], rows_per_chunk):
+        w = grouped[start:start + rows_per_chunk].to(torch.float32)
+        s0 = absmax[start:start + rows_per_chunk]
+        chosen = best[start:start + rows_per_chunk]
+        least = None
+        for factor in SCALE_SEARCH_FACTORS:
+            s = s0 * factor
+            applied = s.to(spec.scale_dtype) if spec.scale_dtype is not None else s
+            q = (w * (1.0 / applied)).round_().clamp_(spec.qmin, spec.qmax).mul_(applied)
+            s = applied.to(torch.float32)
+            err = q.sub_(w).square_().sum(-1, keepdim=True)
+            if least is None:
+                least = err
+                continue
+            better = err < least
+            least = torch.where(better, err, least)
+            chosen.copy_(torch.where(better, s, chosen))
+    return best
 
 
 class _LearnedFakeQuantize(torch.autograd.Function):

@@ -30,6 +30,7 @@ from forge_qat.fake_quant import (
     AffineSpec,
     IntegerGridFakeQuantizedLinear,
     LearnedScaleFakeQuantizer,
+    ScaleInit,
     initial_scale,
     is_learned_scale,
 )
@@ -126,7 +127,9 @@ class LearnScales:
 
     initial: Mapping[str, torch.Tensor] | None = None
     """Scales by parameter name (a checkpoint's, see `forge_qat.checkpoint.read_learned_scales`); None:
-    chosen from the weights as the dynamic quantizer would, so training starts where plain QAT does."""
+    chosen from the weights as `init` says."""
+    init: ScaleInit = "mse"
+    """How scales chosen from the weights start (`forge_qat.fake_quant.ScaleInit`)."""
     gather: Gather = field(default=lambda p: contextlib.nullcontext())
     """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer or stack at a time)."""
 
@@ -187,7 +190,7 @@ def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
             scale = learn.initial[name + SCALE_SUFFIX].to(site.weight.device)
         else:
             with learn.gather(site.weight):
-                scale = initial_scale(site.weight.data, quantizer.spec)
+                scale = initial_scale(site.weight.data, quantizer.spec, learn.init)
         site.holder.weight_fake_quantizer = LearnedScaleFakeQuantizer(quantizer.spec, scale)
 
 
@@ -236,18 +239,19 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
 
 
 def reinitialize_learned_scales(model: torch.nn.Module, full_tensor: Gather,
-                                set_full: Callable[[torch.nn.Parameter, torch.Tensor], None]) -> int:
-    """Set every learned scale to what the dynamic quantizer would choose for its weight now: where fake
-    quantization starts after float steps, the scales start from the weights of that step, as they start
-    from the initial weights otherwise. `full_tensor`/`set_full`: the engine's (collective: every rank runs
-    this, in the same order). Returns the number of weights (linear layers and expert stacks)."""
+                                set_full: Callable[[torch.nn.Parameter, torch.Tensor], None],
+                                init: ScaleInit = "mse") -> int:
+    """Choose every learned scale again (as `init` says) from its weight now: where fake quantization starts
+    after float steps, the scales start from the weights of that step, as they start from the initial
+    weights otherwise. `full_tensor`/`set_full`: the engine's (collective: every rank runs this, in the same
+    order). Returns the number of weights (linear layers and expert stacks)."""
     count = 0
     for site in _scale_sites(model).values():
         quantizer = site.holder.weight_fake_quantizer
         if not isinstance(quantizer, LearnedScaleFakeQuantizer):
             continue
         with full_tensor(site.weight) as weight:
-            value = initial_scale(weight.to(quantizer.scale.device), quantizer.spec)
+            value = initial_scale(weight.to(quantizer.scale.device), quantizer.spec, init)
         set_full(quantizer.scale, value.reshape(true_shape(quantizer.scale)))  # not a ZeRO-3 partition's shape
         count += 1
     return count

@@ -31,6 +31,9 @@ LINEAR_SWAPS: tuple[LinearSwap, ...] = (
 )
 
 
+SCALE_INITS = ("mse", "absmax")
+"""`--qat-scale-init` choices (`forge_qat.fake_quant.ScaleInit`, which imports torch)."""
+
 NO_RECIPE = "none"
 """`--qat-recipe none`: train in float."""
 
@@ -50,6 +53,9 @@ class QatConfig:
               "recipes (`forge recipes`).", resume_fixed=True)
     qat_scale_lr: float | None = option(None, "Peak learning rate of the learned scales (default: 1.75% of their "
                                               "median starting value).", resume_fixed=True)
+    qat_scale_init: str = option("mse", "Where learned scales start: 'mse' searches each group's scale for the "
+                                        "least squared error of its quantized weights (0.8-1x of absmax); "
+                                        "'absmax' starts where plain QAT does.", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
 
     def __post_init__(self) -> None:
@@ -72,6 +78,7 @@ class QatConfig:
         if self.qat_scale_lr is not None and not self.qat_learn_scales:
             raise ConfigError("--qat-scale-lr sets the learning rate of learned scales: remove "
                               "--no-qat-learn-scales")
+        one_of(self, "qat_scale_init", SCALE_INITS, "--qat-scale-init")
         if self.qat_learn_scales:
             self._check_learned_scales()
 

@@ -66,7 +66,7 @@ def test_bf16_scale_recipes_round_the_learned_scale_in_every_forward():
     assert spec.scale_dtype == torch.bfloat16
     torch.manual_seed(0)
     w = torch.randn(48, 96) * 0.05
-    start = initial_scale(w, spec)
+    start = initial_scale(w, spec, "absmax")
     assert torch.equal(start, start.bfloat16().float())  # the dynamic choice, already on the bf16 grid
     torch.testing.assert_close(LearnedScaleFakeQuantizer(spec, start)(w), AffineFakeQuantizer(spec)(w),
                                rtol=0, atol=0)
@@ -91,7 +91,7 @@ def test_bf16_scale_recipes_round_the_learned_scale_in_every_forward():
 def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_name):
     model, reference = _tiny(), _tiny()
     recipe = get_recipe(recipe_name)
-    prepare_qat(model, recipe, learn=LearnScales())
+    prepare_qat(model, recipe, learn=LearnScales(init="absmax"))
     prepare_qat(reference, recipe)
     x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)  # step 0 is plain QAT
@@ -104,6 +104,67 @@ def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_nam
         assert not torch.equal(fake, reference(x).logits)
         convert_qat(model, recipe)
         torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0)
+
+
+def _nearest_scale_reference(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """The mse start, group by group in plain Python: every candidate multiple of the absmax scale, rounded
+    to the recipe's scale dtype, quantized the learned forward's way; the first with the least error."""
+    from forge_qat.fake_quant import SCALE_SEARCH_FACTORS, LearnedScaleFakeQuantizer
+
+    absmax = initial_scale(w, spec, "absmax")
+    out = absmax.clone()
+    size = spec.group_size or w.shape[-1]
+    for r in range(w.shape[0]):
+        for g in range(absmax.shape[1]):
+            group = w[r:r + 1, g * size:(g + 1) * size]
+            errors = []
+            for f in SCALE_SEARCH_FACTORS:
+                s = absmax[r:r + 1, g:g + 1] * f
+                s = s.to(spec.scale_dtype).float() if spec.scale_dtype else s
+                errors.append((float((LearnedScaleFakeQuantizer(spec, s)(group).detach() - group).square().sum()), s))
+            out[r, g] = min(errors, key=lambda e: e[0])[1].item()  # min keeps the first of equal errors
+    return out
+
+
+@pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight",
+                                         "int8-dynamic-act-int4-weight-bf16-scales"])
+def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
+    """The default start of learned scales: per group (per row for int8's per-channel grid), the candidate
+    scale whose quantized weights are nearest the weights, on the recipe's scale grid, never further than
+    absmax's; the same when the search works through the weight in small chunks, and for a 3-D expert stack."""
+    import forge_qat.fake_quant as fq
+
+    model = _tiny()
+    prepare_qat(model, get_recipe(recipe_name), learn=LearnScales())
+    spec = model.model.layers[0].self_attn.q_proj.weight_fake_quantizer.spec
+    torch.manual_seed(0)
+    w = torch.randn(24, 64) * 0.05
+    w[3, 5], w[7, 40] = 0.6, -0.45  # outliers: clipping them buys the rest of the group a finer grid
+    start = initial_scale(w, spec)
+    torch.testing.assert_close(start, _nearest_scale_reference(w, spec), rtol=0, atol=0)
+    if spec.scale_dtype is not None:
+        assert torch.equal(start, start.to(spec.scale_dtype).float())
+
+    def error(scale):
+        size = spec.group_size or w.shape[-1]
+        q = LearnedScaleFakeQuantizer(spec, scale)(w).detach()
+        return (q - w).square().reshape(w.shape[0], -1, size).sum(-1)
+
+    absmax = initial_scale(w, spec, "absmax")
+    assert (error(start) <= error(absmax)).all()
+    if spec.bits == 4:  # on int8's 255 levels clipping rarely pays: there the start may be absmax throughout
+        assert (error(start) < error(absmax)).any() and not torch.equal(start, absmax)
+    monkeypatch.setattr(fq, "SEARCH_CHUNK_ELEMENTS", 100)  # one or two rows per chunk
+    torch.testing.assert_close(initial_scale(w, spec), start, rtol=0, atol=0)
+    stack = torch.stack([w, w.flip(0)])
+    torch.testing.assert_close(initial_scale(stack, spec), torch.stack([start, start.flip(0)]), rtol=0, atol=0)
+
+
+def test_scale_init_is_a_checked_option():
+    assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE).qat.qat_scale_init == "mse"
+    assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE, qat_scale_init="absmax").qat.qat_scale_init == "absmax"
+    with pytest.raises(ConfigError, match="--qat-scale-init.*'mse', 'absmax'|--qat-scale-init.*mse.*absmax"):
+        TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE, qat_scale_init="minmax")
 
 
 def test_recipes_and_models_learned_scales_cannot_serve_are_refused():

@@ -260,7 +260,8 @@ class Trainer:
     def _start_scales_again(self, step: int) -> None:
         """Delayed fake quantization starts: the learned scales are chosen from this step's weights."""
         student, engine = self.models.student, self.engine
-        layers = reinitialize_learned_scales(student, engine.full_tensor, engine.set_full_tensor)
+        layers = reinitialize_learned_scales(student, engine.full_tensor, engine.set_full_tensor,
+                                             self.cfg.qat.qat_scale_init)
         self.scale_watch = ScaleWatch.begin(student, engine.full_tensor)
         if self.main:
             log.info("fake quantization starts: learned scales of %d layers chosen from the weights of step %d",

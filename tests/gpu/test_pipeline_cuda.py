@@ -98,3 +98,25 @@ def test_zero3_on_two_gpus_matches_one_process_and_finalizes_three_ways(tmp_path
     finalize(FinalizeRequest(source=ckpt / "deepspeed", dest=tmp_path / "zero"))
     assert_same_artifact(tmp_path / "hf", tmp_path / "zero")
     assert_same_artifact(tmp_path / "hf", tmp_path / "two" / "run" / f"final-{recipe}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mse_scale_start_on_cuda_is_as_near_as_on_cpu(dtype):
+    """The learned scales' default start computed on the GPU, from a bf16 weight as DeepSpeed holds it too:
+    on the GPU, on the recipe's bf16 scale grid, and as near the weights as the CPU's choice (a sum may
+    round differently and break a near tie the other way; the error may not be worse)."""
+    from forge_qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale
+
+    spec = get_recipe("int8-dynamic-act-int4-weight-bf16-scales").fake_quant.weight
+    torch.manual_seed(0)
+    w = (torch.randn(512, 1024) * 0.05).to(dtype)
+    cuda, cpu = initial_scale(w.cuda(), spec), initial_scale(w, spec)
+    assert cuda.device.type == "cuda" and cuda.dtype == torch.float32
+    assert torch.equal(cuda, cuda.bfloat16().float())
+
+    def error(scale):
+        q = LearnedScaleFakeQuantizer(spec, scale.cpu())(w.float()).detach()
+        return float((q - w.float()).square().sum())
+
+    assert (cuda.cpu() == cpu).float().mean() > 0.99
+    assert error(cuda) <= error(cpu) * (1 + 1e-5)
