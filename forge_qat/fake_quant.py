@@ -12,6 +12,7 @@ straight-through backward, which reproduces torchao's gradient exactly:
 ``grad_x = ((grad * scale) * in_range) * (1 / scale)``.
 """
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -223,7 +224,7 @@ def initial_scale(weight: torch.Tensor, spec: AffineSpec, init: ScaleInit = "mse
     Deterministic: every rank of a job that chooses them from the same weight gets the same values."""
     if not spec.symmetric:
         raise ValueError("learned scales are implemented for symmetric weight grids only")
-    if init not in ("mse", "absmax"):
+    if init not in typing.get_args(ScaleInit):
         raise ValueError(f"unknown scale init {init!r}")
     rows = weight.shape[:-1]
     grouped = _grouped(weight.detach(), spec)
@@ -248,17 +249,17 @@ def _searched_scale(grouped: torch.Tensor, absmax: torch.Tensor, spec: AffineSpe
         chosen = best[start:start + rows_per_chunk]
         least = None
         for factor in SCALE_SEARCH_FACTORS:
-            s = s0 * factor
-            applied = s.to(spec.scale_dtype) if spec.scale_dtype is not None else s
+            applied = s0 * factor
+            if spec.scale_dtype is not None:
+                applied = applied.to(spec.scale_dtype)
             q = (w * (1.0 / applied)).round_().clamp_(spec.qmin, spec.qmax).mul_(applied)
-            s = applied.to(torch.float32)
             err = q.sub_(w).square_().sum(-1, keepdim=True)
             if least is None:
                 least = err
                 continue
             better = err < least
             least = torch.where(better, err, least)
-            chosen.copy_(torch.where(better, s, chosen))
+            chosen.copy_(torch.where(better, applied.to(torch.float32), chosen))
     return best
 
 

@@ -161,6 +161,12 @@ def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
 
 
 def test_scale_init_is_a_checked_option():
+    import typing
+
+    from forge_qat.fake_quant import ScaleInit
+    from forge_qat.qat_config import SCALE_INITS
+
+    assert SCALE_INITS == typing.get_args(ScaleInit)  # the torch-free copy the config checks against
     assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE).qat.qat_scale_init == "mse"
     assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE, qat_scale_init="absmax").qat.qat_scale_init == "absmax"
     with pytest.raises(ConfigError, match="--qat-scale-init.*'mse', 'absmax'|--qat-scale-init.*mse.*absmax"):
