@@ -197,6 +197,10 @@ RECIPE, SHARED_LR = object(), object()
 """Placeholders in row settings: the recipe and the learning rate of the run."""
 
 
+FLOAT_RUN = {"ptq-ft": "float-ft", "ptq-mse-ft": "float-ft", "ft-ptq": "ft-float", "ft-ptq-mse": "ft-float"}
+"""PTQ rows -> the float run they quantize (trained once, by whichever row comes first)."""
+
+
 def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe: str,
             data: tuple[str, str]) -> dict:
     t0 = time.perf_counter()
@@ -225,10 +229,6 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
     result = evaluate_model(str(source), data[1], seq_len=budget["seq_len"])
     return {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens, "kind": result.kind,
             "seconds": time.perf_counter() - t0}
-
-
-FLOAT_RUN = {"ptq-ft": "float-ft", "ptq-mse-ft": "float-ft", "ft-ptq": "ft-float", "ft-ptq-mse": "ft-float"}
-"""PTQ rows -> the float run they quantize (trained once, by whichever row comes first)."""
 
 
 def _score_mse_start(checkpoint: Path, recipe: str, data: str, seq_len: int, t0: float) -> dict:

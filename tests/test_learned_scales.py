@@ -169,7 +169,7 @@ def test_scale_init_is_a_checked_option():
     assert SCALE_INITS == typing.get_args(ScaleInit)  # the torch-free copy the config checks against
     assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE).qat.qat_scale_init == "mse"
     assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE, qat_scale_init="absmax").qat.qat_scale_init == "absmax"
-    with pytest.raises(ConfigError, match="--qat-scale-init.*'mse', 'absmax'|--qat-scale-init.*mse.*absmax"):
+    with pytest.raises(ConfigError, match="--qat-scale-init.*mse.*absmax"):
         TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE, qat_scale_init="minmax")
 
 

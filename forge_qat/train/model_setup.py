@@ -24,9 +24,6 @@ from forge_qat.train.engine import Engine
 
 log = logging.getLogger(__name__)
 
-SCALE_START = {"mse": "the least-squared-error scale of each group (--qat-scale-init mse)",
-               "absmax": "the dynamic (absmax) scales (--qat-scale-init absmax)"}
-
 
 @dataclass
 class TrainingModels:
@@ -81,8 +78,8 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
                 # scales are stored in bf16 too, as torchao's dynamic scales of bf16 weights are.
                 for p in scales.values():
                     p.data = p.data.to(engine.param_dtype)
-            log.info("learned weight scales: %d parameters in %d layers, starting from %s", sum(
-                p.numel() for p in scales.values()), len(scales), SCALE_START[cfg.qat.qat_scale_init])
+            log.info("learned weight scales: %d parameters in %d layers, started by --qat-scale-init %s",
+                     sum(p.numel() for p in scales.values()), len(scales), cfg.qat.qat_scale_init)
         log.info("fake quantization: %s", coverage.describe())
     elif cfg.qat.fp8_recipe:
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
