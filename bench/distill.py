@@ -4,7 +4,7 @@ Variants on the same model and batch, interleaved round by round so machine nois
   qat         cross-entropy on the fake-quantized student (int8-dynamic-act-int4-weight)
   kd-float    + KL to a frozen float copy of the starting model (--kd-teacher float)
   kd-self     + KL to the student with fake quantization off (--kd-teacher self: no copy, one more forward)
-Step = forward(s) and backward through forge_qat.distill's objective, fp32. Memory: the peak resident
+Step = forward(s) and backward through forge_qat.distill.objective's objective, fp32. Memory: the peak resident
 memory of one step above the resident memory before it (VmHWM after a reset, bench/memory.py), and the
 teacher copy's bytes.
 
@@ -31,9 +31,9 @@ from memory import peak_rss_bytes, reset_peak, rss_bytes  # noqa: E402
 from train_step import smollm_shape  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from forge_qat.distill import Distillation, LanguageModelLoss  # noqa: E402
-from forge_qat.prepare import prepare_qat  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from forge_qat.distill.objective import Distillation, LanguageModelLoss  # noqa: E402
+from forge_qat.qat.prepare import prepare_qat  # noqa: E402
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe  # noqa: E402
 
 
 def main() -> None:

@@ -38,9 +38,11 @@ hf_logging.disable_progress_bar()
 for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm"):
     logging.getLogger(n).setLevel(logging.ERROR)
 from pathlib import Path
-from forge_qat.finalize import FinalizeRequest, finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.finalize.convert import finalize
+from forge_qat.qat.registry import get_recipe
 t = time.perf_counter()
-r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=sys.argv[3]))
+r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=get_recipe(sys.argv[3])))
 rss_mb = peak_rss_bytes() / 1e6
 print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb,
                   "artifact_bytes": r.artifact_bytes, "float_bytes": r.float_bytes, "converted": r.converted}))
@@ -76,7 +78,7 @@ def linear_2048(recipes: list[str], rounds: int) -> dict[str, float]:
 
     from torchao.quantization import quantize_
 
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.registry import get_recipe
 
     torch.manual_seed(0)
     base = torch.nn.Linear(2048, 2048, bias=False)
@@ -110,7 +112,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from forge_qat.recipes import RECIPES
+    from forge_qat.qat.registry import RECIPES
 
     hf_logging.disable_progress_bar()
 

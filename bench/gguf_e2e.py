@@ -62,10 +62,10 @@ def fake_quant_loss(model_dir: Path, recipe: str, store, batches: int, batch_siz
                     activations: bool = True) -> float:
     """The float model prepared with `recipe`: the numerics QAT trains (with `activations=False`, the weights'
     grid with float activations)."""
-    from forge_qat.evaluate import mean_loss
+    from forge_qat.eval.loop import mean_loss
     from forge_qat.models import load_model
-    from forge_qat.prepare import prepare_qat, set_activation_fake_quant_enabled
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import prepare_qat, set_activation_fake_quant_enabled
+    from forge_qat.qat.registry import get_recipe
 
     model, _ = load_model(str(model_dir))
     prepare_qat(model.eval(), get_recipe(recipe))
@@ -107,13 +107,15 @@ WORKDIR = Path.home() / ".cache" / "forge_qat" / "bench-gguf"
 
 def smollm2_artifact(workdir: Path, recipe: str = RECIPE) -> tuple[Path, Path]:
     """SmolLM2-135M-Instruct as an HF directory and its artifact with `recipe` (both made once in `workdir`)."""
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.qat.registry import get_recipe
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = smollm2_dir(workdir)
     artifact = workdir / f"smollm2-ptq-{recipe}"
     if not (artifact / "forge_artifact.json").is_file():
-        finalize(FinalizeRequest(source=model, dest=artifact, ptq=recipe, overwrite=True))
+        finalize(FinalizeRequest(source=model, dest=artifact, ptq=get_recipe(recipe), overwrite=True))
     return model, artifact
 
 
@@ -129,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from forge_qat.data.store import open_token_store
-    from forge_qat.evaluate import evaluate_model
+    from forge_qat.eval.models import evaluate_model
     from forge_qat.export.gguf import export_gguf
     from forge_qat.models import load_tokenizer
 

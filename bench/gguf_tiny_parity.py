@@ -53,12 +53,14 @@ def compare(root: Path, model_type: str, seed: int, ids: list[int]) -> float:
     from transformers import AutoModelForCausalLM
 
     from forge_qat.export.gguf import export_gguf
-    from forge_qat.finalize import FinalizeRequest, finalize
-    from forge_qat.prepare import prepare_qat
-    from forge_qat.recipes import get_recipe
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.registry import get_recipe
 
     src = _model(root / f"{model_type}-{seed}", model_type, seed)
-    art = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{seed}-artifact", ptq=RECIPE)).dest
+    art = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{seed}-artifact",
+                                   ptq=get_recipe(RECIPE))).dest
     add = gguf.SpecialVocab.add_to_gguf
 
     def with_a_merge(self, writer, quiet=False):

@@ -8,7 +8,7 @@ above the resident memory before it (VmHWM after a reset, bench/memory.py).
 
   dense  the SmolLM2-135M shape (hidden 576, intermediate 1536), --layers deep
   moe    a Qwen3-MoE of the same width: 16 experts of intermediate 256, top-4, --layers deep; training runs
-         transformers' grouped_mm kernel on whole fake-quantized stacks (forge_qat/experts.py)
+         transformers' grouped_mm kernel on whole fake-quantized stacks (forge_qat/qat/experts.py)
 
     python bench/learned_scales.py                          # both shapes, 4 layers, batch 4x256, 5 rounds
     python bench/learned_scales.py --shapes moe --rounds 2  # quick look
@@ -33,8 +33,8 @@ from memory import peak_rss_bytes, reset_peak, rss_bytes  # noqa: E402
 from train_step import smollm_shape  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from forge_qat.prepare import LearnScales, learned_scales, prepare_qat  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from forge_qat.qat.prepare import LearnScales, learned_scales, prepare_qat  # noqa: E402
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe  # noqa: E402
 
 VARIANTS = ("qat", "learned")
 

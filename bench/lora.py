@@ -40,10 +40,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     from learned_scales import build
     from memory import peak_rss_bytes, reset_peak, rss_bytes
 
-    from forge_qat import lora
-    from forge_qat.coverage import plan
-    from forge_qat.prepare import LearnScales, prepare_qat
-    from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+    from forge_qat.lora import adapters as lora
+    from forge_qat.qat.coverage import plan
+    from forge_qat.qat.prepare import LearnScales, prepare_qat
+    from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -73,8 +73,8 @@ def bench_load(args, results: dict) -> None:
 def bench_step(args, results: dict) -> None:
     import torch
 
-    from forge_qat.prepare import prepare_qat
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.registry import get_recipe
 
     base = build(args.layers)
     variants = {"float": None, "qat-int8-int4": "int8-dynamic-act-int4-weight",

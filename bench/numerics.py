@@ -1,7 +1,7 @@
 """The numerics figures quoted in docs/design.md, reproduced in one run.
 
 1. torch.aminmax vs separate amin + amax on the row shapes fake quantization reduces over
-   (why forge_qat.fake_quant uses two reductions).
+   (why forge_qat.qat.fake_quant uses two reductions).
 2. int8 x int8 fake quantization vs the converted Int8Tensor model: scaling before the matmul
    (F.linear(fq(x), fq(w)), "naive") against forge's integer-grid linear, as a fraction of the
    float-vs-converted gap (target < 5%), plus the naive single-layer rounding difference.
@@ -20,10 +20,11 @@ quiet_libraries()
 
 from torchao.quantization.qat import FakeQuantizedLinear  # noqa: E402
 
-from forge_qat.fake_quant import IntegerGridFakeQuantizedLinear  # noqa: E402
 from forge_qat.models import preset_model  # noqa: E402
-from forge_qat.prepare import convert_qat, prepare_qat  # noqa: E402
-from forge_qat.recipes import get_recipe  # noqa: E402
+from forge_qat.qat.convert import convert_qat  # noqa: E402
+from forge_qat.qat.fake_quant import IntegerGridFakeQuantizedLinear  # noqa: E402
+from forge_qat.qat.prepare import prepare_qat  # noqa: E402
+from forge_qat.qat.registry import get_recipe  # noqa: E402
 
 RECIPE = "int8-dynamic-act-int8-weight"
 

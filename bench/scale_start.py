@@ -2,7 +2,7 @@
 scales' start and no training, for the absmax start and the mse start over several search ranges; and
 the time the search takes on the whole model, one thread.
 
-The mse start (`forge_qat.fake_quant.SCALE_SEARCH_FACTORS`) tries 1.00, 0.99, ... down to a lowest
+The mse start (`forge_qat.qat.fake_quant.SCALE_SEARCH_FACTORS`) tries 1.00, 0.99, ... down to a lowest
 multiple of the absmax scale; `--lows` sets that lowest multiple for each scored row (0.8 is the shipped
 one). CHECKPOINT: a float checkpoint (e.g. a bench/quality.py float-ft run, kept under its workdir); the
 default is SmolLM2-135M-Instruct as bench/quality.py prepares it. Scored on bench/quality.py's wide held-out
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from quality import smollm2_dir, wide_split
 
-import forge_qat.fake_quant as fq
-from forge_qat.checkpoint import resolve_checkpoint
+import forge_qat.qat.fake_quant as fq
 from forge_qat.data.store import open_token_store
-from forge_qat.evaluate import mean_loss
+from forge_qat.eval.loop import mean_loss
+from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.models import load_model
-from forge_qat.prepare import LearnScales, prepare_qat
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+from forge_qat.qat.prepare import LearnScales, prepare_qat
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe
 
 
 def prepared(path: str, recipe: str, init: str) -> tuple[torch.nn.Module, object, float]:

@@ -27,9 +27,11 @@ from pathlib import Path
 from memory import peak_rss_bytes, reset_peak, rss_bytes
 from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
-from forge_qat.finalize import FinalizeRequest, finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.finalize.convert import finalize
+from forge_qat.qat.registry import get_recipe
 def run(src, dest):
-    return finalize(FinalizeRequest(source=Path(src), dest=Path(dest), ptq="int8-dynamic-act-int4-weight",
+    return finalize(FinalizeRequest(source=Path(src), dest=Path(dest), ptq=get_recipe("int8-dynamic-act-int4-weight"),
                                     streaming=sys.argv[3] == "1", max_shard_bytes=int(sys.argv[6])))
 run(sys.argv[4], sys.argv[2] + "-warmup")
 reset_peak(); before = rss_bytes(); t = time.perf_counter()

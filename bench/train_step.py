@@ -3,7 +3,7 @@
 Variants, interleaved round by round so machine noise hits all of them alike:
   float              no fake quantization
   torchao-qat        QATConfig(base, step="prepare") with torchao's own fake quantizers
-  forge-qat          forge_qat.prepare.prepare_qat (fused quantizers; same numerics, see tests)
+  forge-qat          forge_qat.qat.prepare.prepare_qat (fused quantizers; same numerics, see tests)
   forge-int8-int8    the int8-dynamic-act-int8-weight recipe (integer-grid matmul in fp32)
 
     python bench/train_step.py                      # SmolLM2-135M shape, 30 layers, batch 4x256, bf16
@@ -26,9 +26,9 @@ from torchao.quantization import quantize_  # noqa: E402
 from torchao.quantization.qat import QATConfig  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from forge_qat.coverage import plan  # noqa: E402
-from forge_qat.prepare import prepare_qat  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from forge_qat.qat.coverage import plan  # noqa: E402
+from forge_qat.qat.prepare import prepare_qat  # noqa: E402
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe  # noqa: E402
 
 
 def smollm_shape(layers: int) -> LlamaConfig:

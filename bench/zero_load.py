@@ -80,12 +80,12 @@ def rank_main(mode: str, model_dir: str, result_dir: str) -> None:
 def measure_loads(model_dir: Path, tmp: Path) -> dict:
     """Both loaders on 2 ranks, each rank in its own process: {mode: [rank 0 result, rank 1 result]}."""
     from forge_qat.config import TrainConfig
-    from forge_qat.distributed.launch import launch
+    from forge_qat.train.entry import launch_training
 
     results = {}
     for mode in ("streamed", "from_pretrained"):
         # the launcher appends the config path; rank_main ignores it
-        launch(TrainConfig.from_flat(nproc=2, zero_stage=3),
+        launch_training(TrainConfig.from_flat(nproc=2, zero_stage=3),
                worker=[sys.executable, __file__, "--rank-mode", mode, str(model_dir), str(tmp)])
         results[mode] = [json.loads((tmp / f"{mode}-{r}.json").read_text()) for r in range(2)]
     return results
@@ -116,8 +116,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from forge_qat.config import TrainConfig
-    from forge_qat.distributed.launch import launch
     from forge_qat.models import byte_tokenizer
+    from forge_qat.train.entry import launch_training
 
     results = {"config": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +134,7 @@ def main() -> None:
 
         for nproc in (1, 2):
             out = tmp / f"train-{nproc}"
-            launch(TrainConfig.from_flat(nproc=nproc, zero_stage=3, model="tiny-llama", batch_size=8 // nproc,
+            launch_training(TrainConfig.from_flat(nproc=nproc, zero_stage=3, model="tiny-llama", batch_size=8 // nproc,
                                          max_steps=15, eval_data="none", save_every=0, output_dir=str(out),
                                          precision="fp32"))
             times = [json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
@@ -22,8 +23,10 @@ from rich.padding import Padding  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from forge_qat import config as config_mod  # noqa: E402
+from forge_qat.config_fields import parse_size  # noqa: E402
 from forge_qat.errors import ConfigError, ForgeError, choices_message  # noqa: E402
-from forge_qat.recipes import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, recipe_names  # noqa: E402
+from forge_qat.qat.registry import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, Recipe, get_recipe, recipe_names  # noqa: E402
+from forge_qat.resources import run_config_path  # noqa: E402
 
 
 class _Command(typer.core.TyperCommand):
@@ -70,16 +73,20 @@ def _fail(e: ForgeError) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
-def _check_recipes(*names: str | None) -> None:
-    """Recipe names given on the command line, checked before a command imports torch (a typo fails fast)."""
-    from forge_qat.recipes import get_recipe
-
+@contextmanager
+def _reported():
+    """A library error inside the block ends the command: its one line on stderr, its class's exit code."""
     try:
-        for name in names:
-            if name is not None:
-                get_recipe(name)
+        yield
     except ForgeError as e:
         raise _fail(e) from None
+
+
+def _recipe(name: str | None) -> "Recipe | None":
+    """A recipe named on the command line, resolved once, here at the edge, before a command imports torch (a
+    typo fails fast); the library takes the `Recipe`."""
+    with _reported():
+        return None if name is None else get_recipe(name)
 
 
 # ---- forge recipes ------------------------------------------------------------------------------
@@ -135,17 +142,14 @@ def init(
              "were edited since.")] = False,
 ):
     """Create a ready-to-run project from a Jinja template."""
-    from forge_qat.recipes import get_recipe
     from forge_qat.templates import render_project
 
-    try:
-        get_recipe(recipe)
+    _recipe(recipe)
+    with _reported():
         files = render_project(directory, template, {
             "project_name": directory.name, "recipe": recipe, "model": model, "data": data,
             "eval_data": eval_data, "output_dir": "runs/" + recipe,
         }, overwrite=overwrite, force=force)
-    except ForgeError as e:
-        raise _fail(e) from None
     for f in files:
         console.print(f"wrote {f}")
 
@@ -153,54 +157,23 @@ def init(
 # ---- forge train --------------------------------------------------------------------------------
 
 def _observer():
-    from forge_qat.progress import RichTrainObserver
+    from forge_qat.train.progress import RichTrainObserver
 
     return RichTrainObserver(err_console)
 
 
-def _config_path(value: str | None) -> Path | None:
-    """A YAML path, or the name of a run config shipped in recipes/."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    from forge_qat.resources import data_dir
-
-    shipped = data_dir("recipes") / f"{value}.yaml"
-    if shipped.is_file():
-        return shipped
-    from forge_qat.errors import InputError, choices_message
-
-    names = sorted(p.stem for p in data_dir("recipes").glob("*.yaml"))
-    raise InputError(f"config {value} is not a file; " + choices_message("shipped config", value, names))
-
-
 def _train_command(config: str | None = None, **flags: Any) -> None:
     console_logging(err_console)  # building the config warns (e.g. warmup >= max steps)
-    try:
-        cfg = config_mod.build_config(_config_path(config), **flags)  # before torch is imported: errors are fast
-    except ForgeError as e:
-        raise _fail(e) from None
-    from forge_qat.train.trainer import run_training
+    with _reported():  # before torch is imported: configuration errors are fast
+        cfg = config_mod.build_config(run_config_path(config) if config else None, **flags)
+    from forge_qat.train.entry import train_or_launch
 
     _setup_logging()
-    try:
-        if cfg.distributed.uses_deepspeed:
-            from forge_qat.distributed.launch import RankFailedError, launch, launched_by_a_launcher
-
-            if not launched_by_a_launcher():
-                try:
-                    launch(cfg)
-                except RankFailedError as e:
-                    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-                    raise typer.Exit(e.exit_code) from None
-                console.print(f"all {cfg.distributed.nproc} rank(s) finished; checkpoints in "
-                              f"{cfg.run.output_dir}")
-                return
-        result = run_training(cfg, _observer())
-    except ForgeError as e:
-        raise _fail(e) from None
+    with _reported():  # a failed rank is a ForgeError too: its own message and exit code
+        result = train_or_launch(cfg, _observer())
+    if result is None:
+        console.print(f"all {cfg.distributed.nproc} rank(s) finished; checkpoints in {cfg.run.output_dir}")
+        return
     eval_part = f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else ""
     console.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}{eval_part}; "
                   f"checkpoint {result.checkpoint}")
@@ -214,7 +187,7 @@ HELP_PANELS = {"run": "Model, output and checkpoints", "data": "Data", "qat": "Q
 
 def _train_signature() -> inspect.Signature:
     """One typer option per TrainConfig field; None means 'not given' so YAML values survive."""
-    from forge_qat.qat_config import LINEAR_SWAPS
+    from forge_qat.qat.config import LINEAR_SWAPS
 
     params = [inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                 annotation=Annotated[str | None, typer.Argument(
@@ -252,21 +225,6 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
-def _parse_size(text: str) -> int:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            try:
-                value = float(t[: -len(unit)]) * factor
-            except ValueError:
-                break
-            if math.isfinite(value) and value >= 1:
-                return int(value)
-            break
-    raise ConfigError(f"--max-shard-size {text!r} is not a positive finite size; write it like 500MB or 2GB")
-
-
 def print_finalize_report(report) -> None:
     verb = "would convert" if report.dry_run else "converted"
     coverage = report.coverage
@@ -282,7 +240,7 @@ def print_finalize_report(report) -> None:
                   f"({ratio:.2f}x), format {report.format}")
     if not report.dry_run:
         console.print(f"format reason: {report.format_reason}")
-        from forge_qat.recipes import RECIPES
+        from forge_qat.qat.registry import RECIPES
 
         recipe = RECIPES.get(report.recipe)
         layout = (" (torchao's unpacked layout: each value in an int8 byte, plus scales; `forge export` packs "
@@ -324,16 +282,17 @@ def finalize_command(
     """Convert a checkpoint to a low-bit torchao artifact.
 
     Real low-bit tensors, written so that stock transformers loads them."""
-    _check_recipes(qat_convert, ptq)
-    from forge_qat.finalize import FinalizeRequest, finalize
+    convert_with, ptq_with = _recipe(qat_convert), _recipe(ptq)
+    with _reported():
+        shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
     _setup_logging()
-    try:
-        report = finalize(FinalizeRequest(source=source, dest=dest, qat_convert=qat_convert, ptq=ptq, fmt=format,
-                                          dry_run=dry_run, overwrite=overwrite, streaming=streaming,
-                                          max_shard_bytes=_parse_size(max_shard_size)))
-    except ForgeError as e:
-        raise _fail(e) from None
+    with _reported():
+        report = finalize(FinalizeRequest(source=source, dest=dest, qat_convert=convert_with, ptq=ptq_with,
+                                          fmt=format, dry_run=dry_run, overwrite=overwrite, streaming=streaming,
+                                          max_shard_bytes=shard_bytes))
     _emit(as_json, report.to_dict(), lambda: print_finalize_report(report))
 
 
@@ -345,14 +304,12 @@ def _data_command(**flags: Any) -> None:
 
     _setup_logging()
     as_json = flags.pop("as_json")
-    try:
+    with _reported():
         cfg = config_mod.TrainConfig.from_flat(**{k: v for k, v in flags.items() if v is not None})
         tokenizer, _ = load_model_tokenizer(cfg.run.model)
         data = cfg.data
         store = open_token_store(data.train_data, tokenizer, data.seq_len,
                                  data.options(progress=_observer().on_data_progress))
-    except ForgeError as e:
-        raise _fail(e) from None
     meta = store.meta
     row = {"data": data.train_data, "cache": str(store.directory), "built": store.built,
            "documents": store.documents, "tokens": store.total_tokens, "learned_tokens": meta["learned_tokens"],
@@ -415,29 +372,23 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ):
     """Perplexity of one or more models on held-out text."""
-    from forge_qat.recipes import get_recipe
-
-    try:
+    with _reported():
         for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if packing not in ("documents", "causal"):
             raise ConfigError(choices_message("packing", packing, ["documents", "causal"]))
-        recipe = get_recipe(fake_quant) if fake_quant else None
-    except ForgeError as e:
-        raise _fail(e) from None
+    recipe = _recipe(fake_quant)
     from forge_qat.data.build import DataOptions
     from forge_qat.data.encode import ChatOptions
-    from forge_qat.evaluate import evaluate_model
+    from forge_qat.eval.models import evaluate_model
 
     _setup_logging()
-    try:
+    with _reported():
         options = DataOptions(chat=ChatOptions(chat_column, chat_loss))
         results = [evaluate_model(m, data, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
                                   fake_quant=recipe, data_options=options, packing=packing).to_dict()
                    for m in models]
-    except ForgeError as e:
-        raise _fail(e) from None
     _emit(as_json, results, lambda: console.print(_results_table(results, f"eval on {data}")))
 
 
@@ -468,16 +419,15 @@ def compare_command(
     """Float vs PTQ vs QAT-converted: what QAT recovers.
 
     Evaluates the three and reports the share of the PTQ degradation the QAT artifact wins back."""
-    from forge_qat.evaluate import compare, plot_loss_curves
+    from forge_qat.eval.compare import compare
+    from forge_qat.eval.plot import plot_loss_curves
 
     _setup_logging()
-    try:
+    with _reported():
         comparison = compare(float_model, ptq_model, qat_model, data)
         if plot:
             plot_loss_curves({p.name: p for p in runs or []}, plot, finals=comparison.finals(),
                              summary=comparison.summary())
-    except ForgeError as e:
-        raise _fail(e) from None
     _emit(as_json, comparison.to_dict(), lambda: print_comparison(comparison))
     if plot and not as_json:
         console.print(f"wrote {plot}")
@@ -510,9 +460,9 @@ def export_command(
 
     if to not in EXPORT_FORMATS:
         raise _fail(ConfigError(choices_message("export format", to, list(EXPORT_FORMATS))))
-    _check_recipes(recipe)
+    convert_with = _recipe(recipe)
     _setup_logging()
-    try:
+    with _reported():
         try:
             if to == "gguf":
                 from forge_qat.export.gguf import export_gguf as export
@@ -522,44 +472,12 @@ def export_command(
                 options = {"max_seq_len": max_seq_len}
         except ImportError as e:
             raise HardwareError(f"{to} export needs {e.name}: pip install 'forge-qat[export]'") from None
-        with _artifact_of(source, recipe, output) as artifact:
+        from forge_qat.export.source import artifact_of
+
+        with artifact_of(source, convert_with, output) as artifact:
             report = export(artifact, output, overwrite=overwrite, **options)
-    except ForgeError as e:
-        raise _fail(e) from None
     printer = _print_export if to == "gguf" else _print_pte
     _emit(as_json, report.to_dict(), lambda: printer(report))
-
-
-def _artifact_of(source: Path, recipe: str | None, output: Path):
-    """`source` itself when it is an artifact; else finalized with `recipe` into a temporary directory beside
-    `output`, removed afterwards."""
-    import contextlib
-    import os
-    import shutil
-
-    from forge_qat.errors import InputError
-    from forge_qat.models import is_quantized_artifact
-
-    if is_quantized_artifact(source):
-        if recipe:
-            raise ConfigError(f"{source} is already an artifact; --recipe converts float checkpoints")
-        return contextlib.nullcontext(source)
-    if not recipe:
-        raise InputError(f"{source} is not a finalized artifact; give one (forge finalize) or add --recipe to "
-                         f"convert this checkpoint on the way")
-
-    @contextlib.contextmanager
-    def converted():
-        from forge_qat.finalize import FinalizeRequest, finalize
-
-        tmp = output.with_name(f".{output.name}.artifact-{os.getpid()}")
-        try:
-            finalize(FinalizeRequest(source=source, dest=tmp, qat_convert=recipe, streaming=True, overwrite=True))
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return converted()
 
 
 def _print_pte(report) -> None:
@@ -600,16 +518,14 @@ def demo(
     Trains float and QAT, finalizes both, compares them. No downloads."""
     if steps < 1:
         raise _fail(ConfigError(f"--steps must be at least 1, got {steps}"))
-    _check_recipes(recipe)
+    demo_recipe = _recipe(recipe)
     from forge_qat.demo import run_demo
 
     _setup_logging()
-    try:
-        result = run_demo(output_dir, recipe=recipe, steps=steps, qat_steps=qat_steps, seed=seed,
+    with _reported():
+        result = run_demo(output_dir, recipe=demo_recipe, steps=steps, qat_steps=qat_steps, seed=seed,
                           observer=lambda stage: _observer(),
                           on_stage=lambda s: console.print(f"[bold cyan]{s}"))
-    except ForgeError as e:
-        raise _fail(e) from None
     for report in (result.ptq_report, result.qat_report):
         print_finalize_report(report)
     print_comparison(result.comparison)

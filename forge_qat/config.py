@@ -1,7 +1,7 @@
 """The run configuration of `forge train`: one section per feature, one flat name per option.
 
-Each feature owns its section and validates it (`train.config.RunConfig`/`OptimConfig`, `data.config.DataConfig`,
-`qat_config.QatConfig`, `lora_config.LoraConfig`, `distill_config.DistillConfig`,
+Each feature owns its section, `<feature>/config.py`, and validates it (`train.config.RunConfig`/`OptimConfig`,
+`data.config.DataConfig`, `qat.config.QatConfig`, `lora.config.LoraConfig`, `distill.config.DistillConfig`,
 `distributed.config.DistributedConfig`; none imports torch, so the CLI's help needs none); a rule that spans two
 sections lives with the feature that needs it (`DistillConfig.check_with`). Users see flat names only: the
 CLI builds one `--kebab-case` option per field, YAML files and recorded run configs use the snake_case
@@ -10,7 +10,6 @@ metadata (`resume_fixed`), read by `resume_fixed_names`.
 """
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass
@@ -20,12 +19,13 @@ from typing import Any, Literal
 import yaml
 
 from forge_qat.data.config import DataConfig
-from forge_qat.distill_config import DistillConfig
+from forge_qat.distill.config import DistillConfig
 from forge_qat.distributed.config import DistributedConfig
 from forge_qat.errors import ConfigError, InputError, choices_message
-from forge_qat.lora_config import LoraConfig
-from forge_qat.qat_config import QatConfig
-from forge_qat.train.config import RUN_MARKER, OptimConfig, RunConfig
+from forge_qat.formats.run_dir import RunRecord
+from forge_qat.lora.config import LoraConfig
+from forge_qat.qat.config import QatConfig
+from forge_qat.train.config import OptimConfig, RunConfig
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "qat": QatConfig, "lora": LoraConfig,
                              "distill": DistillConfig, "optim": OptimConfig, "distributed": DistributedConfig}
@@ -68,7 +68,7 @@ class Option:
 
 OPTIONS: dict[str, Option] = {
     f.metadata.get("flat", f.name): Option(f.metadata.get("flat", f.name), section, f)
-    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.init  # init=False: derived, not options
 }
 
 
@@ -157,19 +157,12 @@ def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> Train
     output directory, so `forge train --resume --output-dir RUN` needs nothing else."""
     values = load_yaml(yaml_path) if yaml_path else {}
     if overrides.get("resume") and not yaml_path:
-        values = recorded_config(Path(overrides.get("output_dir") or OPTIONS["output_dir"].default))
+        values = resumed_options(Path(overrides.get("output_dir") or OPTIONS["output_dir"].default))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_flat(**values)
 
 
-def recorded_config(output_dir: Path) -> dict[str, Any]:
-    """The config a run directory was started with (minus the one-off flags)."""
-    marker = output_dir / RUN_MARKER
-    if not marker.is_file():
-        raise InputError(f"--resume: {output_dir} is not a forge run directory (no {RUN_MARKER})")
-    try:
-        recorded = json.loads(marker.read_text()).get("config", {})
-    except (ValueError, AttributeError):
-        raise InputError(f"--resume: {marker} is corrupt; pass the run's options (or a YAML config) explicitly "
-                         f"along with --resume") from None
+def resumed_options(output_dir: Path) -> dict[str, Any]:
+    """The options a run directory was started with (`forge_run.json`, minus the one-off flags)."""
+    recorded = RunRecord.read(output_dir).config
     return {k: v for k, v in recorded.items() if k in OPTIONS and not OPTIONS[k].cli_only}

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, OutputExistsError
-from forge_qat.evaluate import Comparison, compare, plot_loss_curves
-from forge_qat.finalize import FinalizeReport, FinalizeRequest, finalize
-from forge_qat.prepare import check_convert_hardware
-from forge_qat.recipes import DEMO_RECIPE, get_recipe
+from forge_qat.eval.compare import Comparison, compare
+from forge_qat.eval.plot import plot_loss_curves
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.finalize.report import FinalizeReport
+from forge_qat.qat.registry import DEMO_RECIPE, Recipe, get_recipe
 from forge_qat.train.trainer import TrainObserver, run_training
 
 DEMO_MARKER = "forge_demo.json"
@@ -44,25 +46,27 @@ def _claim(root: Path) -> None:
     root.mkdir(parents=True)
 
 
-def run_demo(root: Path, *, recipe: str = DEMO_RECIPE, steps: int = 300, qat_steps: int = 100, seed: int = 0,
+def run_demo(root: Path, *, recipe: Recipe | None = None, steps: int = 300, qat_steps: int = 100, seed: int = 0,
              observer: Callable[[str], TrainObserver | None] = lambda stage: None,
              on_stage: Callable[[str], None] = lambda stage: None) -> DemoResult:
-    check_convert_hardware(get_recipe(recipe))  # the demo finalizes: fail before training, not after
+    """`recipe`: the QAT recipe (default: the registry's `DEMO_RECIPE`)."""
+    recipe = recipe or get_recipe(DEMO_RECIPE)
+    recipe.check_convert_hardware()  # the demo finalizes: fail before training, not after
     if not 0 < qat_steps <= steps:
         raise ConfigError(f"--qat-steps must be between 1 and --steps ({steps}), got {qat_steps}")
     _claim(root)
     common = dict(max_steps=steps, eval_data=EVAL_DATA, eval_every=max(steps // 6, 1), save_every=0, seed=seed)
-    (root / DEMO_MARKER).write_text(json.dumps({"recipe": recipe, "steps": steps, "qat_steps": qat_steps,
+    (root / DEMO_MARKER).write_text(json.dumps({"recipe": recipe.name, "steps": steps, "qat_steps": qat_steps,
                                                 "seed": seed}))
 
     on_stage(f"1/4 float training, {steps} steps")
     run_training(TrainConfig.from_flat(output_dir=str(root / "float"), qat_recipe="none", **common), observer("float"))
-    on_stage(f"2/4 QAT training: float for {steps - qat_steps} steps, then {recipe} for {qat_steps}")
-    run_training(TrainConfig.from_flat(output_dir=str(root / "qat"), qat_recipe=recipe,
+    on_stage(f"2/4 QAT training: float for {steps - qat_steps} steps, then {recipe.name} for {qat_steps}")
+    run_training(TrainConfig.from_flat(output_dir=str(root / "qat"), qat_recipe=recipe.name,
                              fake_quant_after_steps=steps - qat_steps, **common), observer("qat"))
     on_stage("3/4 finalize: PTQ of the float run, convert of the QAT run")
-    ptq = finalize(FinalizeRequest(source=root / "float", dest=root / f"float-ptq-{recipe}", ptq=recipe))
-    qat = finalize(FinalizeRequest(source=root / "qat", dest=root / f"qat-{recipe}"))
+    ptq = finalize(FinalizeRequest(source=root / "float", dest=root / f"float-ptq-{recipe.name}", ptq=recipe))
+    qat = finalize(FinalizeRequest(source=root / "qat", dest=root / f"qat-{recipe.name}"))
     on_stage("4/4 evaluate on held-out text")
     comparison = compare(str(root / "float"), str(ptq.dest), str(qat.dest), EVAL_DATA)
     plot = plot_loss_curves({"float": root / "float", "QAT": root / "qat"}, root / "loss_curves.png",

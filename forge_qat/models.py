@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from forge_qat.errors import InputError, choices_message
-from forge_qat.weights import TensorReader
+from forge_qat.formats.weights import TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ModelSource:
 def open_model_source(spec: str, seed: int = 0, *, reads: bool = True) -> ModelSource:
     """Config and tokenizer of `spec`, and with `reads` a reader over its starting weights (a preset's are
     made from `seed`; a directory's are read from its safetensors shards one tensor at a time)."""
-    from forge_qat.weights import SafetensorsReader, StateDictSource
+    from forge_qat.formats.weights import SafetensorsReader, StateDictSource
 
     if spec in PRESETS:
         # Every rank builds the same config and tokenizer; the reading rank keeps the (tiny) seeded weights,
@@ -182,7 +182,7 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                          f"runs); use safetensors weights") from None
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         if isinstance(e, SafetensorError):
-            from forge_qat.weights import SafetensorsReader
+            from forge_qat.formats.weights import SafetensorsReader
 
             SafetensorsReader.from_dir(path)  # names the broken shard when its header is what is broken
         raise InputError(f"cannot load model from {path} (a truncated or corrupt weights file?): "

@@ -6,6 +6,8 @@ they are the repository's top-level folders. Called by the CLI and the template 
 
 from pathlib import Path
 
+from forge_qat.errors import InputError, choices_message
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -15,3 +17,15 @@ def data_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"forge_qat's {name}/ folder is missing from this installation ({_PACKAGE})")
+
+
+def run_config_path(value: str) -> Path:
+    """A YAML path as given, or the name of a run config shipped in recipes/ (`forge train smollm2-135m-qat`)."""
+    path = Path(value)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = data_dir("recipes") / f"{value}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in data_dir("recipes").glob("*.yaml"))
+    raise InputError(f"config {value} is not a file; " + choices_message("shipped config", value, names))

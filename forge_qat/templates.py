@@ -14,7 +14,7 @@ from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from forge_qat.errors import ConfigError, OutputExistsError, choices_message
-from forge_qat.recipes import DEFAULT_RECIPE, RECIPES
+from forge_qat.qat.registry import DEFAULT_RECIPE, RECIPES
 from forge_qat.resources import data_dir
 
 SUFFIX = ".j2"

@@ -1,5 +1,6 @@
-"""The shape of the code, checked: no import cycle (function-local and type-only imports included), the
-distributed package free of product code, and the training code in short functions."""
+"""The shape of the code, checked: no import cycle (function-local and type-only imports included), imports that
+go down the layers of the pipeline, the distributed package and the file formats free of product code through
+any path, and the training code in short functions."""
 
 import ast
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_the_import_graph_reads_function_local_and_type_only_imports():
     assert _cycle(graph) == ["a", "b", "a"]
     modules = _modules()
     trainer = _imports(PACKAGE / "train" / "trainer.py", modules)
-    assert {"forge_qat.checkpoint", "forge_qat.train", "forge_qat.distributed.zero"} <= trainer  # one is local
+    assert {"forge_qat.formats.checkpoint", "forge_qat.train", "forge_qat.distributed.zero"} <= trainer  # one is local
 
 
 def test_no_import_cycle():
@@ -86,14 +87,94 @@ def test_no_import_cycle():
     assert cycle is None, " -> ".join(cycle)
 
 
-def test_distributed_imports_no_product_code():
-    """The distributed package runs engines and launches ranks; checkpoint formats, finalize, distillation and
-    eval belong to the features that own them."""
-    product = {"forge_qat.checkpoint", "forge_qat.finalize", "forge_qat.stream_convert", "forge_qat.artifact",
-               "forge_qat.distill", "forge_qat.evaluate"}
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("forge_qat", "forge_qat.errors", "forge_qat.hardware", "forge_qat.logs", "forge_qat.resources",
+     "forge_qat.torchao_compat", "forge_qat.config_fields"),  # the base every stage uses
+    ("forge_qat.formats", "forge_qat.models"),  # on-disk contracts, model loading
+    ("forge_qat.qat",),  # registry, numerics, prepare, convert
+    ("forge_qat.lora",),
+    ("forge_qat.distill", "forge_qat.data"),
+    ("forge_qat.distributed",),  # engines and launching
+    ("forge_qat.finalize", "forge_qat.eval"),
+    ("forge_qat.export",),
+    ("forge_qat.config", "forge_qat.train"),  # the composed run config, and the loop that runs it
+    ("forge_qat.demo", "forge_qat.templates", "forge_qat.cli"),
+)
+"""Lowest first: a module imports its own layer or lower ones. The one kind of arrow allowed upwards is config
+composition: a config section (`<feature>.config`, plain option dataclasses importing no torch), which the
+metadata a format records is read back into."""
+
+
+def _layer(module: str) -> int:
+    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer of tests/test_architecture.py: place it"
+    return max(matches)[1]
+
+
+def _is_config_section(module: str) -> bool:
+    return module.endswith(".config") and module != "forge_qat.config"
+
+
+def _upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_imports_go_down_the_layers_but_for_config_sections():
+    """Every forge_qat module is placed in a layer, and no import climbs back up except into a config section."""
     graph = _graph()
-    wrong = {m: sorted(graph[m] & product) for m in graph
-             if m.startswith("forge_qat.distributed") and graph[m] & product}
+    sections = [(m, t) for m, t in _upward_arrows(graph)
+                if _is_config_section(t) or f"{t}.config" in graph[m]]  # the section, or its package's __init__
+    wrong = [f"{m} -> {t}" for m, t in _upward_arrows(graph) if (m, t) not in sections]
+    assert not wrong, wrong
+    assert {m for m, _ in sections} <= {"forge_qat.formats.checkpoint", "forge_qat.formats.adapters"}, sections
+
+
+def test_the_layer_check_can_fail():
+    graph = {"forge_qat.formats.weights": {"forge_qat.train.trainer"}, "forge_qat.train.trainer": set()}
+    assert _upward_arrows(graph) == [("forge_qat.formats.weights", "forge_qat.train.trainer")]
+    graph = {"a": {"b"}, "b": {"c"}, "c": set()}
+    assert _reach(graph, "a") == {"b", "c"}
+
+
+PRODUCT = ("forge_qat.formats.checkpoint", "forge_qat.formats.run_dir", "forge_qat.formats.artifact",
+           "forge_qat.formats.artifact_meta", "forge_qat.formats.adapters", "forge_qat.finalize", "forge_qat.eval",
+           "forge_qat.export", "forge_qat.train", "forge_qat.distill", "forge_qat.config", "forge_qat.cli",
+           "forge_qat.demo")
+"""What distributed/ must not reach: forge's own file formats, finalize, eval, export, training, distillation."""
+
+
+def test_distributed_reaches_no_product_code_through_any_path():
+    """The distributed package runs engines and launches ranks (its worker runs an entry module named on its
+    command line); checkpoint formats, finalize, distillation and eval belong to the features that own them."""
+    graph = _graph()
+    wrong = {m: sorted(t for t in _reach(graph, m) if _within(t, PRODUCT))
+             for m in graph if m.startswith("forge_qat.distributed")}
+    wrong = {m: found for m, found in wrong.items() if found}
+    assert not wrong, wrong
+
+
+def test_formats_reach_no_training_code():
+    """The on-disk contracts are read by finalize, eval and export without the trainer: formats/ reaches no
+    train/ module (and no distributed, finalize or eval one) through any path."""
+    graph = _graph()
+    banned = ("forge_qat.train", "forge_qat.distributed", "forge_qat.finalize", "forge_qat.eval", "forge_qat.config")
+    wrong = {m: sorted(t for t in _reach(graph, m) if _within(t, banned) and not _is_config_section(t))
+             for m in graph if m.startswith("forge_qat.formats")}
+    wrong = {m: found for m, found in wrong.items() if found}
     assert not wrong, wrong
 
 

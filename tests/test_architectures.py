@@ -6,7 +6,8 @@ import torch
 from conftest import micro_train_args
 
 from forge_qat.config import TrainConfig
-from forge_qat.finalize import FinalizeRequest, finalize
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
 from forge_qat.train.trainer import run_training
 
 DENSE = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3"]

@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from forge_qat.cli import app
 from forge_qat.config import build_config
-from forge_qat.evaluate import Comparison, EvalResult, _sequence_losses
-from forge_qat.progress import PLAIN_EVERY_S, PLAIN_LINES, RichTrainObserver
+from forge_qat.eval.compare import Comparison
+from forge_qat.eval.loop import _sequence_losses
+from forge_qat.eval.models import EvalResult
+from forge_qat.train.progress import PLAIN_EVERY_S, PLAIN_LINES, RichTrainObserver
 
 runner = CliRunner()
 

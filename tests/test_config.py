@@ -4,7 +4,7 @@ import pytest
 
 from forge_qat.config import TrainConfig, build_config, load_yaml
 from forge_qat.errors import ConfigError, InputError
-from forge_qat.recipes import DEFAULT_RECIPE
+from forge_qat.qat.registry import DEFAULT_RECIPE
 
 
 def test_defaults_are_the_embedded_demo():

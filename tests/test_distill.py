@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from forge_qat.data.encode import IGNORE_INDEX
-from forge_qat.distill import KD_LOSSES, kd_loss
-from forge_qat.distill_config import KD_LOSS_NAMES
+from forge_qat.distill.config import KD_LOSS_NAMES
+from forge_qat.distill.objective import KD_LOSSES, kd_loss
+from forge_qat.formats.run_dir import checkpoint_dirs
 
 V = 11
 
@@ -88,10 +89,10 @@ def test_identical_logits_cost_nothing_and_unknown_names_are_refused():
 def test_self_teacher_is_the_fake_quant_off_forward_and_a_frozen_teacher_never_changes():
     import copy
 
-    from forge_qat.distill import Distillation
+    from forge_qat.distill.objective import Distillation
     from forge_qat.models import preset_model
-    from forge_qat.prepare import prepare_qat, set_fake_quant_enabled
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import prepare_qat, set_fake_quant_enabled
+    from forge_qat.qat.registry import get_recipe
 
     model, _ = preset_model("micro-llama")
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
@@ -156,7 +157,6 @@ def test_distillation_under_gradient_checkpointing_trains_the_same(tmp_path, tex
     from conftest import micro_train_args
     from safetensors.torch import load_file
 
-    from forge_qat import checkpoint as ckpt_io
     from forge_qat.config import TrainConfig
     from forge_qat.train.trainer import run_training
 
@@ -166,7 +166,7 @@ def test_distillation_under_gradient_checkpointing_trains_the_same(tmp_path, tex
         run_training(TrainConfig.from_flat(**micro_train_args(out, text_file, max_steps=3, save_every=0, kd_weight=0.5,
                                                     kd_loss="kl", kd_teacher=teacher, gradient_checkpointing=gc)))
         runs[gc] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
-                    load_file(ckpt_io.checkpoint_dirs(out)[-1][1] / "model.safetensors"))
+                    load_file(checkpoint_dirs(out)[-1][1] / "model.safetensors"))
     (plain, w_plain), (checkpointed, w_ckpt) = runs[False], runs[True]
     for a, b in zip(plain, checkpointed, strict=True):
         for key in ("loss", "lm_loss", "kd_loss"):

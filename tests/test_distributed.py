@@ -11,10 +11,13 @@ import torch
 from conftest import micro_train_args, partition_everything
 from safetensors.torch import load_file
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
-from forge_qat.distributed.launch import RankFailedError, check_nproc, launch
+from forge_qat.distributed.launch import RankFailedError, check_nproc
 from forge_qat.errors import ConfigError
+from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.adapters import read_adapters
+from forge_qat.formats.run_dir import METRICS, checkpoint_dirs
+from forge_qat.train.entry import launch_training
 from forge_qat.train.trainer import run_training
 
 WORKER = [sys.executable, str(Path(__file__).parent / "zero_worker.py")]
@@ -30,7 +33,7 @@ def _metrics(run_dir):
 
 
 def _weights(run_dir):
-    return load_file(ckpt_io.checkpoint_dirs(run_dir)[-1][1] / "model.safetensors")
+    return load_file(checkpoint_dirs(run_dir)[-1][1] / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,8 @@ def test_streamed_load_and_consolidation_are_bit_identical(tmp_path, data, pretr
     path, reference = pretrained
     out = tmp_path / "consolidated"
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(out))
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(path), qat_recipe="none")), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(path), qat_recipe="none")),
+                    worker=WORKER)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     got = {k: v for f in shards for k, v in load_file(f).items()}
@@ -80,7 +84,7 @@ def test_streamed_load_names_missing_keys(tmp_path, data, pretrained, monkeypatc
     next(broken.glob("model-00001-*.safetensors")).unlink()
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(tmp_path / "never"))
     with pytest.raises(RankFailedError, match="missing"):
-        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(broken), qat_recipe="none")),
+        launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, model=str(broken), qat_recipe="none")),
                worker=WORKER)
 
 
@@ -98,7 +102,7 @@ def test_zero3_training_matches_single_process(tmp_path, data, recipe):
     """Same global batch and seed: 2 ranks x batch 2 under ZeRO-3 vs 1 process x batch 4."""
     args = dict(max_steps=4, save_every=0, grad_accum=2, qat_recipe=recipe, eval_data=str(data), eval_every=2,
                 eval_batches=2)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     zero, single = _metrics(tmp_path / "z"), _metrics(tmp_path / "s")
     assert [r["step"] for r in zero] == [1, 2, 3, 4]
@@ -114,7 +118,7 @@ def test_zero3_training_matches_single_process(tmp_path, data, recipe):
     assert set(wz) == set(ws) - {"lm_head.weight"}
     for k in wz:
         torch.testing.assert_close(wz[k], ws[k], rtol=0, atol=1e-5 if recipe == "none" else 2e-3)
-    meta = json.loads((ckpt_io.checkpoint_dirs(tmp_path / "z")[-1][1] / "forge_checkpoint.json").read_text())
+    meta = json.loads((checkpoint_dirs(tmp_path / "z")[-1][1] / "forge_checkpoint.json").read_text())
     assert meta["world_size"] == 2 and meta["qat_recipe"] == (None if recipe == "none" else recipe)
 
 
@@ -125,7 +129,7 @@ def test_distillation_under_zero3_matches_single_process(tmp_path, data, teacher
     batch, loss and both parts. The float teacher must stay the starting model: by step 3 the student
     has moved, and a teacher that moved with it would give another KD loss."""
     args = dict(max_steps=3, save_every=0, kd_weight=0.5, kd_loss="kl", kd_teacher=teacher)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     zero, single = _metrics(tmp_path / "z"), _metrics(tmp_path / "s")
     for a, b in zip(zero, single, strict=True):
@@ -144,22 +148,23 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data, recipe,
     recipe's linear multiplies with its scales itself (not through its quantizer's forward, for which
     DeepSpeed would gather them): the engine registers them as the linear's external parameters. Default
     recipe without delay: with MoE experts in tests/test_distributed_moe.py."""
-    from forge_qat.finalize import sample_batch
+    from forge_qat.finalize.convert import sample_batch
     from forge_qat.models import load_model
-    from forge_qat.prepare import LearnScales, prepare_qat
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import LearnScales, prepare_qat
+    from forge_qat.qat.registry import get_recipe
 
     # int8 per-row scales are ~1e-3: at the preset's lr (1e-3) Adam would move them by their own size per step
     args = dict(max_steps=3, save_every=0, qat_learn_scales=True, qat_recipe=recipe, finalize=recipe,
                 fake_quant_after_steps=delay, qat_scale_lr=1e-5 if "int8-weight" in recipe else None)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, deepspeed_config=partition_everything(tmp_path),
-                                              **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data,
+                                                       deepspeed_config=partition_everything(tmp_path), **args)),
+                    worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
-    ckpt = ckpt_io.checkpoint_dirs(tmp_path / "z")[-1][1]
+    ckpt = checkpoint_dirs(tmp_path / "z")[-1][1]
     sz = ckpt_io.read_learned_scales(ckpt)
-    ss = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "s")[-1][1])
+    ss = ckpt_io.read_learned_scales(checkpoint_dirs(tmp_path / "s")[-1][1])
     assert sz and set(sz) == set(ss) and not set(sz) & set(_weights(tmp_path / "z"))
     # Adam's first updates move every element by about lr whatever its gradient's size: an element whose gradient
     # is ~0 may move either way under the all-reduce's different summation order (seen with `delay`, once the
@@ -179,19 +184,19 @@ def test_learned_scales_under_zero3_match_single_process(tmp_path, data, recipe,
 
 def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data, monkeypatch):
     args = dict(max_steps=4, save_every=2)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "a", data, **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "a", data, **args)), worker=WORKER)
 
     monkeypatch.setenv("FORGE_TEST_FAIL", "1:2")  # rank 1 dies drawing step 3's batch
     t0 = time.monotonic()
     with pytest.raises(RankFailedError) as e:
-        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, **args)), worker=WORKER)
+        launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, **args)), worker=WORKER)
     assert e.value.rank == 1 and e.value.exit_code != 0
     assert "injected failure at micro-batch 2" in str(e.value)
     assert time.monotonic() - t0 < 90, "the surviving rank must not wait for the collective timeout"
-    assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "b")] == [2]
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "b")] == [2]
 
     monkeypatch.delenv("FORGE_TEST_FAIL")
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, resume=True, **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "b", data, resume=True, **args)), worker=WORKER)
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
@@ -202,18 +207,40 @@ def test_rank_failure_ends_job_then_resume_continues_identically(tmp_path, data,
 def test_a_rank_that_cannot_see_the_run_directory_stops_the_job_before_training(tmp_path, data, monkeypatch):
     monkeypatch.setenv("FORGE_TEST_BLIND_RANK", "1")
     with pytest.raises(RankFailedError, match=r"rank\(s\) \[1\] cannot see the run directory"):
-        launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
-    assert not (tmp_path / "z" / ckpt_io.METRICS).exists() or not _metrics(tmp_path / "z")
+        launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+    assert not (tmp_path / "z" / METRICS).exists() or not _metrics(tmp_path / "z")
 
 
 def test_checkpoint_from_other_world_size_refuses_to_resume(tmp_path, data):
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "r", data, max_steps=2)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "r", data, max_steps=2)), worker=WORKER)
     with pytest.raises(ConfigError, match="2 process"):
         run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", data, max_steps=4, resume=True)))
 
 
+def test_a_run_started_with_only_a_deepspeed_config_resumes(tmp_path, data):
+    """`--deepspeed-config` without `--zero-stage` records zero_stage 0. Whether a run used DeepSpeed is a recorded
+    fact of its checkpoints (older ones derive it from both options, as the run config does), so `--resume` with
+    the recorded configuration continues it; it used to be refused as a change of engine."""
+    from forge_qat.config import build_config
+
+    args = _zero_args(tmp_path / "d", data, max_steps=2, save_every=1)
+    del args["zero_stage"]
+    launch_training(TrainConfig.from_flat(**args, deepspeed_config=partition_everything(tmp_path)), worker=WORKER)
+    meta_file = checkpoint_dirs(tmp_path / "d")[-1][1] / "forge_checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["uses_deepspeed"] is True and meta["train_config"]["zero_stage"] == 0
+    launch_training(build_config(resume=True, output_dir=str(tmp_path / "d"), max_steps=3), worker=WORKER)
+
+    meta_file = checkpoint_dirs(tmp_path / "d")[-1][1] / "forge_checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["uses_deepspeed"]  # as a checkpoint written before the fact was recorded
+    meta_file.write_text(json.dumps(meta))
+    launch_training(build_config(resume=True, output_dir=str(tmp_path / "d"), max_steps=4), worker=WORKER)
+    assert [r["step"] for r in _metrics(tmp_path / "d")] == [1, 2, 3, 4]
+
+
 def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, data):
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "g", data, max_steps=3, gradient_checkpointing=True,
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "g", data, max_steps=3, gradient_checkpointing=True,
                                     freeze_embeddings=True)), worker=WORKER)
     from forge_qat.models import preset_model
 
@@ -289,14 +316,15 @@ def test_torchrun_launches_forge_train(tmp_path, data):
                            "--standalone", "-m", "forge_qat.cli", "train", *flags],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    meta = json.loads((ckpt_io.checkpoint_dirs(tmp_path / "t")[-1][1] / "forge_checkpoint.json").read_text())
+    meta = json.loads((checkpoint_dirs(tmp_path / "t")[-1][1] / "forge_checkpoint.json").read_text())
     assert meta["world_size"] == 2 and meta["precision"] == "bf16"
 
 
 def test_finalize_reads_a_zero3_checkpoint(tmp_path, data):
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, max_steps=2)), worker=WORKER)
     report = finalize(FinalizeRequest(source=tmp_path / "z", dest=tmp_path / "artifact"))
     assert report.mode == "qat" and report.converted == 14 and report.reload_max_diff == 0.0
 
@@ -306,8 +334,9 @@ def zero_run(tmp_path_factory, data, request):
     """A 2-rank ZeRO-3 QAT run that also finalizes itself at the end (--finalize), in fp32 and in bf16
     (module weights in bf16, fp32 masters in the optimizer, optimizer files named bf16_zero_pp_rank_*)."""
     root = tmp_path_factory.mktemp("zero_run")
-    launch(TrainConfig.from_flat(**_zero_args(root / "run", data, max_steps=2, finalize="int8-dynamic-act-int4-weight",
-                                    precision=request.param)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(root / "run", data, max_steps=2,
+                                                       finalize="int8-dynamic-act-int4-weight",
+                                                       precision=request.param)), worker=WORKER)
     return root / "run"
 
 
@@ -316,9 +345,10 @@ def test_three_ways_to_finalize_a_zero3_run_agree(zero_run, tmp_path):
     partitions, (3) gathered live at the end of training: one artifact."""
     from test_streaming import assert_same_artifact
 
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
-    ckpt = ckpt_io.checkpoint_dirs(zero_run)[-1][1]
+    ckpt = checkpoint_dirs(zero_run)[-1][1]
     from_hf = finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "hf", streaming=True))
     from_zero = finalize(FinalizeRequest(source=ckpt / "deepspeed", dest=tmp_path / "zero"))
     assert from_hf.mode == from_zero.mode == "qat" and from_zero.streaming
@@ -343,9 +373,10 @@ def test_broken_zero_checkpoints_name_the_file(zero_run, tmp_path):
     import shutil
 
     from forge_qat.errors import InputError
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
-    ckpt = ckpt_io.checkpoint_dirs(zero_run)[-1][1]
+    ckpt = checkpoint_dirs(zero_run)[-1][1]
     for breakage in ("missing rank", "truncated"):
         copy = tmp_path / breakage.replace(" ", "-")
         shutil.copytree(ckpt, copy)
@@ -369,22 +400,23 @@ def test_lora_under_zero3_matches_single_process(tmp_path, data, mode):
     finalized from the live partitioned model is the model as trained (merged mode: atol 0)."""
     from transformers import AutoModelForCausalLM
 
-    from forge_qat import lora
-    from forge_qat.evaluate import prepare_as_trained
-    from forge_qat.finalize import sample_batch
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import sample_batch
+    from forge_qat.lora import adapters as lora
     from forge_qat.models import load_model
-    from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+    from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe
 
     args = dict(max_steps=3, save_every=2, lora_rank=4, lora_qat=mode, finalize=DEFAULT_RECIPE)
-    launch(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data, deepspeed_config=partition_everything(tmp_path),
-                                              **args)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**_zero_args(tmp_path / "z", data,
+                                                       deepspeed_config=partition_everything(tmp_path), **args)),
+                    worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "s", data, batch_size=4, **args)))
     for a, b in zip(_metrics(tmp_path / "z"), _metrics(tmp_path / "s"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
-    ckpts = [p for _, p in ckpt_io.checkpoint_dirs(tmp_path / "z")]  # steps 2 and 3: the base written once
+    ckpts = [p for _, p in checkpoint_dirs(tmp_path / "z")]  # steps 2 and 3: the base written once
     assert len(ckpts) == 2 and len({ckpt_io.weight_files(p)[0].stat().st_ino for p in ckpts}) == 1
     ckpt = ckpts[-1]
-    az, a1 = ckpt_io.read_adapters(ckpt), ckpt_io.read_adapters(ckpt_io.checkpoint_dirs(tmp_path / "s")[-1][1])
+    az, a1 = read_adapters(ckpt), read_adapters(checkpoint_dirs(tmp_path / "s")[-1][1])
     assert az and set(az) == set(a1) and not any(lora.is_adapter(k) for k in _weights(tmp_path / "z"))
     for k in az:
         close = torch.isclose(az[k], a1[k], rtol=2e-3, atol=2e-5)

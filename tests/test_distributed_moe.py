@@ -12,9 +12,10 @@ import torch
 from conftest import micro_train_args, partition_everything, save_tiny_moe
 from safetensors.torch import load_file
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
-from forge_qat.distributed.launch import launch
+from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.run_dir import checkpoint_dirs
+from forge_qat.train.entry import launch_training
 from forge_qat.train.trainer import run_training
 
 WORKER = [sys.executable, str(Path(__file__).parent / "zero_worker.py")]
@@ -47,8 +48,8 @@ def test_streamed_load_of_both_layouts_equals_from_pretrained(arch, layout, tmp_
     assert len(list(src.glob("*.safetensors"))) > 1 or layout == "fused"
     out = tmp_path / "consolidated"
     monkeypatch.setenv("FORGE_TEST_LOAD_ONLY", str(out))
-    launch(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), qat_recipe="none", nproc=2,
-                                          zero_stage=3, dist_timeout_s=60)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), qat_recipe="none",
+                                                             nproc=2, zero_stage=3, dist_timeout_s=60)), worker=WORKER)
     got, want = _tensors(out), _tensors(src)
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -69,7 +70,7 @@ def moe_runs(tmp_path_factory, data):
     save_tiny_moe(src, "qwen3_moe", "per-expert", seed=5)
     args = dict(model=str(src), max_steps=3, save_every=0, qat_recipe="int8-dynamic-act-int4-weight",
                 qat_learn_scales=True)
-    launch(TrainConfig.from_flat(**micro_train_args(root / "z", data, nproc=2, zero_stage=3, dist_timeout_s=60,
+    launch_training(TrainConfig.from_flat(**micro_train_args(root / "z", data, nproc=2, zero_stage=3, dist_timeout_s=60,
                                                     deepspeed_config=partition_everything(root),
                                                     finalize="int8-dynamic-act-int4-weight", **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(root / "s", data, batch_size=4, **args)))
@@ -83,12 +84,12 @@ def test_zero3_moe_training_matches_single_process(moe_runs):
     assert metrics[0][0]["loss"] == pytest.approx(metrics[1][0]["loss"], abs=1e-6)  # same weights, same batch
     for a, b in zip(*metrics, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)  # tolerance as for dense QAT (all-reduce order)
-    wz, ws = (_tensors(ckpt_io.checkpoint_dirs(run)[-1][1]) for run in (zero, single))
+    wz, ws = (_tensors(checkpoint_dirs(run)[-1][1]) for run in (zero, single))
     assert set(wz) == set(ws) == set(_tensors(src))  # both keep the per-expert layout of the input
     for k in ws:
         torch.testing.assert_close(wz[k], ws[k], rtol=0, atol=2e-3)
     # learned scales, the experts' (one per expert, row and group) among them: as in tests/test_distributed.py
-    sz, ss = (ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(run)[-1][1]) for run in (zero, single))
+    sz, ss = (ckpt_io.read_learned_scales(checkpoint_dirs(run)[-1][1]) for run in (zero, single))
     assert set(sz) == set(ss) and sum(".forge_fake_quant." in k for k in sz) == 4
     for k in sz:
         close = torch.isclose(sz[k], ss[k], rtol=2e-3, atol=1e-6)
@@ -101,13 +102,13 @@ def test_zero3_moe_artifact_is_the_fake_quant_model_with_the_learned_scales(moe_
     from transformers import AutoModelForCausalLM
 
     import forge_qat.torchao_compat  # noqa: F401  (int4 MoE artifacts name it as their experts implementation)
-    from forge_qat.evaluate import prepare_as_trained
-    from forge_qat.finalize import sample_batch
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import sample_batch
     from forge_qat.models import load_model
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.registry import get_recipe
 
     _, zero, _ = moe_runs
-    ckpt = ckpt_io.checkpoint_dirs(zero)[-1][1]
+    ckpt = checkpoint_dirs(zero)[-1][1]
     fake, tok = load_model(str(ckpt))
     prepare_as_trained(fake, ckpt, get_recipe("int8-dynamic-act-int4-weight"))
     real = AutoModelForCausalLM.from_pretrained(zero / "final-int8-dynamic-act-int4-weight")
@@ -119,10 +120,11 @@ def test_zero3_moe_artifact_is_the_fake_quant_model_with_the_learned_scales(moe_
 def test_three_ways_to_finalize_a_zero3_moe_run_agree(moe_runs, tmp_path):
     from test_streaming import assert_same_artifact
 
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
     _, zero, _ = moe_runs
-    ckpt = ckpt_io.checkpoint_dirs(zero)[-1][1]
+    ckpt = checkpoint_dirs(zero)[-1][1]
     from_hf = finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "hf", streaming=True))
     from_zero = finalize(FinalizeRequest(source=ckpt / "deepspeed", dest=tmp_path / "zero"))
     assert from_hf.coverage == from_zero.coverage and from_hf.coverage["expert_stacks"] == 4
@@ -144,9 +146,9 @@ def test_experts_without_tokens_on_one_rank_do_not_stall_the_others(tmp_path, da
     save_tiny_moe(src, "qwen3_moe", "per-expert")
     monkeypatch.setenv("FORGE_TEST_SKEW_ROUTER", "1")
     t0 = time.monotonic()
-    launch(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), nproc=2, zero_stage=3,
-                                          dist_timeout_s=60, max_steps=2, save_every=0,
-                                          gradient_checkpointing=True)), worker=WORKER)
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "z", data, model=str(src), nproc=2,
+                                                             zero_stage=3, dist_timeout_s=60, max_steps=2, save_every=0,
+                                                             gradient_checkpointing=True)), worker=WORKER)
     assert time.monotonic() - t0 < 50
     records = [json.loads(line) for line in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] == r["loss"] for r in records)

@@ -8,16 +8,18 @@ import torch
 from conftest import micro_train_args
 from safetensors.torch import load_file
 
-from forge_qat.checkpoint import resolve_checkpoint
 from forge_qat.config import TrainConfig
-from forge_qat.coverage import plan
-from forge_qat.embeddings import FakeQuantizedEmbedding, FakeQuantizedHead
 from forge_qat.errors import ConfigError
-from forge_qat.evaluate import prepare_as_trained
-from forge_qat.finalize import FinalizeRequest, finalize
+from forge_qat.eval.models import prepare_as_trained
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.models import load_model, preset_model
-from forge_qat.prepare import convert_qat, prepare_qat, set_fake_quant_enabled
-from forge_qat.recipes import get_recipe
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.coverage import plan
+from forge_qat.qat.embeddings import FakeQuantizedEmbedding, FakeQuantizedHead
+from forge_qat.qat.prepare import prepare_qat, set_fake_quant_enabled
+from forge_qat.qat.registry import get_recipe
 from forge_qat.train.trainer import run_training
 
 TABLES = get_recipe("int8-dynamic-act-int4-weight-int8-embeddings")

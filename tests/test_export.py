@@ -14,7 +14,9 @@ gguf = pytest.importorskip("gguf")
 from forge_qat.cli import app  # noqa: E402
 from forge_qat.errors import ConfigError, OutputExistsError  # noqa: E402
 from forge_qat.export.gguf import export_gguf  # noqa: E402
-from forge_qat.finalize import FinalizeRequest, finalize  # noqa: E402
+from forge_qat.finalize.convert import finalize  # noqa: E402
+from forge_qat.finalize.job import FinalizeRequest  # noqa: E402
+from forge_qat.qat.registry import get_recipe  # noqa: E402
 
 EXACT = "int8-dynamic-act-int4-weight-bf16-scales"
 TABLES = "int8-dynamic-act-int4-weight-int8-embeddings"
@@ -51,7 +53,7 @@ def artifacts(tmp_path_factory):
         model.save_pretrained(root / model_type)
         tok.save_pretrained(root / model_type)
         made[model_type, EXACT] = finalize(FinalizeRequest(source=root / model_type, dest=root / f"{model_type}-a",
-                                                           ptq=EXACT)).dest
+                                                           ptq=get_recipe(EXACT))).dest
     for model_type in DENSE:
         src = _float_model(root / model_type, model_type)
         for recipe in (EXACT, TABLES, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
@@ -59,13 +61,13 @@ def artifacts(tmp_path_factory):
             if model_type != "llama" and recipe != EXACT and not (model_type == "qwen3" and recipe == TABLES):
                 continue
             made[model_type, recipe] = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{recipe}",
-                                                                ptq=recipe)).dest
+                                                                ptq=get_recipe(recipe))).dest
     # One layer for the ExecuTorch tests of how a recipe's kernels map onto XNNPACK: an ExecuTorch lowering
     # costs ~20 s per layer here, and the multi-layer program (KV caches per layer) has a test of its own.
     src = _float_model(root / "llama-1", "llama", layers=1)
     for recipe in ("int8-dynamic-act-int8-weight", "int8-dynamic-act-int2-weight"):
         made["llama-1", recipe] = finalize(FinalizeRequest(source=src, dest=root / f"llama-1-{recipe}",
-                                                           ptq=recipe)).dest
+                                                           ptq=get_recipe(recipe))).dest
     return made
 
 

@@ -15,9 +15,10 @@ import torch
 from conftest import micro_train_args
 from typer.testing import CliRunner
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
+from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.run_dir import METRICS, RUN_MARKER, checkpoint_dirs
 from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
@@ -95,7 +96,7 @@ NUMERIC = [
 def probe_resume_pickle_payload(tmp_path, run, monkeypatch):
     src, data = run
     r = _copy(src, tmp_path / "r")
-    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    ckpt = checkpoint_dirs(r)[-1][1]
     monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
     torch.save({"step": 2, "optimizer": Payload()}, ckpt / ckpt_io.TRAINER_STATE)
     code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
@@ -106,7 +107,7 @@ def probe_resume_pickle_payload(tmp_path, run, monkeypatch):
 def probe_resume_truncated_trainer_state(tmp_path, run, monkeypatch):
     src, _ = run
     r = _copy(src, tmp_path / "r")
-    state = ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE
+    state = checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE
     state.write_bytes(state.read_bytes()[:100])
     before = _tree(r)
     code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
@@ -117,7 +118,7 @@ def probe_resume_truncated_trainer_state(tmp_path, run, monkeypatch):
 def probe_resume_missing_trainer_state(tmp_path, run, monkeypatch):
     src, _ = run
     r = _copy(src, tmp_path / "r")
-    (ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE).unlink()
+    (checkpoint_dirs(r)[-1][1] / ckpt_io.TRAINER_STATE).unlink()
     code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
     assert code == 1 and "is missing" in out
 
@@ -156,7 +157,7 @@ def probe_zero_checkpoint_pickle_payload(tmp_path, run, monkeypatch):
     """A DeepSpeed checkpoint whose rank files carry a payload: DeepSpeed's own loader passes
     weights_only=False; forge forces weights-only loading around it."""
     src, _ = run
-    ckpt = _copy(ckpt_io.checkpoint_dirs(src)[-1][1], tmp_path / "ckpt")
+    ckpt = _copy(checkpoint_dirs(src)[-1][1], tmp_path / "ckpt")
     tag = ckpt / "deepspeed" / "state"
     tag.mkdir(parents=True)
     (ckpt / "deepspeed" / "latest").write_text("state")
@@ -186,7 +187,7 @@ def probe_model_dir_with_remote_code(tmp_path, run, monkeypatch):
     (d / "config.json").write_text(json.dumps(cfg))
     code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r2", run[1], model=d)))
     assert code == 1 and "never runs" in out
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "r2" / ckpt_io.RUN_MARKER).exists()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "r2" / RUN_MARKER).exists()
 
 
 def probe_init_overwrite_keeps_other_files(tmp_path, run, monkeypatch):
@@ -233,7 +234,7 @@ def probe_train_overwrite_refuses_non_forge_dir(tmp_path, run, monkeypatch):
 def probe_failed_start_leaves_no_run_marker(tmp_path, run, monkeypatch):
     r = tmp_path / "new"
     code, _ = _cli("train", *_flags(**micro_train_args(r, tmp_path / "missing.txt")))
-    assert code == 1 and not (r / ckpt_io.RUN_MARKER).exists()
+    assert code == 1 and not (r / RUN_MARKER).exists()
     code, _ = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, save_every=1)))
     assert code == 0  # the next start is not refused
 
@@ -241,7 +242,7 @@ def probe_failed_start_leaves_no_run_marker(tmp_path, run, monkeypatch):
 def probe_finalize_dest_is_source(tmp_path, run, monkeypatch):
     src, _ = run
     r = _copy(src, tmp_path / "r")
-    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    ckpt = checkpoint_dirs(r)[-1][1]
     before = _tree(r)
     for dest in (ckpt, r, ckpt / "inside"):
         code, out = _cli("finalize", "--source", ckpt, "--dest", dest, "--overwrite")
@@ -268,7 +269,7 @@ def probe_numeric_ranges(tmp_path, run, monkeypatch):
 def probe_seq_len_above_model_positions(tmp_path, run, monkeypatch):
     code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", run[1], seq_len=4096)))
     assert code == 2 and "max_position_embeddings 2048" in out
-    assert not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+    assert not (tmp_path / "r" / RUN_MARKER).exists()
 
 
 def probe_yaml_exponent_learning_rate(tmp_path, run, monkeypatch):
@@ -297,14 +298,14 @@ def probe_non_utf8_jsonl(tmp_path, run, monkeypatch):
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", bad)))
     assert code == 1 and "bad.jsonl:2" in out and "UTF-8" in out
-    assert not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+    assert not (tmp_path / "r" / RUN_MARKER).exists()
 
 
 def probe_truncated_safetensors(tmp_path, run, monkeypatch):
     """Truncated weights: training from them, eval, in-memory and streaming finalize, and resume."""
     src, data = run
     r = _copy(src, tmp_path / "r")
-    ckpt = ckpt_io.checkpoint_dirs(r)[-1][1]
+    ckpt = checkpoint_dirs(r)[-1][1]
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     for args in (["train", *_flags(**micro_train_args(tmp_path / "t", data, model=ckpt))],
@@ -319,7 +320,7 @@ def probe_truncated_safetensors(tmp_path, run, monkeypatch):
 
 def probe_pickle_payload_in_bin_weights(tmp_path, run, monkeypatch):
     src, data = run
-    d = _copy(ckpt_io.checkpoint_dirs(src)[-1][1], tmp_path / "m")
+    d = _copy(checkpoint_dirs(src)[-1][1], tmp_path / "m")
     (d / "model.safetensors").unlink()
     monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
     torch.save({"model.embed_tokens.weight": Payload()}, d / "pytorch_model.bin")
@@ -330,18 +331,18 @@ def probe_pickle_payload_in_bin_weights(tmp_path, run, monkeypatch):
 def probe_corrupt_run_marker(tmp_path, run, monkeypatch):
     src, _ = run
     r = _copy(src, tmp_path / "r")
-    (r / ckpt_io.RUN_MARKER).write_text("{not json")
+    (r / RUN_MARKER).write_text("{not json")
     code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
-    assert code == 1 and ckpt_io.RUN_MARKER in out and "corrupt" in out
+    assert code == 1 and RUN_MARKER in out and "corrupt" in out
 
 
 def probe_partial_metrics_line(tmp_path, run, monkeypatch):
     src, _ = run
     r = _copy(src, tmp_path / "r")
-    with (r / ckpt_io.METRICS).open("a") as f:
+    with (r / METRICS).open("a") as f:
         f.write('{"step": 3, "lo')  # what a kill -9 mid-write leaves
     code, _ = _cli("train", "--resume", "--output-dir", r, "--max-steps", 3)
-    steps = [json.loads(line)["step"] for line in (r / ckpt_io.METRICS).read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (r / METRICS).read_text().splitlines()]
     assert code == 0 and steps == [1, 2, 3]
 
 
@@ -370,12 +371,12 @@ def probe_disk_full_during_train_save(tmp_path, run, monkeypatch):
     r = tmp_path / "r"
     code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, save_every=1)))
     assert code == 1 and "disk full" in out
-    assert not ckpt_io.checkpoint_dirs(r) and not [p for p in r.iterdir() if p.name.startswith(".checkpoint")]
+    assert not checkpoint_dirs(r) and not [p for p in r.iterdir() if p.name.startswith(".checkpoint")]
 
 
 def probe_hardware_checked_before_training(tmp_path, run, monkeypatch):
     code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "r", run[1], finalize="int4-weight-only")))
-    assert code == 1 and "CUDA" in out and not (tmp_path / "r" / ckpt_io.RUN_MARKER).exists()
+    assert code == 1 and "CUDA" in out and not (tmp_path / "r" / RUN_MARKER).exists()
     code, out = _cli("demo", "--recipe", "float8-dynamic-act-float8-weight", "--output-dir", tmp_path / "d")
     assert code == 1 and "CUDA" in out and not (tmp_path / "d").exists()
 

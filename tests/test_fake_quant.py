@@ -5,8 +5,8 @@ import torch
 from torchao.quantization.qat import IntxFakeQuantizeConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
-from forge_qat.fake_quant import AffineFakeQuantizer, fake_quantize
-from forge_qat.prepare import _fused_spec
+from forge_qat.qat.fake_quant import AffineFakeQuantizer, fake_quantize
+from forge_qat.qat.prepare import _fused_spec
 
 CASES = {
     "int8-per-token-asym": (IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False,
@@ -67,8 +67,8 @@ def test_prepared_linear_matches_torchao_under_autocast():
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    from forge_qat.prepare import prepare_qat
-    from forge_qat.recipes import get_recipe
+    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.registry import get_recipe
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32))
@@ -92,7 +92,7 @@ def test_ggml_activation_grid_is_llama_cpps_q8_0():
     half away from zero; llama.cpp's x86 path (and forge) multiply by 127/amax and round half to even, so a
     value can move by one code where x * scale lands on a tie: rare, and never more than one code."""
     gguf = pytest.importorskip("gguf")
-    from forge_qat.recipe_numerics import GGML_Q8_0
+    from forge_qat.qat.numerics import GGML_Q8_0
 
     torch.manual_seed(0)
     x = torch.randn(64, 256) * torch.logspace(-3, 2, 64).unsqueeze(1)

@@ -18,8 +18,9 @@ from forge_qat import hardware
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
-from forge_qat.finalize import FinalizeRequest, choose_job, finalize
-from forge_qat.recipes import get_recipe
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest, choose_job
+from forge_qat.qat.registry import get_recipe
 from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
@@ -75,9 +76,9 @@ def test_artifact_matches_fake_quant_model(runs, tmp_path):
     """The converted artifact computes what training's fake-quant forward computed."""
     from transformers import AutoModelForCausalLM
 
-    from forge_qat.checkpoint import resolve_checkpoint
-    from forge_qat.evaluate import prepare_as_trained
-    from forge_qat.finalize import sample_batch
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import sample_batch
+    from forge_qat.formats.run_dir import resolve_checkpoint
     from forge_qat.models import load_model
 
     report = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "a"))
@@ -104,13 +105,14 @@ def test_bin_format_and_sharding(runs, tmp_path):
 
 
 def test_int8_int8_recipe_finalizes(runs, tmp_path):
-    report = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "i8", ptq="int8-dynamic-act-int8-weight"))
+    report = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "i8",
+                                      ptq=get_recipe("int8-dynamic-act-int8-weight")))
     assert report.mode == "ptq" and report.converted == 14 and report.format == "safetensors"
     assert report.notes == []  # explicit --ptq: no warning
 
 
 def test_safetensors_that_cannot_be_honoured_is_an_error(runs, tmp_path, monkeypatch):
-    import forge_qat.finalize as fin
+    import forge_qat.finalize.convert as fin
 
     monkeypatch.setattr(fin, "unflattenable", lambda state: ["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ConfigError, match="--format safetensors is not possible"):
@@ -125,18 +127,20 @@ def test_ptq_semantics(runs):
     i4, i8 = "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight"
     with pytest.raises(ConfigError, match="records no QAT recipe"):
         choose_job(FinalizeRequest(source=float_ckpt, dest=runs / "x"))
-    plan = choose_job(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert=i4))
+    plan = choose_job(FinalizeRequest(source=float_ckpt, dest=runs / "x", qat_convert=get_recipe(i4)))
     assert plan.mode == "ptq" and "not QAT-trained" in plan.notes[0]
-    plan = choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=i8))
+    plan = choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=get_recipe(i8)))
     assert plan.mode == "ptq" and "post-training quantization" in plan.notes[0]
     assert choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x")).mode == "qat"
     with pytest.raises(ConfigError, match="give one"):
-        choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert="int8-dynamic-act-int4-weight",
-                                      ptq="int8-dynamic-act-int4-weight"))
+        choose_job(FinalizeRequest(source=runs / "qat", dest=runs / "x", qat_convert=get_recipe(i4),
+                                   ptq=get_recipe(i4)))
 
 
 def test_hardware_gate_fails_before_loading(runs, tmp_path, monkeypatch):
-    import forge_qat.finalize as fin
+    import forge_qat.finalize.convert as fin
+
+    float8 = get_recipe("float8-dynamic-act-float8-weight")
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before the hardware check")
@@ -144,12 +148,12 @@ def test_hardware_gate_fails_before_loading(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(fin, "load_model", must_not_load)
     monkeypatch.setattr(hardware, "cuda_available", lambda: False)
     with pytest.raises(HardwareError, match="CUDA"):
-        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq="float8-dynamic-act-float8-weight"))
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq=float8))
     # with the gate open the same request gets past it (and reaches loading)
     monkeypatch.setattr(hardware, "cuda_available", lambda: True)
     monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: True)
     with pytest.raises(AssertionError, match="loaded before"):
-        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq="float8-dynamic-act-float8-weight"))
+        finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "x", ptq=float8))
 
 
 def test_dry_run_writes_nothing(runs, tmp_path):
@@ -189,10 +193,12 @@ def test_failed_write_leaves_no_artifact(runs, tmp_path, monkeypatch):
 
 
 def test_eval_and_compare(runs, tmp_path):
-    from forge_qat.evaluate import compare, evaluate_model, plot_loss_curves
+    from forge_qat.eval.compare import compare
+    from forge_qat.eval.models import evaluate_model
+    from forge_qat.eval.plot import plot_loss_curves
 
     qat = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "qat"))
-    ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=qat.recipe))
+    ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=get_recipe(qat.recipe)))
     data = str(runs / "train.txt")
     float_eval = evaluate_model(str(runs / "float"), data, seq_len=32)
     fake = evaluate_model(str(runs / "float"), data, seq_len=32, fake_quant=get_recipe(qat.recipe))
@@ -242,14 +248,15 @@ def test_float_tensors_keep_the_source_dtype(tmp_path, streaming):
     bf16, not widened to fp32; the in-memory route reloads to identical logits."""
     from safetensors.torch import load_file
 
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
     from forge_qat.models import preset_model
 
     model, tok = preset_model("micro-llama")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "src")
     tok.save_pretrained(tmp_path / "src")
     report = finalize(FinalizeRequest(source=tmp_path / "src", dest=tmp_path / "out",
-                                      ptq="int8-dynamic-act-int4-weight", streaming=streaming))
+                                      ptq=get_recipe("int8-dynamic-act-int4-weight"), streaming=streaming))
     written = load_file(tmp_path / "out" / "model.safetensors")
     kept = {k: v.dtype for k, v in written.items() if "norm" in k or "embed_tokens" in k}
     assert kept and set(kept.values()) == {torch.bfloat16}
@@ -259,9 +266,10 @@ def test_float_tensors_keep_the_source_dtype(tmp_path, streaming):
 def test_cuda_recipes_convert_and_evaluate_on_the_gpu_in_bf16(tmp_path, monkeypatch):
     from forge_qat import hardware
     from forge_qat.errors import HardwareError
-    from forge_qat.evaluate import eval_placement
-    from forge_qat.finalize import ARTIFACT_META, ConvertJob, convert_placement
-    from forge_qat.recipes import get_recipe
+    from forge_qat.eval.models import eval_placement
+    from forge_qat.finalize.job import ConvertJob, convert_placement
+    from forge_qat.formats.artifact_meta import ARTIFACT_META
+    from forge_qat.qat.registry import get_recipe
 
     for name in ("int4-weight-only", "float8-dynamic-act-float8-weight", "float8-dynamic-act-int4-weight"):
         plan = ConvertJob(tmp_path, get_recipe(name), "ptq", (), None)

@@ -20,6 +20,9 @@ def test_wheel_ships_templates_and_run_configs(tmp_path):
     for folder in ("templates", "recipes"):
         shipped = {p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*") if p.is_file()}
         assert shipped and {f"forge_qat/_data/{folder}/{s}" for s in shipped} <= names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "forge_qat").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # every stage's package, e.g. forge_qat/formats/
+    assert not [n for n in names if "recipe_docs" in n or n.startswith("tools/")]  # repository tools stay out
 
 
 def test_installed_forge_runs_from_any_directory(tmp_path):

@@ -12,14 +12,17 @@ from safetensors.torch import load_file
 from torchao.quantization.qat.utils import _fake_quantize_per_channel_group
 from transformers import AutoModelForCausalLM
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError
-from forge_qat.fake_quant import SCALE_SUFFIX, AffineSpec, LearnedScaleFakeQuantizer, initial_scale
-from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
+from forge_qat.finalize.convert import finalize, sample_batch
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.run_dir import CHECKPOINT_META, checkpoint_dirs, resolve_checkpoint
 from forge_qat.models import load_model
-from forge_qat.prepare import LearnScales, convert_qat, learned_scales, prepare_qat, set_activation_fake_quant_enabled
-from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.fake_quant import SCALE_SUFFIX, AffineSpec, LearnedScaleFakeQuantizer, initial_scale
+from forge_qat.qat.prepare import LearnScales, learned_scales, prepare_qat, set_activation_fake_quant_enabled
+from forge_qat.qat.registry import DEFAULT_RECIPE, RECIPES, get_recipe
 from forge_qat.train.trainer import run_training
 
 SPEC = AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32)
@@ -60,7 +63,7 @@ def test_bf16_scale_recipes_round_the_learned_scale_in_every_forward():
     """Recipes that store bf16 scales (the grid XNNPACK and GGUF Q4_0 hold) learn a float32 scale and quantize
     with its bf16 rounding, straight through: the forward and both gradients are those of a quantizer whose
     scale is the rounded value, and at the start they are the dynamic bf16-scale quantizer's."""
-    from forge_qat.fake_quant import AffineFakeQuantizer
+    from forge_qat.qat.fake_quant import AffineFakeQuantizer
 
     spec = get_recipe("int8-dynamic-act-int4-weight-bf16-scales").fake_quant.weight
     assert spec.scale_dtype == torch.bfloat16
@@ -109,7 +112,7 @@ def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_nam
 def _nearest_scale_reference(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
     """The mse start, group by group in plain Python: every candidate multiple of the absmax scale, rounded
     to the recipe's scale dtype, quantized the learned forward's way; the first with the least error."""
-    from forge_qat.fake_quant import SCALE_SEARCH_FACTORS, LearnedScaleFakeQuantizer
+    from forge_qat.qat.fake_quant import SCALE_SEARCH_FACTORS, LearnedScaleFakeQuantizer
 
     absmax = initial_scale(w, spec, "absmax")
     out = absmax.clone()
@@ -132,7 +135,7 @@ def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
     """The default start of learned scales: per group (per row for int8's per-channel grid), the candidate
     scale whose quantized weights are nearest the weights, on the recipe's scale grid, never further than
     absmax's; the same when the search works through the weight in small chunks, and for a 3-D expert stack."""
-    import forge_qat.fake_quant as fq
+    import forge_qat.qat.fake_quant as fq
 
     model = _tiny()
     prepare_qat(model, get_recipe(recipe_name), learn=LearnScales())
@@ -163,8 +166,8 @@ def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
 def test_scale_init_is_a_checked_option():
     import typing
 
-    from forge_qat.fake_quant import ScaleInit
-    from forge_qat.qat_config import SCALE_INITS
+    from forge_qat.qat.config import SCALE_INITS
+    from forge_qat.qat.fake_quant import ScaleInit
 
     assert SCALE_INITS == typing.get_args(ScaleInit)  # the torch-free copy the config checks against
     assert TrainConfig.from_flat(qat_recipe=DEFAULT_RECIPE).qat.qat_scale_init == "mse"
@@ -200,7 +203,7 @@ def test_moe_learned_scales_are_each_experts_linear_learned_scales(recipe_name, 
     recipe run the eager loop, one expert's scales at a time."""
     from conftest import EXPERT_STACKS, expert_linears, per_expert_reference, tiny_moe
 
-    from forge_qat import experts
+    from forge_qat.qat import experts
 
     recipe = get_recipe(recipe_name)
     model, _ = tiny_moe("qwen3_moe")
@@ -307,7 +310,7 @@ def learned_run(tmp_path_factory, data):
 
 
 def test_scales_train_and_are_saved_beside_a_plain_hf_checkpoint(learned_run):
-    ckpt = ckpt_io.checkpoint_dirs(learned_run)[-1][1]
+    ckpt = checkpoint_dirs(learned_run)[-1][1]
     weights = load_file(ckpt / "model.safetensors")
     assert not any(k.endswith(SCALE_SUFFIX) for k in weights)  # the HF weights stay a float model
     AutoModelForCausalLM.from_pretrained(ckpt)  # loads without unexpected keys (would warn, not fail)
@@ -319,7 +322,7 @@ def test_scales_train_and_are_saved_beside_a_plain_hf_checkpoint(learned_run):
         weight = weights[key.removesuffix(SCALE_SUFFIX) + ".weight"]
         moved += int(not torch.equal(s, initial_scale(weight, SPEC)))
     assert moved == len(scales)
-    meta = json.loads((ckpt / ckpt_io.CHECKPOINT_META).read_text())
+    meta = json.loads((ckpt / CHECKPOINT_META).read_text())
     assert meta["train_config"]["qat_learn_scales"] is True
     movement = meta["learned_scales"]  # at lr 1e-3 they train: more than the "barely moved" line
     assert movement["median_relative_change"] > 0.01 and movement["sampled_scales"] == sum(s.numel() for s in
@@ -332,7 +335,7 @@ def test_scales_that_barely_move_are_reported(tmp_path, data, caplog):
     with caplog.at_level(logging.WARNING, logger="forge_qat"):
         run_training(TrainConfig.from_flat(**_args(tmp_path / "r", data, max_steps=2, save_every=2,
                                                    qat_scale_lr=1e-9)))
-    meta = json.loads((ckpt_io.checkpoint_dirs(tmp_path / "r")[-1][1] / ckpt_io.CHECKPOINT_META).read_text())
+    meta = json.loads((checkpoint_dirs(tmp_path / "r")[-1][1] / CHECKPOINT_META).read_text())
     assert meta["learned_scales"]["median_relative_change"] < 1e-6
     assert any("learned scales moved a median 0.00%" in r.getMessage() and "--qat-scale-lr" in r.getMessage()
                for r in caplog.records)
@@ -341,13 +344,13 @@ def test_scales_that_barely_move_are_reported(tmp_path, data, caplog):
 def test_resume_continues_identically_with_learned_scales(tmp_path, data, learned_run):
     out = tmp_path / "r"
     run_training(TrainConfig.from_flat(**_args(out, data, max_steps=4, save_every=2)))
-    shutil.rmtree(ckpt_io.checkpoint_dirs(out)[-1][1])  # as if the job had died after step 2's checkpoint
+    shutil.rmtree(checkpoint_dirs(out)[-1][1])  # as if the job had died after step 2's checkpoint
     run_training(TrainConfig.from_flat(**_args(out, data, max_steps=4, save_every=2, resume=True)))
-    a = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(learned_run)[-1][1])
-    b = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(out)[-1][1])
+    a = ckpt_io.read_learned_scales(checkpoint_dirs(learned_run)[-1][1])
+    b = ckpt_io.read_learned_scales(checkpoint_dirs(out)[-1][1])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # the movement is measured from where the scales started, not from where the resumed job did
-    metas = [json.loads((ckpt_io.checkpoint_dirs(r)[-1][1] / ckpt_io.CHECKPOINT_META).read_text()) for r in
+    metas = [json.loads((checkpoint_dirs(r)[-1][1] / CHECKPOINT_META).read_text()) for r in
              (learned_run, out)]
     assert metas[0]["learned_scales"] == metas[1]["learned_scales"]
     with pytest.raises(ConfigError, match="qat_learn_scales"):
@@ -364,12 +367,12 @@ def test_moe_learned_scales_train_save_and_resume_identically(tmp_path, data):
     args = dict(model=str(src), max_steps=4, save_every=2)
     run_training(TrainConfig.from_flat(**_args(tmp_path / "a", data, **args)))
     run_training(TrainConfig.from_flat(**_args(tmp_path / "b", data, **args)))
-    shutil.rmtree(ckpt_io.checkpoint_dirs(tmp_path / "b")[-1][1])
+    shutil.rmtree(checkpoint_dirs(tmp_path / "b")[-1][1])
     run_training(TrainConfig.from_flat(**_args(tmp_path / "b", data, resume=True, **args)))
-    a, b = (ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / r)[-1][1]) for r in "ab")
+    a, b = (ckpt_io.read_learned_scales(checkpoint_dirs(tmp_path / r)[-1][1]) for r in "ab")
     stacks = [k for k in a if ".forge_fake_quant." in k]
     assert len(stacks) == 4 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    start = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "a")[0][1])
+    start = ckpt_io.read_learned_scales(checkpoint_dirs(tmp_path / "a")[0][1])
     assert all(not torch.equal(a[k], start[k]) for k in stacks)  # trained between steps 2 and 4
 
 
@@ -379,7 +382,7 @@ def test_artifact_uses_the_learned_scales(learned_run, tmp_path, streaming):
     bit, and differs from one made with dynamic scales."""
     report = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "a", streaming=streaming))
     assert report.learned_scales and json.loads((report.dest / "forge_artifact.json").read_text())["learned_scales"]
-    ckpt = ckpt_io.resolve_checkpoint(learned_run)
+    ckpt = resolve_checkpoint(learned_run)
     fake, tok = load_model(str(ckpt))
     prepare_qat(fake, get_recipe(report.recipe), learn=LearnScales(initial=ckpt_io.read_learned_scales(ckpt)))
     dynamic = copy.deepcopy(_tiny())
@@ -391,7 +394,7 @@ def test_artifact_uses_the_learned_scales(learned_run, tmp_path, streaming):
         got = real(x).logits
         torch.testing.assert_close(got, fake.eval()(x).logits, rtol=0, atol=0)
         assert not torch.equal(got, dynamic.eval()(x).logits)
-    ptq = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "p", ptq=report.recipe))
+    ptq = finalize(FinalizeRequest(source=learned_run, dest=tmp_path / "p", ptq=get_recipe(report.recipe)))
     assert any("learned" in n for n in ptq.notes)  # PTQ says it ignores them
 
 
@@ -399,7 +402,7 @@ def test_missing_or_corrupt_learned_scales_are_one_clear_error(learned_run, tmp_
     from forge_qat.errors import InputError
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(ckpt_io.resolve_checkpoint(learned_run), ckpt)
+    shutil.copytree(resolve_checkpoint(learned_run), ckpt)
     (ckpt / ckpt_io.LEARNED_SCALES).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
     with pytest.raises(InputError, match="truncated or corrupt"):
         finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
@@ -455,8 +458,8 @@ def test_int8_integer_grid_gradients_are_the_learned_quantizers():
     """int8 x int8 with learned per-row scales: the integer-grid product equals the dequantized one, and the
     gradients of input, weight and scale are those of `LearnedScaleFakeQuantizer`'s weight fed to a linear
     (the reference)."""
-    from forge_qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale, integer_grid_linear
-    from forge_qat.recipes import get_recipe as recipe_of
+    from forge_qat.qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale, integer_grid_linear
+    from forge_qat.qat.registry import get_recipe as recipe_of
 
     plan = recipe_of("int8-dynamic-act-int8-weight").fake_quant
     torch.manual_seed(0)
@@ -467,7 +470,7 @@ def test_int8_integer_grid_gradients_are_the_learned_quantizers():
     g = torch.randn_like(y)
     y.backward(g)
 
-    from forge_qat.fake_quant import fake_quantize
+    from forge_qat.qat.fake_quant import fake_quantize
 
     quantizer = LearnedScaleFakeQuantizer(plan.weight, s.detach())
     w2, x2 = w.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
@@ -486,7 +489,7 @@ def test_int8_x_int8_trains_learned_scales_into_an_artifact_that_equals_its_fake
     them) reproduces the fake-quant model with the checkpoint's scales bit for bit."""
     recipe = "int8-dynamic-act-int8-weight"
     run_training(TrainConfig.from_flat(**_args(tmp_path / "run", data, max_steps=3, save_every=3, qat_recipe=recipe)))
-    ckpt = ckpt_io.resolve_checkpoint(tmp_path / "run")
+    ckpt = resolve_checkpoint(tmp_path / "run")
     scales = ckpt_io.read_learned_scales(ckpt)
     weights = load_file(ckpt / "model.safetensors")
     spec = get_recipe(recipe).fake_quant.weight
@@ -507,7 +510,7 @@ def test_delayed_fake_quantization_starts_the_scales_from_the_weights_of_that_st
     are chosen from the weights after those steps, exactly as the dynamic quantizer would; a run resumed
     before that step ends where the uninterrupted one does."""
     import forge_qat.train.trainer as trainer_mod
-    from forge_qat.prepare import learned_scales, reinitialize_learned_scales
+    from forge_qat.qat.prepare import learned_scales, reinitialize_learned_scales
 
     seen = {}
 
@@ -519,7 +522,7 @@ def test_delayed_fake_quantization_starts_the_scales_from_the_weights_of_that_st
     monkeypatch.setattr(trainer_mod, "reinitialize_learned_scales", spy)
     args = _args(tmp_path / "d", data, max_steps=4, save_every=1, save_total_limit=10, fake_quant_after_steps=2)
     run_training(TrainConfig.from_flat(**args))
-    ckpts = dict(ckpt_io.checkpoint_dirs(tmp_path / "d"))
+    ckpts = dict(checkpoint_dirs(tmp_path / "d"))
     weights = load_file(ckpts[2] / "model.safetensors")  # the weights fake quantization starts from
     assert seen and all(torch.equal(s, initial_scale(weights[k.removesuffix(SCALE_SUFFIX) + ".weight"], SPEC))
                         for k, s in seen.items())
@@ -531,7 +534,7 @@ def test_delayed_fake_quantization_starts_the_scales_from_the_weights_of_that_st
     for step in (3, 4):
         shutil.rmtree(ckpts[step])  # the job died after step 2's checkpoint, before fake quantization began
     run_training(TrainConfig.from_flat(**{**args, "resume": True}))
-    resumed = ckpt_io.read_learned_scales(ckpt_io.checkpoint_dirs(tmp_path / "d")[-1][1])
+    resumed = ckpt_io.read_learned_scales(checkpoint_dirs(tmp_path / "d")[-1][1])
     assert set(resumed) == set(final) and all(torch.equal(resumed[k], final[k]) for k in final)
 
 

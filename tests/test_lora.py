@@ -1,14 +1,18 @@
-"""LoRA adapters on fake-quantized models (forge_qat/lora.py): merged mode trains the weight that ships,
+"""LoRA adapters on fake-quantized models (forge_qat/lora/adapters.py): merged mode trains the weight that ships,
 separate mode the peers' way; checked against the converted artifact and against per-layer references."""
 
 import pytest
 import torch
 
-from forge_qat import lora
-from forge_qat.coverage import plan
 from forge_qat.errors import ConfigError
-from forge_qat.prepare import LearnScales, convert_qat, prepare_qat
-from forge_qat.recipes import DEFAULT_RECIPE, get_recipe
+from forge_qat.formats.adapters import ADAPTER_DIR, PEFT_CONFIG, PEFT_WEIGHTS, read_adapters
+from forge_qat.formats.checkpoint import read_checkpoint_meta
+from forge_qat.formats.run_dir import checkpoint_dirs
+from forge_qat.lora import adapters as lora
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.coverage import plan
+from forge_qat.qat.prepare import LearnScales, prepare_qat
+from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe
 
 
 def _tiny(seed=0):
@@ -125,7 +129,7 @@ def test_merged_expert_stacks_are_recomputed_in_backward(kernel, monkeypatch):
     gradients bit for bit."""
     from conftest import tiny_moe
 
-    from forge_qat import experts
+    from forge_qat.qat import experts
 
     model, _ = tiny_moe("qwen3_moe")
     model.config._experts_implementation = kernel
@@ -230,20 +234,19 @@ def lora_runs(tmp_path_factory, data):
 def test_a_lora_run_trains_adapters_only_and_saves_them_in_peft_layout(lora_runs):
     from safetensors.torch import load_file
 
-    from forge_qat import checkpoint as ckpt_io
     from forge_qat.models import preset_model
 
-    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    ckpt = checkpoint_dirs(lora_runs / "merged")[-1][1]
     base = preset_model("micro-llama", seed=0)[0].state_dict()
     weights = load_file(ckpt / "model.safetensors")
     assert all(torch.equal(weights[k], base[k]) for k in weights)  # the base stayed frozen
-    adapter = ckpt / lora.ADAPTER_DIR
-    peft_weights = load_file(adapter / lora.PEFT_WEIGHTS)
+    adapter = ckpt / ADAPTER_DIR
+    peft_weights = load_file(adapter / PEFT_WEIGHTS)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in peft_weights
     assert len(peft_weights) == 28 and any(t.abs().sum() > 0 for k, t in peft_weights.items() if "lora_B" in k)
     import json
 
-    config = json.loads((adapter / lora.PEFT_CONFIG).read_text())
+    config = json.loads((adapter / PEFT_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
     assert len(config["target_modules"]) == 14
 
@@ -254,18 +257,17 @@ def test_peft_loads_the_adapters_onto_the_base(lora_runs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from forge_qat import checkpoint as ckpt_io
 
-    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    ckpt = checkpoint_dirs(lora_runs / "merged")[-1][1]
     base = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     x = _ids(base)
     with torch.no_grad():
         base_logits = base(x).logits
-        with_peft = PeftModel.from_pretrained(base, ckpt / lora.ADAPTER_DIR).eval()
+        with_peft = PeftModel.from_pretrained(base, ckpt / ADAPTER_DIR).eval()
         peft_logits = with_peft(x).logits
     merged = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    cfg = lora.recorded_config(ckpt_io.read_checkpoint_meta(ckpt))
-    assert lora.merge_into(merged, ckpt_io.read_adapters(ckpt), cfg.scaling) == 14
+    cfg = read_checkpoint_meta(ckpt).lora
+    assert lora.merge_into(merged, read_adapters(ckpt), cfg.scaling) == 14
     with torch.no_grad():
         want = merged(x).logits
     torch.testing.assert_close(peft_logits, want, rtol=1e-4, atol=1e-4)
@@ -277,17 +279,17 @@ def test_checkpoints_of_a_lora_run_share_one_copy_of_the_frozen_base(lora_runs, 
     model directory, and outlives the pruning of the checkpoint it links; a full-QAT run writes its own."""
     from safetensors.torch import load_file
 
-    from forge_qat import checkpoint as ckpt_io
+    from forge_qat.formats import checkpoint as ckpt_io
 
-    ckpts = [p for _, p in ckpt_io.checkpoint_dirs(lora_runs / "merged")]  # steps 2 and 4
+    ckpts = [p for _, p in checkpoint_dirs(lora_runs / "merged")]  # steps 2 and 4
     assert len(ckpts) == 2
     first, last = (ckpt_io.weight_files(p) for p in ckpts)
     assert [f.name for f in first] == [f.name for f in last] == ["model.safetensors"]
     assert first[0].stat().st_ino == last[0].stat().st_ino and last[0].stat().st_nlink == 2
-    adapters = [load_file(p / lora.ADAPTER_DIR / lora.PEFT_WEIGHTS) for p in ckpts]
+    adapters = [load_file(p / ADAPTER_DIR / PEFT_WEIGHTS) for p in ckpts]
     assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in between
     _train(tmp_path / "r", data, max_steps=3, save_every=1)  # checkpoint 1 pruned after 3 is written
-    kept = [p for _, p in ckpt_io.checkpoint_dirs(tmp_path / "r")]
+    kept = [p for _, p in checkpoint_dirs(tmp_path / "r")]
     assert len(kept) == 2 and ckpt_io.weight_files(kept[0])[0].stat().st_nlink == 2
     assert load_file(kept[1] / "model.safetensors").keys() == load_file(ckpts[0] / "model.safetensors").keys()
     from conftest import micro_train_args
@@ -296,7 +298,7 @@ def test_checkpoints_of_a_lora_run_share_one_copy_of_the_frozen_base(lora_runs, 
     from forge_qat.train.trainer import run_training
 
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "full", data)))
-    full = [ckpt_io.weight_files(p)[0] for _, p in ckpt_io.checkpoint_dirs(tmp_path / "full")]
+    full = [ckpt_io.weight_files(p)[0] for _, p in checkpoint_dirs(tmp_path / "full")]
     assert full[0].stat().st_ino != full[1].stat().st_ino and full[1].stat().st_nlink == 1
 
 
@@ -304,16 +306,16 @@ def test_checkpoints_of_a_lora_run_share_one_copy_of_the_frozen_base(lora_runs, 
 def test_merged_lora_artifact_is_the_trained_model(lora_runs, tmp_path, streaming):
     from transformers import AutoModelForCausalLM
 
-    from forge_qat import checkpoint as ckpt_io
-    from forge_qat.evaluate import prepare_as_trained
-    from forge_qat.finalize import FinalizeRequest, finalize, sample_batch
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import finalize, sample_batch
+    from forge_qat.finalize.job import FinalizeRequest
     from forge_qat.models import load_model
 
     report = finalize(FinalizeRequest(source=lora_runs / "merged", dest=tmp_path / "a", streaming=streaming))
     assert report.lora_merged == 14
     if not streaming:
         assert report.lora_trained_vs_artifact == 0.0
-    ckpt = ckpt_io.checkpoint_dirs(lora_runs / "merged")[-1][1]
+    ckpt = checkpoint_dirs(lora_runs / "merged")[-1][1]
     fake, tok = load_model(str(ckpt))
     prepare_as_trained(fake, ckpt, get_recipe(report.recipe))  # learned scales and adapters as trained
     assert len(lora.adapter_parameters(fake)) == 28
@@ -324,7 +326,8 @@ def test_merged_lora_artifact_is_the_trained_model(lora_runs, tmp_path, streamin
 
 
 def test_separate_lora_artifact_differs_and_the_report_says_by_how_much(lora_runs, tmp_path):
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
     report = finalize(FinalizeRequest(source=lora_runs / "separate", dest=tmp_path / "a"))
     assert report.lora_merged == 14 and report.lora_trained_vs_artifact > 0
@@ -335,13 +338,12 @@ def test_lora_resume_is_bit_identical(tmp_path, data):
     from conftest import CrashAt
     from safetensors.torch import load_file
 
-    from forge_qat import checkpoint as ckpt_io
 
     _train(tmp_path / "full", data, max_steps=4, save_every=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(tmp_path / "part", data, max_steps=4, save_every=2, observer=CrashAt(3))
     _train(tmp_path / "part", data, max_steps=4, save_every=2, resume=True)
-    want, got = (load_file(ckpt_io.checkpoint_dirs(tmp_path / r)[-1][1] / lora.ADAPTER_DIR / lora.PEFT_WEIGHTS)
+    want, got = (load_file(checkpoint_dirs(tmp_path / r)[-1][1] / ADAPTER_DIR / PEFT_WEIGHTS)
                  for r in ("full", "part"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
@@ -349,8 +351,9 @@ def test_lora_resume_is_bit_identical(tmp_path, data):
 def test_forge_eval_of_a_lora_checkpoint_uses_its_adapters(lora_runs, data, tmp_path):
     """Float eval merges the adapters, --fake-quant evaluates them as trained: the latter equals the artifact's
     loss exactly (artifact == fake quant), and both differ from the base model's."""
-    from forge_qat.evaluate import evaluate_model
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.eval.models import evaluate_model
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
 
     run = lora_runs / "merged"
     kw = dict(seq_len=32, batch_size=2, max_batches=2)
@@ -366,7 +369,7 @@ def test_forge_eval_of_a_lora_checkpoint_uses_its_adapters(lora_runs, data, tmp_
 @pytest.mark.parametrize("mode", ["merged", "separate"])
 def test_the_self_teacher_of_a_lora_student_is_its_frozen_base(mode, monkeypatch):
     """KD composes with LoRA: `--kd-teacher self` distils from the float base with the adapters off."""
-    from forge_qat import distill
+    from forge_qat.distill import objective as distill
 
     model, base = _tiny(), _tiny()
     _with_lora(model, DEFAULT_RECIPE, mode)

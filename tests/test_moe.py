@@ -15,15 +15,18 @@ import torch
 from conftest import micro_train_args, per_expert_reference, save_tiny_moe, tiny_moe
 from safetensors.torch import load_file
 
-from forge_qat import checkpoint as ckpt_io
-from forge_qat import experts, torchao_compat
+from forge_qat import torchao_compat
 from forge_qat.config import TrainConfig
-from forge_qat.coverage import MISFIT, OUTPUT_HEAD, ROUTER, plan
 from forge_qat.errors import ConfigError
-from forge_qat.evaluate import prepare_as_trained
-from forge_qat.finalize import FinalizeRequest, finalize
-from forge_qat.prepare import convert_qat, prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
-from forge_qat.recipes import RECIPES, get_recipe
+from forge_qat.eval.models import prepare_as_trained
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.formats.run_dir import checkpoint_dirs
+from forge_qat.qat import experts
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.coverage import MISFIT, OUTPUT_HEAD, ROUTER, plan
+from forge_qat.qat.prepare import prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
+from forge_qat.qat.registry import RECIPES, get_recipe
 from forge_qat.train.trainer import run_training
 
 CPU_RECIPES = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
@@ -165,7 +168,7 @@ def test_a_recipe_that_would_quantize_nothing_is_an_error_before_training(tmp_pa
     byte_tokenizer().save_pretrained(gpt2)
     with pytest.raises(ConfigError, match="Conv1D"):
         run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "g", text_file, model=str(gpt2))))
-    assert not ckpt_io.checkpoint_dirs(tmp_path / "g")
+    assert not checkpoint_dirs(tmp_path / "g")
 
     misfit = tmp_path / "misfit"
     LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=48, intermediate_size=48, num_hidden_layers=1,
@@ -226,7 +229,7 @@ def _keys(directory):
 @pytest.mark.parametrize("case", [("qwen3_moe", "per-expert"), ("mixtral", "per-expert"), ("qwen3_moe", "fused")])
 def test_checkpoints_keep_the_input_layout(trained, case):
     src, run = trained[case]
-    ckpt = ckpt_io.checkpoint_dirs(run)[-1][1]
+    ckpt = checkpoint_dirs(run)[-1][1]
     assert _keys(ckpt) == _keys(src)
     trained_weights, initial = load_file(next(ckpt.glob("*.safetensors"))), load_file(next(src.glob("*.safetensors")))
     expert_key = next(k for k in initial if "experts" in k)
@@ -265,7 +268,7 @@ def test_finalize_converts_experts_and_stock_transformers_runs_the_artifact(trai
         "forge_qat.torchao_compat" if needs_compat else "eager")
 
     # Fake-quant model vs the artifact, the artifact loaded by stock transformers in a fresh process.
-    ckpt = ckpt_io.checkpoint_dirs(run)[-1][1]
+    ckpt = checkpoint_dirs(run)[-1][1]
     fake, _ = load_model(str(ckpt))
     prepare_as_trained(fake.eval(), ckpt, get_recipe(report.recipe))  # with the scales it learned
     with torch.no_grad():
@@ -292,7 +295,7 @@ def test_int4_moe_artifact_without_the_compat_import_fails_at_load_naming_it(tra
 
 def test_int8_moe_artifacts_need_nothing_but_stock_transformers(trained, tmp_path):
     _, run = trained["qwen3_moe", "per-expert"]
-    finalize(FinalizeRequest(source=run, dest=tmp_path / "a", ptq="int8-dynamic-act-int8-weight"))
+    finalize(FinalizeRequest(source=run, dest=tmp_path / "a", ptq=get_recipe("int8-dynamic-act-int8-weight")))
     done = subprocess.run([sys.executable, "-c", LOAD_ARTIFACT, str(tmp_path / "a"), "stock", str(tmp_path / "l.pt")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,11 +9,12 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 from torchao.utils import TorchAOBaseTensor
 
-from forge_qat.coverage import plan
-from forge_qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
 from forge_qat.models import preset_model
-from forge_qat.prepare import convert_qat, prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
-from forge_qat.recipes import RECIPES, get_recipe
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.coverage import plan
+from forge_qat.qat.fake_quant import AffineFakeQuantizer, integer_grid_linear
+from forge_qat.qat.prepare import prepare_qat, set_activation_fake_quant_enabled, set_fake_quant_enabled
+from forge_qat.qat.registry import RECIPES, get_recipe
 
 CPU_RECIPES = [n for n, r in RECIPES.items() if not r.missing_for_convert()]
 
@@ -81,7 +82,7 @@ def test_fake_quant_can_be_disabled():
 
 def test_integer_grid_linear_gradient_is_straight_through():
     """Same gradients as autograd through F.linear(fake_quant(x), fake_quant(w))."""
-    from forge_qat.fake_quant import fake_quantize
+    from forge_qat.qat.fake_quant import fake_quantize
 
     plan = get_recipe("int8-dynamic-act-int8-weight").fake_quant
     gen = torch.Generator().manual_seed(0)

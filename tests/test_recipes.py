@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 from forge_qat import hardware
 from forge_qat.cli import app
 from forge_qat.errors import HardwareError, UnknownRecipeError
-from forge_qat.prepare import check_convert_hardware
-from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, get_recipe, recipe_names
+from forge_qat.qat.registry import DEFAULT_RECIPE, RECIPES, get_recipe, recipe_names
 
 runner = CliRunner()
 
@@ -34,12 +33,19 @@ def test_every_base_config_builds():
         assert recipe.base_config() is not None
 
 
+def _describe_tables(tables) -> str:
+    """What `Recipe.embeddings_support` must say, derived from the table quantizers themselves."""
+    if tables is None:
+        return "float"
+    w = tables.weight
+    scales = f", {str(w.scale_dtype).removeprefix('torch.')} scales" if w.scale_dtype else ""
+    return f"int{w.bits} per row{scales} (tied: one grid)"
+
+
 def test_what_forge_recipes_says_matches_the_quantizers():
     """`forge recipes` reads only the torch-free record; its words agree with the numerics they stand for."""
-    from forge_qat.recipe_numerics import describe_tables
-
     for recipe in RECIPES.values():
-        assert recipe.embeddings_support == describe_tables(recipe.embeddings), recipe.name
+        assert recipe.embeddings_support == _describe_tables(recipe.embeddings), recipe.name
         assert (recipe.expert_stacks is None) == (recipe.convert_expert_stack is None), recipe.name
 
 
@@ -49,11 +55,11 @@ def test_gpu_recipes_gate_both_ways(name, monkeypatch):
     monkeypatch.setattr(hardware, "cuda_available", lambda: False)
     monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: False)
     with pytest.raises(HardwareError, match="CUDA"):
-        check_convert_hardware(get_recipe(name))
+        get_recipe(name).check_convert_hardware()
     monkeypatch.setattr(hardware, "cuda_available", lambda: True)
     monkeypatch.setattr(hardware, "has_cuda_capability", lambda major, minor: True)
     monkeypatch.setattr(hardware, "has_mslk", lambda: True)
-    check_convert_hardware(get_recipe(name))  # no error once every requirement is met
+    get_recipe(name).check_convert_hardware()  # no error once every requirement is met
     assert get_recipe(name).missing_for_convert() == []
 
 
@@ -85,10 +91,14 @@ def test_forge_recipes_table_shows_every_name():
 
 
 def test_docs_recipe_table_matches_registry():
-    """README's recipe table is generated from the registry (scripts: `python -m forge_qat.docs`)."""
+    """README's recipe table is generated from the registry (scripts: `python tools/recipe_docs.py`)."""
+    import importlib.util
     from pathlib import Path
 
-    from forge_qat.docs import recipe_table_markdown
-
+    tool = Path(__file__).parents[1] / "tools" / "recipe_docs.py"  # a repository tool, not shipped in the wheel
+    spec = importlib.util.spec_from_file_location("recipe_docs", tool)
+    recipe_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_docs)
+    recipe_table_markdown = recipe_docs.recipe_table_markdown
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert recipe_table_markdown() in readme

@@ -12,8 +12,10 @@ from safetensors import safe_open
 
 from forge_qat.config import TrainConfig
 from forge_qat.errors import InputError
-from forge_qat.finalize import FinalizeRequest, finalize
-from forge_qat.stream_convert import split_blocks
+from forge_qat.finalize.blocks import split_blocks
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.qat.registry import get_recipe
 from forge_qat.train.trainer import run_training
 
 
@@ -48,7 +50,7 @@ def assert_same_artifact(a, b):
 @pytest.mark.parametrize("recipe", ["int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight"])
 @pytest.mark.parametrize("shard_bytes", [10**9, 30_000])
 def test_streaming_equals_in_memory(qat_run, tmp_path, recipe, shard_bytes):
-    common = dict(source=qat_run, ptq=recipe, max_shard_bytes=shard_bytes)
+    common = dict(source=qat_run, ptq=get_recipe(recipe), max_shard_bytes=shard_bytes)
     in_memory = finalize(FinalizeRequest(dest=tmp_path / "mem", streaming=False, **common))
     streamed = finalize(FinalizeRequest(dest=tmp_path / "stream", streaming=True, **common))
     assert streamed.streaming and not in_memory.streaming
@@ -80,8 +82,8 @@ def test_live_reader_joins_every_gather_in_order_whatever_it_reads():
     import contextlib
 
     from forge_qat.errors import ConversionError
+    from forge_qat.finalize.live import LiveModelReader
     from forge_qat.models import preset_model
-    from forge_qat.stream_convert import LiveModelReader
 
     model, _ = preset_model("micro-llama")
     params = dict(model.named_parameters())
@@ -134,9 +136,11 @@ PEAK_PROBE = textwrap.dedent("""
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.qat.registry import get_recipe
     def run(src, dest):
-        finalize(FinalizeRequest(source=Path(src), dest=Path(dest), ptq="int8-dynamic-act-int4-weight",
+        finalize(FinalizeRequest(source=Path(src), dest=Path(dest), ptq=get_recipe("int8-dynamic-act-int4-weight"),
                                  streaming=sys.argv[3] == "1", max_shard_bytes=4_000_000))
     run(sys.argv[4], sys.argv[2] + "-warmup")  # first-use imports and caches, not measured
     Path("/proc/self/clear_refs").write_text("5")

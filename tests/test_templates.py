@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from forge_qat.cli import app
 from forge_qat.config import build_config
 from forge_qat.errors import ConfigError, OutputExistsError
-from forge_qat.recipes import DEFAULT_RECIPE, RECIPES, recipe_names
+from forge_qat.qat.registry import DEFAULT_RECIPE, RECIPES, recipe_names
 from forge_qat.resources import data_dir
 from forge_qat.templates import environment, render_project, template_names
 

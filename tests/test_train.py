@@ -7,10 +7,11 @@ import torch
 from conftest import CrashAt, micro_train_args
 from typer.testing import CliRunner
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
 from forge_qat.errors import OutputExistsError, OutputWriteError
+from forge_qat.formats.run_dir import checkpoint_dirs
+from forge_qat.train.checkpointing import restore_rng_state, rng_state
 from forge_qat.train.trainer import run_training
 
 runner = CliRunner()
@@ -36,7 +37,7 @@ def test_cli_train_writes_hf_checkpoints(tmp_path, text_file):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all({"loss", "lr", "tokens_per_s", "fake_quant"} <= r.keys() for r in records)
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
-    ckpts = ckpt_io.checkpoint_dirs(out)
+    ckpts = checkpoint_dirs(out)
     assert [s for s, _ in ckpts] == [2, 4]
     final = ckpts[-1][1]
     meta = json.loads((final / "forge_checkpoint.json").read_text())
@@ -79,8 +80,8 @@ def test_resume_continues_identically(tmp_path, text_file):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["fake_quant"] for r in resumed] == [False, False, True, True, True, True]
-    a_final = ckpt_io.checkpoint_dirs(tmp_path / "a")[-1][1] / "model.safetensors"
-    b_final = ckpt_io.checkpoint_dirs(tmp_path / "b")[-1][1] / "model.safetensors"
+    a_final = checkpoint_dirs(tmp_path / "a")[-1][1] / "model.safetensors"
+    b_final = checkpoint_dirs(tmp_path / "b")[-1][1] / "model.safetensors"
     from safetensors.torch import load_file
 
     sa, sb = load_file(a_final), load_file(b_final)
@@ -114,10 +115,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, text_file, monkeypat
             raise OSError("disk full")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(ckpt_io.torch, "save", flaky_save)
+    monkeypatch.setattr(torch, "save", flaky_save)
     with pytest.raises(OutputWriteError, match="cannot write checkpoint .*disk full"):
         run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "r", text_file)))
-    assert [s for s, _ in ckpt_io.checkpoint_dirs(tmp_path / "r")] == [2]
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "r")] == [2]
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")], "temporary dirs left behind"
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +171,7 @@ def test_cli_resume_continues_with_the_recorded_config(tmp_path, text_file):
     again = runner.invoke(app, ["train", "--resume", "--output-dir", str(out), "--max-steps", "4"])
     assert again.exit_code == 0, again.output
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
-    meta = json.loads((ckpt_io.checkpoint_dirs(out)[-1][1] / "forge_checkpoint.json").read_text())
+    meta = json.loads((checkpoint_dirs(out)[-1][1] / "forge_checkpoint.json").read_text())
     assert meta["train_config"]["model"] == "micro-llama" and meta["train_config"]["lr"] == 0.002
     assert meta["train_config"]["max_steps"] == 4
     missing = runner.invoke(app, ["train", "--resume", "--output-dir", str(tmp_path / "nope")])
@@ -204,16 +205,15 @@ def test_losses_stay_on_the_device_until_once_per_step(tmp_path, text_file, monk
 
 
 def test_rng_state_round_trip_and_cuda_state_without_cuda(caplog):
-    from forge_qat import checkpoint as ckpt_io
 
-    state = ckpt_io.rng_state()
+    state = rng_state()
     expected = torch.rand(3)
     torch.rand(5)
-    ckpt_io.restore_rng_state(state)
+    restore_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
     if not torch.cuda.is_available():
         assert "cuda_rng" not in state
-        ckpt_io.restore_rng_state({**state, "cuda_rng": [torch.zeros(16, dtype=torch.uint8)]})
+        restore_rng_state({**state, "cuda_rng": [torch.zeros(16, dtype=torch.uint8)]})
         assert "random state of 1 CUDA device" in caplog.text
 
 
@@ -230,7 +230,7 @@ def test_logged_eval_loss_is_what_forge_eval_reports_for_that_checkpoint(tmp_pat
     logged = {r["step"]: r["eval_loss"] for r in _metrics(out) if "eval_loss" in r}
     assert set(logged) == {2, 4}
     fake_quant = ["--fake-quant", recipe] if recipe != "none" else []
-    for step, ckpt in ckpt_io.checkpoint_dirs(out):
+    for step, ckpt in checkpoint_dirs(out):
         result = runner.invoke(app, ["eval", str(ckpt), "--data", str(chat_file), "--seq-len", "32", "--batch-size",
                                      "2", "--max-batches", "3", *fake_quant, "--json"])
         assert result.exit_code == 0, result.output

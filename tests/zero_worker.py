@@ -51,14 +51,14 @@ if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     import json
     from pathlib import Path
 
-    from forge_qat.checkpoint import write_weights
     from forge_qat.config import TrainConfig
     from forge_qat.errors import ForgeError
+    from forge_qat.train.checkpointing import write_weights
     from forge_qat.train.model_setup import build_models
     from forge_qat.train.optim import resolve_placement
     from forge_qat.train.trainer import make_engine
 
-    cfg = TrainConfig.from_flat(**json.loads(Path(sys.argv[1]).read_text()))
+    cfg = TrainConfig.from_flat(**json.loads(Path(sys.argv[2]).read_text()))  # argv: ENTRY CONFIG
     engine = make_engine(cfg, resolve_placement(cfg))
     try:
         models = build_models(engine, cfg)

@@ -154,7 +154,7 @@ def _run_workers(groups: list[list[tuple[int, Shard]]], tok, options: DataOption
 
 
 def _build(source: Source, tok, options: DataOptions, key: str, final: Path) -> None:
-    from forge_qat.checkpoint import atomic_dir
+    from forge_qat.formats.atomic import atomic_dir
 
     with atomic_dir(final) as tmp:  # the cache appears complete or not at all
         t0 = time.perf_counter()

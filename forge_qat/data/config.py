@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from forge_qat.config_fields import at_least, one_of, option
 from forge_qat.errors import ConfigError
-from forge_qat.options import at_least, one_of, option
 
 if TYPE_CHECKING:
     from forge_qat.data.build import DataOptions, Progress

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forge_qat.config_fields import option
 from forge_qat.errors import ConfigError, InputError
-from forge_qat.options import option
 
 
 @dataclass(kw_only=True)

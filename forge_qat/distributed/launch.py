@@ -1,7 +1,8 @@
-"""Start N ranks of `forge train` on this machine through torch's elastic launcher, and report failures.
+"""Start N ranks of an entry module on this machine through torch's elastic launcher, and report failures.
 
-Called by `forge train --nproc N`. `torch.distributed.launcher.api.elastic_launch` (what torchrun runs)
-starts each rank as `python -m forge_qat.distributed.worker`, with the standard environment (RANK,
+Called by `forge_qat.train.entry` for `forge train --nproc N`; knows nothing of what the ranks run.
+`torch.distributed.launcher.api.elastic_launch` (what torchrun runs) starts each rank as
+`python -m forge_qat.distributed.worker ENTRY ARGS...`, with the standard environment (RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that torchrun and the deepspeed launcher also give
 multi-node jobs, and stops every rank as soon as one fails. The rendezvous is c10d on port 0: the
 launcher's store binds a free port itself and the ranks join that store, so no port is picked and then
@@ -10,7 +11,6 @@ reported as the rank that caused it (see `_cause`) with that rank's one-line err
 signal says so.
 """
 
-import json
 import logging
 import os
 import signal
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, ForgeError
 
 ERROR_DIR_ENV = "FORGE_ERROR_DIR"
@@ -65,37 +64,36 @@ def _log_tail(log_file: Path, lines: int = 15) -> str:
     return "\n".join(said[-lines:])
 
 
-def launch(cfg: TrainConfig, worker: list[str] | None = None) -> None:
-    """Run `cfg.distributed.nproc` ranks to completion, or raise `RankFailedError` for the rank whose failure
-    ended it."""
+def launch(nproc: int, entry: str, args: list[str], worker: list[str] | None = None) -> None:
+    """Run `nproc` ranks of `entry` (a module with `rank_main(args) -> int`) to completion, or raise
+    `RankFailedError` for the rank whose failure ended it. `worker`: the command that starts a rank (tests wrap
+    forge's own)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_nproc(cfg.distributed.nproc)
+    check_nproc(nproc)
     worker = worker or [sys.executable, "-m", "forge_qat.distributed.worker"]
     with tempfile.TemporaryDirectory(prefix="forge-launch-") as tmp:
         tmp = Path(tmp)
-        cfg_file = tmp / "config.json"
-        cfg_file.write_text(json.dumps(cfg.to_dict()))
         (tmp / "errors").mkdir()
         os.environ[ERROR_DIR_ENV] = str(tmp / "errors")
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         if not torch.cuda.is_available():  # ranks share the cores (torchrun sets 1; this keeps them busy)
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.nproc)))
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         # c10d's C++ warnings (e.g. "No backend of type 0 found for Process Group" at teardown) are for torch
         # developers; a user's own TORCH_CPP_LOG_LEVEL wins
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         run_id = uuid.uuid4().hex[:12]
         # Rank 0 keeps the terminal (progress bar); the others write files, shown when they fail.
-        quiet = {r: Std.ALL for r in range(1, cfg.distributed.nproc)}
+        quiet = {r: Std.ALL for r in range(1, nproc)}
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=cfg.distributed.nproc, run_id=run_id, rdzv_backend="c10d",
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend="c10d",
             rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2, start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=str(tmp / "logs"), redirects=quiet))
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # forge reports the failure
         try:
-            elastic_launch(config, entrypoint=worker[0])(*worker[1:], str(cfg_file))
+            elastic_launch(config, entrypoint=worker[0])(*worker[1:], entry, *args)
         except ChildFailedError as e:
             codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
             failed = _cause(codes)

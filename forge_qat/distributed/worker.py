@@ -1,11 +1,12 @@
-"""One rank of a multi-process `forge train`: `python -m forge_qat.distributed.worker CONFIG.json`.
+"""One rank of a multi-process job: `python -m forge_qat.distributed.worker ENTRY ARGS...` runs
+`ENTRY.rank_main(ARGS)` (for `forge train`: `forge_qat.train.entry`).
 
 Started by `forge_qat.distributed.launch` through torch's elastic launcher (or by any launcher that sets
 RANK/WORLD_SIZE/MASTER_*). Reports a failure in one line to stderr and to $FORGE_ERROR_DIR/error-RANK.txt,
 and exits non-zero. Under forge's launcher it dies with it: the kernel kills it when the launcher dies.
+Imports nothing of the product: the entry module is named on the command line.
 """
 
-import json
 import logging
 import os
 import sys
@@ -21,13 +22,12 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from forge_qat.config import TrainConfig
     from forge_qat.errors import ForgeError
-    from forge_qat.progress import RichTrainObserver
-    from forge_qat.train.trainer import run_training
 
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", 0))
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        cfg = TrainConfig.from_flat(**json.loads(open(argv[0]).read()))
-        result = run_training(cfg, RichTrainObserver(console) if rank == 0 else None)
+        return importlib.import_module(argv[0]).rank_main(argv[1:], console)
     except ForgeError as e:
         return _report(str(e), e.exit_code)
     except Exception as e:
@@ -49,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         # a bug or a library failure: keep the traceback for the log
         traceback.print_exc()
         return _report(f"{type(e).__name__}: {e}", 1)
-    if rank == 0:
-        console.print(f"trained {result.steps} steps: loss {result.final_loss:.4f}; checkpoint {result.checkpoint}")
-    return 0
 
 
 PEER_FAILURE_EXIT = 3

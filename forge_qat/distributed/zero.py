@@ -22,15 +22,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forge_qat import hardware, lora
+from forge_qat import hardware
 from forge_qat.distributed import use_cpu_accelerator_without_cuda
 from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
-from forge_qat.layouts import model_layout_reader
+from forge_qat.formats.layouts import model_layout_reader
+from forge_qat.formats.safe_load import UNSAFE_PICKLE, weights_only_loads
+from forge_qat.formats.weights import TensorReader, tied_aliases
+from forge_qat.lora import adapters as lora
 from forge_qat.models import ModelSource, load_model
-from forge_qat.prepare import learned_scale_readers
-from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
-from forge_qat.weights import TensorReader, tied_aliases
+from forge_qat.qat.prepare import learned_scale_readers
 
 use_cpu_accelerator_without_cuda()  # DeepSpeed picks its accelerator when first imported
 import deepspeed  # noqa: E402
@@ -143,7 +144,7 @@ def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, ran
     """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective).
 
     The checkpoint may store tensors in another layout than the model (per-expert MoE weights for fused
-    stacks): rank 0 reads it through `forge_qat.layouts`, so a fused stack's partition is assembled from
+    stacks): rank 0 reads it through `forge_qat.formats.layouts`, so a fused stack's partition is assembled from
     the per-expert tensors slice by slice and no rank holds a whole stack."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
     tied = tied_aliases(model)

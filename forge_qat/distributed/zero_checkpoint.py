@@ -3,7 +3,7 @@
 Called by finalize when `--source` is the `deepspeed/` directory `forge train` writes under ZeRO-3.
 DeepSpeed's own `zero_to_fp32` in lazy mode maps each rank's optimizer-state file and reassembles a
 parameter from its per-rank fp32 partitions only when asked, so no full float copy is written or
-held; this adapts it to the reader interface of `forge_qat.stream_convert` and turns its failures
+held; this adapts it to the reader interface of `forge_qat.finalize.streaming` and turns its failures
 into errors naming the file.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from forge_qat.distributed import use_cpu_accelerator_without_cuda
 from forge_qat.errors import InputError
-from forge_qat.safe_load import UNSAFE_PICKLE, weights_only_loads
+from forge_qat.formats.safe_load import UNSAFE_PICKLE, weights_only_loads
 
 use_cpu_accelerator_without_cuda()  # this module imports deepspeed in its functions
 
@@ -33,7 +33,7 @@ def is_zero_checkpoint(path: Path) -> bool:
 
 
 class ZeroCheckpointReader:
-    """A `forge_qat.weights.TensorReader` over the fp32 master weights of a ZeRO checkpoint."""
+    """A `forge_qat.formats.weights.TensorReader` over the fp32 master weights of a ZeRO checkpoint."""
 
     def __init__(self, directory: Path, tag: str | None = None):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

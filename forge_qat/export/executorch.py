@@ -24,7 +24,7 @@ import torch
 from forge_qat.errors import ConfigError, ConversionError, InputError
 from forge_qat.export.moe import make_exportable
 from forge_qat.export.output import check_output, temporary_output
-from forge_qat.finalize import ARTIFACT_META, artifact_recipe
+from forge_qat.formats.artifact_meta import ARTIFACT_META, ArtifactMeta
 from forge_qat.models import load_config
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,10 @@ def lower(model, max_seq_len: int):
 
 def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = None,
                       overwrite: bool = False) -> ExecutorchReport:
-    recipe = artifact_recipe(artifact)
-    if recipe is None:
-        raise InputError(f"{artifact} is not a forge artifact (no readable {ARTIFACT_META})")
+    meta = ArtifactMeta.read(artifact) if artifact.is_dir() else None
+    if meta is None:
+        raise InputError(f"{artifact} is not a forge artifact (no {ARTIFACT_META})")
+    recipe = meta.recipe
     if recipe not in DELEGATED_RECIPES:
         raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (the linears XNNPACK "
                           f"runs); {artifact} was converted with {recipe}")

@@ -26,8 +26,8 @@ import torch
 from forge_qat import __version__
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.export.output import check_output, temporary_output
+from forge_qat.formats.weights import SafetensorsReader
 from forge_qat.models import load_config, load_tokenizer
-from forge_qat.weights import SafetensorsReader
 
 
 @dataclass(frozen=True, slots=True)

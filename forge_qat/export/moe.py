@@ -8,7 +8,7 @@ runs transformers' `batched_mm` kernel (each token through its routed experts by
 stacks that, indexed by the routed expert ids, dequantize only those experts' rows: work in proportion to
 the active experts, in plain aten ops (gather, subtract, multiply, batched matmul) that ExecuTorch runs.
 The inputs of each projection are quantized as the artifact's linear does (int8 asymmetric per token,
-`forge_qat.fake_quant.quantize_dequantize`, proven equal to torchao's), so the program computes the
+`forge_qat.qat.fake_quant.quantize_dequantize`, proven equal to torchao's), so the program computes the
 artifact's values up to the order of float additions.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import _default_apply_gate
 
-from forge_qat import experts
 from forge_qat.errors import ConfigError
-from forge_qat.fake_quant import AffineSpec, quantize_dequantize
+from forge_qat.qat import experts
+from forge_qat.qat.fake_quant import AffineSpec, quantize_dequantize
 
 PER_TOKEN_INT8_ASYM = AffineSpec(bits=8, granularity="per_token", symmetric=False)
 """`IntxUnpackedToInt8Tensor`'s `int8_asym_per_token` input quantization."""
@@ -55,7 +55,7 @@ class _GatheredStack:
 
 
 class ExportableExperts:
-    """Mixin placed before the experts class (as `forge_qat.experts.install_fake_quant` does): a forward
+    """Mixin placed before the experts class (as `forge_qat.qat.experts.install_fake_quant` does): a forward
     that runs the batched kernel on the gathered stacks."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

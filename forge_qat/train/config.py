@@ -5,19 +5,18 @@ Composed into `forge_qat.config.TrainConfig`; read by `forge_qat.train.trainer` 
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from forge_qat.config_fields import at_least, finite_at_least_zero, one_of, option, positive_finite
 from forge_qat.errors import ConfigError
-from forge_qat.options import at_least, finite_at_least_zero, one_of, option, positive_finite
+from forge_qat.qat.registry import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
 DEFAULT_WARMUP = 20
-RUN_MARKER = "forge_run.json"
-"""The file that marks `RunConfig.output_dir` as a forge run (written by `forge_qat.checkpoint`)."""
 
 
 @dataclass(kw_only=True)
@@ -37,6 +36,8 @@ class RunConfig:
                                     "needs its package; where runs go: README).")
     resume: bool = option(False, "Continue from the latest checkpoint in output_dir.", cli_only=True)
     overwrite: bool = option(False, "Replace an existing output_dir.", cli_only=True)
+    finalize_recipe: Recipe | None = field(init=False, default=None, repr=False, compare=False)
+    """The registry record of `finalize`, resolved once when the section is built."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "eval_batches", "save_total_limit")
@@ -47,9 +48,7 @@ class RunConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         if self.finalize is not None:
-            from forge_qat.recipes import get_recipe  # the registry loads torchao: only when a run finalizes
-
-            get_recipe(self.finalize)
+            self.finalize_recipe = get_recipe(self.finalize)
 
     def eval_due(self, done: int, max_steps: int) -> bool:
         return done == max_steps or bool(self.eval_every and done % self.eval_every == 0)

@@ -3,7 +3,7 @@ ZeRO, and nothing of the product (no checkpoint format, no teacher, no finalize)
 
 `Engine` is the protocol; `forge_qat.train.local.LocalEngine` runs one process on one device and
 `forge_qat.distributed.zero.ZeroEngine` runs DeepSpeed. Chosen by `forge_qat.train.trainer`; model setup
-(`model_setup`) and the checkpoint writer (`forge_qat.checkpoint`) use them through the protocol only.
+(`model_setup`) and the checkpoint writer (`forge_qat.formats.checkpoint`) use them through the protocol only.
 """
 
 from collections.abc import Callable, Iterator
@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from forge_qat.formats.weights import tied_aliases
 from forge_qat.models import ModelSource
-from forge_qat.weights import tied_aliases
 
 
 class Engine(Protocol):

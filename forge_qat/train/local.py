@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from forge_qat import checkpoint as ckpt_io
+from forge_qat.formats import checkpoint as ckpt_io
 from forge_qat.models import ModelSource, load_model
 
 

@@ -13,13 +13,14 @@ import torch
 from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import PreTrainedTokenizerBase
 
-from forge_qat import experts, lora
 from forge_qat.config import TrainConfig
-from forge_qat.coverage import Coverage, plan
-from forge_qat.layouts import Layout, model_layout_reader
+from forge_qat.formats.layouts import Layout, model_layout_reader
+from forge_qat.lora import adapters as lora
 from forge_qat.models import ModelSource, open_model_source
-from forge_qat.prepare import LearnScales, learned_scales, prepare_float8_training, prepare_qat
-from forge_qat.recipes import DEFAULT_RECIPE, Recipe, get_recipe
+from forge_qat.qat import experts
+from forge_qat.qat.coverage import Coverage, plan
+from forge_qat.qat.prepare import LearnScales, learned_scales, prepare_float8_training, prepare_qat
+from forge_qat.qat.registry import DEFAULT_RECIPE, Recipe, get_recipe
 from forge_qat.train.engine import Engine
 
 log = logging.getLogger(__name__)

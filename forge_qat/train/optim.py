@@ -14,10 +14,10 @@ from transformers import get_scheduler
 from forge_qat import hardware
 from forge_qat.config import TrainConfig
 from forge_qat.errors import HardwareError
+from forge_qat.formats.weights import true_shape
 from forge_qat.models import is_preset
-from forge_qat.prepare import learned_scales
+from forge_qat.qat.prepare import learned_scales
 from forge_qat.train.scale_watch import sample_evenly
-from forge_qat.weights import true_shape
 
 
 @dataclass(frozen=True, slots=True)

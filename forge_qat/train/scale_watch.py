@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from forge_qat.prepare import learned_scales
+from forge_qat.qat.prepare import learned_scales
 
 log = logging.getLogger(__name__)
 

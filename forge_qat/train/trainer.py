@@ -1,9 +1,9 @@
 """The training loop of `forge train`, the same on every engine: setup, step, maybe_eval, maybe_save,
 resume, finish.
 
-Called by the CLI and the distributed worker (`run_training`), the demo and the tests. What differs between
-one process and DeepSpeed ZeRO is the engine (`forge_qat.train.engine`); model setup is
-`forge_qat.train.model_setup`, checkpoints are `forge_qat.checkpoint`, eval is `forge_qat.evaluate.mean_loss`.
+Called by `forge_qat.train.entry` (the CLI and each rank of a launched job), the demo and the tests. What differs
+between one process and DeepSpeed ZeRO is the engine (`forge_qat.train.engine`); model setup is
+`forge_qat.train.model_setup`, checkpoints are `forge_qat.train.checkpointing`, eval is `forge_qat.eval.loop`.
 Reports progress to an optional `TrainObserver` on rank 0; it never prints.
 """
 
@@ -17,18 +17,22 @@ from typing import Any, Protocol
 
 import torch
 
-from forge_qat import checkpoint as ckpt_io
-from forge_qat import distill
 from forge_qat.config import TrainConfig, resume_fixed_names
 from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_token_store
-from forge_qat.errors import ConfigError, TrainingDivergedError
-from forge_qat.evaluate import mean_loss
-from forge_qat.finalize import FinalizeRequest, finalize, finalize_live
+from forge_qat.distill import objective as distill
+from forge_qat.errors import ConfigError, InputError, TrainingDivergedError
+from forge_qat.eval.loop import mean_loss
+from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.job import FinalizeRequest
+from forge_qat.finalize.live import finalize_live
+from forge_qat.formats.atomic import remove_stale_temporaries
+from forge_qat.formats.checkpoint import CheckpointMeta, read_checkpoint_meta
+from forge_qat.formats.run_dir import METRICS, check_run_dir, checkpoint_dirs, is_run_dir, start_run_dir, trim_metrics
 from forge_qat.models import load_model_tokenizer
-from forge_qat.prepare import check_convert_hardware, reinitialize_learned_scales, set_fake_quant_enabled
-from forge_qat.qat_config import NO_RECIPE
-from forge_qat.recipes import get_recipe
+from forge_qat.qat.config import NO_RECIPE
+from forge_qat.qat.prepare import reinitialize_learned_scales, set_fake_quant_enabled
 from forge_qat.train import tracking
+from forge_qat.train.checkpointing import load_weights_into, restore_rng_state, save_checkpoint
 from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
 from forge_qat.train.model_setup import TrainingModels, build_models
@@ -80,15 +84,16 @@ def run_training(cfg: TrainConfig, observer: TrainObserver | None = None) -> Tra
 
 
 def sees_run_dir(out: Path) -> bool:
-    return (out / ckpt_io.RUN_MARKER).is_file()
+    """Whether this rank sees the run directory rank 0 created (tests replace it to simulate a rank without)."""
+    return is_run_dir(out)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, observer: TrainObserver | None = None, engine: Engine | None = None):
         self.cfg = cfg
         self.placement = resolve_placement(cfg)
-        if cfg.run.finalize:
-            check_convert_hardware(get_recipe(cfg.run.finalize))  # before any training, not after it
+        if cfg.run.finalize_recipe:
+            cfg.run.finalize_recipe.check_convert_hardware()  # before any training, not after it
         self.engine = engine or make_engine(cfg, self.placement)
         self.main = self.engine.rank == 0
         self.observer = observer if self.main else None
@@ -105,7 +110,7 @@ class Trainer:
         self.observer and self.observer.on_start(self.cfg.optim.max_steps, start)
         trackers = tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out, self.cfg.to_dict()) \
             if self.main else None
-        metrics = (self.out / ckpt_io.METRICS).open("a") if self.main else None
+        metrics = (self.out / METRICS).open("a") if self.main else None
         try:
             for step in range(start, self.cfg.optim.max_steps):
                 record = self.step(step)
@@ -133,7 +138,7 @@ class Trainer:
         the directory be replaced."""
         cfg = self.cfg
         if self.main:
-            ckpt_io.check_run_dir(self.out, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+            check_run_dir(self.out, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
             self._log_plan()
         # Data first: a bad record fails the run before a large model loads, and tokenizing (long, once per
         # data set) happens before the collectives of building the model start their timeouts.
@@ -158,24 +163,24 @@ class Trainer:
         teacher = self.engine.wrap_frozen(self.models.teacher) if self.models.teacher is not None else None
         self.objective = distill.objective(cfg.distill, teacher)
         if self.main and not cfg.run.resume:
-            ckpt_io.start_run_dir(self.out, cfg.to_dict())
+            start_run_dir(self.out, cfg.to_dict())
         self._check_shared_run_dir()
 
     def _resumed_scale_lr(self, computed: float) -> float:
         """The default scale learning rate of a resumed run: the one its checkpoint trained with. Runs written
         before the default became relative (a share of the scales' median) trained their scales at `--lr`, and
         continue so (with a warning) rather than at a learning rate they never had."""
-        ckpts = ckpt_io.checkpoint_dirs(self.out)
+        ckpts = checkpoint_dirs(self.out)
         if not ckpts:
             return computed  # resume() refuses this run directory
         path = ckpts[-1][1]
-        meta = ckpt_io.read_checkpoint_meta(path) or {}
-        recorded = meta.get("scale_lr") or meta.get("learned_scales", {}).get("peak_lr")
+        meta = read_checkpoint_meta(path)
+        recorded = meta.trained_scale_lr if meta else None
         if recorded is not None:
             if self.main:
                 log.info("learned scales: peak learning rate %.3g, as the run started", recorded)
             return recorded
-        recorded = meta.get("lr", self.placement.lr)
+        recorded = meta.lr if meta and meta.lr is not None else self.placement.lr
         if self.main:
             log.warning("--resume: %s predates the relative default scale learning rate and trained its scales at "
                         "--lr; they continue at %.3g (a new run would use %.3g)", path, recorded, computed)
@@ -279,57 +284,62 @@ class Trainer:
     def maybe_save(self, done: int) -> None:
         if not self.cfg.run.save_due(done, self.cfg.optim.max_steps):
             return
-        meta = self._checkpoint_meta()
+        movement = None
         if self.scale_watch is not None and done > self.cfg.qat.fake_quant_after_steps:
-            meta["learned_scales"] = {**self.scale_watch.movement(self.models.student, self.engine.full_tensor),
-                                      "peak_lr": self.scale_lr}
+            movement = {**self.scale_watch.movement(self.models.student, self.engine.full_tensor),
+                        "peak_lr": self.scale_lr}
             if self.main:
-                report_scale_movement(meta["learned_scales"], done, self.scale_lr)
+                report_scale_movement(movement, done, self.scale_lr)
         state = {"scale_watch": self.scale_watch.state()} if self.scale_watch is not None else None
-        self.last_checkpoint = ckpt_io.save_checkpoint(self.engine, self.models.student, self.out, done,
-                                                       self.models.tokenizer, meta, self.cfg.run.save_total_limit,
-                                                       self.models.layout, trainer_state=state)
+        self.last_checkpoint = save_checkpoint(self.engine, self.models.student, self.out, self.models.tokenizer,
+                                               self._checkpoint_meta(done, movement), self.cfg.run.save_total_limit,
+                                               self.models.layout, trainer_state=state)
         self.observer and self.last_checkpoint and self.observer.on_checkpoint(self.last_checkpoint)
 
-    def _checkpoint_meta(self) -> dict[str, Any]:
-        return {"qat_recipe": self.cfg.qat.recipe_name, "fp8_recipe": self.cfg.qat.fp8_recipe,
-                "precision": self.placement.precision, "lr": self.placement.lr,
-                "world_size": self.engine.world_size, "train_config": self.cfg.to_dict(), "scale_lr": self.scale_lr,
-                "data_key": self.train_data.key}
+    def _checkpoint_meta(self, step: int, movement: dict[str, Any] | None) -> CheckpointMeta:
+        return CheckpointMeta(step=step, qat_recipe=self.cfg.qat.recipe_name, fp8_recipe=self.cfg.qat.fp8_recipe,
+                              precision=self.placement.precision, lr=self.placement.lr,
+                              world_size=self.engine.world_size, uses_deepspeed=self.cfg.distributed.uses_deepspeed,
+                              train_config=self.cfg.to_dict(), scale_lr=self.scale_lr, data_key=self.train_data.key,
+                              learned_scales=movement)
 
     # ---- resume and finish ------------------------------------------------------------------------
 
     def resume(self) -> int:
         """Continue from the run's latest checkpoint, refusing one whose settings or data differ; returns its
         step."""
-        ckpts = ckpt_io.checkpoint_dirs(self.out)
+        ckpts = checkpoint_dirs(self.out)
         if not ckpts:
             raise ConfigError(f"--resume: {self.out} has no complete checkpoint yet; start again with --overwrite")
         step, path = ckpts[-1]
-        self._check_resumable(path, ckpt_io.read_checkpoint_meta(path))
+        meta = read_checkpoint_meta(path)
+        if meta is None:
+            raise InputError(f"--resume: {path} has no forge metadata; start a new run from its weights with "
+                             f"--model {path}")
+        self._check_resumable(path, meta)
         if self.main:
-            ckpt_io.remove_stale_temporaries(self.out)
+            remove_stale_temporaries(self.out)
         if not self.engine.state_includes_weights:
-            ckpt_io.load_weights_into(self.models.student, path)
+            load_weights_into(self.models.student, path)
         state = self.engine.load_state(path)
-        ckpt_io.restore_rng_state(state)
+        restore_rng_state(state)
         if state.get("scale_watch") is not None:
             self.scale_watch = ScaleWatch.from_state(state["scale_watch"])
         if self.main:
-            ckpt_io.trim_metrics(self.out, step)
+            trim_metrics(self.out, step)
             log.info("resumed from %s (step %d)", path, step)
         return step
 
-    def _check_resumable(self, path: Path, meta: dict[str, Any]) -> None:
-        cfg, recorded = self.cfg, meta.get("train_config", {})
-        if meta.get("qat_recipe") != cfg.qat.recipe_name:
-            raise ConfigError(f"--resume: {path} was trained with QAT recipe {meta.get('qat_recipe') or NO_RECIPE}, "
+    def _check_resumable(self, path: Path, meta: CheckpointMeta) -> None:
+        cfg, recorded = self.cfg, meta.train_config
+        if meta.qat_recipe != cfg.qat.recipe_name:
+            raise ConfigError(f"--resume: {path} was trained with QAT recipe {meta.qat_recipe or NO_RECIPE}, "
                               f"this run asks for {cfg.qat.recipe_name or NO_RECIPE}")
-        written_by, deepspeed = meta.get("world_size", 1), cfg.distributed.uses_deepspeed
-        if written_by != self.engine.world_size or bool(recorded.get("zero_stage")) != deepspeed:
+        written_by, deepspeed = meta.world_size, cfg.distributed.uses_deepspeed
+        if written_by != self.engine.world_size or meta.deepspeed != deepspeed:
             raise ConfigError(
                 f"--resume: {path} holds optimizer state for {written_by} process(es)"
-                f"{' under DeepSpeed' if recorded.get('zero_stage') else ''}; this run has "
+                f"{' under DeepSpeed' if meta.deepspeed else ''}; this run has "
                 f"{self.engine.world_size}{' under DeepSpeed' if deepspeed else ''}. Resume with the same "
                 f"--nproc/--zero-stage, or start a new run from its weights with --model {path}")
         changed = [f"{k} {recorded[k]!r} -> {cfg.get(k)!r}" for k in resume_fixed_names()
@@ -339,7 +349,7 @@ class Trainer:
                               f"restored optimizer, schedule and data order would not follow them. Resume with "
                               f"the recorded values (only --max-steps and eval/save frequencies may change), or "
                               f"start a new run from its weights with --model {path}")
-        if meta.get("data_key", self.train_data.key) != self.train_data.key:
+        if (meta.data_key or self.train_data.key) != self.train_data.key:
             raise ConfigError(f"--resume: the training data {cfg.data.train_data} (or the tokenizer) changed since "
                               f"{path} was written: its files differ in size or modification time, so the batches "
                               f"would not continue the run. Restore the original files, or start a new run from "
@@ -348,9 +358,9 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Finalize the last checkpoint when asked (from the saved checkpoint on one process; from the live
         model, gathered block by block, under DeepSpeed), then leave the engine."""
-        recipe = self.cfg.run.finalize
+        recipe = self.cfg.run.finalize_recipe
         if recipe:
-            dest = self.out / f"final-{recipe}"
+            dest = self.out / f"final-{recipe.name}"
             if not self.cfg.distributed.uses_deepspeed:
                 artifact = finalize(FinalizeRequest(source=self.last_checkpoint, dest=dest, qat_convert=recipe,
                                                     overwrite=True)).dest

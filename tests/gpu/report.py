@@ -35,8 +35,8 @@ def step_times() -> dict[str, float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from forge_qat.prepare import prepare_qat
-    from forge_qat.recipes import RECIPES
+    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.registry import RECIPES
 
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                          num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048)

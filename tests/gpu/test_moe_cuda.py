@@ -5,9 +5,11 @@ import pytest
 import torch
 from conftest import tiny_moe
 
-from forge_qat import experts, hardware
-from forge_qat.prepare import convert_qat, prepare_qat
-from forge_qat.recipes import get_recipe
+from forge_qat import hardware
+from forge_qat.qat import experts
+from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.prepare import prepare_qat
+from forge_qat.qat.registry import get_recipe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import micro_train_args
 
-from forge_qat import checkpoint as ckpt_io
 from forge_qat.config import TrainConfig
-from forge_qat.recipes import get_recipe, recipe_names
+from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.run_dir import METRICS, checkpoint_dirs
+from forge_qat.qat.registry import get_recipe, recipe_names
 from forge_qat.train.trainer import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,9 +30,10 @@ def test_train_finalize_reload_on_cuda(tmp_path, text_file, recipe):
     from transformers import AutoModelForCausalLM
 
     import forge_qat.torchao_compat  # noqa: F401  (int4 MoE artifacts; harmless here)
-    from forge_qat.finalize import ARTIFACT_META, sample_batch
+    from forge_qat.finalize.convert import sample_batch
+    from forge_qat.formats.artifact_meta import ARTIFACT_META
     from forge_qat.models import load_model
-    from forge_qat.prepare import prepare_qat
+    from forge_qat.qat.prepare import prepare_qat
 
     r = get_recipe(recipe)
     if missing := r.missing_for_convert():
@@ -61,10 +63,10 @@ def test_learned_scales_train_on_cuda_and_convert_exactly(tmp_path, text_file):
     the checkpoint's weights and learned scales."""
     from transformers import AutoModelForCausalLM
 
-    from forge_qat.finalize import sample_batch
+    from forge_qat.finalize.convert import sample_batch
     from forge_qat.models import load_model
-    from forge_qat.prepare import LearnScales, prepare_qat
-    from forge_qat.recipes import DEFAULT_RECIPE
+    from forge_qat.qat.prepare import LearnScales, prepare_qat
+    from forge_qat.qat.registry import DEFAULT_RECIPE
 
     result = run_training(TrainConfig.from_flat(**_run_args(tmp_path, text_file, qat_recipe=DEFAULT_RECIPE,
                                                   qat_learn_scales=True, finalize=DEFAULT_RECIPE)))
@@ -82,18 +84,19 @@ def test_learned_scales_train_on_cuda_and_convert_exactly(tmp_path, text_file):
 def test_zero3_on_two_gpus_matches_one_process_and_finalizes_three_ways(tmp_path, text_file):
     from test_streaming import assert_same_artifact
 
-    from forge_qat.distributed.launch import launch
-    from forge_qat.finalize import FinalizeRequest, finalize
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.train.entry import launch_training
 
     recipe = "int8-dynamic-act-int4-weight"
     one = run_training(TrainConfig.from_flat(**_run_args(tmp_path / "one", text_file, batch_size=8)))
-    launch(TrainConfig.from_flat(**_run_args(tmp_path / "two", text_file, nproc=2, zero_stage=3, dist_timeout_s=120,
-                                   finalize=recipe)))
-    losses, reference = ([json.loads(line)["loss"] for line in (tmp_path / run / "run" / ckpt_io.METRICS).read_text()
+    launch_training(TrainConfig.from_flat(**_run_args(tmp_path / "two", text_file, nproc=2, zero_stage=3,
+                                                       dist_timeout_s=120, finalize=recipe)))
+    losses, reference = ([json.loads(line)["loss"] for line in (tmp_path / run / "run" / METRICS).read_text()
                           .splitlines()] for run in ("two", "one"))
     assert losses == pytest.approx(reference, rel=2e-2)
     assert one.steps == len(losses)
-    ckpt = ckpt_io.checkpoint_dirs(tmp_path / "two" / "run")[-1][1]
+    ckpt = checkpoint_dirs(tmp_path / "two" / "run")[-1][1]
     finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "hf", streaming=True))
     finalize(FinalizeRequest(source=ckpt / "deepspeed", dest=tmp_path / "zero"))
     assert_same_artifact(tmp_path / "hf", tmp_path / "zero")
@@ -105,7 +108,7 @@ def test_mse_scale_start_on_cuda_is_as_near_as_on_cpu(dtype):
     """The learned scales' default start computed on the GPU, from a bf16 weight as DeepSpeed holds it too:
     on the GPU, on the recipe's bf16 scale grid, and as near the weights as the CPU's choice (a sum may
     round differently and break a near tie the other way; the error may not be worse)."""
-    from forge_qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale
+    from forge_qat.qat.fake_quant import LearnedScaleFakeQuantizer, initial_scale
 
     spec = get_recipe("int8-dynamic-act-int4-weight-bf16-scales").fake_quant.weight
     torch.manual_seed(0)

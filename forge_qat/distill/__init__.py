@@ -1,0 +1,1 @@
+"""Knowledge distillation: the training objective and its config section."""

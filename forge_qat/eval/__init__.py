@@ -1,0 +1,1 @@
+"""Evaluation: the token-weighted loss loop, model scoring, comparison, plots."""

@@ -1,0 +1,39 @@
+"""What an export reads: a finalized artifact as given, or a float checkpoint finalized on the way with the
+recipe `--recipe` names, into a temporary directory beside the output that is removed afterwards.
+
+Called by `forge export`.
+"""
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.models import is_quantized_artifact
+from forge_qat.qat.registry import Recipe
+
+
+def artifact_of(source: Path, recipe: Recipe | None, output: Path) -> contextlib.AbstractContextManager[Path]:
+    """`source` itself when it is an artifact; else finalized with `recipe` beside `output`."""
+    if is_quantized_artifact(source):
+        if recipe:
+            raise ConfigError(f"{source} is already an artifact; --recipe converts float checkpoints")
+        return contextlib.nullcontext(source)
+    if not recipe:
+        raise InputError(f"{source} is not a finalized artifact; give one (forge finalize) or add --recipe to "
+                         f"convert this checkpoint on the way")
+    return _converted(source, recipe, output)
+
+
+@contextlib.contextmanager
+def _converted(source: Path, recipe: Recipe, output: Path):
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    tmp = output.with_name(f".{output.name}.artifact-{os.getpid()}")
+    try:
+        finalize(FinalizeRequest(source=source, dest=tmp, qat_convert=recipe, streaming=True, overwrite=True))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

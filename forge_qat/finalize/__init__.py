@@ -1,0 +1,1 @@
+"""Finalize: a trained float checkpoint to a verified low-bit artifact."""

@@ -1,0 +1,185 @@
+"""What a finalize converts and how: the request (recipes already resolved by the caller), the job chosen from
+it and the checkpoint's metadata alone, the destination check, and where and in which dtype convert runs.
+
+Called by every finalize route (`forge_qat.finalize.convert`, `.streaming`, `.live`) before any weight loads.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from forge_qat.errors import ConfigError, InputError, OutputExistsError
+from forge_qat.formats import adapters as adapter_files
+from forge_qat.formats.artifact import DEFAULT_MAX_SHARD_BYTES
+from forge_qat.formats.artifact_meta import is_forge_artifact
+from forge_qat.formats.checkpoint import LEARNED_SCALES, CheckpointMeta, read_checkpoint_meta, read_learned_scales
+from forge_qat.formats.run_dir import resolve_checkpoint
+from forge_qat.lora.config import LoraConfig
+from forge_qat.models import check_model_dir, is_quantized_artifact
+from forge_qat.qat.registry import Recipe, get_recipe, recipe_names
+
+STREAMING_THRESHOLD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalizeRequest:
+    source: Path
+    dest: Path
+    qat_convert: Recipe | None = None
+    """Recipe to convert with; None means the one recorded in the checkpoint."""
+    ptq: Recipe | None = None
+    """Explicit post-training quantization with this recipe (for baselines)."""
+    fmt: str = "auto"
+    dry_run: bool = False
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    streaming: bool | None = None
+    """Convert block by block with bounded memory (None: when the float weights exceed 2 GB)."""
+
+    def __post_init__(self) -> None:
+        for name in ("qat_convert", "ptq"):
+            if not isinstance(getattr(self, name), Recipe | None):  # a name: resolve it where it was given
+                raise TypeError(f"FinalizeRequest.{name} takes a Recipe (forge_qat.qat.registry.get_recipe), "
+                                f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertJob:
+    """What a finalize converts and how, decided from the request and the checkpoint's metadata alone."""
+
+    checkpoint: Path
+    recipe: Recipe
+    mode: str  # "qat" or "ptq"
+    notes: tuple[str, ...]
+    zero_dir: Path | None = None
+    """A ZeRO-3 DeepSpeed checkpoint to read the weights from (config and tokenizer: `checkpoint`)."""
+    learned_scales: bool = False
+    """Convert with the weight scales the checkpoint learned (`--qat-learn-scales`) instead of choosing them."""
+
+    lora: LoraConfig | None = None
+    """The LoRA settings the checkpoint trained with: its adapters are merged (W + s*B@A) before converting."""
+
+    def read_adapters(self) -> dict[str, torch.Tensor] | None:
+        if self.lora is None:
+            return None
+        adapters = adapter_files.read_adapters(self.checkpoint)
+        if not adapters:
+            raise InputError(f"{self.checkpoint} was trained with LoRA (--lora-rank {self.lora.lora_rank}) but lacks "
+                             f"its adapters ({adapter_files.ADAPTER_DIR}/{adapter_files.PEFT_WEIGHTS}); the "
+                             f"checkpoint is incomplete")
+        return adapters
+
+    def read_learned_scales(self) -> dict[str, torch.Tensor] | None:
+        if not self.learned_scales:
+            return None
+        scales = read_learned_scales(self.checkpoint)
+        if scales is None:
+            raise InputError(f"{self.checkpoint} was trained with --qat-learn-scales but lacks its scales "
+                             f"({LEARNED_SCALES}); the checkpoint is incomplete")
+        return scales
+
+
+def choose_job(req: FinalizeRequest) -> ConvertJob:
+    """Decide checkpoint, recipe and QAT-vs-PTQ from the request and the checkpoint metadata only; a recipe
+    whose kernels this machine lacks is refused here, before anything loads."""
+    job = _choose_recipe_job(req)
+    job.recipe.check_convert_hardware()
+    if not job.recipe.artifact_activations:
+        note = (f"{job.recipe.name}'s activation quantization has no torchao form: this artifact runs float "
+                f"activations in transformers (its weights are the trained ones); `forge export --to gguf` writes "
+                f"the model llama.cpp runs with the trained numerics")
+        job = replace(job, notes=(*job.notes, note))
+    return job
+
+
+def _source(req: FinalizeRequest) -> tuple[Path, Path | None, CheckpointMeta | None]:
+    """The checkpoint (config, tokenizer, metadata), the ZeRO state to read weights from if any, its metadata."""
+    if not req.source.exists():
+        raise InputError(f"source {req.source} does not exist")
+    from forge_qat.distributed.zero_checkpoint import is_zero_checkpoint
+
+    zero_dir = req.source if is_zero_checkpoint(req.source) else None
+    ckpt = req.source.parent if zero_dir else resolve_checkpoint(req.source)
+    if zero_dir and not (ckpt / "config.json").is_file():
+        raise InputError(f"ZeRO checkpoint {zero_dir} needs config.json and the tokenizer in {ckpt}")
+    if not zero_dir:
+        check_model_dir(ckpt)
+        if is_quantized_artifact(ckpt):
+            raise InputError(f"{ckpt} is already a quantized artifact; finalize converts float checkpoints (a "
+                             f"checkpoint-N directory or a run directory of `forge train`)")
+    return ckpt, zero_dir, read_checkpoint_meta(ckpt)
+
+
+def _choose_recipe_job(req: FinalizeRequest) -> ConvertJob:
+    if req.qat_convert and req.ptq:
+        raise ConfigError("--qat-convert and --ptq both choose a recipe; give one")
+    ckpt, zero_dir, meta = _source(req)
+    lora = meta.lora if meta else None
+    trained = meta.qat_recipe if meta else None
+    learned = bool(meta and meta.learns_scales)
+    unused = "; the weight scales it learned (--qat-learn-scales) are not used" if learned else ""
+    if req.ptq:
+        return ConvertJob(ckpt, req.ptq, "ptq", (f"{ckpt}: --ptq{unused}",) if unused else (), zero_dir, lora=lora)
+    if req.qat_convert is None and trained is None:
+        raise ConfigError(f"{ckpt} records no QAT recipe; pass --qat-convert RECIPE or --ptq RECIPE "
+                          f"(valid recipes: {', '.join(recipe_names())})")
+    recipe = req.qat_convert or _recorded_recipe(trained, ckpt)
+    if trained is None:
+        note = f"{ckpt} was not QAT-trained: converting it with {recipe.name} is post-training quantization"
+        return ConvertJob(ckpt, recipe, "ptq", (note,), zero_dir, lora=lora)
+    if trained != recipe.name:
+        note = f"{ckpt} was QAT-trained with {trained}; converting with {recipe.name} is post-training quantization"
+        return ConvertJob(ckpt, recipe, "ptq", (note + unused,), zero_dir, lora=lora)
+    return ConvertJob(ckpt, recipe, "qat", (), zero_dir, learned_scales=learned, lora=lora)
+
+
+def _recorded_recipe(name: str, ckpt: Path) -> Recipe:
+    """The registry record of the recipe a checkpoint records: resolved where it is read from disk."""
+    try:
+        return get_recipe(name)
+    except ConfigError as e:
+        raise InputError(f"{ckpt} was trained with recipe {name!r}, which this forge_qat does not know ({e}); pass "
+                         f"--qat-convert or --ptq with a known recipe") from None
+
+
+def check_destination(req: FinalizeRequest, job: ConvertJob) -> None:
+    """`--dest` may not overlap the source, and `--overwrite` replaces only a previous forge artifact (or an
+    empty directory): never a checkpoint, a run, or anything forge did not write."""
+    dest = req.dest.resolve()
+    for source in {req.source.resolve(), job.checkpoint.resolve()}:
+        if dest == source or dest in source.parents or source in dest.parents:
+            raise ConfigError(f"--dest {req.dest} overlaps the source {source}: writing there would replace or "
+                              f"nest inside the checkpoint being converted; choose a destination outside it")
+    if not req.dest.exists():
+        try:
+            req.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot write --dest {req.dest}: {e.strerror or e}") from None
+        return
+    if not req.overwrite:
+        raise OutputExistsError(f"destination {req.dest} exists; pass --overwrite to replace it")
+    if not req.dest.is_dir() or not (is_forge_artifact(req.dest) or not any(req.dest.iterdir())):
+        raise OutputExistsError(f"destination {req.dest} is not a forge artifact (no forge_artifact.json); "
+                                f"--overwrite replaces only forge's own artifacts: choose another --dest")
+
+
+def convert_placement(job: ConvertJob) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a finalize converts and verifies: on the GPU for recipes whose kernels
+    are CUDA kernels, in the dtype those kernels need (bf16), else in the checkpoint's own dtype, so
+    the tensors that stay float are written as they came (a bf16 model's norms and embeddings in bf16)."""
+    from forge_qat.formats.weights import SafetensorsReader
+
+    dtype = job.recipe.convert_dtype
+    if dtype is None:
+        try:
+            dtype = SafetensorsReader.from_dir(job.checkpoint).float_dtype()
+        except InputError:  # weights only in the ZeRO state (read as fp32 masters)
+            dtype = torch.float32
+    return job.recipe.convert_device, dtype
+
+
+def use_streaming(req: FinalizeRequest, job: ConvertJob) -> bool:
+    if req.streaming is not None:
+        return req.streaming
+    return sum(f.stat().st_size for f in job.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES

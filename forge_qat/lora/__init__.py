@@ -1,0 +1,1 @@
+"""LoRA adapters on fake-quantized models, and their config section."""

@@ -1,0 +1,1 @@
+"""QAT: the recipe registry, its numerics, prepare and convert, coverage, fake quantizers."""
