@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), spawned from pytest, against single-process references."""
 
 import json
+import math
 import os
 import sys
 import time
@@ -430,3 +431,38 @@ def test_lora_under_zero3_matches_single_process(tmp_path, data, mode):
         x = sample_batch(tok, fake.config.vocab_size)
         with torch.no_grad():
             torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)
+
+
+def test_lora_under_zero3_in_bf16_with_the_default_learned_scales(tmp_path, data):
+    """The defaults where the CPU runs bf16 natively (`--precision auto` picks bf16 there): LoRA adapters and
+    learned scales (on by default for the int4 recipes) under ZeRO-3 in bf16. DeepSpeed packs the trained
+    partitions into one buffer of one dtype; the float32 adapters beside the bf16 scales made it assert in
+    `defragment` before training. The run trains, resumes, and its live `--finalize` artifact is the fake-quant
+    model of the checkpoint it saved (the fp32 masters), logit for logit."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.config import build_config
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import sample_batch
+    from forge_qat.models import load_model
+    from forge_qat.qat.registry import DEFAULT_RECIPE, get_recipe
+
+    args = _zero_args(tmp_path / "z", data, max_steps=2, save_every=2, lora_rank=4, precision="bf16",
+                      finalize=DEFAULT_RECIPE)
+    launch_training(TrainConfig.from_flat(**args), worker=WORKER)
+    launch_training(build_config(resume=True, output_dir=str(tmp_path / "z"), max_steps=3), worker=WORKER)
+    assert [r["step"] for r in _metrics(tmp_path / "z")] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "z"))
+    ckpt = checkpoint_dirs(tmp_path / "z")[-1][1]
+    meta = json.loads((ckpt / "forge_checkpoint.json").read_text())
+    recorded = meta["train_config"]
+    assert meta["precision"] == "bf16" and recorded["qat_learn_scales"] and recorded["lora_rank"] == 4
+    adapters = read_adapters(ckpt)
+    assert adapters and all(t.dtype == torch.float32 for t in adapters.values())  # the masters
+    assert any(k.endswith("lora_B") and t.abs().max() > 0 for k, t in adapters.items())  # B trained from zero
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "z" / f"final-{DEFAULT_RECIPE}")
+    fake, tok = load_model(str(ckpt), dtype=real.dtype)
+    prepare_as_trained(fake, ckpt, get_recipe(DEFAULT_RECIPE))
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x).logits, fake.eval()(x).logits, rtol=0, atol=0)

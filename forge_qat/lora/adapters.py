@@ -49,7 +49,8 @@ class LoraPair(torch.nn.Module):
     """A and B of one linear layer, (R, in) and (out, R); of an expert stack, one pair per expert,
     (E, R, in) and (E, out, R). A starts as PEFT's default (uniform in +-1/sqrt(in), kaiming-uniform with
     a=sqrt(5)), B at zero, so training starts from the frozen model exactly. float32 whatever the model's
-    dtype: the adapters are the only weights that train."""
+    dtype: the adapters are the only weights that train (under DeepSpeed bf16/fp16 the engine holds them in the
+    module dtype with fp32 masters, as every trained parameter: `forge_qat.train.model_setup`)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, mode: str,
                  experts: int | None = None, device: torch.device | None = None, seed: int = 0):

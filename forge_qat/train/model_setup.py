@@ -73,12 +73,6 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         coverage = prepare_qat(model, recipe, learn=learn)
         if learn is not None:
             scales = learned_scales(model)
-            if engine.param_dtype != torch.float32:
-                # DeepSpeed's mixed precision holds every trained parameter in the module dtype (ZeRO-3 packs
-                # them into one buffer of one dtype, and asserts it) with fp32 masters in the optimizer: the
-                # scales are stored in bf16 too, as torchao's dynamic scales of bf16 weights are.
-                for p in scales.values():
-                    p.data = p.data.to(engine.param_dtype)
             log.info("learned weight scales: %d parameters in %d layers, started by --qat-scale-init %s",
                      sum(p.numel() for p in scales.values()), len(scales), cfg.qat.qat_scale_init)
         log.info("fake quantization: %s", coverage.describe())
@@ -87,6 +81,8 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
     if cfg.lora.enabled:
         _install_lora(model, cfg, coverage)
+    if engine.param_dtype != torch.float32:
+        _hold_trained_in(model, engine.param_dtype)
     if cfg.optim.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.optim.gradient_checkpointing:
@@ -94,6 +90,16 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         # ZeRO-3's parameter hooks, and recomputes the fake quantizers exactly in backward.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return coverage
+
+
+def _hold_trained_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's mixed precision holds every trained parameter in the module dtype, with fp32 masters in the
+    optimizer (which checkpoints save): ZeRO-3 packs the trained partitions into one buffer of one dtype, and
+    asserts it. The parameters forge adds in float32 (learned scales, LoRA adapters) are held in `dtype` too,
+    as torchao's dynamic scales of bf16 weights are."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage | None) -> None:
