@@ -458,22 +458,26 @@ def export_command(
     The trained integer grid is written as it is, not re-quantized."""
     from forge_qat.errors import HardwareError
 
-    if to not in EXPORT_FORMATS:
-        raise _fail(ConfigError(choices_message("export format", to, list(EXPORT_FORMATS))))
+    with _reported():
+        if to not in EXPORT_FORMATS:
+            raise ConfigError(choices_message("export format", to, list(EXPORT_FORMATS)))
+        if max_seq_len is not None and max_seq_len < 3:
+            raise ConfigError(f"--max-seq-len must be at least 3 (prompt and generated tokens), got {max_seq_len}")
     convert_with = _recipe(recipe)
     _setup_logging()
     with _reported():
         try:
             if to == "gguf":
-                from forge_qat.export.gguf import export_gguf as export
-                options = {"pre_tokenizer": pre_tokenizer}
+                from forge_qat.export import gguf as exporter
+                export, options = exporter.export_gguf, {"pre_tokenizer": pre_tokenizer}
             else:
-                from forge_qat.export.executorch import export_executorch as export
-                options = {"max_seq_len": max_seq_len}
+                from forge_qat.export import executorch as exporter
+                export, options = exporter.export_executorch, {"max_seq_len": max_seq_len}
         except ImportError as e:
             raise HardwareError(f"{to} export needs {e.name}: pip install 'forge-qat[export]'") from None
         from forge_qat.export.source import artifact_of
 
+        exporter.check_destination(output, overwrite)  # before a --recipe finalize, not after it
         with artifact_of(source, convert_with, output) as artifact:
             report = export(artifact, output, overwrite=overwrite, **options)
     printer = _print_export if to == "gguf" else _print_pte

@@ -53,3 +53,15 @@ class TrainingDivergedError(ForgeError):
 def choices_message(kind: str, value: object, valid: list[str]) -> str:
     """One phrasing for every 'bad name' error: the bad value and all valid ones."""
     return f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}"
+
+
+def library_message(e: BaseException, limit: int = 400) -> str:
+    """Another library's error as one line of a forge message: its whitespace folded (a wrapped message is
+    not cut at its first line break), and, when longer than `limit`, cut after the last whole sentence that fits
+    (else at a word) and marked as cut."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = head.rfind(". ")
+    return (head[:end + 1] if end > limit // 3 else head.rsplit(" ", 1)[0]) + " [...]"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from forge_qat.errors import InputError, choices_message
+from forge_qat.errors import InputError, choices_message, library_message
 from forge_qat.formats.weights import TensorReader
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,10 @@ def is_quantized_artifact(path: Path) -> bool:
     import json
 
     try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and "quantization_config" in config
 
 
 def check_model_dir(path: Path) -> None:
@@ -120,15 +121,24 @@ def check_model_dir(path: Path) -> None:
 
 def load_config(path: Path):
     """A model directory's config; never runs code from it (`auto_map` models are refused)."""
+    import json
+
     from transformers import AutoConfig
 
     try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the model config in {path}: {library_message(e)}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path / 'config.json'} is not a model config (a JSON object was expected, found "
+                         f"{type(raw).__name__})")
+    try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         if "custom code" in str(e):
             raise InputError(f"{path}: its model type is implemented only by the directory's own Python code "
                              f"(auto_map), which forge never runs; use an architecture transformers ships") from None
-        raise InputError(f"cannot read the model config in {path}: {str(e).splitlines()[0][:300]}") from None
+        raise InputError(f"cannot read the model config in {path}: {library_message(e)}") from None
     if getattr(config, "auto_map", None):
         log.warning("%s declares its own Python code (auto_map); forge never runs code from a model directory and "
                     "uses transformers' built-in %s implementation", path, config.model_type)
@@ -139,8 +149,8 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """A model directory's tokenizer; never runs code from it."""
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model directory {path} has no usable tokenizer: {str(e).splitlines()[0][:300]}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"model directory {path} has no usable tokenizer: {library_message(e)}") from None
 
 
 def load_model_tokenizer(spec: str) -> tuple[PreTrainedTokenizerBase, int | None]:
@@ -186,5 +196,5 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32,
 
             SafetensorsReader.from_dir(path)  # names the broken shard when its header is what is broken
         raise InputError(f"cannot load model from {path} (a truncated or corrupt weights file?): "
-                         f"{str(e).splitlines()[0][:300]}") from None
+                         f"{library_message(e)}") from None
     return (model if torch.device(device).type == "cpu" else model.to(device)), tokenizer

@@ -6,7 +6,6 @@ so a template never spells a recipe name. Called by the CLI's `init` command.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from forge_qat.errors import ConfigError, OutputExistsError, choices_message
+from forge_qat.formats.atomic import atomic_file
 from forge_qat.qat.registry import DEFAULT_RECIPE, RECIPES
 from forge_qat.resources import data_dir
 
@@ -88,11 +88,10 @@ def render_project(dest: Path, template: str, variables: dict[str, Any], overwri
     written = []
     for rel, text in rendered.items():
         out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            tmp.write_text(text)
         manifest[rel.as_posix()] = _digest(out)
         written.append(out)
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with atomic_file(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return written

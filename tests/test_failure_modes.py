@@ -90,6 +90,10 @@ NUMERIC = [
     (["eval", "micro-llama", "--seq-len", "-4"], "--seq-len"),
     (["eval", "micro-llama", "--batch-size", "0"], "--batch-size"),
     (["demo", "--steps", "0"], "--steps"),
+    (["train", "--lora-alpha", "8"], "--lora-alpha"),
+    (["train", "--lora-qat", "separate"], "--lora-qat"),
+    (["export", ".", "--to", "executorch", "--output", "o.pte", "--max-seq-len", "0"], "--max-seq-len"),
+    (["eval", "micro-llama", "--seq-len", "4096"], "max_position_embeddings"),
 ]
 
 
@@ -458,6 +462,315 @@ def probe_killed_launcher_and_killed_rank(tmp_path, run, monkeypatch):
     err = " ".join(err.split())
     assert job.returncode == 128 + signal.SIGKILL and "killed by signal SIGKILL" in err, err[-500:]
     assert "Traceback" not in err
+
+
+# ---- issue 30: exports, LoRA, learned scales, trackers, compare, the token cache ----------------------------
+
+_ARTIFACTS: dict[tuple[Path, str], Path] = {}
+
+
+def _artifact(run, recipe: str = "int8-dynamic-act-int4-weight") -> Path:
+    """The run's checkpoint finalized with `recipe` (once per test session and recipe)."""
+    src, _ = run
+    key = (src, recipe)
+    if key not in _ARTIFACTS:
+        dest = src.parent / f"artifact-{recipe}"
+        flag = "--qat-convert" if recipe == "int8-dynamic-act-int4-weight" else "--ptq"
+        assert _cli("finalize", "--source", src, "--dest", dest, flag, recipe)[0] == 0
+        _ARTIFACTS[key] = dest
+    return _ARTIFACTS[key]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def probe_export_never_replaces_a_users_tokenizer(tmp_path, run, monkeypatch):
+    """The ExecuTorch tokenizer beside `o.pte` is an output like the program: a user's file or a symbolic link
+    there is refused before any work (with or without --overwrite), and nothing is finalized on the way."""
+    src, _ = run
+    user = tmp_path / "o.tokenizer.json"
+    user.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        code, out = _cli("export", src, "--to", "executorch", "--output", tmp_path / "o.pte",
+                         "--recipe", "int8-dynamic-act-int4-weight", *extra)
+        assert code == 1 and "o.tokenizer.json" in out, out
+    assert user.read_text() == "mine"
+    user.unlink()
+    target = tmp_path / "elsewhere.json"
+    target.write_text("theirs")
+    user.symlink_to(target)
+    code, out = _cli("export", src, "--to", "executorch", "--output", tmp_path / "o.pte",
+                     "--recipe", "int8-dynamic-act-int4-weight")
+    assert code == 1 and "symbolic link" in out and target.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.json", "o.tokenizer.json"]
+
+
+def probe_export_sweeps_what_a_killed_export_left(tmp_path, run, monkeypatch):
+    """kill -9 during `forge export` leaves `.OUT.tmp-PID` and, with --recipe, `.OUT.artifact-PID` (a whole
+    quantized model): the next export of OUT removes both."""
+    src, _ = run
+    dead = _dead_pid()
+    tmp_file = tmp_path / f".o.gguf.tmp-{dead}"
+    tmp_file.write_bytes(b"0" * 100)
+    left = tmp_path / f".o.gguf.artifact-{dead}"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"0" * 100)
+    code, out = _cli("export", src, "--to", "gguf", "--output", tmp_path / "o.gguf",
+                     "--recipe", "int8-dynamic-act-int4-weight")
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf"]
+
+
+def probe_export_output_faults_are_one_line(tmp_path, run, monkeypatch):
+    """An output that is a directory, a parent that is a file, a disk that fills, a missing artifact: one line,
+    exit 1, nothing left behind; a missing parent directory is made."""
+    import errno
+
+    import gguf
+
+    art = _artifact(run)
+    (tmp_path / "d.gguf").mkdir()
+    code, out = _cli("export", art, "--to", "gguf", "--output", tmp_path / "d.gguf")
+    assert code == 1 and "is a directory" in out
+    (tmp_path / "file").write_text("x")
+    code, out = _cli("export", art, "--to", "gguf", "--output", tmp_path / "file" / "o.gguf")
+    assert code == 1 and "cannot write" in out
+    code, out = _cli("export", tmp_path / "nothing", "--to", "gguf", "--output", tmp_path / "o.gguf")
+    assert code == 1 and "does not exist" in out
+    assert _cli("export", art, "--to", "gguf", "--output", tmp_path / "new" / "o.gguf")[0] == 0
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    code, out = _cli("export", art, "--to", "gguf", "--output", tmp_path / "full.gguf")
+    assert code == 1 and "cannot write" in out and "disk is full" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "file", "new"]
+
+
+def probe_finalize_output_faults_are_one_line(tmp_path, run, monkeypatch):
+    """finalize's disk faults: a parent that is a file, a disk that fills while shards are written (in memory and
+    streaming): one line, exit 1, no temporary left."""
+    import errno
+
+    import safetensors.torch
+
+    src, _ = run
+    (tmp_path / "file").write_text("x")
+    code, out = _cli("finalize", "--source", src, "--dest", tmp_path / "file" / "a")
+    assert code == 1 and "cannot write" in out
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    for route in ("--in-memory", "--streaming"):
+        code, out = _cli("finalize", "--source", src, "--dest", tmp_path / "a", route)
+        assert code == 1 and "disk is full" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def probe_export_checks_its_output_before_finalizing(tmp_path, run, monkeypatch):
+    """`forge export --recipe` refuses an existing output before it finalizes anything (and `--max-seq-len 0` is
+    a bad value, not 'not given')."""
+    import forge_qat.finalize.convert as fin
+
+    def must_not_finalize(*a, **k):
+        raise AssertionError("finalized before checking the output")
+
+    monkeypatch.setattr(fin, "finalize", must_not_finalize)
+    (tmp_path / "o.gguf").write_bytes(b"not ours")
+    code, out = _cli("export", run[0], "--to", "gguf", "--output", tmp_path / "o.gguf",
+                     "--recipe", "int8-dynamic-act-int4-weight")
+    assert code == 1 and "exists" in out and (tmp_path / "o.gguf").read_bytes() == b"not ours"
+
+
+def probe_failed_tracker_leaves_no_run_marker(tmp_path, run, monkeypatch):
+    """A `--report-to` tracker that cannot start stops the start with one line (exit 1 for a disk it cannot
+    write, 2 for a tracking URI it does not know) and takes back the run directory it began: the next start is
+    not refused as "holds a forge run"."""
+    import errno
+
+    from forge_qat.train import tracking
+
+    def read_only(self, output_dir, config):
+        raise OSError(errno.EROFS, "Read-only file system", str(output_dir / "tensorboard"))
+
+    r = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(tracking._TensorBoard, "__init__", read_only)
+        code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, report_to="tensorboard")))
+    assert code == 1 and "--report-to tensorboard cannot write" in out, out
+    assert not r.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nope://nowhere")
+    code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, report_to="mlflow")))
+    assert code == 2 and "--report-to mlflow could not start" in out, out
+    assert not (r / RUN_MARKER).exists()
+    assert _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1)))[0] == 0
+
+
+def _tamper_scales(ckpt: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / ckpt_io.LEARNED_SCALES
+    scales = load_file(path)
+    name = sorted(scales)[0]
+    scales[name] = change(scales[name])
+    save_file(scales, path)
+
+
+def probe_tampered_learned_scales(tmp_path, run, monkeypatch):
+    """NaN, zero or integer learned scales, and a scale of another shape (which `copy_` would broadcast over a
+    whole layer): finalize (both routes), eval --fake-quant and resume refuse them with one line; nothing is
+    written."""
+    src, _ = run
+    cases = {"nan": lambda s: s.clone().fill_(float("nan")), "zero": lambda s: torch.zeros_like(s),
+             "int": lambda s: s.to(torch.int32), "shape": lambda s: s.flatten()[:1].clone()}
+    for label, change in cases.items():
+        r = _copy(src, tmp_path / label)
+        ckpt = checkpoint_dirs(r)[-1][1]
+        _tamper_scales(ckpt, change)
+        for route in ("--in-memory", "--streaming"):
+            code, out = _cli("finalize", "--source", ckpt, "--dest", tmp_path / f"{label}-a", route)
+            assert code == 1 and ("learned scale" in out or "scales.safetensors" in out), (label, route, out)
+        code, out = _cli("eval", ckpt, "--fake-quant", "int8-dynamic-act-int4-weight", "--max-batches", 1,
+                         "--seq-len", 32)
+        assert code == 1, (label, out)
+        code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+        assert code == 1 and "scale" in out, (label, out)
+        assert not list(tmp_path.glob(f"{label}-a*")) and len(checkpoint_dirs(r)) == 1
+
+
+def probe_tampered_adapters(tmp_path, run, monkeypatch):
+    """NaN adapters, an adapter of another shape, and an `adapter_config.json` edited to another r or alpha (what
+    peft would apply then differs from the artifact): finalize, eval and resume refuse them with one line."""
+    from safetensors.torch import load_file, save_file
+
+    from forge_qat.formats.adapters import ADAPTER_DIR, PEFT_CONFIG, PEFT_WEIGHTS
+
+    lora_run = _lora_run(run)
+    for label in ("nan", "shape", "config"):
+        r = _copy(lora_run, tmp_path / label)
+        ckpt = checkpoint_dirs(r)[-1][1]
+        if label == "config":
+            path = ckpt / ADAPTER_DIR / PEFT_CONFIG
+            path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": 64}))
+        else:
+            path = ckpt / ADAPTER_DIR / PEFT_WEIGHTS
+            adapters = load_file(path)
+            name = sorted(adapters)[0]
+            adapters[name] = (adapters[name].clone().fill_(float("nan")) if label == "nan"
+                              else adapters[name][:1].clone())
+            save_file(adapters, path)
+        for route in ("--in-memory", "--streaming"):
+            code, out = _cli("finalize", "--source", ckpt, "--dest", tmp_path / f"{label}-a", route)
+            assert code == 1 and ("adapter" in out or "lora_alpha" in out), (label, route, out)
+        code, out = _cli("eval", ckpt, "--max-batches", 1, "--seq-len", 32)
+        assert code == 1, (label, out)
+        if label != "config":
+            code, out = _cli("train", "--resume", "--output-dir", r, "--max-steps", 4)
+            assert code == 1 and "adapter" in out, (label, out)
+        assert not list(tmp_path.glob(f"{label}-a*"))
+
+
+_LORA_RUNS: dict[Path, Path] = {}
+
+
+def _lora_run(run) -> Path:
+    """A 2-step LoRA run on the run fixture's data (once per session)."""
+    src, data = run
+    if src not in _LORA_RUNS:
+        out = src.parent / "lora-run"
+        run_training(TrainConfig.from_flat(**micro_train_args(out, data, max_steps=2, lora_rank=4)))
+        _LORA_RUNS[src] = out
+    return _LORA_RUNS[src]
+
+
+def probe_compare_refuses_models_that_are_not_one_model(tmp_path, run, monkeypatch):
+    """`forge compare` scores one model in three forms: an artifact as --float, artifacts of two recipes, a QAT
+    artifact that is a PTQ, or another architecture are refused before anything is evaluated."""
+    from conftest import save_tiny_moe
+
+    src, _ = run
+    qat = _artifact(run)
+    ptq = _artifact(run, "int8-dynamic-act-int8-weight")
+    code, out = _cli("compare", "--float", qat, "--ptq", ptq, "--qat", qat)
+    assert code == 1 and "--float" in out and "quantized artifact" in out
+    code, out = _cli("compare", "--float", src, "--ptq", ptq, "--qat", qat)
+    assert code == 1 and "int8-dynamic-act-int8-weight" in out and "one recipe" in out
+    code, out = _cli("compare", "--float", src, "--ptq", qat, "--qat", ptq)
+    assert code == 1
+    other = tmp_path / "moe"
+    save_tiny_moe(other, "qwen3_moe", "per-expert")
+    assert _cli("finalize", "--source", other, "--dest", tmp_path / "moe-ptq", "--ptq",
+                "int8-dynamic-act-int4-weight")[0] == 0
+    code, out = _cli("compare", "--float", other, "--ptq", tmp_path / "moe-ptq", "--qat", qat)
+    assert code == 1 and "not one model" in out, out
+
+
+def probe_damaged_token_cache_is_rebuilt(tmp_path, run, monkeypatch):
+    """A token cache damaged after it was built (an Arrow file truncated or deleted, `store.json` cut) is found,
+    said, and tokenized again: the data command succeeds instead of failing until the user deletes it."""
+    from forge_qat.data.build import STORE_META
+
+    data = tmp_path / "train.txt"
+    data.write_text(run[1].read_text())
+    monkeypatch.setenv("FORGE_DATA_CACHE", str(tmp_path / "cache"))
+    args = ("data", "--model", "micro-llama", "--data", data, "--seq-len", 32, "--json")
+
+    def cache() -> Path:
+        return next(p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    assert _cli(*args)[0] == 0
+    for damage in ("truncate", "delete", "cut meta"):
+        arrow = next(cache().glob("*.arrow"))
+        if damage == "truncate":
+            arrow.write_bytes(arrow.read_bytes()[:64])
+        elif damage == "delete":
+            arrow.unlink()
+        else:
+            meta = cache() / STORE_META
+            meta.write_text(meta.read_text()[:20])
+        code, out = _cli(*args)
+        assert code == 0 and '"built": true' in out, (damage, out)
+
+
+def probe_config_json_holding_a_number(tmp_path, run, monkeypatch):
+    src, _ = run
+    r = _copy(src, tmp_path / "r")
+    ckpt = checkpoint_dirs(r)[-1][1]
+    (ckpt / "config.json").write_text("5")
+    for args in (["finalize", "--source", ckpt, "--dest", tmp_path / "a"],
+                 ["eval", ckpt, "--max-batches", 1, "--seq-len", 32],
+                 ["export", ckpt, "--to", "gguf", "--output", tmp_path / "o.gguf"]):
+        code, out = _cli(*args)
+        assert code == 1 and "config" in out, (args, out)
+
+
+def probe_executorch_export_of_a_damaged_artifact(tmp_path, run, monkeypatch):
+    """A truncated shard, a tampered shard header, a `.bin` payload: ExecuTorch export says which file, exit 1."""
+    pytest.importorskip("executorch")
+    art = _copy(_artifact(run), tmp_path / "art")
+    shard = art / "model.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
+    assert code == 1 and "model" in out, out
+    header = int.from_bytes(whole[:8], "little")
+    shard.write_bytes(whole[:8] + b"{" * header + whole[8 + header:])
+    code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
+    assert code == 1, out
+    shard.unlink()
+    monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
+    torch.save({"model.embed_tokens.weight": Payload()}, art / "pytorch_model.bin")
+    code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
+    assert code == 1 and not (tmp_path / "pwned").exists(), out
+    assert not (tmp_path / "o.pte").exists()
 
 
 PROBES = [Probe(name.removeprefix("probe_"), fn) for name, fn in sorted(globals().items())

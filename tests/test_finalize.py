@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from forge_qat import hardware
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
-from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError
+from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError, OutputWriteError
 from forge_qat.finalize.convert import finalize
 from forge_qat.finalize.job import FinalizeRequest, choose_job
 from forge_qat.qat.registry import get_recipe
@@ -187,7 +187,7 @@ def test_failed_write_leaves_no_artifact(runs, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match="the disk is full"):  # one line, not the OSError
         finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "out"))
     assert list(tmp_path.iterdir()) == [], "temporary output must be removed"
 

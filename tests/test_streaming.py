@@ -11,7 +11,7 @@ from conftest import micro_train_args
 from safetensors import safe_open
 
 from forge_qat.config import TrainConfig
-from forge_qat.errors import InputError
+from forge_qat.errors import InputError, OutputWriteError
 from forge_qat.finalize.blocks import split_blocks
 from forge_qat.finalize.convert import finalize
 from forge_qat.finalize.job import FinalizeRequest
@@ -198,7 +198,7 @@ def test_disk_full_while_streaming_removes_the_output(qat_run, tmp_path, monkeyp
 
     monkeypatch.setattr("safetensors.torch.save_file", fills_up)
     before = {p: p.stat().st_mtime_ns for p in qat_run.rglob("*") if p.is_file()}
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match="the disk is full"):  # one line, not the OSError
         finalize(FinalizeRequest(source=qat_run, dest=tmp_path / "out", streaming=True, max_shard_bytes=30_000))
     assert list(tmp_path.iterdir()) == []
     assert {p: p.stat().st_mtime_ns for p in qat_run.rglob("*") if p.is_file()} == before  # source untouched

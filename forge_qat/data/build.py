@@ -164,11 +164,39 @@ def _build(source: Source, tok, options: DataOptions, key: str, final: Path) -> 
         meta = {"version": STORE_VERSION, "key": key, "spec": source.spec, "source": source.fingerprint,
                 "chat": {"column": options.chat.column, "loss": options.chat.loss},
                 "files": [r.file for r in results if r.file],
+                "sizes": {r.file: (tmp / r.file).stat().st_size for r in results if r.file},
                 "documents": sum(r.documents for r in results), "tokens": sum(r.tokens for r in results),
                 "learned_tokens": sum(r.learned for r in results), "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / STORE_META).write_text(json.dumps(meta, indent=1))
     log.info("tokenized %s: %d documents, %d tokens in %.1f s", source.spec, meta["documents"], meta["tokens"],
              meta["seconds"])
+
+
+def cache_damage(directory: Path) -> str | None:
+    """What is wrong with a complete-looking token cache (its files deleted, truncated or edited after it was
+    built), or None. Caches record each file's size; older ones are opened to find out."""
+    from datasets import Dataset
+
+    try:
+        meta = json.loads((directory / STORE_META).read_text())
+        files = meta["files"]
+        assert isinstance(files, list) and isinstance(meta["key"], str)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"its {STORE_META} is missing or unreadable"
+    sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else None
+    for name in files:
+        path = directory / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        if sizes is not None:
+            if path.stat().st_size != sizes.get(name):
+                return f"{name} has {path.stat().st_size} bytes where {sizes.get(name)} were written"
+            continue
+        try:
+            Dataset.from_file(str(path))
+        except Exception as e:  # Arrow's own errors for a file it cannot map (ArrowInvalid, OSError, ...)
+            return f"{name} cannot be read ({type(e).__name__})"
+    return None
 
 
 def _remove_temporaries(final: Path) -> None:
@@ -202,7 +230,12 @@ def ensure_cache(spec: str, tok, options: DataOptions) -> tuple[Path, bool]:
             lock.acquire()  # blocks until that process is done (or dies, which releases the lock)
         try:
             if final.exists():
-                return final, False
+                damage = cache_damage(final)
+                if damage is None:
+                    return final, False
+                log.warning("the token cache %s is damaged (%s): tokenizing %s again", final, damage, spec)
+                shutil.rmtree(final, ignore_errors=True)
+                deadline = time.monotonic()  # rebuilt now, by this process
             if time.monotonic() >= deadline:
                 _remove_temporaries(final)
                 _build(source, tok, options, key, final)

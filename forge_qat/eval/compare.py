@@ -3,10 +3,18 @@
 Called by `forge compare` and the demo.
 """
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from forge_qat.errors import InputError
 from forge_qat.eval.models import EvalResult, evaluate_model
+from forge_qat.formats.artifact_meta import ArtifactMeta
+from forge_qat.formats.run_dir import resolve_checkpoint
+from forge_qat.models import is_quantized_artifact, load_config, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,4 +81,53 @@ class Comparison:
 
 
 def compare(float_model: str, ptq_model: str, qat_model: str, data: str, **kw) -> Comparison:
+    check_one_model(float_model, ptq_model, qat_model)
     return Comparison(*(evaluate_model(m, data, **kw) for m in (float_model, ptq_model, qat_model)))
+
+
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_local_experts",
+                     "moe_intermediate_size", "num_experts_per_tok", "tie_word_embeddings")
+"""The config fields two models must share to be one model in three forms."""
+
+
+def check_one_model(float_model: str, ptq_model: str, qat_model: str) -> None:
+    """A recovered share means something only for one model in three forms: the float fine-tune, its PTQ
+    artifact, and the QAT artifact, of one architecture and tokenizer, both artifacts of one recipe. Anything
+    else is refused before evaluating, naming what differs."""
+    paths = {"--float": _model_path(float_model), "--ptq": _model_path(ptq_model), "--qat": _model_path(qat_model)}
+    if is_quantized_artifact(paths["--float"]):
+        raise InputError(f"--float {float_model} is a quantized artifact; give the float fine-tuned checkpoint (or "
+                         f"run directory) the PTQ artifact was made from")
+    metas = {}
+    for flag in ("--ptq", "--qat"):
+        meta = ArtifactMeta.read(paths[flag]) if paths[flag].is_dir() else None
+        if meta is None or not is_quantized_artifact(paths[flag]):
+            raise InputError(f"{flag} {paths[flag]} is not a forge artifact (no forge_artifact.json): compare takes "
+                             f"the artifacts `forge finalize` wrote")
+        metas[flag] = meta
+    if metas["--ptq"].recipe != metas["--qat"].recipe:
+        raise InputError(f"the PTQ artifact was converted with {metas['--ptq'].recipe}, the QAT one with "
+                         f"{metas['--qat'].recipe}: compare one recipe's PTQ and QAT")
+    if metas["--qat"].report.get("mode") == "ptq":
+        raise InputError(f"--qat {paths['--qat']} is a post-training quantization (its checkpoint was not QAT-trained "
+                         f"with {metas['--qat'].recipe}): give the artifact finalized from the QAT run")
+    configs = {flag: load_config(path) for flag, path in paths.items()}
+    for key in ARCHITECTURE_KEYS:
+        values = {flag: getattr(cfg, key, None) for flag, cfg in configs.items()}
+        if len(set(map(repr, values.values()))) > 1:
+            raise InputError(f"the three models are not one model: {key} is "
+                             + ", ".join(f"{v!r} ({flag})" for flag, v in values.items()))
+    vocabularies = {flag: load_tokenizer(path).get_vocab() for flag, path in paths.items()}
+    if not vocabularies["--float"] == vocabularies["--ptq"] == vocabularies["--qat"]:
+        raise InputError("the three models' tokenizers differ: their losses are over different tokens")
+    source = Path(metas["--ptq"].source)
+    if source.exists() and paths["--float"].exists() and source.resolve() != paths["--float"].resolve():
+        log.warning("the PTQ artifact was converted from %s, not from --float %s", source, paths["--float"])
+
+
+def _model_path(spec: str) -> Path:
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"{spec} does not exist")
+    return resolve_checkpoint(path)

@@ -16,12 +16,12 @@ from forge_qat.data.build import DataOptions
 from forge_qat.data.store import open_token_store
 from forge_qat.errors import ConfigError, HardwareError
 from forge_qat.eval.loop import mean_loss
-from forge_qat.formats.adapters import read_adapters
+from forge_qat.formats.adapters import check_adapter_config, read_adapters
 from forge_qat.formats.artifact_meta import ArtifactMeta
 from forge_qat.formats.checkpoint import read_checkpoint_meta, read_learned_scales
 from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.lora import adapters as lora
-from forge_qat.models import load_model
+from forge_qat.models import load_model, load_model_tokenizer
 from forge_qat.qat.prepare import LearnScales, prepare_qat
 from forge_qat.qat.registry import RECIPES, Recipe
 
@@ -70,6 +70,7 @@ def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe)
     meta = read_checkpoint_meta(checkpoint)
     cfg = meta.lora if meta else None
     if cfg is not None:
+        check_adapter_config(checkpoint, cfg)
         lora.install(model, cfg, list(coverage.linears), coverage.experts)
         lora.load(model, read_adapters(checkpoint) or {}, checkpoint)
 
@@ -79,7 +80,11 @@ def _merge_adapters(model: torch.nn.Module, checkpoint: Path) -> None:
     meta = read_checkpoint_meta(checkpoint)
     cfg = meta.lora if meta else None
     if cfg is not None:
-        lora.merge_into(model, read_adapters(checkpoint) or {}, cfg.scaling)
+        check_adapter_config(checkpoint, cfg)
+        adapters = read_adapters(checkpoint) or {}
+        lora.check_pairs(adapters, {n: list(p.shape) for n, p in model.state_dict().items()}, cfg.lora_rank,
+                         checkpoint)
+        lora.merge_into(model, adapters, cfg.scaling)
 
 
 @torch.no_grad()
@@ -88,6 +93,10 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
                    data_options: DataOptions | None = None, packing: str = "documents") -> EvalResult:
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted, in float32."""
     target = resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
+    _, max_positions = load_model_tokenizer(str(target))  # checks before any weight loads
+    if max_positions and seq_len > max_positions:
+        raise ConfigError(f"--seq-len {seq_len} exceeds {target}'s max_position_embeddings {max_positions}; use "
+                          f"--seq-len {max_positions} or less")
     device, dtype = eval_placement(target)
     model, tokenizer = load_model(str(target), dtype=dtype, device=device)
     if fake_quant and getattr(model.config, "quantization_config", None):

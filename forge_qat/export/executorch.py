@@ -23,9 +23,9 @@ import torch
 
 from forge_qat.errors import ConfigError, ConversionError, InputError
 from forge_qat.export.moe import make_exportable
-from forge_qat.export.output import check_output, temporary_output
 from forge_qat.formats.artifact_meta import ARTIFACT_META, ArtifactMeta
-from forge_qat.models import load_config
+from forge_qat.formats.atomic import atomic_file, check_output
+from forge_qat.models import load_config, load_model
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,9 @@ def _is_pte(path: Path) -> bool:
 
 
 def _load(artifact: Path, max_seq_len: int):
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    import forge_qat.torchao_compat  # noqa: F401  (artifacts of int4 recipes select experts through it)
-
-    model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, trust_remote_code=False)
+    model, _ = load_model(str(artifact), dtype=torch.float32)  # corrupt shards and .bin payloads: one line
     model.eval().requires_grad_(False)
     stacks = make_exportable(model)  # mixture-of-experts stacks: gathered per routed expert
     for module in model.modules():
@@ -176,6 +174,19 @@ def lower(model, max_seq_len: int):
     return edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)), delegated, outside
 
 
+def tokenizer_path(out: Path) -> Path:
+    """Where the tokenizer goes beside a program: `model.pte` -> `model.tokenizer.json`."""
+    return out.with_name(out.stem + ".tokenizer.json")
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Before any work: the program and the tokenizer beside it may be written (forge replaces only a program
+    and the tokenizer it wrote with one, and only with `--overwrite`)."""
+    check_output(out, overwrite=overwrite, ours=_is_pte, kind="an ExecuTorch program")
+    check_output(tokenizer_path(out), overwrite=overwrite, ours=lambda _: out.is_file() and _is_pte(out),
+                 kind="the tokenizer forge writes beside an ExecuTorch program")
+
+
 def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = None,
                       overwrite: bool = False) -> ExecutorchReport:
     meta = ArtifactMeta.read(artifact) if artifact.is_dir() else None
@@ -185,9 +196,9 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     if recipe not in DELEGATED_RECIPES:
         raise ConfigError(f"ExecuTorch export takes artifacts of {', '.join(DELEGATED_RECIPES)} (the linears XNNPACK "
                           f"runs); {artifact} was converted with {recipe}")
-    check_output(out, overwrite, _is_pte, "an ExecuTorch program")
+    check_destination(out, overwrite)
     limit = getattr(load_config(artifact), "max_position_embeddings", None) or 2048
-    max_seq_len = max_seq_len or min(limit, 2048)
+    max_seq_len = min(limit, 2048) if max_seq_len is None else max_seq_len
     if not 2 < max_seq_len <= limit:
         raise ConfigError(f"--max-seq-len must be between 3 and the model's {limit} positions, got {max_seq_len}")
     model, quantized, rounded, as_intx, widened, stacks = _load(artifact, max_seq_len)
@@ -195,13 +206,12 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     if outside or delegated < quantized:
         raise ConversionError(f"XNNPACK took {delegated} linear ops and left {outside} outside, for {quantized} "
                               f"quantized linears; nothing was written")
-    with temporary_output(out) as tmp:
+    tokenizer = tokenizer_path(out) if (artifact / "tokenizer.json").is_file() else None
+    if tokenizer is not None:  # first: a program is never left beside another program's tokenizer
+        with atomic_file(tokenizer) as tmp:
+            shutil.copyfile(artifact / "tokenizer.json", tmp)
+    with atomic_file(out) as tmp:
         tmp.write_bytes(program.buffer)
-    tokenizer = out.with_name(out.stem + ".tokenizer.json")
-    if (artifact / "tokenizer.json").is_file():
-        shutil.copyfile(artifact / "tokenizer.json", tokenizer)
-    else:
-        tokenizer = None
     report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, stacks, out.stat().st_size,
                               tokenizer)
     lookups = sum("embedding_byte" in str(n.target) for n in program.exported_program().graph_module.graph.nodes)

@@ -25,7 +25,7 @@ import torch
 
 from forge_qat import __version__
 from forge_qat.errors import ConfigError, InputError
-from forge_qat.export.output import check_output, temporary_output
+from forge_qat.formats.atomic import atomic_file, check_output
 from forge_qat.formats.weights import SafetensorsReader
 from forge_qat.models import load_config, load_tokenizer
 
@@ -446,6 +446,11 @@ def _made_by_forge(path: Path) -> bool:
         return False
 
 
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Before any work: `out` may be written (forge replaces only a GGUF file it wrote, with `--overwrite`)."""
+    check_output(out, overwrite=overwrite, ours=_made_by_forge, kind="a GGUF file")
+
+
 def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
                 overwrite: bool = False) -> GgufReport:
     """Write `artifact` (a forge safetensors artifact of one of `ARCHITECTURES`' model types) as GGUF."""
@@ -460,11 +465,11 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
         raise ConfigError("this Qwen3-MoE config has norm_topk_prob false; llama.cpp's qwen3moe always renormalizes "
                           "the top-k routing weights (Qwen3-30B-A3B and its family set it true), so it would not run "
                           "this model as trained")
-    check_output(out, overwrite, _made_by_forge, "a GGUF file")
+    check_destination(out, overwrite)
     reader = ArtifactReader(artifact)
     planned = plan_tensors(reader, config, arch)
     report = GgufReport(out, arch.gguf_arch)
-    with temporary_output(out) as tmp:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
         try:
             _write(writer, artifact, config, arch, reader, planned, report, pre_tokenizer)

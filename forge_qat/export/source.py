@@ -10,12 +10,15 @@ import shutil
 from pathlib import Path
 
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats.atomic import remove_stale_temporaries
 from forge_qat.models import is_quantized_artifact
 from forge_qat.qat.registry import Recipe
 
 
 def artifact_of(source: Path, recipe: Recipe | None, output: Path) -> contextlib.AbstractContextManager[Path]:
     """`source` itself when it is an artifact; else finalized with `recipe` beside `output`."""
+    if not source.exists():
+        raise InputError(f"{source} does not exist")
     if is_quantized_artifact(source):
         if recipe:
             raise ConfigError(f"{source} is already an artifact; --recipe converts float checkpoints")
@@ -31,7 +34,10 @@ def _converted(source: Path, recipe: Recipe, output: Path):
     from forge_qat.finalize.convert import finalize
     from forge_qat.finalize.job import FinalizeRequest
 
+    # Named as the sweep of temporaries knows it (`.OUT.artifact-PID`): one a killed export left is removed by the
+    # next write of OUT.
     tmp = output.with_name(f".{output.name}.artifact-{os.getpid()}")
+    remove_stale_temporaries(output.parent, output.name)
     try:
         finalize(FinalizeRequest(source=source, dest=tmp, qat_convert=recipe, streaming=True, overwrite=True))
         yield tmp

@@ -193,9 +193,23 @@ def write_streamed(model: torch.nn.Module, reader: TensorReader, recipe: Recipe,
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
     for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device,
                                        learned=learned):
+        check_finite(name, tensor)
         writer.add(name, tensor)
     if not stats.converted:
         raise ConversionError("no weight was converted")
     shards = writer.close()
     verify_shards(directory, fmt, names)
     return stats, shards, writer.total_bytes
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse to write a tensor holding NaN or inf (for a torchao tensor, in any of its float components: scales,
+    zero points): an artifact is renamed into place only when every value in it is a number."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        parts = [getattr(tensor, attr) for attr in tensor.__tensor_flatten__()[0]]
+    else:
+        parts = [tensor]
+    for part in parts:
+        if isinstance(part, torch.Tensor) and part.is_floating_point() and not bool(part.isfinite().all()):
+            raise ConversionError(f"{name} converted to non-finite values (NaN or inf): the checkpoint's weights, "
+                                  f"learned scales or adapters hold them; nothing was written")

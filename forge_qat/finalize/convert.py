@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from forge_qat.errors import ConversionError
+from forge_qat.finalize.blocks import check_finite
 from forge_qat.finalize.job import (
     ConvertJob,
     FinalizeRequest,
@@ -101,13 +102,14 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
     with atomic_dir(req.dest) as tmp:
         writer = ShardWriter(tmp, fmt, list(state), req.max_shard_bytes)
         for name in list(state):
+            check_finite(name, state[name])
             writer.add(name, state.pop(name))
         shards = writer.close()
         write_model_files(tmp, model.config, model.generation_config, tokenizer, job.recipe, coverage)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=False).to(device)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
-        if reload_diff > 1e-5:
+        if not reload_diff <= 1e-5:  # NaN too
             raise ConversionError(f"the written artifact does not reproduce the converted model "
                                   f"(max logit difference {reload_diff:.3e}); nothing was written")
         report = written_report(job, req, coverage, converted, fmt, reason, shards, float_bytes=float_bytes,

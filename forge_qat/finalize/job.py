@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from forge_qat.errors import ConfigError, InputError, OutputExistsError
+from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats import adapters as adapter_files
 from forge_qat.formats.artifact import DEFAULT_MAX_SHARD_BYTES
 from forge_qat.formats.artifact_meta import is_forge_artifact
+from forge_qat.formats.atomic import check_output
 from forge_qat.formats.checkpoint import LEARNED_SCALES, CheckpointMeta, read_checkpoint_meta, read_learned_scales
 from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.lora.config import LoraConfig
@@ -64,6 +65,7 @@ class ConvertJob:
         if self.lora is None:
             return None
         adapters = adapter_files.read_adapters(self.checkpoint)
+        adapter_files.check_adapter_config(self.checkpoint, self.lora)
         if not adapters:
             raise InputError(f"{self.checkpoint} was trained with LoRA (--lora-rank {self.lora.lora_rank}) but lacks "
                              f"its adapters ({adapter_files.ADAPTER_DIR}/{adapter_files.PEFT_WEIGHTS}); the "
@@ -151,17 +153,10 @@ def check_destination(req: FinalizeRequest, job: ConvertJob) -> None:
         if dest == source or dest in source.parents or source in dest.parents:
             raise ConfigError(f"--dest {req.dest} overlaps the source {source}: writing there would replace or "
                               f"nest inside the checkpoint being converted; choose a destination outside it")
-    if not req.dest.exists():
-        try:
-            req.dest.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"cannot write --dest {req.dest}: {e.strerror or e}") from None
-        return
-    if not req.overwrite:
-        raise OutputExistsError(f"destination {req.dest} exists; pass --overwrite to replace it")
-    if not req.dest.is_dir() or not (is_forge_artifact(req.dest) or not any(req.dest.iterdir())):
-        raise OutputExistsError(f"destination {req.dest} is not a forge artifact (no forge_artifact.json); "
-                                f"--overwrite replaces only forge's own artifacts: choose another --dest")
+    check_output(req.dest, overwrite=req.overwrite, directory=True, kind="an artifact directory",
+                 ours=lambda d: is_forge_artifact(d) or not any(d.iterdir()),
+                 foreign=f"destination {req.dest} is not a forge artifact (no forge_artifact.json); --overwrite "
+                         f"replaces only forge's own artifacts: choose another --dest")
 
 
 def convert_placement(job: ConvertJob) -> tuple[torch.device, torch.dtype]:

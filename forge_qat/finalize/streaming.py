@@ -52,6 +52,8 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
         lora_measured = {}
         if job.lora is not None:
             adapters = job.read_adapters()
+            lora_mod.check_pairs(adapters, {n: list(t.shape) for n, t in skeleton.state_dict().items()},
+                                 job.lora.lora_rank, job.checkpoint)
             reader = lora_mod.MergedReader(reader, adapters, job.lora.scaling)
             lora_measured["lora_merged"] = len(lora_mod.adapted_weights(adapters))
         stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,

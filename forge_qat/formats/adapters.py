@@ -89,6 +89,33 @@ def read_adapters(ckpt: Path) -> dict | None:
         return None
     try:
         stacks = load_file(folder / EXPERT_WEIGHTS) if (folder / EXPERT_WEIGHTS).is_file() else {}
-        return from_peft(load_file(folder / PEFT_WEIGHTS), stacks)
+        adapters = from_peft(load_file(folder / PEFT_WEIGHTS), stacks)
     except (SafetensorError, OSError) as e:
         raise InputError(f"{folder} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+    except ConfigError as e:
+        raise InputError(f"{folder}: {e}") from None
+    for name, value in adapters.items():
+        if not value.is_floating_point() or not bool(value.isfinite().all()):
+            fault = "non-finite values" if value.is_floating_point() else f"{value.dtype} values"
+            raise InputError(f"{folder}: adapter {name} holds {fault}; adapters are finite floats (the file was "
+                             f"edited or damaged, or the run diverged)")
+    return adapters
+
+
+def check_adapter_config(ckpt: Path, cfg: LoraConfig) -> None:
+    """The `adapter_config.json` beside the adapters says what `peft` will apply (r, lora_alpha); it must be what
+    the checkpoint trained with, which finalize and eval apply: an edited one would make them disagree."""
+    path = ckpt / ADAPTER_DIR / PEFT_CONFIG
+    if not path.is_file():
+        return
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is corrupt ({str(e)[:160]})") from None
+    if not isinstance(written, dict):
+        raise InputError(f"{path} is not PEFT's adapter config (a JSON object was expected)")
+    trained = {"r": cfg.lora_rank, "lora_alpha": cfg.alpha}
+    differ = [f"{k} {written.get(k)!r} (trained with {v!r})" for k, v in trained.items() if written.get(k) != v]
+    if differ:
+        raise InputError(f"{path} says {', '.join(differ)}: peft would apply other adapters than forge's finalize "
+                         f"and eval; restore the file (the checkpoint's forge_checkpoint.json records the training)")

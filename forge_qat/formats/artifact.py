@@ -8,8 +8,10 @@ metadata carries the full `tensor_names` list (transformers merges shard metadat
 and `config.json` carries a `TorchAoConfig` as `quantization_config`.
 """
 
+import errno
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,13 +90,11 @@ class ShardWriter:
             return
         path = self.directory / f".shard-{len(self._shards):05d}.{self.fmt}"
         if self.fmt == "safetensors":
-            from safetensors.torch import save_file
-
             tensors, metadata = flatten_tensor_state_dict(self._pending)
             tensors = {k: v.to("cpu") for k, v in tensors.items()}  # flattened: plain tensors, any device
             metadata["tensor_names"] = json.dumps(self.tensor_names)
             metadata["format"] = "pt"
-            save_file(tensors, path, metadata=metadata)
+            _save_safetensors(tensors, path, metadata)
             keys = list(tensors)
         else:
             torch.save(self._pending, path)
@@ -118,3 +118,17 @@ class ShardWriter:
                                     for k in keys}}
             (self.directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
         return final
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' writer reports a failed write (a full disk) as its own SafetensorError; raised here as the
+    OSError it is, naming the file, so every writer of an output turns it into one line the same way."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"code: (\d+)", str(e))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from None

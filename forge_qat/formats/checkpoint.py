@@ -125,9 +125,23 @@ def read_learned_scales(ckpt: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return load_file(path)
+        scales = load_file(path)
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+    for name, value in scales.items():
+        if not value.is_floating_point() or not bool((value.isfinite() & (value > 0)).all()):
+            raise InputError(f"{path}: {name} holds {_what_is_wrong(value, positive=True)}; learned scales are "
+                             f"positive finite floats (the file was edited or damaged)")
+    return scales
+
+
+def _what_is_wrong(value, positive: bool) -> str:
+    """A tensor's fault in words, for the message that refuses it."""
+    if not value.is_floating_point():
+        return f"{str(value.dtype).removeprefix('torch.')} values"
+    if not bool(value.isfinite().all()):
+        return f"{int((~value.isfinite()).sum())} non-finite values (NaN or inf)"
+    return f"{int((value <= 0).sum())} values <= 0" if positive else "values out of range"
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:

@@ -93,6 +93,20 @@ def start_run_dir(output_dir: Path, config: dict[str, Any]) -> None:
         raise OutputWriteError(f"cannot write to output dir {output_dir}: {e.strerror or e}") from None
 
 
+def abandon_new_run(output_dir: Path) -> None:
+    """Take back a run that `start_run_dir` began and nothing has trained in yet (its marker, what trackers made
+    there), so the next start is not refused; the directory goes too when nothing else is left in it."""
+    if checkpoint_dirs(output_dir):
+        return  # not a new run: never delete checkpoints
+    for child in output_dir.iterdir() if output_dir.is_dir() else ():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() \
+            else child.unlink(missing_ok=True)
+    try:
+        output_dir.rmdir()
+    except OSError:
+        pass
+
+
 def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in a run directory, oldest first."""
     found = []

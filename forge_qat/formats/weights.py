@@ -136,3 +136,16 @@ class StateDictSource:
 
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
         out.copy_(self._state[name].reshape(-1)[start:start + out.numel()])
+
+
+def check_shapes(source: Path, what: str, tensors: dict, expected: dict) -> None:
+    """`tensors` (a checkpoint's learned scales or adapters, by name) against what the model has, name for name
+    and shape for shape: a tensor of another shape would otherwise broadcast over a whole layer."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{source}: its {what} do not match the model's: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            raise InputError(f"{source}: {what} {name} has shape {list(value.shape)}, the model's is "
+                             f"{list(expected[name])} (the file was edited or belongs to another model)")

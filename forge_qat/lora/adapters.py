@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError, InputError
-from forge_qat.formats.weights import true_shape
+from forge_qat.formats.weights import check_shapes, true_shape
 from forge_qat.lora.config import ADAPTER_ATTR, LoraConfig
 from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import (
@@ -319,11 +319,26 @@ def merge_into(model: torch.nn.Module, adapters: dict[str, torch.Tensor], scalin
 
 @torch.no_grad()
 def load(model: torch.nn.Module, adapters: dict[str, torch.Tensor], source) -> None:
-    """Copy a checkpoint's adapters into the pairs `install` gave `model`; they must match one to one."""
+    """Copy a checkpoint's adapters into the pairs `install` gave `model`; they must match one to one, shape for
+    shape (a smaller tensor would broadcast over the whole pair)."""
     state = model.state_dict(keep_vars=True)
-    expected = {n for n in state if is_adapter(n)}
-    if set(adapters) != expected:
-        raise InputError(f"{source}: its LoRA adapters do not match the model's: missing "
-                          f"{sorted(expected - set(adapters))[:3]}, unexpected {sorted(set(adapters) - expected)[:3]}")
+    check_shapes(source, "LoRA adapters", adapters, {n: true_shape(p) for n, p in state.items() if is_adapter(n)})
     for name, value in adapters.items():
         state[name].copy_(value)
+
+
+def check_pairs(adapters: dict[str, torch.Tensor], weight_shapes: dict[str, list[int]], rank: int, source) -> None:
+    """A checkpoint's adapters against the weights they adapt, without a model holding pairs (the block-by-block
+    finalize): each adapted weight is the model's, A is (*experts, rank, in) and B (*experts, out, rank)."""
+    pairs = adapted_weights(adapters)
+    unknown = sorted(set(pairs) - set(weight_shapes))
+    if unknown:
+        raise InputError(f"{source}: LoRA adapters for weights the model does not have: {unknown[:3]}")
+    for name, (a, b) in pairs.items():
+        *lead, out_f, in_f = weight_shapes[name]
+        want = {"lora_A": [*lead, rank, in_f], "lora_B": [*lead, out_f, rank]}
+        for part, value in (("lora_A", a), ("lora_B", b)):
+            if list(value.shape) != want[part]:
+                raise InputError(f"{source}: the {part} adapter of {name} has shape {list(value.shape)}, the model "
+                                 f"and --lora-rank {rank} make it {want[part]} (the file was edited or belongs to "
+                                 f"another model)")

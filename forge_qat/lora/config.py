@@ -13,6 +13,7 @@ LORA_MODES = ("merged", "separate")
 ADAPTER_ATTR = "forge_lora"
 """The attribute holding a layer's adapters: its state-dict names are `<layer>.forge_lora.lora_A` / `.lora_B`."""
 TARGET_KINDS = ("attention", "mlp", "experts")
+DEFAULT_TARGETS = ",".join(TARGET_KINDS)
 
 
 @dataclass(kw_only=True)
@@ -23,8 +24,8 @@ class LoraConfig:
                             resume_fixed=True)
     lora_alpha: float | None = option(None, "LoRA scaling numerator: adapters add alpha/rank * B@A (default: "
                                             "2 x rank).", resume_fixed=True)
-    lora_targets: str = option("attention,mlp,experts", "Comma-separated module kinds that get adapters: "
-                                                        "attention, mlp, experts.", resume_fixed=True)
+    lora_targets: str = option(DEFAULT_TARGETS, "Comma-separated module kinds that get adapters: attention, mlp, "
+                                                "experts.", resume_fixed=True)
     lora_qat: LoraMode = option("merged", "merged: fake-quantize W + s*BA, the weight that ships; separate: "
                                           "fq(W) + s*BA beside it, as peers train.", resume_fixed=True)
 
@@ -36,6 +37,13 @@ class LoraConfig:
             raise ConfigError(f"--lora-targets {self.lora_targets!r}: valid kinds are {', '.join(TARGET_KINDS)}")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not self.enabled:
+            defaults = {"lora_alpha": None, "lora_targets": DEFAULT_TARGETS, "lora_qat": "merged"}
+            given = [f"--{f.replace('_', '-')}" for f, default in defaults.items() if getattr(self, f) != default]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} LoRA adapters, which "
+                                  f"--lora-rank 0 (the default) turns off: add --lora-rank R, or drop "
+                                  f"{'it' if len(given) == 1 else 'them'} to train every weight")
 
     @property
     def enabled(self) -> bool:

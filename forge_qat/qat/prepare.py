@@ -21,7 +21,7 @@ from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.quantization.quant_primitives import ZeroPointDomain
 
 from forge_qat import hardware
-from forge_qat.errors import ConfigError, ConversionError, HardwareError, choices_message
+from forge_qat.errors import ConfigError, ConversionError, HardwareError, InputError, choices_message
 from forge_qat.formats.weights import true_shape
 from forge_qat.qat import embeddings, experts
 from forge_qat.qat.config import FP8_RECIPES
@@ -187,7 +187,15 @@ def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
             raise ConfigError(f"{name}: its weight fake quantizer ({type(quantizer).__name__}) has no learnable "
                               f"scales")
         if learn.initial is not None:
-            scale = learn.initial[name + SCALE_SUFFIX].to(site.weight.device)
+            scale = learn.initial[name + SCALE_SUFFIX]
+            rows = true_shape(site.weight)
+            want = [*rows[:-1], rows[-1] // (quantizer.spec.group_size or rows[-1])
+                    if quantizer.spec.granularity == "per_group" else 1]
+            if list(scale.shape) != want:
+                raise InputError(f"the checkpoint's learned scale {name + SCALE_SUFFIX} has shape "
+                                 f"{list(scale.shape)}, the weight's grid needs {want} (the file was edited or "
+                                 f"belongs to another model)")
+            scale = scale.to(site.weight.device)
         else:
             with learn.gather(site.weight):
                 scale = initial_scale(site.weight.data, quantizer.spec, learn.init)

@@ -26,7 +26,7 @@ from forge_qat.formats.checkpoint import (
 )
 from forge_qat.formats.layouts import Layout, model_layout_reader
 from forge_qat.formats.run_dir import checkpoint_dirs, checkpoint_path, prune_checkpoints
-from forge_qat.formats.weights import SafetensorsReader, tied_aliases
+from forge_qat.formats.weights import SafetensorsReader, check_shapes, tied_aliases, true_shape
 from forge_qat.lora import adapters as lora
 from forge_qat.qat.fake_quant import is_learned_scale
 from forge_qat.train.engine import Engine, full_tensors
@@ -189,10 +189,7 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
             reader.read_flat(name, 0, value)
             target.copy_(value.view(target.shape))
     scales = read_learned_scales(ckpt) or {}
-    expected = {n for n in state if is_learned_scale(n)}
-    if set(scales) != expected:
-        raise InputError(f"{ckpt}: its learned scales do not match the model's: missing "
-                         f"{sorted(expected - set(scales))[:3]}, unexpected {sorted(set(scales) - expected)[:3]}")
+    check_shapes(ckpt, "learned scales", scales, {n: true_shape(p) for n, p in state.items() if is_learned_scale(n)})
     with torch.no_grad():
         for name, value in scales.items():
             state[name].copy_(value)

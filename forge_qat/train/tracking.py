@@ -15,6 +15,7 @@ A tracker whose package is missing is refused before training starts. Scalars ar
 `eval/loss`, the same for every tracker.
 """
 
+import errno
 import importlib.util
 import math
 import os
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forge_qat.errors import ConfigError, HardwareError, choices_message
+from forge_qat.errors import ConfigError, HardwareError, OutputWriteError, choices_message
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
 """--report-to name -> the package it needs (importable name; `mlflow-skinny` also provides `mlflow`)."""
@@ -59,7 +60,13 @@ class _TensorBoard:
     def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
+        # The writer makes its directory in a thread of its own, where a failure is a traceback on stderr and
+        # the run goes on without events: made (and checked) here instead.
+        log_dir = output_dir / TENSORBOARD_DIR
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(log_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -145,6 +152,8 @@ class Trackers:
             except Exception as e:  # the tracker's own message (a server it cannot reach, a store it refuses)
                 self.close()
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                if isinstance(e, OSError):  # a disk problem, not a configuration one
+                    raise OutputWriteError(f"--report-to {name} cannot write its files: {first[:300]}") from None
                 raise ConfigError(f"--report-to {name} could not start a run: {first[:300]}") from None
 
     def log(self, record: dict[str, Any]) -> None:

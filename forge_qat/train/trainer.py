@@ -20,14 +20,22 @@ import torch
 from forge_qat.config import TrainConfig, resume_fixed_names
 from forge_qat.data.store import TokenStore, batch_indices, model_inputs, open_token_store
 from forge_qat.distill import objective as distill
-from forge_qat.errors import ConfigError, InputError, TrainingDivergedError
+from forge_qat.errors import ConfigError, ForgeError, InputError, TrainingDivergedError
 from forge_qat.eval.loop import mean_loss
 from forge_qat.finalize.convert import finalize
 from forge_qat.finalize.job import FinalizeRequest
 from forge_qat.finalize.live import finalize_live
 from forge_qat.formats.atomic import remove_stale_temporaries
 from forge_qat.formats.checkpoint import CheckpointMeta, read_checkpoint_meta
-from forge_qat.formats.run_dir import METRICS, check_run_dir, checkpoint_dirs, is_run_dir, start_run_dir, trim_metrics
+from forge_qat.formats.run_dir import (
+    METRICS,
+    abandon_new_run,
+    check_run_dir,
+    checkpoint_dirs,
+    is_run_dir,
+    start_run_dir,
+    trim_metrics,
+)
 from forge_qat.models import load_model_tokenizer
 from forge_qat.qat.config import NO_RECIPE
 from forge_qat.qat.prepare import reinitialize_learned_scales, set_fake_quant_enabled
@@ -108,8 +116,7 @@ class Trainer:
         if start >= self.cfg.optim.max_steps:
             raise ConfigError(f"{self.out} is already trained to step {start}; raise --max-steps to continue")
         self.observer and self.observer.on_start(self.cfg.optim.max_steps, start)
-        trackers = tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out, self.cfg.to_dict()) \
-            if self.main else None
+        trackers = self._start_trackers() if self.main else None
         metrics = (self.out / METRICS).open("a") if self.main else None
         try:
             for step in range(start, self.cfg.optim.max_steps):
@@ -165,6 +172,16 @@ class Trainer:
         if self.main and not cfg.run.resume:
             start_run_dir(self.out, cfg.to_dict())
         self._check_shared_run_dir()
+
+    def _start_trackers(self) -> tracking.Trackers:
+        """The `--report-to` trackers (rank 0). One that cannot start takes back the run directory this start
+        made, so the next start is not refused as "holds a forge run"; a resumed run's is left as it was."""
+        try:
+            return tracking.Trackers(tracking.parse(self.cfg.run.report_to), self.out, self.cfg.to_dict())
+        except ForgeError:
+            if not self.cfg.run.resume:
+                abandon_new_run(self.out)
+            raise
 
     def _resumed_scale_lr(self, computed: float) -> float:
         """The default scale learning rate of a resumed run: the one its checkpoint trained with. Runs written
