@@ -190,7 +190,7 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     except pickle.UnpicklingError:
         raise InputError(f"{path}: a .bin weights file holds more than plain tensors (code, which forge never "
                          f"runs); use safetensors weights") from None
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, RecursionError, TypeError) as e:
         if isinstance(e, SafetensorError):
             from forge_qat.formats.weights import SafetensorsReader
 

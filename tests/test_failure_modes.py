@@ -611,6 +611,10 @@ def probe_failed_tracker_leaves_no_run_marker(tmp_path, run, monkeypatch):
     code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, report_to="mlflow")))
     assert code == 2 and "--report-to mlflow could not start" in out, out
     assert not (r / RUN_MARKER).exists()
+    monkeypatch.setenv("TRACKIO_DIR", "/proc/forge-test/trackio")  # trackio itself would only warn, in a thread
+    code, out = _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1, report_to="trackio")))
+    assert code == 1 and "--report-to trackio cannot write" in out, out
+    assert not (r / RUN_MARKER).exists()
     assert _cli("train", *_flags(**micro_train_args(r, run[1], max_steps=1)))[0] == 0
 
 
@@ -705,6 +709,8 @@ def probe_compare_refuses_models_that_are_not_one_model(tmp_path, run, monkeypat
     assert code == 1 and "int8-dynamic-act-int8-weight" in out and "one recipe" in out
     code, out = _cli("compare", "--float", src, "--ptq", qat, "--qat", ptq)
     assert code == 1
+    code, out = _cli("compare", "--float", src, "--ptq", qat, "--qat", qat)
+    assert code == 1 and "QAT-trained model's artifact" in out
     other = tmp_path / "moe"
     save_tiny_moe(other, "qwen3_moe", "per-expert")
     assert _cli("finalize", "--source", other, "--dest", tmp_path / "moe-ptq", "--ptq",
@@ -762,15 +768,17 @@ def probe_executorch_export_of_a_damaged_artifact(tmp_path, run, monkeypatch):
     code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
     assert code == 1 and "model" in out, out
     header = int.from_bytes(whole[:8], "little")
-    shard.write_bytes(whole[:8] + b"{" * header + whole[8 + header:])
-    code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
-    assert code == 1, out
+    for junk in (b"{", b"["):  # not JSON; JSON nested deeper than the parser's recursion
+        shard.write_bytes(whole[:8] + junk * header + whole[8 + header:])
+        for to, out_file in (("executorch", "o.pte"), ("gguf", "o.gguf")):
+            code, out = _cli("export", art, "--to", to, "--output", tmp_path / out_file)
+            assert code == 1 and "model.safetensors" in out, (junk, to, out)
     shard.unlink()
     monkeypatch.setenv(PWNED, str(tmp_path / "pwned"))
     torch.save({"model.embed_tokens.weight": Payload()}, art / "pytorch_model.bin")
     code, out = _cli("export", art, "--to", "executorch", "--output", tmp_path / "o.pte")
     assert code == 1 and not (tmp_path / "pwned").exists(), out
-    assert not (tmp_path / "o.pte").exists()
+    assert not (tmp_path / "o.pte").exists() and not (tmp_path / "o.gguf").exists()
 
 
 PROBES = [Probe(name.removeprefix("probe_"), fn) for name, fn in sorted(globals().items())

@@ -109,6 +109,9 @@ def check_one_model(float_model: str, ptq_model: str, qat_model: str) -> None:
     if metas["--ptq"].recipe != metas["--qat"].recipe:
         raise InputError(f"the PTQ artifact was converted with {metas['--ptq'].recipe}, the QAT one with "
                          f"{metas['--qat'].recipe}: compare one recipe's PTQ and QAT")
+    if paths["--ptq"].resolve() == paths["--qat"].resolve() or metas["--ptq"].report.get("mode") == "qat":
+        raise InputError(f"--ptq {paths['--ptq']} is the QAT-trained model's artifact: give the artifact of "
+                         f"`forge finalize --ptq {metas['--ptq'].recipe}` of the float fine-tune")
     if metas["--qat"].report.get("mode") == "ptq":
         raise InputError(f"--qat {paths['--qat']} is a post-training quantization (its checkpoint was not QAT-trained "
                          f"with {metas['--qat'].recipe}): give the artifact finalized from the QAT run")

@@ -119,14 +119,15 @@ class ArtifactReader:
         if not files:
             raise InputError(f"{directory} has no safetensors shards; GGUF export reads safetensors artifacts "
                              f"(finalize with --format safetensors)")
-        self.reader = SafetensorsReader(files)
+        self.reader = SafetensorsReader(files)  # checks every shard's header
         with open(files[0], "rb") as f:
             meta = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
         try:
             names = json.loads(meta["tensor_names"])
-        except (KeyError, ValueError):
-            raise InputError(f"{files[0]} lacks forge's tensor list; is {directory} a forge artifact?") from None
-        self.entries = [Entry(n, *self._kind(meta.get(n))) for n in names]
+            self.entries = [Entry(n, *self._kind(meta.get(n))) for n in names]
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+            raise InputError(f"{files[0]} lacks forge's tensor list (or it is damaged); is {directory} a forge "
+                             f"artifact?") from None
 
     @staticmethod
     def _kind(text: str | None) -> tuple[str, dict]:

@@ -74,7 +74,8 @@ class SafetensorsReader:
                 data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
                 if path.stat().st_size < 8 + length + data_end:
                     raise ValueError("file shorter than its header says")
-            except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError, KeyError, TypeError):
+            except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError, KeyError, TypeError,
+                    RecursionError):  # a header of nested brackets exhausts the JSON parser's recursion
                 raise InputError(f"{path} is not a complete safetensors file (truncated or corrupt)") from None
             for name, info in header.items():
                 if name == "__metadata__":

@@ -56,16 +56,22 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _writable_dir(path: Path) -> Path:
+    """`path`, made if missing; an OSError when it cannot be made or written (the tracker's own writer would
+    fail later, in a thread of its own)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(path))
+    return path
+
+
 class _TensorBoard:
     def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # The writer makes its directory in a thread of its own, where a failure is a traceback on stderr and
         # the run goes on without events: made (and checked) here instead.
-        log_dir = output_dir / TENSORBOARD_DIR
-        log_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(log_dir, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable", str(log_dir))
+        log_dir = _writable_dir(output_dir / TENSORBOARD_DIR)
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -121,7 +127,11 @@ class _Wandb:
 class _Trackio:
     def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
         import trackio
+        from trackio.utils import TRACKIO_DIR
 
+        # trackio writes its store in a thread that only warns when it cannot ("could not be persisted") and
+        # the run goes on logging nothing: its directory is made (and checked) here instead.
+        _writable_dir(Path(TRACKIO_DIR))
         # No CPU/GPU sampling thread of its own: forge logs what it measures.
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", PROJECT), name=output_dir.name,
                                 config=config, auto_log_cpu=False, auto_log_gpu=False)
