@@ -131,7 +131,7 @@ class _Trackio:
 
         # trackio writes its store in a thread that only warns when it cannot ("could not be persisted") and
         # the run goes on logging nothing: its directory is made (and checked) here instead.
-        _writable_dir(Path(TRACKIO_DIR))
+        _writable_dir(Path(os.environ.get("TRACKIO_DIR") or TRACKIO_DIR))  # trackio reads the variable at import
         # No CPU/GPU sampling thread of its own: forge logs what it measures.
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", PROJECT), name=output_dir.name,
                                 config=config, auto_log_cpu=False, auto_log_gpu=False)
