@@ -420,10 +420,12 @@ def compare_command(
 
     Evaluates the three and reports the share of the PTQ degradation the QAT artifact wins back."""
     from forge_qat.eval.compare import compare
-    from forge_qat.eval.plot import plot_loss_curves
+    from forge_qat.eval.plot import check_plot, plot_loss_curves
 
     _setup_logging()
     with _reported():
+        if plot:
+            check_plot(plot, runs or [])  # before the three evaluations, not after them
         comparison = compare(float_model, ptq_model, qat_model, data)
         if plot:
             plot_loss_curves({p.name: p for p in runs or []}, plot, finals=comparison.finals(),

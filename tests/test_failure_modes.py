@@ -719,6 +719,38 @@ def probe_compare_refuses_models_that_are_not_one_model(tmp_path, run, monkeypat
     assert code == 1 and "not one model" in out, out
 
 
+def probe_compare_plot_and_lora_rank_checked_before_work(tmp_path, run, monkeypatch):
+    """`compare --plot` onto a file forge did not plot, to a name that is no PNG, or without --runs: refused before
+    the three evaluations (the user's file intact); a half-written metrics line is skipped in the plot; a
+    `--lora-rank` above a weight's smaller dimension is refused before training."""
+    import forge_qat.eval.compare as compare_mod
+
+    def must_not_evaluate(*a, **k):
+        raise AssertionError("evaluated before checking --plot")
+
+    src, data = run
+    qat, ptq = _artifact(run), _artifact(run, "int8-dynamic-act-int8-weight")
+    user = tmp_path / "mine.png"
+    user.write_bytes(b"not a plot forge wrote")
+    with monkeypatch.context() as m:
+        m.setattr(compare_mod, "evaluate_model", must_not_evaluate)
+        base = ("compare", "--float", src, "--ptq", ptq, "--qat", qat)
+        code, out = _cli(*base, "--plot", user, "--runs", src.parent / "run")
+        assert code == 1 and "not a plot forge wrote" in out and user.read_bytes() == b"not a plot forge wrote"
+        assert _cli(*base, "--plot", tmp_path / "p.txt", "--runs", src)[0] == 2
+        assert _cli(*base, "--plot", tmp_path / "p.png")[0] == 2
+    r = _copy(src, tmp_path / "r")
+    with (r / METRICS).open("a") as f:
+        f.write('{"step": 3, "lo')  # kill -9 mid-line
+    from forge_qat.eval.plot import plot_loss_curves, read_metrics
+
+    assert [m["step"] for m in read_metrics(r)] == [1, 2]
+    plot_loss_curves({"r": r}, tmp_path / "p.png")
+    code, out = _cli("train", *_flags(**micro_train_args(tmp_path / "big", data, max_steps=1, lora_rank=100000)))
+    assert code == 2 and "--lora-rank 100000 exceeds" in out
+    assert not (tmp_path / "big" / RUN_MARKER).exists()
+
+
 def probe_damaged_token_cache_is_rebuilt(tmp_path, run, monkeypatch):
     """A token cache damaged after it was built (an Arrow file truncated or deleted, `store.json` cut) is found,
     said, and tokenized again: the data command succeeds instead of failing until the user deletes it."""

@@ -7,14 +7,49 @@ import json
 from pathlib import Path
 
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats.atomic import atomic_file, check_output
 from forge_qat.formats.run_dir import METRICS
+
+PLOT_SOFTWARE = "forge_qat loss curves"
+"""Written into every PNG forge plots: a later plot replaces only files that carry it."""
+
+
+def check_plot(out: Path, runs: list[Path]) -> None:
+    """Before any work: `--plot` writes a PNG, of runs that have metrics, to a path that holds no file forge did
+    not plot."""
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {out}: the plot is a PNG; name the file *.png")
+    if not runs:
+        raise ConfigError("--plot needs the run directories to plot: add --runs DIR (repeatable)")
+    for run_dir in runs:
+        read_metrics(run_dir)
+    check_output(out, overwrite=True, ours=_is_forge_plot, kind="a plot",
+                 foreign=f"--plot {out} exists and is not a plot forge wrote: choose another path")
+
+
+def _is_forge_plot(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS
     if not path.is_file():
         raise InputError(f"{run_dir} has no {METRICS}; give forge run directories to plot")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line a killed process left half-written (resume drops it too)
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("loss"), float):
+            records.append(record)
+    return records
 
 
 def plot_loss_curves(runs: dict[str, Path], out: Path, finals: dict[str, float] | None = None,
@@ -78,7 +113,7 @@ def plot_loss_curves(runs: dict[str, Path], out: Path, finals: dict[str, float] 
         if summary:
             side.set_xlabel(summary, fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
     return out

@@ -176,6 +176,13 @@ def install(model: torch.nn.Module, cfg: LoraConfig, linears: list[str], stacks:
     if not chosen and not chosen_stacks:
         raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no such layers to adapt "
                           f"(it has {len(linears)} linear layers and {len(stacks)} experts modules)")
+    too_small = sorted({n for n in chosen if min(true_shape(modules[n].weight)) < cfg.lora_rank}
+                       | {n for n, s in chosen_stacks.items() for stack in s
+                          if min(true_shape(getattr(modules[n], stack))[1:]) < cfg.lora_rank})
+    if too_small:
+        raise ConfigError(f"--lora-rank {cfg.lora_rank} exceeds the smaller dimension of {len(too_small)} adapted "
+                          f"weight(s) (e.g. {too_small[0]}): a rank above min(in, out) adds parameters and no "
+                          f"capacity; use a smaller --lora-rank")
     scaling = cfg.scaling
     adapted = added = 0
     for name in chosen:

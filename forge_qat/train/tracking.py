@@ -36,7 +36,7 @@ PROJECT = "forge"
 def parse(value: str) -> list[str]:
     """`--report-to` as tracker names ('none' or empty: no tracker); unknown names and missing packages are
     errors naming the fix."""
-    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"))
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(choices_message("--report-to tracker", name, ["none", *TRACKERS]))
