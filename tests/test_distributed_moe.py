@@ -152,3 +152,57 @@ def test_experts_without_tokens_on_one_rank_do_not_stall_the_others(tmp_path, da
     assert time.monotonic() - t0 < 50
     records = [json.loads(line) for line in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] == r["loss"] for r in records)
+
+
+AUTOEP_WORKER = [sys.executable, str(Path(__file__).parent / "autoep_worker.py")]
+
+
+def _autoep_ranks(tmp_path, monkeypatch, arch: str, compat: bool) -> list[dict]:
+    from forge_qat.distributed.launch import launch
+
+    monkeypatch.setenv("FORGE_TEST_AUTOEP_ARCH", arch)
+    monkeypatch.setenv("FORGE_TEST_AUTOEP_COMPAT", "1" if compat else "0")
+    launch(2, "unused", [str(tmp_path)], worker=AUTOEP_WORKER)
+    return [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_autoep_converts_under_zero3_with_the_registry_compat(arch, tmp_path, monkeypatch):
+    """DeepSpeed's AutoEP (the base of `--expert-parallel`, issue 31) under ZeRO-3 on 2 gloo ranks, with
+    `forge_qat.distributed.autoep_compat`: each rank holds half the experts, the converted model's loss is the
+    unconverted one's, and an optimizer step runs."""
+    for result in _autoep_ranks(tmp_path, monkeypatch, arch, compat=True):
+        assert "error" not in result, result
+        assert result["layer"] == "AutoEPMoELayer" and result["local_experts"] * 2 == result["experts"]
+        assert result["loss"] == pytest.approx(result["reference"], abs=1e-5)
+
+
+def test_autoep_without_the_compat_fails_on_the_output_capture_registry(tmp_path, monkeypatch):
+    """Why the compat exists: without it DeepSpeed 0.19's AutoEP calls transformers 5's registry as a plain
+    dict and fails. When a DeepSpeed or transformers release fixes that, this test fails: drop the compat."""
+    results = _autoep_ranks(tmp_path, monkeypatch, "qwen3_moe", compat=False)
+    assert all("_CanRecordRegistry.get() takes 2 positional arguments" in r.get("error", "") for r in results), results
+
+
+def test_the_compat_keeps_the_registrys_own_semantics():
+    """transformers' calls (a model, no default) behave as before; DeepSpeed's (a class-string key, a default)
+    get dict semantics on the same stored keys."""
+    from transformers.utils import output_capturing
+
+    from forge_qat.distributed.autoep_compat import accept_deepspeed_registry_keys
+
+    accept_deepspeed_registry_keys()
+    assert not accept_deepspeed_registry_keys()  # once per process
+    registry = output_capturing._CanRecordRegistry()
+
+    class Model:
+        pass
+
+    model = Model()
+    assert registry.get(model) == {}
+    registry[model] = {"router_logits": 1}
+    key = str(Model)
+    assert registry.get(model) == {"router_logits": 1} == registry.get(key, None)
+    assert registry.get("<class 'absent'>", "default") == "default"
+    registry[key] = {"router_logits": 2}
+    assert registry.get(model) == {"router_logits": 2} and list(registry) == [key]
