@@ -23,7 +23,7 @@ from torchao.quantization.quant_primitives import ZeroPointDomain
 from forge_qat import hardware
 from forge_qat.errors import ConfigError, ConversionError, HardwareError, InputError, choices_message
 from forge_qat.formats.weights import true_shape
-from forge_qat.qat import embeddings, experts
+from forge_qat.qat import embeddings, experts, grouped_experts
 from forge_qat.qat.config import FP8_RECIPES
 from forge_qat.qat.coverage import OUTPUT_HEAD_NAMES, Coverage, check_useful, plan
 from forge_qat.qat.experts import ProjectionFakeQuant
@@ -113,6 +113,26 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
         quantizers[proj.weight] = ProjectionFakeQuant(twin.activation_fake_quantizer, twin.weight_fake_quantizer,
                                                       integer_grid=isinstance(twin, IntegerGridFakeQuantizedLinear))
     return quantizers
+
+
+def prepare_grouped_experts(model: torch.nn.Module, recipe: Recipe) -> int:
+    """Fake-quantize every expert-parallel experts module (AutoEP's `GroupedExperts`: one rank's local experts)
+    with the recipe's quantizers of the transformers stacks they came from (`gate_up_proj` (2I, H) and
+    `down_proj` (H, I) per expert). Returns the modules prepared."""
+    prepared = 0
+    for module in model.modules():
+        if not grouped_experts.is_grouped_experts(module) or hasattr(module, experts.FAKE_QUANT_ATTR):
+            continue
+        _, ffn, hidden = grouped_experts.shapes(module)
+        dtype = module.w1.dtype
+        twins = [_prepared_twin(hidden, 2 * ffn, False, dtype, recipe),
+                 _prepared_twin(ffn, hidden, False, dtype, recipe)]
+        gate_up, down = (ProjectionFakeQuant(t.activation_fake_quantizer, t.weight_fake_quantizer,
+                                             integer_grid=isinstance(t, IntegerGridFakeQuantizedLinear))
+                         for t in twins)
+        grouped_experts.install_fake_quant(module, gate_up, down)
+        prepared += 1
+    return prepared
 
 
 Gather = Callable[[torch.nn.Parameter], AbstractContextManager]

@@ -1,0 +1,71 @@
+"""Fake quantization of expert-parallel experts: DeepSpeed AutoEP's `GroupedExperts`, which holds one rank's
+local experts as `w1` and `w3` (E_local, I, H), the gate and up projections, and `w2` (E_local, H, I), the down
+projection, and runs them on tokens grouped by expert.
+
+Called by `forge_qat.qat.prepare.prepare_grouped_experts` once AutoEP has replaced a model's MoE blocks, so each
+rank fake-quantizes its own experts only. The numerics are those forge gives the same experts in a transformers
+stack (`forge_qat.qat.experts`, whose `gate_up_proj` is w1's rows then w3's): per expert, the gate and up rows
+as one fused matmul with the recipe's quantizers of that fused shape (one activation quantization of each
+token), the gated activation, then the down projection with its own. Imports no deepspeed: the module is
+recognised by its Parameters.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from forge_qat.errors import ConfigError
+from forge_qat.qat.experts import FAKE_QUANT_ATTR, ProjectionFakeQuant
+
+GATE_UP, DOWN = "gate_up", "down"
+"""The two projections' quantizer names: w1 and w3 fused as transformers stores them, and w2."""
+ACTIVATIONS = {"swiglu": lambda gate, up: F.silu(gate) * up}
+"""AutoEP's expert activations forge fake-quantizes (Qwen3-MoE's and Mixtral's); others are refused."""
+
+
+def is_grouped_experts(module: torch.nn.Module) -> bool:
+    """AutoEP's `GroupedExperts` (by its Parameters and activation, not its class: qat/ imports no deepspeed)."""
+    return all(isinstance(getattr(module, n, None), torch.nn.Parameter) for n in ("w1", "w2", "w3")) \
+        and isinstance(getattr(module, "activation", None), str)
+
+
+def shapes(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(local experts, ffn width I, hidden H) of a GroupedExperts module (its true shape under ZeRO-3)."""
+    from forge_qat.formats.weights import true_shape
+
+    experts, ffn, hidden = true_shape(module.w1)
+    return experts, ffn, hidden
+
+
+class FakeQuantizedGroupedExperts:
+    """Mixin placed before the GroupedExperts class by `install_fake_quant`: same Parameters, a forward that
+    fake-quantizes each local expert's matmuls. Tokens arrive grouped by expert (`num_tokens_per_expert`), with
+    padding rows after them that come back as zeros, as AutoEP's own loop returns them."""
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        q = getattr(self, FAKE_QUANT_ATTR)
+        act = ACTIVATIONS[self.activation]
+        counts = num_tokens_per_expert.tolist()
+        used = sum(counts)
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        out = []
+        for e, x_e in enumerate(torch.split(x[:used], counts, dim=0)):
+            h = q[GATE_UP].linear(x_e, torch.cat([w1[e], w3[e]]).to(x.dtype), None)
+            gate, up = h.chunk(2, dim=-1)
+            out.append(q[DOWN].linear(act(gate, up), w2[e].to(x.dtype), None))
+        out.append(x.new_zeros(x.shape[0] - used, w2[0].shape[0]))
+        return torch.cat(out)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def install_fake_quant(module: torch.nn.Module, gate_up: ProjectionFakeQuant, down: ProjectionFakeQuant) -> None:
+    """Give a GroupedExperts module the fake-quantized forward, keeping its Parameters."""
+    if module.activation not in ACTIVATIONS:
+        raise ConfigError(f"expert activation {module.activation!r}: forge fake-quantizes AutoEP experts with "
+                          f"{', '.join(ACTIVATIONS)} (Qwen3-MoE, Mixtral)")
+    cls = type(module)
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"FakeQuantized{cls.__name__}", (FakeQuantizedGroupedExperts, cls), {})
+    setattr(module, FAKE_QUANT_ATTR, torch.nn.ModuleDict({GATE_UP: gate_up, DOWN: down}))
+    module.__class__ = _CLASSES[cls]
