@@ -90,6 +90,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.distill.check_with(self.qat)
+        self.distributed.check_with(self.qat, self.lora, self.distill, self.run)
 
     @classmethod
     def from_flat(cls, **values: Any) -> "TrainConfig":

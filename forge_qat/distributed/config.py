@@ -19,6 +19,10 @@ class DistributedConfig:
     zero_stage: int = option(0, "DeepSpeed ZeRO stage (0: no DeepSpeed, 1, 2 or 3).")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON to use instead of the generated one.")
     dist_timeout_s: int = option(300, "Collective timeout: a hung or dead rank fails the job after this.")
+    expert_parallel: int = option(1, "Expert-parallel size E under ZeRO-3 (DeepSpeed AutoEP): each rank holds and "
+                                     "fake-quantizes E-th of every MoE layer's experts, tokens travel to them "
+                                     "(1: ZeRO-3 alone). E divides the ranks and the experts.",
+                                  resume_fixed=True)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -27,6 +31,27 @@ class DistributedConfig:
             raise ConfigError("nproc and dist_timeout_s must be at least 1")
         if self.nproc > 1 and not self.uses_deepspeed:
             raise ConfigError(f"--nproc {self.nproc} needs DeepSpeed: add --zero-stage 3 (or --deepspeed-config)")
+        if self.expert_parallel < 1:
+            raise ConfigError(f"--expert-parallel must be at least 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1:
+            if self.zero_stage not in (0, 3) or not self.uses_deepspeed:  # 0 with a user config: checked there
+                raise ConfigError(f"--expert-parallel {self.expert_parallel} runs with ZeRO-3 for the dense part: add "
+                                  f"--zero-stage 3 (this run has stage {self.zero_stage})")
+            if self.nproc > 1 and self.nproc % self.expert_parallel:
+                raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide --nproc {self.nproc}")
+
+    def check_with(self, qat, lora, distill, run) -> None:
+        """What expert parallelism does not cover yet, refused before any work (issue 31 lists them)."""
+        if self.expert_parallel == 1:
+            return
+        missing = [(qat.qat_learn_scales, "learned scales (add --no-qat-learn-scales)"),
+                   (lora.enabled, "LoRA (--lora-rank)"), (distill.needs_float_teacher, "a float KD teacher"),
+                   (run.finalize is not None, "--finalize (finalize the saved checkpoint with forge finalize)"),
+                   (qat.fp8_recipe is not None, "float8 training")]
+        refused = [what for on, what in missing if on]
+        if refused:
+            raise ConfigError(f"--expert-parallel {self.expert_parallel} does not run with {'; '.join(refused)} "
+                              f"yet: plain QAT of the experts only")
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -83,6 +108,14 @@ def ds_config(dist: DistributedConfig, b: Batching, world_size: int) -> dict[str
             raise ConfigError(f"{path}: {key} is {theirs}, but the run config has {our_name} = {ours}; "
                               f"make them agree or set it to \"auto\" in the JSON")
     _check_partitioning(user.get("zero_optimization", {}), path)
+    theirs = user.get("expert_parallel") or {}
+    if theirs.get("enabled") and theirs.get("autoep_size") not in ("auto", dist.expert_parallel):
+        raise ConfigError(f"{path}: expert_parallel.autoep_size is {theirs.get('autoep_size')!r}, but the run config "
+                          f"has --expert-parallel {dist.expert_parallel}: give the size as --expert-parallel (forge "
+                          f"installs the experts' fake quantization after AutoEP's conversion only then)")
+    if dist.expert_parallel > 1 and user.get("zero_optimization", {}).get("stage", 3) != 3:
+        raise ConfigError(f"{path}: zero_optimization.stage is {user['zero_optimization']['stage']}; "
+                          f"--expert-parallel {dist.expert_parallel} runs with ZeRO-3 for the dense part")
     merged = {**generated, **{k: v for k, v in user.items() if v != "auto"}}
     merged["zero_optimization"] = {**generated["zero_optimization"],
                                    **{k: v for k, v in user.get("zero_optimization", {}).items() if v != "auto"}}

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from forge_qat import hardware
-from forge_qat.distributed import use_cpu_accelerator_without_cuda
+from forge_qat.distributed import expert_parallel, use_cpu_accelerator_without_cuda
+from forge_qat.distributed.autoep_compat import accept_deepspeed_registry_keys
 from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
 from forge_qat.formats.layouts import model_layout_reader
@@ -197,8 +198,14 @@ class ZeroEngine:
         # deepspeed.initialize casts (every rank holds the whole model there).
         self.param_dtype = mixed if self.stage3 else torch.float32
         self.engine = None
+        self.expert_parallel = dist_cfg.expert_parallel
+        self.expert_parallel_section: dict | None = None
+        """The DeepSpeed `expert_parallel` section, once the model's architecture has been checked for it."""
 
     def materialize(self, source: ModelSource) -> torch.nn.Module:
+        if self.expert_parallel > 1:  # before any weight loads
+            self.expert_parallel_section = expert_parallel.check_model(source.config, self.expert_parallel,
+                                                                       self.world_size)
         if not self.stage3:
             return load_model(source.spec, seed=source.seed)[0]
         # Import the architecture's module before zero.Init patches nn.Module subclasses. A class created
@@ -232,9 +239,26 @@ class ZeroEngine:
         if self.stage3:
             for reader, param in learned_scale_readers(model) + lora.readers(model):
                 deepspeed.zero.register_external_parameter(reader, param)
+        config = self.ds_config
+        if self.expert_parallel_section is not None:
+            accept_deepspeed_registry_keys()
+            # over a user config's own section (its further AutoEP settings kept), which ds_config checked
+            config = {**config, "expert_parallel": {**config.get("expert_parallel", {}),
+                                                    **self.expert_parallel_section}}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config)
+                                                    config=config)
         return self.engine
+
+    def checkpoint_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
+        """The names a checkpoint writes for the model's `names`: the transformers model's (AutoEP's layers back
+        in its layout) under expert parallelism."""
+        return expert_parallel.hf_names(model, names) if self.expert_parallel_section else names
+
+    def checkpoint_tensors(self, model: torch.nn.Module, names: list[str], only=None):
+        """Whole tensors under `checkpoint_names` (collective), or None where the model's own serve."""
+        if self.expert_parallel_section is None:
+            return None
+        return expert_parallel.hf_full_tensors(model, names, self.full_tensor, only)
 
     def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.stage3:

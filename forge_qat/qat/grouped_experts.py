@@ -56,6 +56,10 @@ class FakeQuantizedGroupedExperts:
         return torch.cat(out)
 
 
+def is_fake_quantized(module: torch.nn.Module) -> bool:
+    return isinstance(module, FakeQuantizedGroupedExperts)
+
+
 _CLASSES: dict[type, type] = {}
 
 

@@ -121,7 +121,7 @@ def prepare_grouped_experts(model: torch.nn.Module, recipe: Recipe) -> int:
     `down_proj` (H, I) per expert). Returns the modules prepared."""
     prepared = 0
     for module in model.modules():
-        if not grouped_experts.is_grouped_experts(module) or hasattr(module, experts.FAKE_QUANT_ATTR):
+        if not grouped_experts.is_grouped_experts(module) or grouped_experts.is_fake_quantized(module):
             continue
         _, ffn, hidden = grouped_experts.shapes(module)
         dtype = module.w1.dtype
@@ -293,7 +293,7 @@ def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def set_fake_quant_enabled(model: torch.nn.Module, enabled: bool) -> None:
     """Turn every fake quantizer on or off (used to delay fake quantization)."""
     for module in model.modules():
-        if experts.is_fake_quantized(module):
+        if experts.is_fake_quantized(module) or grouped_experts.is_fake_quantized(module):
             experts.set_fake_quant_enabled(module, enabled)
         elif isinstance(module, embeddings.FakeQuantizedEmbedding):
             module.weight_fake_quantizer.enabled = enabled

@@ -63,16 +63,29 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def checkpoint_names(engine: Engine, model: torch.nn.Module, names: list[str]) -> list[str]:
+    """What a checkpoint calls `names` (the model's state-dict names): the same, except where the engine rebuilt
+    modules the checkpoint keeps in the transformers layout (expert parallelism: `ZeroEngine.checkpoint_names`)."""
+    translate = getattr(engine, "checkpoint_names", None)
+    return translate(model, names) if translate is not None else names
+
+
 def full_tensors(engine: Engine, model: torch.nn.Module,
                  only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `model`'s state dict (tied aliases once; `only`: those whose name it accepts, the
     same on every rank), one whole tensor at a time, as float32 on the CPU (collective: every rank iterates
-    to the end; only what rank 0 receives is meant to be kept)."""
+    to the end; only what rank 0 receives is meant to be kept), under `checkpoint_names`."""
     params = dict(model.named_parameters())
     tied = tied_aliases(model)
     buffers = dict(model.named_buffers())
-    for name in model.state_dict():
-        if name in tied or (only is not None and not only(name)):
+    names = [n for n in model.state_dict() if n not in tied]
+    rebuilt = getattr(engine, "checkpoint_tensors", None)
+    translated = rebuilt(model, names, only) if rebuilt is not None else None
+    if translated is not None:
+        yield from translated
+        return
+    for name in names:
+        if only is not None and not only(name):
             continue
         if name in params:
             with engine.full_tensor(params[name]) as value:

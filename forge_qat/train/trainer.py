@@ -43,7 +43,7 @@ from forge_qat.train import tracking
 from forge_qat.train.checkpointing import load_weights_into, restore_rng_state, save_checkpoint
 from forge_qat.train.engine import Engine
 from forge_qat.train.local import LocalEngine
-from forge_qat.train.model_setup import TrainingModels, build_models
+from forge_qat.train.model_setup import TrainingModels, build_models, quantize_expert_parallel_experts
 from forge_qat.train.optim import (
     SCALE_LR_RELATIVE,
     Placement,
@@ -167,6 +167,7 @@ class Trainer:
         if cfg.qat.qat_learn_scales and not cfg.qat.fake_quant_after_steps:
             self.scale_watch = ScaleWatch.begin(student, self.engine.full_tensor)
         self.model = self.engine.wrap(student, optimizer, self.scheduler)
+        quantize_expert_parallel_experts(student, cfg)
         teacher = self.engine.wrap_frozen(self.models.teacher) if self.models.teacher is not None else None
         self.objective = distill.objective(cfg.distill, teacher)
         if self.main and not cfg.run.resume:

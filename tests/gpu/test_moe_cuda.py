@@ -53,3 +53,35 @@ def test_training_takes_the_grouped_kernel_on_cuda_and_matches_eager():
     batched = block.experts(x, chosen, weights)
     eager = block.experts._eager_forward(x, chosen, weights)
     torch.testing.assert_close(batched, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path):
+    """`--expert-parallel 2` over NCCL (AutoEP's all-to-all on the GPUs, each rank fake-quantizing its experts)
+    against one process on the same global batches; the checkpoint gathered back into the input's layout."""
+    import json
+    from pydoc_data.topics import topics
+
+    from conftest import micro_train_args, save_tiny_moe
+    from safetensors.torch import load_file
+
+    from forge_qat.config import TrainConfig
+    from forge_qat.formats.run_dir import checkpoint_dirs
+    from forge_qat.train.entry import launch_training
+    from forge_qat.train.trainer import run_training
+
+    data = tmp_path / "train.txt"
+    data.write_text(topics["if"] + topics["while"] + topics["for"])
+    save_tiny_moe(tmp_path / "src", "qwen3_moe", "per-expert")
+    args = dict(model=str(tmp_path / "src"), max_steps=3, save_every=0, qat_learn_scales=False, precision="fp32")
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
+                                                             expert_parallel=2, batch_size=1, dist_timeout_s=120,
+                                                             **args)))
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("ep", "one")]
+    assert losses[0] == pytest.approx(losses[1], abs=5e-3)
+    ep, one = (load_file(checkpoint_dirs(tmp_path / r)[-1][1] / "model.safetensors") for r in ("ep", "one"))
+    assert set(ep) == set(one)
+    for k in one:
+        torch.testing.assert_close(ep[k], one[k], rtol=0, atol=2e-3)
