@@ -286,3 +286,22 @@ def test_expert_parallel_refusals(tmp_path, data):
         check_model(config, 2, 2)
     with pytest.raises(ConfigError, match="divide the 3 ranks"):
         check_model(config, 2, 3)
+
+
+def test_expert_parallel_distils_from_a_float_teacher_sharded_the_same_way(tmp_path, data):
+    """`--expert-parallel 2` with `--kd-weight` and the float teacher: the teacher is wrapped with the same
+    `expert_parallel` section, so AutoEP places its experts as the student's; the losses and their KD term are
+    one process's."""
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", "per-expert", seed=4)
+    args = dict(model=str(src), save_every=0, qat_learn_scales=False, max_steps=2, kd_weight=1.0, kd_loss="kl")
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
+                                                             expert_parallel=2, batch_size=1, dist_timeout_s=60,
+                                                             **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("ep", "one")]
+    for a, b in zip(*records, strict=True):
+        assert a["kd_loss"] > 0 and a["kd_loss"] == pytest.approx(b["kd_loss"], rel=1e-3)
+        assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
+    assert records[0][0]["loss"] == pytest.approx(records[1][0]["loss"], abs=1e-6)

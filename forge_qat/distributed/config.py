@@ -45,7 +45,7 @@ class DistributedConfig:
         if self.expert_parallel == 1:
             return
         missing = [(qat.qat_learn_scales, "learned scales (add --no-qat-learn-scales)"),
-                   (lora.enabled, "LoRA (--lora-rank)"), (distill.needs_float_teacher, "a float KD teacher"),
+                   (lora.enabled, "LoRA (--lora-rank)"),
                    (run.finalize is not None, "--finalize (finalize the saved checkpoint with forge finalize)"),
                    (qat.fp8_recipe is not None, "float8 training")]
         refused = [what for on, what in missing if on]

@@ -239,15 +239,19 @@ class ZeroEngine:
         if self.stage3:
             for reader, param in learned_scale_readers(model) + lora.readers(model):
                 deepspeed.zero.register_external_parameter(reader, param)
-        config = self.ds_config
-        if self.expert_parallel_section is not None:
-            accept_deepspeed_registry_keys()
-            # over a user config's own section (its further AutoEP settings kept), which ds_config checked
-            config = {**config, "expert_parallel": {**config.get("expert_parallel", {}),
-                                                    **self.expert_parallel_section}}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=config)
+                                                    config=self._config())
         return self.engine
+
+    def _config(self) -> dict:
+        """The DeepSpeed config of a wrap: with the `expert_parallel` section under expert parallelism (over a user
+        config's own section, its further AutoEP settings kept; `ds_config` checked it), for the student and
+        for a frozen teacher alike, so both place the same experts on the same ranks."""
+        if self.expert_parallel_section is None:
+            return self.ds_config
+        accept_deepspeed_registry_keys()
+        return {**self.ds_config, "expert_parallel": {**self.ds_config.get("expert_parallel", {}),
+                                                      **self.expert_parallel_section}}
 
     def checkpoint_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
         """The names a checkpoint writes for the model's `names`: the transformers model's (AutoEP's layers back
@@ -265,7 +269,7 @@ class ZeroEngine:
             return model.to(self.device)
         # Without an optimizer DeepSpeed wraps a stage-3 model in its parameter offload alone: the hooks that
         # gather each module's partitions for its forward and release them after.
-        inference = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        inference = {k: v for k, v in self._config().items() if k not in ("optimizer", "scheduler")}
         return deepspeed.initialize(model=model, config=inference)[0]
 
     def autocast(self):
