@@ -121,17 +121,11 @@ def check_model_dir(path: Path) -> None:
 
 def load_config(path: Path):
     """A model directory's config; never runs code from it (`auto_map` models are refused)."""
-    import json
-
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the model config in {path}: {library_message(e)}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path / 'config.json'} is not a model config (a JSON object was expected, found "
-                         f"{type(raw).__name__})")
+    from forge_qat.formats.versioned import read_json_object
+
+    read_json_object(path / "config.json", "a model config")  # a clear line where transformers' is not
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -158,8 +152,14 @@ def load_model_tokenizer(spec: str) -> tuple[PreTrainedTokenizerBase, int | None
     loading weights: training checks its options and prepares its data before the model loads."""
     if spec in PRESETS:
         return byte_tokenizer(), PRESET_MAX_POSITIONS
-    path = _model_dir(spec)
-    return load_tokenizer(path), getattr(load_config(path), "max_position_embeddings", None)
+    return load_tokenizer(_model_dir(spec)), max_positions(spec)
+
+
+def max_positions(spec: str) -> int | None:
+    """The model's max_position_embeddings, from its config alone (a preset's: `PRESET_MAX_POSITIONS`)."""
+    if spec in PRESETS:
+        return PRESET_MAX_POSITIONS
+    return getattr(load_config(_model_dir(spec)), "max_position_embeddings", None)
 
 
 def _model_dir(spec: str) -> Path:

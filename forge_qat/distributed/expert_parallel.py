@@ -53,16 +53,17 @@ def _layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def hf_names(model: torch.nn.Module, names: list[str]) -> list[str]:
     """`names` (the model's state dict) under the transformers model's names."""
-    return [hf for _, hf, _ in _translated(model, names)]
+    return [hf for _, hf, _, _ in _translated(model, names)]
 
 
-def _translated(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[str, str, str | None]]:
-    """(model name, HF name, the other name read with it: w3 beside w1); w3 itself is skipped."""
+def _translated(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[str, str, str | None, object]]:
+    """(model name, HF name, the other name read with it: w3 beside w1, the AutoEP layer of an expert stack);
+    w3 itself is skipped."""
     layers = _layers(model)
     for name in names:
         owner = next((p for p in layers if name.startswith(p + ".")), None)
         if owner is None:
-            yield name, name, None
+            yield name, name, None, None
             continue
         local = name[len(owner) + 1:]
         if local == "experts.w3":
@@ -70,7 +71,8 @@ def _translated(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[str,
         if local not in _RENAMES:
             raise ConfigError(f"internal: AutoEP layer {owner} holds {local}, which forge does not write back into "
                               f"the transformers layout")
-        yield name, f"{owner}.{_RENAMES[local]}", f"{owner}.experts.w3" if local == "experts.w1" else None
+        stack = layers[owner] if local.startswith("experts.") else None
+        yield name, f"{owner}.{_RENAMES[local]}", f"{owner}.experts.w3" if local == "experts.w1" else None, stack
 
 
 def hf_full_tensors(model: torch.nn.Module, names: list[str], full_tensor: FullTensor,
@@ -80,8 +82,7 @@ def hf_full_tensors(model: torch.nn.Module, names: list[str], full_tensor: FullT
     order: experts [r E/ep, (r + 1) E/ep) come from rank r of the group."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    layers = _layers(model)
-    for name, hf, beside in _translated(model, names):
+    for name, hf, beside, stack_layer in _translated(model, names):
         if only is not None and not only(hf):
             continue
         if name in buffers:
@@ -92,9 +93,8 @@ def hf_full_tensors(model: torch.nn.Module, names: list[str], full_tensor: FullT
         if beside is not None:
             with full_tensor(params[beside]) as value:
                 local = torch.cat([local, value.to("cpu", torch.float32)], dim=1)  # gate rows, then up rows
-        layer = next((layers[p] for p in layers if name.startswith(p + ".experts.")), None)
-        if layer is not None:
-            local = _gather_experts(local, layer.ep_group)
+        if stack_layer is not None:
+            local = _gather_experts(local, stack_layer.ep_group)
         yield hf, local
 
 

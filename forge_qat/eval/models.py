@@ -21,7 +21,8 @@ from forge_qat.formats.artifact_meta import ArtifactMeta
 from forge_qat.formats.checkpoint import read_checkpoint_meta, read_learned_scales
 from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.lora import adapters as lora
-from forge_qat.models import load_model, load_model_tokenizer
+from forge_qat.lora.config import LoraConfig
+from forge_qat.models import load_model, max_positions
 from forge_qat.qat.prepare import LearnScales, prepare_qat
 from forge_qat.qat.registry import RECIPES, Recipe
 
@@ -67,24 +68,32 @@ def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe)
     mode they trained in."""
     scales = read_learned_scales(checkpoint)
     coverage = prepare_qat(model, recipe, learn=LearnScales(initial=scales) if scales is not None else None)
-    meta = read_checkpoint_meta(checkpoint)
-    cfg = meta.lora if meta else None
-    if cfg is not None:
-        check_adapter_config(checkpoint, cfg)
+    trained = _lora_of(checkpoint)
+    if trained is not None:
+        cfg, adapters = trained
         lora.install(model, cfg, list(coverage.linears), coverage.experts)
-        lora.load(model, read_adapters(checkpoint) or {}, checkpoint)
+        lora.load(model, adapters, checkpoint)
 
 
 def _merge_adapters(model: torch.nn.Module, checkpoint: Path) -> None:
     """A LoRA checkpoint evaluated in float: the model is its base with the adapters merged."""
-    meta = read_checkpoint_meta(checkpoint)
-    cfg = meta.lora if meta else None
-    if cfg is not None:
-        check_adapter_config(checkpoint, cfg)
-        adapters = read_adapters(checkpoint) or {}
+    trained = _lora_of(checkpoint)
+    if trained is not None:
+        cfg, adapters = trained
         lora.check_pairs(adapters, {n: list(p.shape) for n, p in model.state_dict().items()}, cfg.lora_rank,
                          checkpoint)
         lora.merge_into(model, adapters, cfg.scaling)
+
+
+def _lora_of(checkpoint: Path) -> tuple[LoraConfig, dict] | None:
+    """The LoRA settings a checkpoint trained with and its adapters (its adapter_config.json checked against
+    them), or None for a checkpoint trained without."""
+    meta = read_checkpoint_meta(checkpoint)
+    cfg = meta.lora if meta else None
+    if cfg is None:
+        return None
+    check_adapter_config(checkpoint, cfg)
+    return cfg, read_adapters(checkpoint) or {}
 
 
 @torch.no_grad()
@@ -93,10 +102,10 @@ def evaluate_model(path: str, data: str, *, seq_len: int = 128, batch_size: int 
                    data_options: DataOptions | None = None, packing: str = "documents") -> EvalResult:
     """Mean next-token loss (and its exp, perplexity) over `data`, token-weighted, in float32."""
     target = resolve_checkpoint(Path(path)) if Path(path).exists() else Path(path)
-    _, max_positions = load_model_tokenizer(str(target))  # checks before any weight loads
-    if max_positions and seq_len > max_positions:
-        raise ConfigError(f"--seq-len {seq_len} exceeds {target}'s max_position_embeddings {max_positions}; use "
-                          f"--seq-len {max_positions} or less")
+    positions = max_positions(str(target))  # checked before any weight loads
+    if positions and seq_len > positions:
+        raise ConfigError(f"--seq-len {seq_len} exceeds {target}'s max_position_embeddings {positions}; use "
+                          f"--seq-len {positions} or less")
     device, dtype = eval_placement(target)
     model, tokenizer = load_model(str(target), dtype=dtype, device=device)
     if fake_quant and getattr(model.config, "quantization_config", None):

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats.versioned import read_json_object
+from forge_qat.formats.weights import value_fault
 from forge_qat.lora.config import ADAPTER_ATTR, LoraConfig
 
 ADAPTER_DIR = "adapter"
@@ -95,8 +97,7 @@ def read_adapters(ckpt: Path) -> dict | None:
     except ConfigError as e:
         raise InputError(f"{folder}: {e}") from None
     for name, value in adapters.items():
-        if not value.is_floating_point() or not bool(value.isfinite().all()):
-            fault = "non-finite values" if value.is_floating_point() else f"{value.dtype} values"
+        if fault := value_fault(value):
             raise InputError(f"{folder}: adapter {name} holds {fault}; adapters are finite floats (the file was "
                              f"edited or damaged, or the run diverged)")
     return adapters
@@ -108,12 +109,7 @@ def check_adapter_config(ckpt: Path, cfg: LoraConfig) -> None:
     path = ckpt / ADAPTER_DIR / PEFT_CONFIG
     if not path.is_file():
         return
-    try:
-        written = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is corrupt ({str(e)[:160]})") from None
-    if not isinstance(written, dict):
-        raise InputError(f"{path} is not PEFT's adapter config (a JSON object was expected)")
+    written = read_json_object(path, "PEFT's adapter config")
     trained = {"r": cfg.lora_rank, "lora_alpha": cfg.alpha}
     differ = [f"{k} {written.get(k)!r} (trained with {v!r})" for k, v in trained.items() if written.get(k) != v]
     if differ:

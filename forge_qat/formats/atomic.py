@@ -114,10 +114,10 @@ def _prepare(final: Path, tmp: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, pid: int | None = None) -> Iterator[Path]:
+def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory of `final`; rename it to `final` only if the block completes (a
     previous `final` is moved aside first, never lost midway)."""
-    tmp = temporary_sibling(final, pid)
+    tmp = temporary_sibling(final)
     _prepare(final, tmp)
     try:
         with _write_errors(final, tmp):

@@ -15,6 +15,7 @@ from forge_qat import __version__
 from forge_qat.errors import InputError
 from forge_qat.formats.run_dir import CHECKPOINT_META
 from forge_qat.formats.versioned import check_version, read_json_object
+from forge_qat.formats.weights import value_fault
 from forge_qat.lora.config import CONFIG_FIELDS as LORA_FIELDS
 from forge_qat.lora.config import LoraConfig
 
@@ -129,19 +130,10 @@ def read_learned_scales(ckpt: Path) -> dict | None:
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
     for name, value in scales.items():
-        if not value.is_floating_point() or not bool((value.isfinite() & (value > 0)).all()):
-            raise InputError(f"{path}: {name} holds {_what_is_wrong(value, positive=True)}; learned scales are "
-                             f"positive finite floats (the file was edited or damaged)")
+        if fault := value_fault(value, positive=True):
+            raise InputError(f"{path}: {name} holds {fault}; learned scales are positive finite floats (the file "
+                             f"was edited or damaged)")
     return scales
-
-
-def _what_is_wrong(value, positive: bool) -> str:
-    """A tensor's fault in words, for the message that refuses it."""
-    if not value.is_floating_point():
-        return f"{str(value.dtype).removeprefix('torch.')} values"
-    if not bool(value.isfinite().all()):
-        return f"{int((~value.isfinite()).sum())} non-finite values (NaN or inf)"
-    return f"{int((value <= 0).sum())} values <= 0" if positive else "values out of range"
 
 
 def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:

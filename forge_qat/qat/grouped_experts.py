@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from forge_qat.errors import ConfigError
+from forge_qat.formats.weights import true_shape
 from forge_qat.qat.experts import FAKE_QUANT_ATTR, ProjectionFakeQuant
 
 GATE_UP, DOWN = "gate_up", "down"
@@ -30,8 +31,6 @@ def is_grouped_experts(module: torch.nn.Module) -> bool:
 
 def shapes(module: torch.nn.Module) -> tuple[int, int, int]:
     """(local experts, ffn width I, hidden H) of a GroupedExperts module (its true shape under ZeRO-3)."""
-    from forge_qat.formats.weights import true_shape
-
     experts, ffn, hidden = true_shape(module.w1)
     return experts, ffn, hidden
 

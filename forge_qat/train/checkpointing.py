@@ -29,7 +29,7 @@ from forge_qat.formats.run_dir import checkpoint_dirs, checkpoint_path, prune_ch
 from forge_qat.formats.weights import SafetensorsReader, check_shapes, tied_aliases, true_shape
 from forge_qat.lora import adapters as lora
 from forge_qat.qat.fake_quant import is_learned_scale
-from forge_qat.train.engine import Engine, checkpoint_names, full_tensors
+from forge_qat.train.engine import Engine, full_tensors
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
     rank): its weight files are linked instead, and only the trained tensors are gathered."""
     tied = tied_aliases(model)
     names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
-    names = checkpoint_names(engine, model, names)
+    names = engine.checkpoint_names(model, names)
     writer = None
     if directory is not None and base_from is None:
         writer = ShardWriter(directory, "safetensors", layout.checkpoint_keys(names), max_shard_bytes)

@@ -48,6 +48,13 @@ class Engine(Protocol):
     def full_tensor(self, p: torch.nn.Parameter) -> AbstractContextManager[torch.Tensor]:
         """The whole of `p` on every rank, as the optimizer holds it (fp32 masters where there are some;
         collective: every rank enters it for the same parameters in the same order)."""
+    def checkpoint_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
+        """What a checkpoint calls the model's state-dict `names`: the same, except where the engine rebuilt
+        modules the checkpoint keeps in the transformers layout (expert parallelism)."""
+    def checkpoint_tensors(self, model: torch.nn.Module, names: list[str],
+                           only: Callable[[str], bool] | None) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Whole tensors under `checkpoint_names` where the engine rebuilt modules (collective); None: the
+        model's own serve, through `full_tensor`."""
     def set_full_tensor(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Give a trained parameter a new whole value, in the model and in the optimizer's masters (collective:
         every rank passes the same `value`)."""
@@ -63,24 +70,16 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def checkpoint_names(engine: Engine, model: torch.nn.Module, names: list[str]) -> list[str]:
-    """What a checkpoint calls `names` (the model's state-dict names): the same, except where the engine rebuilt
-    modules the checkpoint keeps in the transformers layout (expert parallelism: `ZeroEngine.checkpoint_names`)."""
-    translate = getattr(engine, "checkpoint_names", None)
-    return translate(model, names) if translate is not None else names
-
-
 def full_tensors(engine: Engine, model: torch.nn.Module,
                  only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `model`'s state dict (tied aliases once; `only`: those whose name it accepts, the
     same on every rank), one whole tensor at a time, as float32 on the CPU (collective: every rank iterates
-    to the end; only what rank 0 receives is meant to be kept), under `checkpoint_names`."""
+    to the end; only what rank 0 receives is meant to be kept), under the engine's `checkpoint_names`."""
     params = dict(model.named_parameters())
     tied = tied_aliases(model)
     buffers = dict(model.named_buffers())
     names = [n for n in model.state_dict() if n not in tied]
-    rebuilt = getattr(engine, "checkpoint_tensors", None)
-    translated = rebuilt(model, names, only) if rebuilt is not None else None
+    translated = engine.checkpoint_tensors(model, names, only)
     if translated is not None:
         yield from translated
         return

@@ -66,6 +66,12 @@ class LocalEngine:
     def full_tensor(self, p: torch.nn.Parameter) -> Iterator[torch.Tensor]:
         yield p.detach()
 
+    def checkpoint_names(self, model: torch.nn.Module, names: list[str]) -> list[str]:
+        return names  # one process keeps the transformers modules as they are
+
+    def checkpoint_tensors(self, model: torch.nn.Module, names: list[str], only=None) -> None:
+        return None
+
     def set_full_tensor(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         with torch.no_grad():
             p.copy_(value)
