@@ -1,7 +1,7 @@
 """What expert parallelism saves a MoE QAT step, computed from the model's shape: bytes each rank receives per
 step, the transfer time at a given link speed, per-rank memory, and the share of the experts each rank
-fake-quantizes, for ZeRO-3 alone and ZeRO-3 with AutoEP (issue 31). A model, not a measurement: the 2-rank CPU
-bench that checks it needs `--expert-parallel`, which is not built yet.
+fake-quantizes, for ZeRO-3 alone and ZeRO-3 with AutoEP (issue 31). A model: bench/expert_parallel.py checks its
+bytes against the bytes its 2 CPU ranks receive, counted at torch.distributed (docs/benchmarks.md).
 
     python bench/expert_parallel_plan.py                        # Qwen3-30B-A3B and -235B-A22B, N = 8, 32
     python bench/expert_parallel_plan.py --tokens 16384 --link-gbps 50
@@ -9,7 +9,10 @@ bench that checks it needs `--expert-parallel`, which is not built yet.
 The accounting, per optimizer step, bf16 weights and gradients (2 bytes), Adam with fp32 masters (12 bytes per
 parameter more), `T` tokens per rank, `k` experts per token, `h` hidden size:
 - ZeRO-3 gathers every parameter for the forward and again for the backward, and reduce-scatters the
-  gradients: each rank receives 3 * (N-1)/N of the model's bf16 bytes.
+  gradients: each rank receives 3 * (N-1)/N of the model's bf16 bytes. The backward's gather is skipped for a
+  model within DeepSpeed's `stage3_max_reuse_distance` (1e9 parameters by default): ZeRO-3 then keeps what the
+  forward gathered until the backward uses it again, and a rank receives 2 * (N-1)/N (measured so on 2 CPU ranks
+  with a 173M-parameter model, bench/expert_parallel.py).
 - With AutoEP of size E (E divides N), the dense part moves as above; a rank gathers only its E-th of the
   experts, from the N/E ranks that share them: 3 * (N/E - 1)/(N/E) of the expert bytes / E. Tokens travel
   instead: each MoE layer sends every token's k copies out and back (dispatch, combine), in the forward and in
@@ -24,6 +27,8 @@ import argparse
 from dataclasses import dataclass
 
 GB = 1e9
+REUSE_DISTANCE = 1e9
+"""DeepSpeed's default `stage3_max_reuse_distance`, in parameters."""
 
 
 @dataclass(frozen=True)
@@ -60,22 +65,30 @@ SHAPES = (
 )
 
 
-def per_rank(shape: Shape, n: int, ep: int, tokens: int) -> dict[str, float]:
-    """Per optimizer step, per rank (see the module docstring for the accounting)."""
-    dense, expert = shape.dense_params * 2, shape.expert_params * 2  # bf16 bytes
-    moved = 3 * (n - 1) / n * dense
+def per_rank(shape: Shape, n: int, ep: int, tokens: int, width: int = 2) -> dict[str, float]:
+    """Per optimizer step, per rank (see the module docstring for the accounting); `width`: bytes per weight,
+    gradient and activation element (2 for bf16; bench/expert_parallel.py checks the model in float32, 4)."""
+    dense, expert = shape.dense_params * width, shape.expert_params * width
+    times = 3 if shape.dense_params + shape.expert_params > REUSE_DISTANCE else 2
+    moved = times * (n - 1) / n * dense
     if ep == 1:
-        moved += 3 * (n - 1) / n * expert
+        moved += times * (n - 1) / n * expert
     else:
         group = n // ep
-        moved += 3 * (group - 1) / group * expert / ep
-        moved += shape.layers * 4 * tokens * shape.top_k * shape.hidden * 2 * (ep - 1) / ep
-    layer_experts = shape.experts * 3 * shape.hidden * shape.expert_ffn * 2
+        moved += times * (group - 1) / group * expert / ep
+        moved += token_bytes(shape, ep, tokens, width)
+    layer_experts = shape.experts * 3 * shape.hidden * shape.expert_ffn * width
     return {"moved_gb": moved / GB,
             # bf16 parameter and gradient (2 + 2 bytes), fp32 master, Adam m and v (4 + 4 + 4)
             "resident_gb": 16 * (shape.dense_params + shape.expert_params) / n / GB,
             "gathered_layer_gb": layer_experts / ep / GB,
             "fake_quant_share": 1 / ep}
+
+
+def token_bytes(shape: Shape, ep: int, tokens: int, width: int = 2) -> float:
+    """What AutoEP's all-to-all brings a rank per step: every token's k copies out and back, forward and
+    backward, the (E-1)/E of them that other ranks hold."""
+    return shape.layers * 4 * tokens * shape.top_k * shape.hidden * width * (ep - 1) / ep
 
 
 def main() -> None:

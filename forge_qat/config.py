@@ -90,7 +90,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.distill.check_with(self.qat)
-        self.distributed.check_with(self.qat, self.lora, self.distill, self.run)
+        self.distributed.check_with(self.qat)
 
     @classmethod
     def from_flat(cls, **values: Any) -> "TrainConfig":

@@ -82,17 +82,30 @@ class ModelSource:
 def open_model_source(spec: str, seed: int = 0, *, reads: bool = True) -> ModelSource:
     """Config and tokenizer of `spec`, and with `reads` a reader over its starting weights (a preset's are
     made from `seed`; a directory's are read from its safetensors shards one tensor at a time)."""
-    from forge_qat.formats.weights import SafetensorsReader, StateDictSource
-
     if spec in PRESETS:
         # Every rank builds the same config and tokenizer; the reading rank keeps the (tiny) seeded weights,
         # so they equal a single-process run's exactly.
         reference, tokenizer = preset_model(spec, seed)
-        reader = StateDictSource(reference.state_dict()) if reads else None
-        return ModelSource(spec, seed, reference.config, tokenizer, reader)
+        return ModelSource(spec, seed, reference.config, tokenizer, _state_reader(reference) if reads else None)
     path = _model_dir(spec)
-    reader = SafetensorsReader.from_dir(path) if reads else None
-    return ModelSource(spec, seed, load_config(path), load_tokenizer(path), reader)
+    return ModelSource(spec, seed, load_config(path), load_tokenizer(path), weights_reader(spec) if reads else None)
+
+
+def weights_reader(spec: str, seed: int = 0) -> TensorReader:
+    """A reader over the starting weights of `spec` that reads nothing until asked (a directory's safetensors
+    headers only): for a rank that reads a part of them itself, as expert parallelism's ranks read their
+    experts."""
+    from forge_qat.formats.weights import SafetensorsReader
+
+    if spec in PRESETS:
+        return _state_reader(preset_model(spec, seed)[0])
+    return SafetensorsReader.from_dir(_model_dir(spec))
+
+
+def _state_reader(model: torch.nn.Module) -> TensorReader:
+    from forge_qat.formats.weights import StateDictSource
+
+    return StateDictSource(model.state_dict())
 
 
 def is_quantized_artifact(path: Path) -> bool:

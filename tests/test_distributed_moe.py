@@ -3,6 +3,7 @@ layouts (against transformers' own `from_pretrained` conversion), training again
 the three finalize routes giving one artifact."""
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from forge_qat.config import TrainConfig
 from forge_qat.formats import checkpoint as ckpt_io
+from forge_qat.formats.adapters import read_adapters
 from forge_qat.formats.run_dir import checkpoint_dirs
 from forge_qat.train.entry import launch_training
 from forge_qat.train.trainer import run_training
@@ -217,15 +219,20 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
     keys or fused stacks, the experts gathered back from both ranks) with the same values, a run resumed at step 2
     bit-identical to an uninterrupted one, and finalize converting it to the one-process artifact."""
     from forge_qat.config import build_config
+    from forge_qat.errors import InputError
     from forge_qat.finalize.convert import finalize
     from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.qat.registry import DEFAULT_RECIPE
 
     src = tmp_path / "src"
     save_tiny_moe(src, arch, layout, seed=3)
     args = dict(model=str(src), save_every=2, qat_learn_scales=False, lr_schedule="constant")  # resume at 2 of 3
+    # ZeRO-3 keeps these tiny expert stacks whole by default; the fused case partitions them, so each rank reads
+    # its experts into a partition
+    held = {"deepspeed_config": partition_everything(tmp_path)} if layout == "fused" else {}
     launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
                                                              expert_parallel=2, batch_size=1, max_steps=2,
-                                                             dist_timeout_s=60, **args)), worker=WORKER)
+                                                             dist_timeout_s=60, **held, **args)), worker=WORKER)
     launch_training(build_config(resume=True, output_dir=str(tmp_path / "ep"), max_steps=3), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, max_steps=3, **args)))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -239,10 +246,12 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
     assert set(we) == set(wo) == set(_tensors(src))
     for k in wo:
         torch.testing.assert_close(we[k], wo[k], rtol=0, atol=2e-3)
-    if (arch, layout) == ("qwen3_moe", "per-expert"):  # resumed at step 2 == uninterrupted, bit for bit
+    whole = (arch, layout) == ("qwen3_moe", "per-expert")
+    if whole:  # resumed at step 2 == uninterrupted, bit for bit; this one finalizes itself at the end
         launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "whole", data, nproc=2, zero_stage=3,
                                                                  expert_parallel=2, batch_size=1, max_steps=3,
-                                                                 dist_timeout_s=60, **args)), worker=WORKER)
+                                                                 dist_timeout_s=60, finalize=DEFAULT_RECIPE,
+                                                                 **args)), worker=WORKER)
         whole = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
         assert whole == losses[0]
         ww = _tensors(checkpoint_dirs(tmp_path / "whole")[-1][1])
@@ -253,12 +262,112 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
     b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
     assert a.converted == b.converted and a.coverage == b.coverage
     ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
+    if whole:  # `--finalize` at the end of the EP run: the artifact of its checkpoint, exactly
+        live = _tensors(tmp_path / "whole" / f"final-{DEFAULT_RECIPE}")
+        assert set(live) == set(ta) and all(torch.equal(live[k], ta[k]) for k in ta)
+    with pytest.raises(InputError, match=f"forge finalize --source {ep}"):  # AutoEP's layout there
+        finalize(FinalizeRequest(source=ep / "deepspeed", dest=tmp_path / "a-ds"))
     assert set(ta) == set(tb)
     for k in tb:  # the weights agree to 2e-3: a code may round the other way
         if ta[k].is_floating_point():
             torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
         else:
             assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+
+
+@pytest.mark.parametrize("mode", ["merged", "separate"])
+def test_expert_parallel_lora_matches_one_process(mode, tmp_path, data):
+    """LoRA-QAT under `--expert-parallel 2`: the expert stacks' pairs (all experts', on every rank) cross AutoEP's
+    replacement and train with each rank's own experts; against one process on the same global batches, the
+    losses, the adapters saved in PEFT's layout (experts' and attention's), and finalize's artifact agree."""
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", "per-expert", seed=7)
+    # lr 1e-3: B starts at zero, so the adapters must move for the comparison to mean anything
+    args = dict(model=str(src), save_every=0, qat_learn_scales=False, lr_schedule="constant", max_steps=3, lr=1e-3,
+                lora_rank=4, lora_targets="attention,experts", lora_qat=mode)
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
+                                                             expert_parallel=2, batch_size=1, dist_timeout_s=60,
+                                                             **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("ep", "one")]
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert losses[0] == pytest.approx(losses[1], abs=5e-3)
+    ep, one = (checkpoint_dirs(tmp_path / run)[-1][1] for run in ("ep", "one"))
+    ae, ao = (read_adapters(d) for d in (ep, one))  # forge's names, read from PEFT's layout
+    assert set(ae) == set(ao) and any(".experts." in k for k in ao)
+    for k in ao:  # as ZeRO-3 alone agrees with one process (tests/test_distributed.py): Adam's first steps turn a
+        # near-zero gradient's rounding into a step of lr, now and then
+        assert torch.isclose(ae[k], ao[k], rtol=2e-3, atol=2e-5).float().mean() >= 0.98, k
+    for k, v in ae.items():  # every expert's B trained, on both ranks' experts (a pair left behind stays 0)
+        if ".experts." in k and "lora_B" in k:
+            assert (v.abs().amax(dim=(1, 2)) > 1e-4).all(), k
+    we, wo = _tensors(ep), _tensors(one)
+    assert all(torch.equal(we[k], wo[k]) for k in wo)  # the frozen base, gathered back from both ranks
+    if mode == "merged":  # DeepSpeed cannot save frozen AutoEP experts: no resume state, and a resume says so
+        from forge_qat.config import build_config
+        from forge_qat.distributed.launch import RankFailedError
+
+        assert not (ep / "deepspeed").exists()
+        with pytest.raises(RankFailedError, match="LoRA under --expert-parallel, which holds no DeepSpeed state"):
+            launch_training(build_config(resume=True, output_dir=str(tmp_path / "ep"), max_steps=4), worker=WORKER)
+    a = finalize(FinalizeRequest(source=ep, dest=tmp_path / "a-ep"))
+    b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
+    assert a.converted == b.converted
+    ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
+    for k in tb:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
+        else:
+            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_expert_parallel_ranks_read_only_their_own_experts(layout, tmp_path, data, monkeypatch):
+    """Every read of the checkpoint counted per rank: under `--expert-parallel 2` each rank reads the rows of its
+    own 2 of the 4 experts of every layer, each once, and none of the other rank's; the dense part is read by rank
+    0 alone (the streamed ZeRO-3 loader), once."""
+    import re
+
+    from forge_qat.formats.weights import SafetensorsReader
+
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", layout, seed=6)
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    monkeypatch.setenv("FORGE_TEST_COUNT_READS", str(reads))
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, model=str(src), nproc=2,
+                                                             zero_stage=3, expert_parallel=2, batch_size=1,
+                                                             max_steps=1, save_every=0, qat_learn_scales=False,
+                                                             dist_timeout_s=60)), worker=WORKER)
+    files = SafetensorsReader.from_dir(src)
+    experts = 4
+
+    def expert_of(key, start, count):
+        """The expert a read of `key` falls in, or None for a dense tensor."""
+        if (m := re.search(r"experts\.(\d+)\.", key)) is not None:
+            return int(m.group(1))
+        if "experts." not in key:
+            return None
+        per = math.prod(files.shape(key)[1:])
+        assert start // per == (start + count - 1) // per, f"a read of {key} spans two experts"
+        return start // per
+
+    expert_bytes = sum(math.prod(files.shape(k)) * files.dtype(k).itemsize for k in files.keys() if "experts." in k)
+    dense_bytes = sum(math.prod(files.shape(k)) * files.dtype(k).itemsize for k in files.keys()
+                      if "experts." not in k)
+    for rank in range(2):
+        seen = {"expert": 0, "dense": 0}
+        for line in (reads / f"rank-{rank}.txt").read_text().splitlines():
+            key, start, count, size = line.split()
+            expert = expert_of(key, int(start), int(count))
+            if expert is not None:
+                assert expert // (experts // 2) == rank, f"rank {rank} read expert {expert} ({key})"
+            seen["dense" if expert is None else "expert"] += int(size)
+        assert seen == {"expert": expert_bytes // 2, "dense": dense_bytes if rank == 0 else 0}, rank
 
 
 def test_expert_parallel_refusals(tmp_path, data):
@@ -269,8 +378,7 @@ def test_expert_parallel_refusals(tmp_path, data):
 
     base = dict(nproc=2, zero_stage=3, expert_parallel=2, qat_learn_scales=False)
     for extra, message in [({"zero_stage": 2}, "ZeRO-3"), ({"nproc": 3}, "divide --nproc"),
-                           ({"qat_learn_scales": None}, "learned scales"), ({"lora_rank": 4}, "LoRA"),
-                           ({"finalize": "int8-dynamic-act-int4-weight"}, "--finalize"),
+                           ({"qat_learn_scales": None}, "learned scales"),
                            ({"expert_parallel": 0}, "at least 1")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_flat(**{**base, **extra})

@@ -8,6 +8,8 @@ FORGE_TEST_SKEW_ROUTER=RANK makes every MoE router on that rank send all tokens 
 the other experts get no tokens there while other ranks use them.
 FORGE_TEST_BLIND_RANK=RANK makes that rank unable to see the run directory, as on a machine that does not
 share the file system.
+FORGE_TEST_COUNT_READS=DIR records every read of a safetensors file, as "key start count bytes" lines in
+DIR/rank-N.txt (what each rank read of the checkpoint).
 """
 
 import os
@@ -33,6 +35,21 @@ if os.environ.get("FORGE_TEST_BLIND_RANK") and int(os.environ["RANK"]) == int(os
     from forge_qat.train import trainer
 
     trainer.sees_run_dir = lambda out: False  # as on a machine without the shared file system
+
+if os.environ.get("FORGE_TEST_COUNT_READS"):
+    from pathlib import Path
+
+    from forge_qat.formats.weights import SafetensorsReader
+
+    real_read = SafetensorsReader.read_flat
+    log_path = Path(os.environ["FORGE_TEST_COUNT_READS"]) / f"rank-{os.environ['RANK']}.txt"
+
+    def counted(self, name, start, out):
+        real_read(self, name, start, out)
+        with open(log_path, "a") as f:  # appended per read: the rank leaves by os._exit
+            f.write(f"{name} {start} {out.numel()} {out.numel() * self.dtype(name).itemsize}\n")
+
+    SafetensorsReader.read_flat = counted
 
 if os.environ.get("FORGE_TEST_SKEW_ROUTER") and int(os.environ["RANK"]) == int(os.environ["FORGE_TEST_SKEW_ROUTER"]):
     import torch

@@ -40,18 +40,16 @@ class DistributedConfig:
             if self.nproc > 1 and self.nproc % self.expert_parallel:
                 raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide --nproc {self.nproc}")
 
-    def check_with(self, qat, lora, distill, run) -> None:
+    def check_with(self, qat) -> None:
         """What expert parallelism does not cover yet, refused before any work (issue 31 lists them)."""
         if self.expert_parallel == 1:
             return
         missing = [(qat.qat_learn_scales, "learned scales (add --no-qat-learn-scales)"),
-                   (lora.enabled, "LoRA (--lora-rank)"),
-                   (run.finalize is not None, "--finalize (finalize the saved checkpoint with forge finalize)"),
                    (qat.fp8_recipe is not None, "float8 training")]
         refused = [what for on, what in missing if on]
         if refused:
             raise ConfigError(f"--expert-parallel {self.expert_parallel} does not run with {'; '.join(refused)} "
-                              f"yet: plain QAT of the experts only")
+                              f"yet (QAT, LoRA-QAT and distillation do)")
 
     @property
     def uses_deepspeed(self) -> bool:

@@ -7,6 +7,15 @@ Called by the ZeRO engine (`forge_qat.distributed.zero`). AutoEP replaces each M
 `experts.w1`/`w3` (the gate and up rows of `experts.gate_up_proj`) and `w2` (`experts.down_proj`), each holding
 this rank's contiguous block of E/ep experts (DeepSpeed's uniform placement, `autoep_affine`), partitioned by
 ZeRO-3 within the ranks that share that block.
+
+Loading. AutoEP builds its experts from the transformers block's stacks: it all-gathers each layer's whole
+ZeRO-3 stacks on every rank and keeps its rows (`deepspeed/moe/ep_repack.py`), so streaming the stacks in first
+would have rank 0 read every expert and every rank hold a layer's whole stacks. Instead the stacks AutoEP will
+take (found by AutoEP's own detection, `defer_expert_stacks`) are left unread: each becomes a placeholder of its
+shape that holds no memory (a zero expanded to the shape; AutoEP's copy of its rows allocates only this rank's
+experts, as zeros), and once AutoEP has placed the experts each rank reads its own experts' rows of its ZeRO
+partition straight from the checkpoint (`read_local_experts`), into the module partition and the optimizer's
+fp32 master. No rank reads another rank's experts; the dense part keeps the streamed ZeRO-3 loader.
 """
 
 from collections.abc import Callable, Iterator
@@ -16,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 from forge_qat.errors import ConfigError
+from forge_qat.formats.weights import TensorReader
+from forge_qat.qat.experts import LORA_ATTR, has_lora, is_experts
+from forge_qat.qat.grouped_experts import FIRST_EXPERT_ATTR
 
 FullTensor = Callable[[torch.nn.Parameter], AbstractContextManager[torch.Tensor]]
 _RENAMES = {"router.gate.weight": "gate.weight", "experts.w1": "experts.gate_up_proj",
@@ -68,6 +80,9 @@ def _translated(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[str,
         local = name[len(owner) + 1:]
         if local == "experts.w3":
             continue
+        if local.startswith(f"experts.{LORA_ATTR}."):  # all experts' pairs, on every rank: as they are
+            yield name, name, None, None
+            continue
         if local not in _RENAMES:
             raise ConfigError(f"internal: AutoEP layer {owner} holds {local}, which forge does not write back into "
                               f"the transformers layout")
@@ -105,3 +120,156 @@ def _gather_experts(local: torch.Tensor, group) -> torch.Tensor:
     pieces = [torch.empty_like(local, device=device) for _ in range(size)]
     dist.all_gather(pieces, local.to(device), group=group)
     return torch.cat([p.to("cpu") for p in pieces])
+
+
+# ---- loading a rank's experts ----------------------------------------------------------------------
+
+def defer_expert_stacks(model: torch.nn.Module, section: dict) -> list[str]:
+    """Before the streamed load: every expert stack AutoEP will take becomes a placeholder that holds no memory
+    (see the module's docstring); returns their names, which the streamed load skips. The stacks are found by
+    AutoEP's own detection with the section the wrap will use, and must be the layout `read_local_experts` and
+    the checkpoint writer map back (fused gate/up rows first, down apart), else one clear error."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
+    names = []
+    for spec in AutoEP(model, parse_autoep_config(section)).ep_parser():
+        names += _defer_stacks_of(model, spec)
+    if not names:
+        raise ConfigError("--expert-parallel: DeepSpeed AutoEP finds no MoE layer in this model; nothing would be "
+                          "placed on the expert-parallel ranks")
+    return names
+
+
+def _defer_stacks_of(model: torch.nn.Module, spec) -> list[str]:
+    experts = model.get_submodule(spec.moe_module_name).get_submodule(spec.experts_name)
+    stacks = {"w1": spec.expert_w1_name, "w2": spec.expert_w2_name, "w3": spec.expert_w3_name}
+    gate_up = getattr(experts, spec.expert_w1_name, None)
+    shape = tuple(getattr(gate_up, "ds_shape", getattr(gate_up, "shape", ())))
+    if (spec.expert_storage, f"{spec.router_name}.weight", f"{spec.experts_name}.{stacks['w1']}",
+            f"{spec.experts_name}.{stacks['w2']}", stacks["w3"]) != ("fused_3d", *_RENAMES.values(), None) \
+            or shape[1:2] != (2 * spec.ffn_hidden_size,):
+        raise ConfigError(f"--expert-parallel: {spec.moe_module_name} holds its experts as {spec.expert_storage} "
+                          f"{stacks} {list(shape)}; forge reads and writes back expert-parallel experts stored as "
+                          f"transformers 5 fused stacks (gate_up_proj (E, 2I, H) with gate rows first, down_proj)")
+    names = []
+    for attr in (stacks["w1"], stacks["w2"]):
+        old = getattr(experts, attr)
+        shape = tuple(getattr(old, "ds_shape", old.shape))
+        device = old.ds_tensor.device if hasattr(old, "ds_tensor") else old.device
+        placeholder = torch.zeros((), dtype=old.dtype, device=device).expand(shape)
+        setattr(experts, attr, torch.nn.Parameter(placeholder, requires_grad=old.requires_grad))
+        names.append(f"{spec.moe_module_name}.{spec.experts_name}.{attr}")
+    return names
+
+
+def read_local_experts(model: torch.nn.Module, reader: TensorReader, chunk_bytes: int) -> int:
+    """After AutoEP placed the experts (collective-free): fill this rank's ZeRO partition of each AutoEP layer's
+    `w1`/`w3`/`w2` (its E/ep experts, partitioned within the ranks that share them) from `reader`, the
+    checkpoint under the transformers names, reading only these experts' rows, at most `chunk_bytes` at a time.
+    The optimizer's fp32 master of a trained partition is set from it. Returns the elements read."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    read = 0
+    for owner, layer in _layers(model).items():
+        first = layer.ep_rank * layer.num_local_experts
+        for local, hf in (("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")):
+            p = getattr(layer.experts, local)
+            name = f"{owner}.experts.{hf}"
+            rows = reader.shape(name)[1]
+            source = _ExpertRows(reader, name, first, rows, p.ds_shape, offset=p.ds_shape[1] if local == "w3" else 0)
+            part = p.ds_tensor
+            group_rank = dist.get_rank(group=p.ds_process_group)
+            start = group_rank * part.ds_numel
+            count = max(0, min(part.ds_numel, p.ds_numel - start))
+            if p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+                # DeepSpeed 0.19 gathers even the parameters it keeps whole (`ds_persist`) at their first use,
+                # from the partition; one gathered already would keep AutoEP's zeros
+                raise RuntimeError(f"internal: {owner}.experts.{local} is gathered before its first use; forge "
+                                   f"fills expert-parallel experts through their ZeRO-3 partitions")
+            with torch.no_grad():
+                read += source.read(start, part.view(-1)[:count], chunk_bytes)
+                part.view(-1)[count:].zero_()
+            if p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
+                safe_set_local_fp32_param(p, part.to(torch.float32))
+    return read
+
+
+class _ExpertRows:
+    """A local expert stack (E/ep experts, `shape` = (E/ep, rows, cols)) as a flat tensor read from the
+    checkpoint's (E, `hf_rows`, cols) stack `name`: local expert k is checkpoint expert `first` + k, its rows
+    starting at `offset` (the up rows of gate_up_proj start after the gate rows)."""
+
+    def __init__(self, reader: TensorReader, name: str, first: int, hf_rows: int, shape, offset: int):
+        self.reader, self.name, self.first, self.offset = reader, name, first, offset
+        _, self.rows, self.cols = shape
+        self.per_expert, self.hf_per_expert = self.rows * self.cols, hf_rows * self.cols
+
+    def read(self, start: int, out: torch.Tensor, chunk_bytes: int) -> int:
+        """Local flat elements [start, start + out.numel()) into `out`, one expert's run (and at most a chunk)
+        at a time; `out` may live on another device than the file's bytes (a CUDA partition)."""
+        step = max(1, chunk_bytes // out.element_size())
+        staged = out.device.type != "cpu"
+        done = 0
+        while done < out.numel():
+            k, within = divmod(start + done, self.per_expert)
+            n = min(out.numel() - done, self.per_expert - within, step)
+            at = (self.first + k) * self.hf_per_expert + self.offset * self.cols + within
+            target = out[done:done + n]
+            if staged:
+                buffer = torch.empty(n, dtype=out.dtype)
+                self.reader.read_flat(self.name, at, buffer)
+                target.copy_(buffer)
+            else:
+                self.reader.read_flat(self.name, at, target)
+            done += n
+        return done
+
+
+# ---- LoRA pairs across AutoEP's replacement ----------------------------------------------------------
+
+PARKED = "forge_expert_lora"
+"""Where the LoRA pairs of the expert stacks wait on the model's root while AutoEP replaces the MoE blocks."""
+
+
+def park_expert_adapters(model: torch.nn.Module) -> int:
+    """Before the wrap: move the LoRA pairs of every expert stack (`forge_lora` of a transformers experts module,
+    all E experts' pairs) to the model's root. AutoEP drops the block it replaces with all it holds, and
+    DeepSpeed's optimizer remap drops that block's parameters; on the root the pairs stay in the model, so ZeRO-3
+    partitions them and the optimizer trains them like every adapter (replicated over the ranks: each rank's
+    gradient has rows only for its own experts, whose tokens all come to it, so the data-parallel mean is the
+    one-process gradient). `unpark_expert_adapters` hands them to the AutoEP layers. Returns how many modules'."""
+    parked = torch.nn.ModuleDict()
+    for name, module in list(model.named_modules()):
+        if is_experts(module) and has_lora(module):
+            parked[name.replace(".", "/")] = module._modules.pop(LORA_ATTR)
+    if len(parked):
+        model.add_module(PARKED, parked)
+    return len(parked)
+
+
+def unpark_expert_adapters(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """After the wrap: the parked pairs go to the `GroupedExperts` of the AutoEP layer that replaced their block,
+    under the name they had (`<block>.experts.forge_lora...`, so checkpoints name them as before), with the index
+    of its first expert (`forge_qat.qat.grouped_experts`). Returns (experts module, adapter) pairs for the engine
+    to register as read by that module (ZeRO-3 gathers a module's own parameters only)."""
+    parked = model._modules.pop(PARKED, None)
+    if parked is None:
+        return []
+    layers, read = _layers(model), []
+    for key, pairs in parked.items():
+        owner, _, child = key.replace("/", ".").rpartition(".")
+        layer = layers.get(owner)
+        if layer is None or child != "experts":
+            raise ConfigError(f"internal: the LoRA pairs of {key.replace('/', '.')} have no AutoEP layer to go to")
+        setattr(layer.experts, LORA_ATTR, pairs)
+        setattr(layer.experts, FIRST_EXPERT_ATTR, layer.ep_rank * layer.num_local_experts)
+        read += [(layer.experts, p) for p in pairs.parameters()]
+    return read
+
+
+def frozen_experts(model: torch.nn.Module) -> list[str]:
+    """The AutoEP expert stacks that do not train (a LoRA run's base)."""
+    return [f"{owner}.experts.{w}" for owner, layer in _layers(model).items() for w in ("w1", "w2", "w3")
+            if not getattr(layer.experts, w).requires_grad]

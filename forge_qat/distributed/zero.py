@@ -13,6 +13,7 @@ finalize.
 import contextlib
 import gc
 import io
+import logging
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -29,13 +30,15 @@ from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
 from forge_qat.formats.layouts import model_layout_reader
 from forge_qat.formats.safe_load import UNSAFE_PICKLE, weights_only_loads
-from forge_qat.formats.weights import TensorReader, tied_aliases
+from forge_qat.formats.weights import TensorReader, tied_aliases, true_shape
 from forge_qat.lora import adapters as lora
-from forge_qat.models import ModelSource, load_model
+from forge_qat.models import ModelSource, load_model, weights_reader
 from forge_qat.qat.prepare import learned_scale_readers
 
 use_cpu_accelerator_without_cuda()  # DeepSpeed picks its accelerator when first imported
 import deepspeed  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 DS_STATE = "deepspeed"
 DS_TAG = "state"
@@ -141,8 +144,11 @@ def _fill_partition(p: torch.nn.Parameter, name: str, source: TensorReader | Non
                 dist.send(out, dst=r)
 
 
-def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, rank: int) -> None:
-    """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective).
+def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, rank: int,
+                        skip: frozenset[str] = frozenset()) -> None:
+    """Fill a ZeRO-3-partitioned model from rank 0's reader, one parameter at a time (collective). `skip`:
+    parameters checked against the checkpoint like the others but filled later by their own reader (the
+    expert stacks each expert-parallel rank reads itself).
 
     The checkpoint may store tensors in another layout than the model (per-expert MoE weights for fused
     stacks): rank 0 reads it through `forge_qat.formats.layouts`, so a fused stack's partition is assembled from
@@ -160,8 +166,8 @@ def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, ran
             available = reader.keys()
             missing = sorted(set(params) - available)
             unexpected = reader.layout.unexpected
-            wrong = [f"{k} {reader.shape(k)} vs {list(p.ds_shape)}" for k, p in params.items()
-                     if k in available and list(reader.shape(k)) != list(p.ds_shape)]
+            wrong = [f"{k} {reader.shape(k)} vs {list(true_shape(p))}" for k, p in params.items()
+                     if k in available and list(reader.shape(k)) != list(true_shape(p))]
             if missing or unexpected or wrong:
                 problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
                            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
@@ -171,7 +177,8 @@ def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, ran
         raise InputError(problem)
     world = dist.get_world_size()
     for name, p in params.items():
-        _fill_partition(p, name, reader, rank, world)
+        if name not in skip:
+            _fill_partition(p, name, reader, rank, world)
     for name, buf in model.named_buffers():
         if name in buffers:
             if rank == 0 and name in reader.keys():
@@ -201,6 +208,10 @@ class ZeroEngine:
         self.expert_parallel = dist_cfg.expert_parallel
         self.expert_parallel_section: dict | None = None
         """The DeepSpeed `expert_parallel` section, once the model's architecture has been checked for it."""
+        self._frozen_experts: list[str] = []
+        """The expert-parallel experts the wrapped model does not train (a LoRA base)."""
+        self._unread_experts: dict[int, TensorReader] = {}
+        """id(model) -> the reader of its experts, for the models whose experts this rank reads after the wrap."""
 
     def materialize(self, source: ModelSource) -> torch.nn.Module:
         if self.expert_parallel > 1:  # before any weight loads
@@ -213,10 +224,12 @@ class ZeroEngine:
         # drops what class decorators add: every Qwen3MoeExperts built afterwards in this process (the
         # finalize skeleton) would lack the layout flags transformers' `use_experts_implementation` sets.
         _import_architecture(source.config)
-        return self._partitioned_model(source.config, source.reader)
+        return self._partitioned_model(source)
 
-    def _partitioned_model(self, config, reader: TensorReader | None) -> torch.nn.Module:
-        """A model built straight into ZeRO-3 partitions and filled from rank 0's `reader` (collective)."""
+    def _partitioned_model(self, source: ModelSource) -> torch.nn.Module:
+        """A model built straight into ZeRO-3 partitions and filled from rank 0's reader (collective); under
+        expert parallelism its expert stacks are left for each rank to read after the wrap
+        (`forge_qat.distributed.expert_parallel`)."""
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
@@ -224,23 +237,45 @@ class ZeroEngine:
         # CPU accelerator (an operator-precedence slip); without one it follows the config's
         # bf16/fp16 flags, which encode the same precision.
         with PartitionedInit(config_dict_or_path=self.ds_config), no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=self.param_dtype)
+            model = AutoModelForCausalLM.from_config(source.config, dtype=self.param_dtype)
         # zero.Init builds tied modules with separate parameters; tie before loading so the shared
         # parameter is filled (and later optimised) once, and let the orphan's partition go.
         model.tie_weights()
+        deferred = []
+        if self.expert_parallel_section is not None:
+            deferred = expert_parallel.defer_expert_stacks(model, self._config()["expert_parallel"])
         gc.collect()
-        stream_load_weights(model, reader, self.rank)
+        stream_load_weights(model, source.reader, self.rank, skip=frozenset(deferred))
+        if deferred:  # every rank reads its own experts' rows, under the model's transformers names
+            self._unread_experts[id(model)] = model_layout_reader(weights_reader(source.spec, source.seed), model)
         return model
+
+    def _read_local_experts(self, model: torch.nn.Module) -> None:
+        """After AutoEP placed `model`'s experts: this rank reads its own (see `materialize`)."""
+        reader = self._unread_experts.pop(id(model), None)
+        if reader is not None:
+            expert_parallel.read_local_experts(model, reader, TRANSFER_CHUNK_BYTES)
 
     def gather(self, p: torch.nn.Parameter):
         return deepspeed.zero.GatheredParameters([p])
 
     def wrap(self, model, optimizer, scheduler) -> torch.nn.Module:
+        if self.expert_parallel_section is not None:
+            expert_parallel.park_expert_adapters(model)
         if self.stage3:
             for reader, param in learned_scale_readers(model) + lora.readers(model):
                 deepspeed.zero.register_external_parameter(reader, param)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self._config())
+        self._read_local_experts(model)
+        for reader, param in expert_parallel.unpark_expert_adapters(model):
+            deepspeed.zero.register_external_parameter(reader, param)
+        self._frozen_experts = expert_parallel.frozen_experts(model)
+        if self._frozen_experts:
+            log.warning("--expert-parallel with frozen experts (LoRA): DeepSpeed %s cannot save frozen expert-parallel "
+                        "experts in its ZeRO-3 state, so this run's checkpoints hold the weights and adapters (forge "
+                        "finalize, forge eval and transformers read them) but no DeepSpeed state: they cannot be "
+                        "resumed", deepspeed.__version__)
         return self.engine
 
     def _config(self) -> dict:
@@ -270,7 +305,9 @@ class ZeroEngine:
         # Without an optimizer DeepSpeed wraps a stage-3 model in its parameter offload alone: the hooks that
         # gather each module's partitions for its forward and release them after.
         inference = {k: v for k, v in self._config().items() if k not in ("optimizer", "scheduler")}
-        return deepspeed.initialize(model=model, config=inference)[0]
+        wrapped = deepspeed.initialize(model=model, config=inference)[0]
+        self._read_local_experts(model)
+        return wrapped
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed keeps the weights in the training precision itself
@@ -313,6 +350,8 @@ class ZeroEngine:
         safe_set_full_fp32_param(p, value.to(self.device, torch.float32))
 
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
+        if self._frozen_experts:  # DeepSpeed refuses them (`_save_moe_checkpoint`); said at the wrap
+            return
         self.engine.save_checkpoint(str(directory / DS_STATE), tag=DS_TAG, client_state=client_state)
 
     def load_state(self, directory: Path) -> dict[str, Any]:
@@ -346,5 +385,14 @@ class ZeroEngine:
         """Leave the job together and tear the process group down: exiting with gloo's (or DeepSpeed's
         shared-memory) communication threads still running aborts the process at interpreter shutdown
         ("terminate called without an active exception", SIGABRT), which the launcher would report as a
-        failed rank after a successful run."""
+        failed rank after a successful run.
+
+        Then `torch.nn.functional.linear` is DeepSpeed's again: zero.Init replaced it with ZeRO-3's wrapper for the
+        process ("this will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py), whose
+        `weight.t()` torchao's quantized tensors lack, and rank 0 may finalize in this process next."""
         close_process_group()
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+        original = getattr(ZeroInit, "linear_bk", None)
+        if original is not None:
+            torch.nn.functional.linear = original

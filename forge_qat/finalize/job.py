@@ -105,12 +105,19 @@ def _source(req: FinalizeRequest) -> tuple[Path, Path | None, CheckpointMeta | N
     ckpt = req.source.parent if zero_dir else resolve_checkpoint(req.source)
     if zero_dir and not (ckpt / "config.json").is_file():
         raise InputError(f"ZeRO checkpoint {zero_dir} needs config.json and the tokenizer in {ckpt}")
+    meta = read_checkpoint_meta(ckpt) if zero_dir else None
+    if meta is not None and meta.train_config.get("expert_parallel", 1) > 1:
+        # DeepSpeed keeps AutoEP's layers there (each rank's experts as w1/w2/w3 stacks); the checkpoint beside it
+        # holds the same fp32 weights gathered back into the transformers layout
+        raise InputError(f"{zero_dir} is the DeepSpeed state of an --expert-parallel run, in AutoEP's layout; "
+                         f"finalize the checkpoint, which holds the same weights in the transformers layout: "
+                         f"forge finalize --source {ckpt} --dest {req.dest}")
     if not zero_dir:
         check_model_dir(ckpt)
         if is_quantized_artifact(ckpt):
             raise InputError(f"{ckpt} is already a quantized artifact; finalize converts float checkpoints (a "
                              f"checkpoint-N directory or a run directory of `forge train`)")
-    return ckpt, zero_dir, read_checkpoint_meta(ckpt)
+    return ckpt, zero_dir, meta if zero_dir else read_checkpoint_meta(ckpt)
 
 
 def _choose_recipe_job(req: FinalizeRequest) -> ConvertJob:

@@ -72,9 +72,12 @@ class LoraPair(torch.nn.Module):
         (or experts module) recomputes q(W + s*BA) in backward instead of keeping it."""
         return self.enabled and self.mode == "merged" and torch.is_grad_enabled() and self.lora_A.requires_grad
 
-    def delta(self, dtype: torch.dtype) -> torch.Tensor:
-        """s * B @ A in `dtype` (the weight's): what merged mode adds to the weight, and finalize too."""
-        return delta(self.lora_A, self.lora_B, self.scaling, dtype)
+    def delta(self, dtype: torch.dtype, experts: slice = slice(None)) -> torch.Tensor:
+        """s * B @ A in `dtype` (the weight's): what merged mode adds to the weight, and finalize too. `experts`:
+        of a stack's pairs, those experts' (an expert-parallel rank's own)."""
+        if experts == slice(None):
+            return delta(self.lora_A, self.lora_B, self.scaling, dtype)
+        return delta(self.lora_A[experts], self.lora_B[experts], self.scaling, dtype)
 
     def path(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """s * B (A x): separate mode's output beside the quantized layer (one expert's pair for a stack)."""

@@ -8,17 +8,26 @@ stack (`forge_qat.qat.experts`, whose `gate_up_proj` is w1's rows then w3's): pe
 as one fused matmul with the recipe's quantizers of that fused shape (one activation quantization of each
 token), the gated activation, then the down projection with its own. Imports no deepspeed: the module is
 recognised by its Parameters.
+
+LoRA: a GroupedExperts module may carry the LoRA pairs of the transformers stacks it replaced, for all E experts
+(`forge_lora`, as there: (E, R, in) and (E, out, R) per stack; the engine moves them across AutoEP's
+replacement), and the index of its first expert (`forge_first_expert`); local expert e uses pair row
+first + e, in the mode the pairs were made with (`forge_qat.lora.adapters`).
 """
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError
 from forge_qat.formats.weights import true_shape
-from forge_qat.qat.experts import FAKE_QUANT_ATTR, ProjectionFakeQuant
+from forge_qat.qat.experts import FAKE_QUANT_ATTR, LORA_ATTR, ProjectionFakeQuant
 
 GATE_UP, DOWN = "gate_up", "down"
 """The two projections' quantizer names: w1 and w3 fused as transformers stores them, and w2."""
+LORA_STACKS = {GATE_UP: "gate_up_proj", DOWN: "down_proj"}
+"""The transformers stack whose LoRA pair each projection uses."""
+FIRST_EXPERT_ATTR = "forge_first_expert"
 ACTIVATIONS = {"swiglu": lambda gate, up: F.silu(gate) * up}
 """AutoEP's expert activations forge fake-quantizes (Qwen3-MoE's and Mixtral's); others are refused."""
 
@@ -41,18 +50,47 @@ class FakeQuantizedGroupedExperts:
     padding rows after them that come back as zeros, as AutoEP's own loop returns them."""
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        q = getattr(self, FAKE_QUANT_ATTR)
-        act = ACTIVATIONS[self.activation]
-        counts = num_tokens_per_expert.tolist()
-        used = sum(counts)
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        out = []
-        for e, x_e in enumerate(torch.split(x[:used], counts, dim=0)):
-            h = q[GATE_UP].linear(x_e, torch.cat([w1[e], w3[e]]).to(x.dtype), None)
-            gate, up = h.chunk(2, dim=-1)
-            out.append(q[DOWN].linear(act(gate, up), w2[e].to(x.dtype), None))
-        out.append(x.new_zeros(x.shape[0] - used, w2[0].shape[0]))
-        return torch.cat(out)
+        pairs = self._modules.get(LORA_ATTR)
+        if pairs is not None and any(p.trains_merged() for p in pairs.values()):
+            # Recomputed in backward, as the transformers stacks' merged LoRA is (`forge_qat.qat.experts`)
+            return checkpoint(_forward, self, x, num_tokens_per_expert, use_reentrant=False,
+                              preserve_rng_state=False)
+        return _forward(self, x, num_tokens_per_expert)
+
+
+def _pair(module: torch.nn.Module, projection: str):
+    pairs = module._modules.get(LORA_ATTR)
+    pair = pairs[LORA_STACKS[projection]] if pairs is not None and LORA_STACKS[projection] in pairs else None
+    return pair if pair is not None and pair.enabled else None
+
+
+def _forward(module: torch.nn.Module, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    q = getattr(module, FAKE_QUANT_ATTR)
+    act = ACTIVATIONS[module.activation]
+    counts = num_tokens_per_expert.tolist()
+    used = sum(counts)
+    first = getattr(module, FIRST_EXPERT_ATTR, 0)
+    pairs = {proj: pair for proj in (GATE_UP, DOWN) if (pair := _pair(module, proj)) is not None}
+    # merged LoRA: W + s*B@A of these experts' rows, added as to the whole stack's merged weight
+    deltas = {proj: pair.delta(module.w2.dtype, slice(first, first + len(counts))).unbind(0)
+              for proj, pair in pairs.items() if pair.mode == "merged"}
+    sides = {proj: pair for proj, pair in pairs.items() if pair.mode != "merged"}
+    w1, w2, w3 = module.w1.unbind(0), module.w2.unbind(0), module.w3.unbind(0)
+    out = []
+    for e, x_e in enumerate(torch.split(x[:used], counts, dim=0)):
+        w = torch.cat([w1[e], w3[e]])  # transformers' gate_up_proj rows of this expert
+        h = q[GATE_UP].linear(x_e, (w + deltas[GATE_UP][e] if GATE_UP in deltas else w).to(x.dtype), None)
+        if GATE_UP in sides:
+            h = h + sides[GATE_UP].path(x_e, first + e)
+        gate, up = h.chunk(2, dim=-1)
+        a = act(gate, up)
+        w = w2[e] + deltas[DOWN][e] if DOWN in deltas else w2[e]
+        y = q[DOWN].linear(a, w.to(x.dtype), None)
+        if DOWN in sides:
+            y = y + sides[DOWN].path(a, first + e)
+        out.append(y)
+    out.append(x.new_zeros(x.shape[0] - used, w2[0].shape[0]))
+    return torch.cat(out)
 
 
 def is_fake_quantized(module: torch.nn.Module) -> bool:

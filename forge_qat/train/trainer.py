@@ -350,6 +350,10 @@ class Trainer:
 
     def _check_resumable(self, path: Path, meta: CheckpointMeta) -> None:
         cfg, recorded = self.cfg, meta.train_config
+        if meta.lora is not None and recorded.get("expert_parallel", 1) > 1:  # `ZeroEngine.save_state` says why
+            raise InputError(f"--resume: {path} is a checkpoint of LoRA under --expert-parallel, which holds no "
+                             f"DeepSpeed state (DeepSpeed cannot save frozen expert-parallel experts): finalize or "
+                             f"evaluate it; a LoRA run that must resume runs without --expert-parallel")
         if meta.qat_recipe != cfg.qat.recipe_name:
             raise ConfigError(f"--resume: {path} was trained with QAT recipe {meta.qat_recipe or NO_RECIPE}, "
                               f"this run asks for {cfg.qat.recipe_name or NO_RECIPE}")
@@ -374,20 +378,22 @@ class Trainer:
                               f"its weights with --model {path}")
 
     def finish(self) -> TrainResult:
-        """Finalize the last checkpoint when asked (from the saved checkpoint on one process; from the live
-        model, gathered block by block, under DeepSpeed), then leave the engine."""
+        """Finalize the last checkpoint when asked, and leave the engine. Under DeepSpeed the live model is gathered
+        block by block; under expert parallelism, whose live experts are AutoEP's layers, and on one process,
+        rank 0 converts the checkpoint just written (the same fp32 weights, in the transformers layout) once the
+        other ranks have left: no collective keeps them waiting through a conversion."""
         recipe = self.cfg.run.finalize_recipe
-        if recipe:
-            dest = self.out / f"final-{recipe.name}"
-            if not self.cfg.distributed.uses_deepspeed:
-                artifact = finalize(FinalizeRequest(source=self.last_checkpoint, dest=dest, qat_convert=recipe,
-                                                    overwrite=True)).dest
-            else:
-                artifact = finalize_live(self.models.student, self.last_checkpoint, recipe, dest,
-                                         self.engine.full_tensor, main=self.main)
-                self.engine.barrier()
-            if artifact:
-                log.info("finalized %s", artifact)
+        live = recipe is not None and self.cfg.distributed.uses_deepspeed and self.cfg.distributed.expert_parallel == 1
+        artifact = None
+        if live:
+            artifact = finalize_live(self.models.student, self.last_checkpoint, recipe,
+                                     self.out / f"final-{recipe.name}", self.engine.full_tensor, main=self.main)
+            self.engine.barrier()
         self.engine.close()
+        if recipe is not None and not live and self.main:
+            artifact = finalize(FinalizeRequest(source=self.last_checkpoint, dest=self.out / f"final-{recipe.name}",
+                                                qat_convert=recipe, overwrite=True)).dest
+        if artifact:
+            log.info("finalized %s", artifact)
         return TrainResult(self.out, self.last_checkpoint, self.cfg.optim.max_steps, self.loss,
                            None if self.eval_data is None else self.eval_loss)

@@ -56,13 +56,17 @@ def test_training_takes_the_grouped_kernel_on_cuda_and_matches_eager():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path):
-    """`--expert-parallel 2` over NCCL (AutoEP's all-to-all on the GPUs, each rank fake-quantizing its experts)
-    against one process on the same global batches; the checkpoint gathered back into the input's layout."""
+@pytest.mark.parametrize("variant", ["qat", "partitioned", "lora"])
+def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path, variant):
+    """`--expert-parallel 2` over NCCL (AutoEP's all-to-all on the GPUs, each rank fake-quantizing its experts and
+    reading them itself, staged through the host into CUDA partitions) against one process on the same global
+    batches; the checkpoint gathered back into the input's layout. `partitioned`: every parameter partitioned
+    (ZeRO-3 keeps these tiny stacks whole by default); `lora`: LoRA-QAT, the expert stacks' pairs across AutoEP's
+    replacement."""
     import json
     from pydoc_data.topics import topics
 
-    from conftest import micro_train_args, save_tiny_moe
+    from conftest import micro_train_args, partition_everything, save_tiny_moe
     from safetensors.torch import load_file
 
     from forge_qat.config import TrainConfig
@@ -73,10 +77,12 @@ def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path):
     data = tmp_path / "train.txt"
     data.write_text(topics["if"] + topics["while"] + topics["for"])
     save_tiny_moe(tmp_path / "src", "qwen3_moe", "per-expert")
-    args = dict(model=str(tmp_path / "src"), max_steps=3, save_every=0, qat_learn_scales=False, precision="fp32")
+    args = dict(model=str(tmp_path / "src"), max_steps=3, save_every=0, qat_learn_scales=False, precision="fp32",
+                **({"lora_rank": 4, "lora_targets": "attention,experts", "lr": 1e-3} if variant == "lora" else {}))
+    held = {"deepspeed_config": partition_everything(tmp_path)} if variant == "partitioned" else {}
     launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
                                                              expert_parallel=2, batch_size=1, dist_timeout_s=120,
-                                                             **args)))
+                                                             **held, **args)))
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
               for r in ("ep", "one")]
