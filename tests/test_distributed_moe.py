@@ -275,6 +275,40 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
             assert (ta[k] == tb[k]).float().mean() >= 0.99, k
 
 
+def test_expert_parallel_learned_scales_match_one_process(tmp_path, data):
+    """Learned scales (mse start) under `--expert-parallel 2`: the experts' scales, chosen before the wrap from the
+    checkpoint (each rank the rows of its block of experts) and carried across AutoEP's replacement, start as one
+    process's and train with each rank's experts; the losses, the saved scales and the artifacts agree."""
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    src = tmp_path / "src"
+    save_tiny_moe(src, "qwen3_moe", "per-expert", seed=8)
+    args = dict(model=str(src), save_every=0, qat_learn_scales=True, lr_schedule="constant", max_steps=3)
+    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
+                                                             expert_parallel=2, batch_size=1, dist_timeout_s=60,
+                                                             **args)), worker=WORKER)
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("ep", "one")]
+    assert records[0][0]["loss"] == pytest.approx(records[1][0]["loss"], abs=1e-6)
+    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=5e-3)
+    ep, one = (checkpoint_dirs(tmp_path / run)[-1][1] for run in ("ep", "one"))
+    se, so = ckpt_io.read_learned_scales(ep), ckpt_io.read_learned_scales(one)
+    assert set(se) == set(so) and any(".experts." in k for k in so)
+    for k in so:
+        assert torch.isclose(se[k], so[k], rtol=2e-3, atol=1e-6).float().mean() >= 0.98, k
+    a = finalize(FinalizeRequest(source=ep, dest=tmp_path / "a-ep"))
+    b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
+    assert a.converted == b.converted
+    ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
+    for k in tb:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
+        else:
+            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+
+
 @pytest.mark.parametrize("mode", ["merged", "separate"])
 def test_expert_parallel_lora_matches_one_process(mode, tmp_path, data):
     """LoRA-QAT under `--expert-parallel 2`: the expert stacks' pairs (all experts', on every rank) cross AutoEP's
@@ -378,7 +412,7 @@ def test_expert_parallel_refusals(tmp_path, data):
 
     base = dict(nproc=2, zero_stage=3, expert_parallel=2, qat_learn_scales=False)
     for extra, message in [({"zero_stage": 2}, "ZeRO-3"), ({"nproc": 3}, "divide --nproc"),
-                           ({"qat_learn_scales": None}, "learned scales"),
+                           ({"qat_learn_scales": None, "fake_quant_after_steps": 2}, "chosen again"),
                            ({"expert_parallel": 0}, "at least 1")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_flat(**{**base, **extra})

@@ -44,12 +44,14 @@ class DistributedConfig:
         """What expert parallelism does not cover yet, refused before any work (issue 31 lists them)."""
         if self.expert_parallel == 1:
             return
-        missing = [(qat.qat_learn_scales, "learned scales (add --no-qat-learn-scales)"),
+        missing = [(qat.qat_learn_scales and qat.fake_quant_after_steps > 0,
+                    "learned scales chosen again when delayed fake quantization starts (--fake-quant-after-steps; "
+                    "or add --no-qat-learn-scales)"),
                    (qat.fp8_recipe is not None, "float8 training")]
         refused = [what for on, what in missing if on]
         if refused:
             raise ConfigError(f"--expert-parallel {self.expert_parallel} does not run with {'; '.join(refused)} "
-                              f"yet (QAT, LoRA-QAT and distillation do)")
+                              f"yet (QAT with learned scales, LoRA-QAT and distillation do)")
 
     @property
     def uses_deepspeed(self) -> bool:

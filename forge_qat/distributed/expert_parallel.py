@@ -26,8 +26,10 @@ import torch.distributed as dist
 
 from forge_qat.errors import ConfigError
 from forge_qat.formats.weights import TensorReader
-from forge_qat.qat.experts import LORA_ATTR, has_lora, is_experts
-from forge_qat.qat.grouped_experts import FIRST_EXPERT_ATTR
+from forge_qat.qat import grouped_experts
+from forge_qat.qat.experts import FAKE_QUANT_ATTR, LORA_ATTR, is_experts
+from forge_qat.qat.fake_quant import AffineSpec, ScaleInit, initial_scale
+from forge_qat.qat.grouped_experts import DOWN, FIRST_EXPERT_ATTR, GATE_UP
 
 FullTensor = Callable[[torch.nn.Parameter], AbstractContextManager[torch.Tensor]]
 _RENAMES = {"router.gate.weight": "gate.weight", "experts.w1": "experts.gate_up_proj",
@@ -80,7 +82,7 @@ def _translated(model: torch.nn.Module, names: list[str]) -> Iterator[tuple[str,
         local = name[len(owner) + 1:]
         if local == "experts.w3":
             continue
-        if local.startswith(f"experts.{LORA_ATTR}."):  # all experts' pairs, on every rank: as they are
+        if local.startswith((f"experts.{LORA_ATTR}.", f"experts.{FAKE_QUANT_ATTR}.")):  # all experts', as they are
             yield name, name, None, None
             continue
         if local not in _RENAMES:
@@ -124,6 +126,10 @@ def _gather_experts(local: torch.Tensor, group) -> torch.Tensor:
 
 # ---- loading a rank's experts ----------------------------------------------------------------------
 
+UNREAD = "forge_unread"
+"""On an expert stack's placeholder: the stack's name, whose rows each rank reads after the wrap."""
+
+
 def defer_expert_stacks(model: torch.nn.Module, section: dict) -> list[str]:
     """Before the streamed load: every expert stack AutoEP will take becomes a placeholder that holds no memory
     (see the module's docstring); returns their names, which the streamed load skips. The stacks are found by
@@ -157,9 +163,11 @@ def _defer_stacks_of(model: torch.nn.Module, spec) -> list[str]:
         old = getattr(experts, attr)
         shape = tuple(getattr(old, "ds_shape", old.shape))
         device = old.ds_tensor.device if hasattr(old, "ds_tensor") else old.device
-        placeholder = torch.zeros((), dtype=old.dtype, device=device).expand(shape)
-        setattr(experts, attr, torch.nn.Parameter(placeholder, requires_grad=old.requires_grad))
+        placeholder = torch.nn.Parameter(torch.zeros((), dtype=old.dtype, device=device).expand(shape),
+                                         requires_grad=old.requires_grad)
+        setattr(experts, attr, placeholder)
         names.append(f"{spec.moe_module_name}.{spec.experts_name}.{attr}")
+        setattr(placeholder, UNREAD, names[-1])
     return names
 
 
@@ -227,46 +235,76 @@ class _ExpertRows:
         return done
 
 
-# ---- LoRA pairs across AutoEP's replacement ----------------------------------------------------------
+# ---- quantizers and LoRA pairs across AutoEP's replacement --------------------------------------------
 
-PARKED = "forge_expert_lora"
-"""Where the LoRA pairs of the expert stacks wait on the model's root while AutoEP replaces the MoE blocks."""
+PARKED = "forge_expert_parallel_parked"
+"""Where the experts' quantizers and LoRA pairs wait on the model's root while AutoEP replaces the MoE blocks."""
+CARRIED = (FAKE_QUANT_ATTR, LORA_ATTR)
 
 
-def park_expert_adapters(model: torch.nn.Module) -> int:
-    """Before the wrap: move the LoRA pairs of every expert stack (`forge_lora` of a transformers experts module,
-    all E experts' pairs) to the model's root. AutoEP drops the block it replaces with all it holds, and
-    DeepSpeed's optimizer remap drops that block's parameters; on the root the pairs stay in the model, so ZeRO-3
-    partitions them and the optimizer trains them like every adapter (replicated over the ranks: each rank's
-    gradient has rows only for its own experts, whose tokens all come to it, so the data-parallel mean is the
-    one-process gradient). `unpark_expert_adapters` hands them to the AutoEP layers. Returns how many modules'."""
+def park_expert_modules(model: torch.nn.Module) -> int:
+    """Before the wrap: move what forge installed on every transformers experts module (its fake quantizers with
+    any learned scales, `forge_fake_quant`; its LoRA pairs, `forge_lora`; both for all E experts) to the model's
+    root. AutoEP drops the block it replaces with all it holds, and DeepSpeed's optimizer remap drops that
+    block's parameters; on the root they stay in the model, so ZeRO-3 partitions the scales and pairs and the
+    optimizer trains them like every other (replicated over the ranks: each rank's gradient has rows only for its
+    own experts, whose tokens all come to it, so the data-parallel mean is the one-process gradient).
+    `unpark_expert_modules` hands them to the AutoEP layers. Returns how many experts modules'."""
     parked = torch.nn.ModuleDict()
     for name, module in list(model.named_modules()):
-        if is_experts(module) and has_lora(module):
-            parked[name.replace(".", "/")] = module._modules.pop(LORA_ATTR)
+        if is_experts(module) and any(a in module._modules for a in CARRIED):
+            parked[name.replace(".", "/")] = torch.nn.ModuleDict(
+                {a: module._modules.pop(a) for a in CARRIED if a in module._modules})
     if len(parked):
         model.add_module(PARKED, parked)
     return len(parked)
 
 
-def unpark_expert_adapters(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
-    """After the wrap: the parked pairs go to the `GroupedExperts` of the AutoEP layer that replaced their block,
-    under the name they had (`<block>.experts.forge_lora...`, so checkpoints name them as before), with the index
-    of its first expert (`forge_qat.qat.grouped_experts`). Returns (experts module, adapter) pairs for the engine
-    to register as read by that module (ZeRO-3 gathers a module's own parameters only)."""
+def unpark_expert_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """After the wrap: the parked quantizers and pairs go to the `GroupedExperts` of the AutoEP layer that replaced
+    their block, under the names they had (`<block>.experts.forge_fake_quant...`, `...forge_lora...`, so
+    checkpoints name learned scales and adapters as before), with the index of its first expert
+    (`forge_qat.qat.grouped_experts`). Returns (experts module, parameter) pairs for the engine to register as
+    read by that module (ZeRO-3 gathers a module's own parameters only)."""
     parked = model._modules.pop(PARKED, None)
     if parked is None:
         return []
     layers, read = _layers(model), []
-    for key, pairs in parked.items():
+    for key, carried in parked.items():
         owner, _, child = key.replace("/", ".").rpartition(".")
         layer = layers.get(owner)
         if layer is None or child != "experts":
-            raise ConfigError(f"internal: the LoRA pairs of {key.replace('/', '.')} have no AutoEP layer to go to")
-        setattr(layer.experts, LORA_ATTR, pairs)
-        setattr(layer.experts, FIRST_EXPERT_ATTR, layer.ep_rank * layer.num_local_experts)
-        read += [(layer.experts, p) for p in pairs.parameters()]
+            raise ConfigError(f"internal: what forge installed on {key.replace('/', '.')} has no AutoEP layer to go to")
+        experts = layer.experts
+        setattr(experts, FIRST_EXPERT_ATTR, layer.ep_rank * layer.num_local_experts)
+        if FAKE_QUANT_ATTR in carried:
+            quantizers = carried[FAKE_QUANT_ATTR]
+            grouped_experts.install_fake_quant(experts, quantizers[GATE_UP], quantizers[DOWN])
+        if LORA_ATTR in carried:
+            setattr(experts, LORA_ATTR, carried[LORA_ATTR])
+        read += [(experts, p) for p in carried.parameters()]
     return read
+
+
+def unread_scales(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: torch.dtype, spec: AffineSpec,
+                  init: ScaleInit, rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """The starting learned scales (E, rows, groups) of the expert stack `name` (E, rows, cols), which no rank has
+    read yet (collective): rank r chooses those of the r-th contiguous block of the experts from their rows in
+    the checkpoint, read in `dtype` as the weight would hold them, chosen on `device` as the weight's would be,
+    and the blocks are gathered. A scale depends on its own expert's rows only, so these are the values one
+    process chooses from the whole stack."""
+    experts, rows, cols = shape
+    per = -(-experts // world)
+    first, last = min(experts, rank * per), min(experts, (rank + 1) * per)
+    local = torch.empty(last - first, rows, cols, dtype=dtype)
+    if last > first:
+        reader.read_flat(name, first * rows * cols, local.view(-1))
+        local = initial_scale(local.to(device), spec, init).cpu()
+    else:
+        local = torch.empty(0)
+    seen = [None] * world
+    dist.all_gather_object(seen, local)
+    return torch.cat([piece for piece in seen if piece.numel()])
 
 
 def frozen_experts(model: torch.nn.Module) -> list[str]:

@@ -250,6 +250,16 @@ class ZeroEngine:
             self._unread_experts[id(model)] = model_layout_reader(weights_reader(source.spec, source.seed), model)
         return model
 
+    def unread_scales(self, p: torch.nn.Parameter, spec, init) -> torch.Tensor | None:
+        """The starting learned scales of an expert stack not read yet (collective; see
+        `expert_parallel.unread_scales`), else None."""
+        name = getattr(p, expert_parallel.UNREAD, None)
+        reader = next((r for r in self._unread_experts.values() if name is not None and name in r.keys()), None)
+        if reader is None:
+            return None
+        return expert_parallel.unread_scales(reader, name, tuple(p.shape), p.dtype, spec, init, self.rank,
+                                             self.world_size, self.device).to(self.device)
+
     def _read_local_experts(self, model: torch.nn.Module) -> None:
         """After AutoEP placed `model`'s experts: this rank reads its own (see `materialize`)."""
         reader = self._unread_experts.pop(id(model), None)
@@ -260,15 +270,15 @@ class ZeroEngine:
         return deepspeed.zero.GatheredParameters([p])
 
     def wrap(self, model, optimizer, scheduler) -> torch.nn.Module:
-        if self.expert_parallel_section is not None:
-            expert_parallel.park_expert_adapters(model)
         if self.stage3:
             for reader, param in learned_scale_readers(model) + lora.readers(model):
                 deepspeed.zero.register_external_parameter(reader, param)
+        if self.expert_parallel_section is not None:  # after: the experts' readers are AutoEP's, registered below
+            expert_parallel.park_expert_modules(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self._config())
         self._read_local_experts(model)
-        for reader, param in expert_parallel.unpark_expert_adapters(model):
+        for reader, param in expert_parallel.unpark_expert_modules(model):
             deepspeed.zero.register_external_parameter(reader, param)
         self._frozen_experts = expert_parallel.frozen_experts(model)
         if self._frozen_experts:

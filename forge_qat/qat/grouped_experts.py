@@ -9,10 +9,11 @@ as one fused matmul with the recipe's quantizers of that fused shape (one activa
 token), the gated activation, then the down projection with its own. Imports no deepspeed: the module is
 recognised by its Parameters.
 
-LoRA: a GroupedExperts module may carry the LoRA pairs of the transformers stacks it replaced, for all E experts
-(`forge_lora`, as there: (E, R, in) and (E, out, R) per stack; the engine moves them across AutoEP's
-replacement), and the index of its first expert (`forge_first_expert`); local expert e uses pair row
-first + e, in the mode the pairs were made with (`forge_qat.lora.adapters`).
+LoRA and learned scales: a GroupedExperts module may carry the quantizers and the LoRA pairs of the transformers
+stacks it replaced, for all E experts (`forge_fake_quant` with its learned scales (E, rows, groups), `forge_lora`
+with (E, R, in) and (E, out, R) per stack; the engine moves them across AutoEP's replacement), and the index of
+its first expert (`forge_first_expert`): local expert e uses row first + e of each, LoRA in the mode its pairs
+were made with (`forge_qat.lora.adapters`).
 """
 
 import torch
@@ -23,10 +24,9 @@ from forge_qat.errors import ConfigError
 from forge_qat.formats.weights import true_shape
 from forge_qat.qat.experts import FAKE_QUANT_ATTR, LORA_ATTR, ProjectionFakeQuant
 
-GATE_UP, DOWN = "gate_up", "down"
-"""The two projections' quantizer names: w1 and w3 fused as transformers stores them, and w2."""
-LORA_STACKS = {GATE_UP: "gate_up_proj", DOWN: "down_proj"}
-"""The transformers stack whose LoRA pair each projection uses."""
+GATE_UP, DOWN = "gate_up_proj", "down_proj"
+"""The two projections, by the transformers stacks they are (w1 and w3 fused as transformers stores them, and w2):
+their quantizers and LoRA pairs carry these names, so learned scales and adapters are named as in the stack's."""
 FIRST_EXPERT_ATTR = "forge_first_expert"
 ACTIVATIONS = {"swiglu": lambda gate, up: F.silu(gate) * up}
 """AutoEP's expert activations forge fake-quantizes (Qwen3-MoE's and Mixtral's); others are refused."""
@@ -60,7 +60,7 @@ class FakeQuantizedGroupedExperts:
 
 def _pair(module: torch.nn.Module, projection: str):
     pairs = module._modules.get(LORA_ATTR)
-    pair = pairs[LORA_STACKS[projection]] if pairs is not None and LORA_STACKS[projection] in pairs else None
+    pair = pairs[projection] if pairs is not None and projection in pairs else None
     return pair if pair is not None and pair.enabled else None
 
 
@@ -75,17 +75,21 @@ def _forward(module: torch.nn.Module, x: torch.Tensor, num_tokens_per_expert: to
     deltas = {proj: pair.delta(module.w2.dtype, slice(first, first + len(counts))).unbind(0)
               for proj, pair in pairs.items() if pair.mode == "merged"}
     sides = {proj: pair for proj, pair in pairs.items() if pair.mode != "merged"}
+    # learned scales: all E experts' (as the stack's), this rank's rows used
+    scales = {proj: q[proj].expert_scales() for proj in (GATE_UP, DOWN)}
     w1, w2, w3 = module.w1.unbind(0), module.w2.unbind(0), module.w3.unbind(0)
     out = []
     for e, x_e in enumerate(torch.split(x[:used], counts, dim=0)):
         w = torch.cat([w1[e], w3[e]])  # transformers' gate_up_proj rows of this expert
-        h = q[GATE_UP].linear(x_e, (w + deltas[GATE_UP][e] if GATE_UP in deltas else w).to(x.dtype), None)
+        s = scales[GATE_UP][first + e] if scales[GATE_UP] is not None else None
+        h = q[GATE_UP].linear(x_e, (w + deltas[GATE_UP][e] if GATE_UP in deltas else w).to(x.dtype), None, s)
         if GATE_UP in sides:
             h = h + sides[GATE_UP].path(x_e, first + e)
         gate, up = h.chunk(2, dim=-1)
         a = act(gate, up)
         w = w2[e] + deltas[DOWN][e] if DOWN in deltas else w2[e]
-        y = q[DOWN].linear(a, w.to(x.dtype), None)
+        s = scales[DOWN][first + e] if scales[DOWN] is not None else None
+        y = q[DOWN].linear(a, w.to(x.dtype), None, s)
         if DOWN in sides:
             y = y + sides[DOWN].path(a, first + e)
         out.append(y)

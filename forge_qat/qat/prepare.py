@@ -118,10 +118,14 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
 def prepare_grouped_experts(model: torch.nn.Module, recipe: Recipe) -> int:
     """Fake-quantize every expert-parallel experts module (AutoEP's `GroupedExperts`: one rank's local experts)
     with the recipe's quantizers of the transformers stacks they came from (`gate_up_proj` (2I, H) and
-    `down_proj` (H, I) per expert). Returns the modules prepared."""
+    `down_proj` (H, I) per expert); one that has its stacks' quantizers already keeps them. Returns the
+    fake-quantized experts modules."""
     prepared = 0
     for module in model.modules():
-        if not grouped_experts.is_grouped_experts(module) or grouped_experts.is_fake_quantized(module):
+        if not grouped_experts.is_grouped_experts(module):
+            continue
+        prepared += 1
+        if grouped_experts.is_fake_quantized(module):  # came with the stacks' own quantizers (learned scales)
             continue
         _, ffn, hidden = grouped_experts.shapes(module)
         dtype = module.w1.dtype
@@ -131,7 +135,6 @@ def prepare_grouped_experts(model: torch.nn.Module, recipe: Recipe) -> int:
                                              integer_grid=isinstance(t, IntegerGridFakeQuantizedLinear))
                          for t in twins)
         grouped_experts.install_fake_quant(module, gate_up, down)
-        prepared += 1
     return prepared
 
 
@@ -152,6 +155,10 @@ class LearnScales:
     """How scales chosen from the weights start (`forge_qat.qat.fake_quant.ScaleInit`)."""
     gather: Gather = field(default=lambda p: contextlib.nullcontext())
     """Makes a partitioned weight whole while its scales are chosen (ZeRO-3: one layer or stack at a time)."""
+    unread: Callable[[torch.nn.Parameter, AffineSpec, ScaleInit], torch.Tensor | None] = \
+        field(default=lambda p, spec, init: None)
+    """The starting scales of a weight the engine has not read yet, chosen by the engine from the checkpoint (an
+    expert-parallel stack, read after the wrap: `ZeroEngine.unread_scales`); None: chosen from the weight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +223,7 @@ def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
                                  f"{list(scale.shape)}, the weight's grid needs {want} (the file was edited or "
                                  f"belongs to another model)")
             scale = scale.to(site.weight.device)
-        else:
+        elif (scale := learn.unread(site.weight, quantizer.spec, learn.init)) is None:
             with learn.gather(site.weight):
                 scale = initial_scale(site.weight.data, quantizer.spec, learn.init)
         site.holder.weight_fake_quantizer = LearnedScaleFakeQuantizer(quantizer.spec, scale)

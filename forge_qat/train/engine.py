@@ -33,6 +33,10 @@ class Engine(Protocol):
         """A model holding `source`'s starting weights, placed as this engine trains it (collective)."""
     def gather(self, p: torch.nn.Parameter) -> AbstractContextManager:
         """Makes a partitioned parameter whole on every rank inside the context (collective)."""
+    def unread_scales(self, p: torch.nn.Parameter, spec: Any, init: str) -> torch.Tensor | None:
+        """The starting learned scales of a weight `materialize` left unread (expert parallelism reads a rank's
+        experts after the wrap), chosen from the checkpoint as from the weight (collective); None for the
+        others (`forge_qat.qat.prepare.LearnScales.unread`)."""
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> torch.nn.Module:
         """Take over training of `model`; returns the module to run training forwards through."""
     def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:

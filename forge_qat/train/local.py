@@ -33,6 +33,9 @@ class LocalEngine:
     def gather(self, p: torch.nn.Parameter) -> AbstractContextManager:
         return contextlib.nullcontext()
 
+    def unread_scales(self, p: torch.nn.Parameter, spec, init) -> None:
+        return None  # every weight is read by `materialize`
+
     def wrap(self, model, optimizer, scheduler) -> torch.nn.Module:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model

@@ -76,8 +76,8 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
     learned scales are chosen."""
     coverage = None
     if recipe is not None:
-        learn = LearnScales(gather=engine.gather, init=cfg.qat.qat_scale_init) if cfg.qat.qat_learn_scales \
-            else None
+        learn = LearnScales(gather=engine.gather, init=cfg.qat.qat_scale_init, unread=engine.unread_scales) \
+            if cfg.qat.qat_learn_scales else None
         coverage = prepare_qat(model, recipe, learn=learn)
         if learn is not None:
             scales = learned_scales(model)
