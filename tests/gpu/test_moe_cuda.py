@@ -56,13 +56,13 @@ def test_training_takes_the_grouped_kernel_on_cuda_and_matches_eager():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("variant", ["qat", "partitioned", "lora"])
+@pytest.mark.parametrize("variant", ["qat", "partitioned", "lora", "scales"])
 def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path, variant):
     """`--expert-parallel 2` over NCCL (AutoEP's all-to-all on the GPUs, each rank fake-quantizing its experts and
     reading them itself, staged through the host into CUDA partitions) against one process on the same global
     batches; the checkpoint gathered back into the input's layout. `partitioned`: every parameter partitioned
     (ZeRO-3 keeps these tiny stacks whole by default); `lora`: LoRA-QAT, the expert stacks' pairs across AutoEP's
-    replacement."""
+    replacement; `scales`: learned scales, the experts' chosen on the GPUs before the wrap."""
     import json
     from pydoc_data.topics import topics
 
@@ -77,7 +77,8 @@ def test_expert_parallel_on_two_gpus_matches_one_process(tmp_path, variant):
     data = tmp_path / "train.txt"
     data.write_text(topics["if"] + topics["while"] + topics["for"])
     save_tiny_moe(tmp_path / "src", "qwen3_moe", "per-expert")
-    args = dict(model=str(tmp_path / "src"), max_steps=3, save_every=0, qat_learn_scales=False, precision="fp32",
+    args = dict(model=str(tmp_path / "src"), max_steps=3, save_every=0, qat_learn_scales=variant == "scales",
+                precision="fp32",
                 **({"lora_rank": 4, "lora_targets": "attention,experts", "lr": 1e-3} if variant == "lora" else {}))
     held = {"deepspeed_config": partition_everything(tmp_path)} if variant == "partitioned" else {}
     launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "ep", data, nproc=2, zero_stage=3,
