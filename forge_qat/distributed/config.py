@@ -19,8 +19,8 @@ class DistributedConfig:
     zero_stage: int = option(0, "DeepSpeed ZeRO stage (0: no DeepSpeed, 1, 2 or 3).")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON to use instead of the generated one.")
     dist_timeout_s: int = option(300, "Collective timeout: a hung or dead rank fails the job after this.")
-    expert_parallel: int = option(1, "Expert-parallel size E under ZeRO-3 (DeepSpeed AutoEP): each rank holds and "
-                                     "fake-quantizes E-th of every MoE layer's experts, tokens travel to them "
+    expert_parallel: int = option(1, "Expert-parallel size E under ZeRO-3 (DeepSpeed AutoEP): each rank reads, holds "
+                                     "and fake-quantizes E-th of every MoE layer's experts, tokens travel to them "
                                      "(1: ZeRO-3 alone). E divides the ranks and the experts.",
                                   resume_fixed=True)
 
