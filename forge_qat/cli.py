@@ -437,7 +437,7 @@ def compare_command(
 
 # ---- forge export ---------------------------------------------------------------------------------
 
-EXPORT_FORMATS = ("gguf", "executorch")
+EXPORT_FORMATS = ("gguf", "executorch", "compressed-tensors")
 
 
 @app.command("export", cls=_Command)
@@ -445,7 +445,7 @@ def export_command(
     source: Annotated[Path, typer.Argument(help="A finalized forge artifact, or a float checkpoint / run directory "
                                                 "with --recipe (finalized on the way).")],
     to: Annotated[str, typer.Option("--to", help=f"Format: {', '.join(EXPORT_FORMATS)}.")],
-    output: Annotated[Path, typer.Option(help="File to write.")],
+    output: Annotated[Path, typer.Option(help="File to write (compressed-tensors: a model directory).")],
     recipe: Annotated[str | None, typer.Option(help="Convert a float checkpoint with this recipe first.")] = None,
     pre_tokenizer: Annotated[str | None, typer.Option(
         help="GGUF: llama.cpp's pre-tokenizer name. Default: recognised from the tokenizer as llama.cpp's converter "
@@ -455,7 +455,8 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Write GGUF (llama.cpp) or .pte (ExecuTorch) from an artifact.
+    """Write GGUF (llama.cpp), .pte (ExecuTorch) or a compressed-tensors model directory (vLLM, SGLang) from an
+    artifact.
 
     The trained integer grid is written as it is, not re-quantized."""
     from forge_qat.errors import HardwareError
@@ -472,6 +473,9 @@ def export_command(
             if to == "gguf":
                 from forge_qat.export import gguf as exporter
                 export, options = exporter.export_gguf, {"pre_tokenizer": pre_tokenizer}
+            elif to == "compressed-tensors":
+                from forge_qat.export import compressed_tensors as exporter
+                export, options = exporter.export_compressed_tensors, {}
             else:
                 from forge_qat.export import executorch as exporter
                 export, options = exporter.export_executorch, {"max_seq_len": max_seq_len}
@@ -482,8 +486,18 @@ def export_command(
         exporter.check_destination(output, overwrite)  # before a --recipe finalize, not after it
         with artifact_of(source, convert_with, output) as artifact:
             report = export(artifact, output, overwrite=overwrite, **options)
-    printer = _print_export if to == "gguf" else _print_pte
+    printer = {"gguf": _print_export, "executorch": _print_pte, "compressed-tensors": _print_compressed}[to]
     _emit(as_json, report.to_dict(), lambda: printer(report))
+
+
+def _print_compressed(report) -> None:
+    console.print(f"[bold]compressed-tensors[/] {report.scheme} ({report.format}): {report.quantized_linears} "
+                  f"quantized linear layers ({report.quantized_params:,} weights, codes and scales copied: "
+                  f"{report.inexact} values inexact), {report.float_params:,} float; kept in float: "
+                  f"{', '.join(report.ignored) or 'none'}; {_size(report.bytes)}")
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {report.path}")
 
 
 def _print_pte(report) -> None:

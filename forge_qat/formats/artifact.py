@@ -19,7 +19,8 @@ from typing import Literal
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-from forge_qat.errors import ConfigError
+from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats.weights import SafetensorsReader
 from forge_qat.torchao_compat import ALLOWED_TENSORS_SUBCLASSES, flatten_tensor_state_dict
 
 Format = Literal["auto", "safetensors", "bin"]
@@ -132,3 +133,57 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         code = re.search(r"code: (\d+)", str(e))
         number = int(code.group(1)) if code else errno.EIO
         raise OSError(number, os.strerror(number), str(path)) from None
+
+
+# ---- reading an artifact's tensors ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One weight of the artifact: plain, or a torchao tensor flattened into `<module>._weight_<part>`."""
+
+    name: str
+    kind: str
+    """`Tensor`, or the torchao class name (`IntxUnpackedToInt8Tensor`, `Int8Tensor`)."""
+    info: dict
+
+
+class ArtifactReader:
+    """A forge artifact's tensors, one at a time, from its safetensors shards (plain file I/O): each weight as
+    torchao flattened it (`Entry`), read by the exporters (GGUF, compressed-tensors)."""
+
+    def __init__(self, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"{directory} has no safetensors shards; export reads safetensors artifacts "
+                             f"(finalize with --format safetensors)")
+        self.reader = SafetensorsReader(files)  # checks every shard's header
+        with open(files[0], "rb") as f:
+            meta = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})
+        try:
+            names = json.loads(meta["tensor_names"])
+            self.entries = [Entry(n, *self._kind(meta.get(n))) for n in names]
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+            raise InputError(f"{files[0]} lacks forge's tensor list (or it is damaged); is {directory} a forge "
+                             f"artifact?") from None
+
+    @staticmethod
+    def _kind(text: str | None) -> tuple[str, dict]:
+        info = json.loads(text) if text else {"_type": "Tensor"}
+        return info.get("_type", "Tensor"), info
+
+    @staticmethod
+    def key(entry: Entry, part: str) -> str:
+        """Where torchao's flattening stores one part (`qdata`, `scale`, `zero_point`) of a quantized tensor."""
+        module, _, param = entry.name.rpartition(".")
+        return f"{module}._{param}_{part}"
+
+    def part(self, entry: Entry, part: str) -> torch.Tensor:
+        return self.read(self.key(entry, part))
+
+    def read(self, key: str) -> torch.Tensor:
+        out = torch.empty(self.reader.shape(key), dtype=self.reader.dtype(key))
+        self.reader.read_flat(key, 0, out.view(-1))
+        return out
+
+    def shape(self, entry: Entry) -> list[int]:
+        return self.reader.shape(entry.name if entry.kind == "Tensor" else self.key(entry, "qdata"))
