@@ -455,8 +455,9 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that forge wrote.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
-    """Write GGUF (llama.cpp), .pte (ExecuTorch) or a compressed-tensors model directory (vLLM, SGLang) from an
-    artifact.
+    """Write GGUF, .pte or compressed-tensors from an artifact.
+
+    GGUF for llama.cpp, .pte for ExecuTorch, a compressed-tensors model directory for vLLM and SGLang.
 
     The trained integer grid is written as it is, not re-quantized."""
     from forge_qat.errors import HardwareError

@@ -1,6 +1,6 @@
-"""compressed-tensors export (issue 32, first part): an int8-dynamic-act-int8-weight artifact written as
-compressed-tensors W8A8, its codes and scales copied. Checked with compressed-tensors' own decompressor and with
-stock transformers, in a process that never imports forge_qat."""
+"""compressed-tensors export (issue 32, first part): int8-dynamic-act-int8-weight artifacts written as
+compressed-tensors W8A8, w4a16 artifacts as W4A16 (int4 packed), their codes and scales copied. Checked with
+compressed-tensors' own decompressors and with stock transformers, in a process that never imports forge_qat."""
 
 import json
 import subprocess
@@ -22,6 +22,7 @@ from forge_qat.formats.artifact import ArtifactReader  # noqa: E402
 from forge_qat.qat.registry import get_recipe  # noqa: E402
 
 W8A8 = "int8-dynamic-act-int8-weight"
+W4A16 = "w4a16-g32"  # the tiny model's rows are 64 wide: groups of 32
 runner = CliRunner()
 
 
@@ -41,35 +42,69 @@ def made(tmp_path_factory):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
     tok.save_pretrained(root / "src")
     arts = {r: finalize(FinalizeRequest(source=root / "src", dest=root / r, ptq=get_recipe(r))).dest
-            for r in (W8A8, "int8-dynamic-act-int4-weight")}
+            for r in (W8A8, W4A16, "int8-dynamic-act-int4-weight")}
     return root, arts
 
 
-def test_w8a8_decompresses_to_the_artifacts_codes_times_scales(made, tmp_path):
-    """compressed-tensors' int8 decompressor, on the scheme read from the written config, gives back every
-    quantized weight as the artifact's codes x scales, element for element; float tensors are the artifact's."""
+def _decompressed(directory):
+    """Every quantized weight of an exported directory, decompressed by compressed-tensors' own compressor for
+    the format and scheme parsed from its config.json."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    _, arts = made
-    report = export_compressed_tensors(arts[W8A8], tmp_path / "ct")
-    assert report.scheme == "W8A8" and report.inexact == 0 and report.ignored == ["lm_head"]
-    assert report.quantized_linears == 14
-    config = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())
+    config = QuantizationConfig.model_validate(json.loads((directory / "config.json").read_text())
                                                ["quantization_config"])
     compressor = BaseCompressor.load_from_registry(config.format)
     scheme = config.config_groups["group_0"]
-    written = load_file(tmp_path / "ct" / "model.safetensors")
-    reader = ArtifactReader(arts[W8A8])
+    written = load_file(directory / "model.safetensors")
+    parts = compressor.compression_param_names(scheme)
+    modules = {k.rpartition(".")[0] for k in written if k.endswith(".weight_scale")}
+    return written, {m: compressor.decompress({p: written[f"{m}.{p}"] for p in parts}, scheme)["weight"]
+                     for m in modules}
+
+
+def _grid(reader, entry):
+    codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
+    group = codes.shape[1] // scale.shape[1]
+    return (codes.to(scale.dtype).view(codes.shape[0], -1, group) * scale[..., None]).view(codes.shape)
+
+
+@pytest.mark.parametrize("recipe,scheme", [(W8A8, "W8A8"), (W4A16, "W4A16")])
+def test_decompresses_to_the_artifacts_codes_times_scales(made, recipe, scheme, tmp_path):
+    """compressed-tensors' decompressor gives back every quantized weight as the artifact's codes x scales,
+    element for element; float tensors are the artifact's."""
+    _, arts = made
+    report = export_compressed_tensors(arts[recipe], tmp_path / "ct")
+    assert report.scheme == scheme and report.inexact == 0 and report.ignored == ["lm_head"]
+    assert report.quantized_linears == 14
+    written, weights = _decompressed(tmp_path / "ct")
+    reader = ArtifactReader(arts[recipe])
     for entry in reader.entries:
         if entry.kind == "Tensor":
             assert torch.equal(written[entry.name], reader.read(entry.name)), entry.name
-            continue
-        module = entry.name.rpartition(".")[0]
-        got = compressor.decompress({"weight": written[entry.name], "weight_scale": written[module + ".weight_scale"]},
-                                    scheme)["weight"]
-        codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
-        assert torch.equal(got, codes.to(scale.dtype) * scale), entry.name
+        else:
+            assert torch.equal(weights[entry.name.rpartition(".")[0]], _grid(reader, entry)), entry.name
+
+
+@pytest.mark.parametrize("mutation", ["nibble order", "offset"])
+def test_a_wrong_packing_fails_the_decompressor_check(made, mutation, tmp_path, monkeypatch):
+    """The check above can fail: packing the nibbles most-significant first, or offsetting the codes by 7."""
+    from forge_qat.export import compressed_tensors as exporter
+
+    def wrong(codes):
+        out, columns = codes.shape
+        nibbles = (codes.to(torch.int64) + (7 if mutation == "offset" else 8)).clamp(0, 15).view(out, columns // 8, 8)
+        shifts = torch.arange(8, dtype=torch.int64) * 4
+        words = (nibbles << (shifts.flip(0) if mutation == "nibble order" else shifts)).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    monkeypatch.setattr(exporter, "pack_int4", wrong)
+    _, arts = made
+    export_compressed_tensors(arts[W4A16], tmp_path / "ct")
+    _, weights = _decompressed(tmp_path / "ct")
+    reader = ArtifactReader(arts[W4A16])
+    assert not all(torch.equal(weights[e.name.rpartition(".")[0]], _grid(reader, e))
+                   for e in reader.entries if e.kind != "Tensor")
 
 
 STOCK = """
@@ -120,9 +155,27 @@ def test_stock_transformers_runs_the_trained_grid_with_its_own_activation_roundi
     assert 1e-5 < (trained - stock).abs().max() < 5e-2
 
 
+def test_stock_transformers_runs_w4a16_as_forges_fake_quant_exactly(made, tmp_path):
+    """W4A16 leaves activations in float, in training and in compressed-tensors: stock transformers' logits of the
+    export are forge's fake-quant model's, bit for bit here (the same weights, the same float matmuls)."""
+    from forge_qat.models import load_model
+    from forge_qat.qat.prepare import prepare_qat
+
+    root, arts = made
+    export_compressed_tensors(arts[W4A16], tmp_path / "ct")
+    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
+                   capture_output=True)
+    stock = torch.load(tmp_path / "logits.pt", weights_only=True)
+    model, _ = load_model(str(root / "src"))
+    prepare_qat(model, get_recipe(W4A16))
+    x = (torch.arange(48).view(2, 24) * 7) % 250
+    with torch.no_grad():
+        torch.testing.assert_close(stock, model(x).logits, rtol=0, atol=1e-6)
+
+
 def test_what_compressed_tensors_cannot_hold_exactly_is_refused_in_one_line(made, tmp_path):
     root, arts = made
-    with pytest.raises(ConfigError, match="finalize the checkpoint with --qat-convert int8-dynamic-act-int8-weight"):
+    with pytest.raises(ConfigError, match="compressed-tensors' W4A8 quantizes them symmetric.*Recipes that export"):
         export_compressed_tensors(arts["int8-dynamic-act-int4-weight"], tmp_path / "x")
     result = runner.invoke(app, ["export", str(arts["int8-dynamic-act-int4-weight"]), "--to", "compressed-tensors",
                                  "--output", str(tmp_path / "x")])

@@ -11,7 +11,12 @@ Schemes written (issue 32, first part):
   quantized linear is written as compressed-tensors' naive int8 compressor stores it: `<module>.weight` int8
   (out, in) and `<module>.weight_scale` (out, 1), in the artifact's scale dtype. Every other linear layer is
   listed in `ignore`.
-Anything else (int4 grids, MoE expert stacks) is refused in one line before anything is written.
+- W4A16 (`pack-quantized`): from the `w4a16` recipes (torchao `IntxUnpackedToInt8Tensor`, int4 codes held one
+  per int8, one scale per row and group of G, symmetric, activations left in float). Written as compressed-tensors'
+  pack-quantized compressor stores it: `<module>.weight_packed` int32 (out, in/8), each code offset by 8 and packed
+  least-significant nibble first, eight to an int32; `<module>.weight_scale` (out, in/G); `<module>.weight_shape`.
+Anything else (other grids, activations compressed-tensors quantizes otherwise, MoE expert stacks) is refused in
+one line before anything is written.
 """
 
 import json
@@ -35,6 +40,31 @@ W8A8 = {
     "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
 }
 """compressed-tensors' W8A8 int8 scheme: the numerics of `int8-dynamic-act-int8-weight`."""
+
+
+def w4a16_group(group: int) -> dict:
+    """compressed-tensors' W4A16 scheme with groups of `group`: the numerics of the `w4a16` recipes."""
+    return {"targets": ["Linear"], "input_activations": None,
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+                        "dynamic": False}}
+
+
+@dataclass(frozen=True, slots=True)
+class Scheme:
+    name: str
+    format: str
+    group: dict
+    """The `config_groups` entry."""
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes (out, in), held in int8, as compressed-tensors packs them: each offset by 8 to 0..15, eight to an
+    int32 along the row, the first in the least significant nibble (`pack_to_int32`). In int64, then the low 32
+    bits as int32 (two's complement), so no step relies on integer overflow."""
+    out, columns = codes.shape
+    nibbles = (codes.to(torch.int64) + 8).view(out, columns // 8, 8)
+    words = (nibbles << (torch.arange(8, dtype=torch.int64) * 4)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 COPIED_FILES_SKIPPED = ("config.json", "forge_artifact.json", "model.safetensors.index.json")
 
 
@@ -68,46 +98,63 @@ def check_destination(out: Path, overwrite: bool) -> None:
                  directory=True)
 
 
-def _check_w8a8(entry: Entry, reader: ArtifactReader) -> None:
-    """An `Int8Tensor` weight whose numerics are compressed-tensors' W8A8: 2-D, one scale per row, symmetric
-    weights (no zero point, or all zeros), symmetric per-token dynamic activations."""
-    data = entry.info.get("_data", {})
-    act = data.get("act_quant_kwargs") or {}
+def _act(info: dict) -> tuple[str | None, str | None]:
+    act = info.get("act_quant_kwargs") or {}
     act = act.get("_data", {}) if isinstance(act, dict) else {}
-    granularity = (act.get("granularity") or {}).get("_type")
-    mapping = (act.get("mapping_type") or {}).get("_data")
+    return (act.get("granularity") or {}).get("_type"), (act.get("mapping_type") or {}).get("_data")
+
+
+def _problems(entry: Entry, reader: ArtifactReader) -> tuple[Scheme | None, list[str]]:
+    """The scheme one quantized weight maps onto exactly, or why none does."""
+    data = entry.info.get("_data", {})
     shape = reader.shape(entry)
-    problems = []
     if len(shape) != 2:
-        problems.append(f"a {len(shape)}-D weight (MoE expert stacks are not exported to compressed-tensors yet)")
-    if (granularity, mapping) != ("PerRow", "SYMMETRIC"):
-        problems.append(f"activations {granularity} {mapping} (compressed-tensors' W8A8 quantizes them per token, "
-                        f"symmetric)")
-    if list(data.get("block_size", [])) not in ([1, shape[-1]],):
-        problems.append(f"weight blocks {data.get('block_size')} (W8A8 scales each output row)")
+        return None, [f"a {len(shape)}-D weight (MoE expert stacks are not exported to compressed-tensors yet)"]
+    problems = []
     if ArtifactReader.key(entry, "zero_point") in reader.reader.keys() and \
             reader.part(entry, "zero_point").count_nonzero():
         problems.append("asymmetric weights (a nonzero zero point)")
-    if problems:
-        raise ConfigError(f"{entry.name}: cannot be written as compressed-tensors W8A8 exactly: "
-                          f"{'; '.join(problems)}")
+    block = list(data.get("block_size", []))
+    if entry.kind == "Int8Tensor":
+        if _act(data) != ("PerRow", "SYMMETRIC"):
+            problems.append(f"activations {' '.join(map(str, _act(data)))} (W8A8 quantizes them per token, "
+                            f"symmetric)")
+        if block != [1, shape[-1]]:
+            problems.append(f"weight blocks {block} (W8A8 scales each output row)")
+        return Scheme("W8A8", "int-quantized", W8A8), problems
+    if entry.kind == "IntxUnpackedToInt8Tensor":
+        bits = (data.get("target_dtype") or {}).get("_data")
+        if data.get("activation_quantization") is not None:
+            problems.append(f"activations quantized as {data['activation_quantization']} (compressed-tensors' "
+                            f"W4A8 quantizes them symmetric; recipes whose activations stay float export as "
+                            f"W4A16: the w4a16 family)")
+        if bits != "int4":
+            problems.append(f"{bits} weights (compressed-tensors W4A16 packs int4)")
+        if len(block) != 2 or block[0] != 1 or shape[-1] % block[1] or block[1] % 8:
+            problems.append(f"weight blocks {block} (W4A16 groups of a multiple of 8 along each row)")
+        return Scheme("W4A16", "pack-quantized", w4a16_group(block[-1] if block else 0)), problems
+    return None, [f"a {entry.kind} weight"]
 
 
-def _scheme(reader: ArtifactReader) -> str:
+def _scheme(reader: ArtifactReader) -> Scheme:
     """The one compressed-tensors scheme every quantized weight of the artifact maps onto exactly, or one clear
     error naming what does not."""
-    kinds = {e.kind for e in reader.entries if e.kind != "Tensor"}
-    if not kinds:
+    quantized = [e for e in reader.entries if e.kind != "Tensor"]
+    if not quantized:
         raise ConfigError("the artifact holds no quantized weights; compressed-tensors export writes a quantized "
                           "model (finalize the checkpoint with a recipe first)")
-    if kinds != {"Int8Tensor"}:
-        raise ConfigError(f"the artifact's weights are {', '.join(sorted(kinds))}; compressed-tensors export writes "
-                          f"W8A8 int8 from int8-dynamic-act-int8-weight artifacts so far (int4 W4A16 is not built "
-                          f"yet): finalize the checkpoint with --qat-convert int8-dynamic-act-int8-weight")
-    for entry in reader.entries:
-        if entry.kind != "Tensor":
-            _check_w8a8(entry, reader)
-    return "W8A8"
+    schemes = {}
+    for entry in quantized:
+        scheme, problems = _problems(entry, reader)
+        if problems:
+            raise ConfigError(f"{entry.name}: cannot be written to compressed-tensors exactly: {'; '.join(problems)}. "
+                              f"Recipes that export: int8-dynamic-act-int8-weight (W8A8), w4a16, w4a16-g64, "
+                              f"w4a16-g32 (W4A16)")
+        schemes[json.dumps(scheme.group, sort_keys=True)] = scheme
+    if len(schemes) > 1:
+        raise ConfigError(f"the artifact mixes {len(schemes)} compressed-tensors schemes "
+                          f"({', '.join(sorted(s.name for s in schemes.values()))}); forge writes one per model")
+    return next(iter(schemes.values()))
 
 
 def _linear_layers(config) -> set[str]:
@@ -128,10 +175,9 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     check_destination(out, overwrite)
     quantized = [e for e in reader.entries if e.kind != "Tensor"]
     modules = {e.name.rpartition(".")[0] for e in quantized}
-    report = CompressedTensorsReport(out, scheme, "int-quantized",
+    report = CompressedTensorsReport(out, scheme.name, scheme.format,
                                      ignored=sorted(_linear_layers(config) - modules))
-    names = [n for e in reader.entries
-             for n in ((e.name,) if e.kind == "Tensor" else (e.name, e.name.rpartition(".")[0] + ".weight_scale"))]
+    names = [n for e in reader.entries for n in _written_names(e, scheme)]
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, "safetensors", names, max_shard_bytes)
         for entry in reader.entries:
@@ -141,19 +187,22 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 report.float_params += value.numel()
             else:
                 codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
-                writer.add(entry.name, codes)
-                writer.add(entry.name.rpartition(".")[0] + ".weight_scale", scale.reshape(codes.shape[0], 1))
+                for name, value in _written(entry, scheme, codes, scale):
+                    writer.add(name, value)
                 report.quantized_linears += 1
                 report.quantized_params += codes.numel()
             report.tensors += 1
         writer.close()
-        _write_config(tmp, artifact, report)
+        _write_config(tmp, artifact, report, scheme)
         for f in artifact.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in COPIED_FILES_SKIPPED:
                 shutil.copyfile(f, tmp / f.name)
-        (tmp / MARKER).write_text(json.dumps({"format": "compressed-tensors", "scheme": scheme,
+        (tmp / MARKER).write_text(json.dumps({"format": "compressed-tensors", "scheme": scheme.name,
                                               "forge_qat": __version__, "source": str(artifact)}, indent=1))
     report.bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if scheme.name == "W4A16":
+        report.notes.append("activations stay in the model dtype, as trained")
+        return report
     report.notes.append("activations are quantized at run time by the runtime, per token, symmetric, scale "
                         "absmax/127.5, as trained; but compressed-tensors (transformers' loader) rounds x / scale "
                         "where torchao and forge's training round x * (1 / scale), so a code flips where the two "
@@ -162,14 +211,31 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     return report
 
 
-def _write_config(directory: Path, artifact: Path, report: CompressedTensorsReport) -> None:
+def _written_names(entry: Entry, scheme: Scheme) -> tuple[str, ...]:
+    if entry.kind == "Tensor":
+        return (entry.name,)
+    module = entry.name.rpartition(".")[0]
+    if scheme.name == "W8A8":
+        return entry.name, f"{module}.weight_scale"
+    return f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_shape"
+
+
+def _written(entry: Entry, scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor):
+    """The tensors compressed-tensors stores for one quantized weight, under `_written_names`."""
+    names = _written_names(entry, scheme)
+    if scheme.name == "W8A8":
+        return zip(names, (codes, scale.reshape(codes.shape[0], 1)), strict=True)
+    return zip(names, (pack_int4(codes), scale, torch.tensor(list(codes.shape))), strict=True)
+
+
+def _write_config(directory: Path, artifact: Path, report: CompressedTensorsReport, scheme: Scheme) -> None:
     """The artifact's config.json with compressed-tensors' `quantization_config` in place of torchao's."""
     config = json.loads((artifact / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "format": report.format,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": W8A8},
+        "config_groups": {"group_0": scheme.group},
         "ignore": report.ignored,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -183,3 +183,14 @@ def float8_float8() -> Numerics:
 
 def float8_int4() -> Numerics:
     return Numerics(base_config=lambda: Float8DynamicActivationInt4WeightConfig(), convert_dtype=torch.bfloat16)
+
+
+def w4a16(group: int) -> Numerics:
+    """int4 per-group(`group`) symmetric weights, activations left in the model dtype: compressed-tensors' W4A16
+    (vLLM's and SGLang's Marlin / Machete kernels), built on CPU as torchao's `IntxUnpackedToInt8Tensor`, which
+    stock transformers loads. Scale = absmax / 7.5 per group, as torchao and compressed-tensors both choose it."""
+    return Numerics(
+        base_config=lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)),
+        fake_quant=LinearQuantizers(activation=None, weight=AffineSpec(bits=4, granularity="per_group",
+                                                                        symmetric=True, group_size=group)),
+    )

@@ -224,6 +224,16 @@ RECIPES: dict[str, Recipe] = {
             expert_stacks="torchao",
             learnable_scales=True,  # per-row scales on the integer grid (fake_quant._LearnedScaleIntegerGridLinear)
         ),
+        *(Recipe(
+            name="w4a16" if group == 128 else f"w4a16-g{group}",
+            description=f"int4 per-group({group}) symmetric weights, activations in the model dtype: "
+                        f"compressed-tensors W4A16 for vLLM/SGLang; converts on CPU",
+            numerics=lambda r, group=group: _numerics().w4a16(group),
+            storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
+            group_size=group,
+            expert_stacks="intx-unpacked",
+            learnable_scales=True,
+        ) for group in (128, 64, 32)),
         Recipe(
             name="int4-weight-only",
             description="int4 per-group(128) weights, bf16 activations (CUDA + mslk kernels)",
