@@ -64,9 +64,10 @@ def _decompressed(directory):
 
 
 def _grid(reader, entry):
+    """codes x scales of a quantized weight (a linear's, or a stack's), per group along the rows."""
     codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
-    group = codes.shape[1] // scale.shape[1]
-    return (codes.to(scale.dtype).view(codes.shape[0], -1, group) * scale[..., None]).view(codes.shape)
+    group = codes.shape[-1] // scale.shape[-1]
+    return (codes.to(scale.dtype).view(*codes.shape[:-1], -1, group) * scale[..., None]).view(codes.shape)
 
 
 @pytest.mark.parametrize("recipe,scheme", [(W8A8, "W8A8"), (W4A16, "W4A16")])
@@ -171,6 +172,74 @@ def test_stock_transformers_runs_w4a16_as_forges_fake_quant_exactly(made, tmp_pa
     x = (torch.arange(48).view(2, 24) * 7) % 250
     with torch.no_grad():
         torch.testing.assert_close(stock, model(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """Tiny Qwen3-MoE and Mixtral checkpoints and their W4A16 and W8A8 artifacts (fused expert stacks)."""
+    from conftest import tiny_moe
+
+    root = tmp_path_factory.mktemp("ct-moe")
+    arts = {}
+    for arch in ("qwen3_moe", "mixtral"):
+        model, tok = tiny_moe(arch)
+        model.save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+        for recipe in (W4A16, W8A8):
+            arts[arch, recipe] = finalize(FinalizeRequest(source=root / arch, dest=root / f"{arch}-{recipe}",
+                                                          ptq=get_recipe(recipe))).dest
+    return root, arts
+
+
+@pytest.mark.parametrize("recipe", [W4A16, W8A8])
+def test_moe_experts_are_written_per_expert_as_published(moe, recipe, tmp_path):
+    """A fused expert stack (experts, 2I, H) is written as the per-expert linears published Qwen3-MoE checkpoints
+    have (`experts.<j>.gate_proj`, `.up_proj`, `.down_proj`), each decompressing to its rows of the artifact's
+    codes x scales; routers stay float in `ignore`."""
+    _, arts = moe
+    report = export_compressed_tensors(arts["qwen3_moe", recipe], tmp_path / "ct")
+    assert report.ignored == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    _, weights = _decompressed(tmp_path / "ct")
+    reader = ArtifactReader(arts["qwen3_moe", recipe])
+    checked = 0
+    for entry in reader.entries:
+        if entry.kind == "Tensor" or ".experts." not in entry.name:
+            continue
+        grid = _grid(reader, entry)
+        parts = ("gate_proj", "up_proj") if entry.name.endswith("gate_up_proj") else ("down_proj",)
+        rows = grid.shape[1] // len(parts)
+        for j in range(grid.shape[0]):
+            for i, part in enumerate(parts):
+                got = weights[f"{entry.name.rpartition('.')[0]}.{j}.{part}"]
+                assert torch.equal(got, grid[j, i * rows:(i + 1) * rows]), (entry.name, j, part)
+                checked += 1
+    assert checked == 2 * 4 * 3
+
+
+def test_stock_transformers_runs_a_w4a16_moe_export_as_forges_fake_quant(moe, tmp_path):
+    """transformers decompresses the per-expert int4 weights and fuses them into its stacks: the logits are forge's
+    fake-quant model's. (A W8A8 MoE export it does not load: transformers 5.25 finds no tensors to fuse into
+    gate_up_proj from compressed-tensors' int8 experts; docs/export.md.)"""
+    from forge_qat.models import load_model
+    from forge_qat.qat.prepare import prepare_qat
+
+    root, arts = moe
+    export_compressed_tensors(arts["qwen3_moe", W4A16], tmp_path / "ct")
+    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
+                   capture_output=True)
+    model, _ = load_model(str(root / "qwen3_moe"))
+    prepare_qat(model, get_recipe(W4A16))
+    x = (torch.arange(48).view(2, 24) * 7) % 250
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), model(x).logits,
+                                   rtol=0, atol=1e-6)
+
+
+def test_moe_whose_expert_names_are_renamed_on_load_is_refused(moe, tmp_path):
+    _, arts = moe
+    with pytest.raises(ConfigError, match="renamed on load \\(mixtral\\)"):
+        export_compressed_tensors(arts["mixtral", W4A16], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_what_compressed_tensors_cannot_hold_exactly_is_refused_in_one_line(made, tmp_path):

@@ -15,8 +15,10 @@ Schemes written (issue 32, first part):
   per int8, one scale per row and group of G, symmetric, activations left in float). Written as compressed-tensors'
   pack-quantized compressor stores it: `<module>.weight_packed` int32 (out, in/8), each code offset by 8 and packed
   least-significant nibble first, eight to an int32; `<module>.weight_scale` (out, in/G); `<module>.weight_shape`.
-Anything else (other grids, activations compressed-tensors quantizes otherwise, MoE expert stacks) is refused in
-one line before anything is written.
+MoE expert stacks are written per expert under the names published checkpoints use (`experts.<j>.gate_proj`,
+...: `ExpertSplit`, from transformers' conversion mapping). Anything else (other grids, activations
+compressed-tensors quantizes otherwise, experts whose names transformers renames on load) is refused in one line
+before anything is written.
 """
 
 import json
@@ -108,8 +110,8 @@ def _problems(entry: Entry, reader: ArtifactReader) -> tuple[Scheme | None, list
     """The scheme one quantized weight maps onto exactly, or why none does."""
     data = entry.info.get("_data", {})
     shape = reader.shape(entry)
-    if len(shape) != 2:
-        return None, [f"a {len(shape)}-D weight (MoE expert stacks are not exported to compressed-tensors yet)"]
+    if len(shape) not in (2, 3):
+        return None, [f"a {len(shape)}-D weight"]
     problems = []
     if ArtifactReader.key(entry, "zero_point") in reader.reader.keys() and \
             reader.part(entry, "zero_point").count_nonzero():
@@ -119,7 +121,7 @@ def _problems(entry: Entry, reader: ArtifactReader) -> tuple[Scheme | None, list
         if _act(data) != ("PerRow", "SYMMETRIC"):
             problems.append(f"activations {' '.join(map(str, _act(data)))} (W8A8 quantizes them per token, "
                             f"symmetric)")
-        if block != [1, shape[-1]]:
+        if block[-1:] != [shape[-1]] or any(b != 1 for b in block[:-1]):
             problems.append(f"weight blocks {block} (W8A8 scales each output row)")
         return Scheme("W8A8", "int-quantized", W8A8), problems
     if entry.kind == "IntxUnpackedToInt8Tensor":
@@ -130,7 +132,7 @@ def _problems(entry: Entry, reader: ArtifactReader) -> tuple[Scheme | None, list
                             f"W4A16: the w4a16 family)")
         if bits != "int4":
             problems.append(f"{bits} weights (compressed-tensors W4A16 packs int4)")
-        if len(block) != 2 or block[0] != 1 or shape[-1] % block[1] or block[1] % 8:
+        if len(block) != len(shape) or any(b != 1 for b in block[:-1]) or shape[-1] % block[-1] or block[-1] % 8:
             problems.append(f"weight blocks {block} (W4A16 groups of a multiple of 8 along each row)")
         return Scheme("W4A16", "pack-quantized", w4a16_group(block[-1] if block else 0)), problems
     return None, [f"a {entry.kind} weight"]
@@ -157,13 +159,63 @@ def _scheme(reader: ArtifactReader) -> Scheme:
     return next(iter(schemes.values()))
 
 
-def _linear_layers(config) -> set[str]:
-    """The model's linear layers by module name, from a skeleton built on the meta device (no weights)."""
+def _skeleton(config) -> torch.nn.Module:
+    """The model built on the meta device (no weights): its input embedding and expert-stack conversions."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSplit:
+    """How transformers' fused stack `name` (experts, rows, in) is stored per expert in published checkpoints:
+    its rows split in `len(sources)` equal parts, part i of expert j under `prefix + sources[i]` (with j for the
+    `*`), as transformers' conversion mapping merges them (`MergeModulelist`, then `Concatenate` on the rows)."""
+
+    prefix: str
+    sources: tuple[str, ...]
+
+    def modules(self, expert: int) -> list[str]:
+        """The per-expert linear modules of `expert` (the checkpoint keys without `.weight`)."""
+        return [(self.prefix + s.replace("*", str(expert))).removesuffix(".weight") for s in self.sources]
+
+
+def _expert_split(model: torch.nn.Module, name: str) -> ExpertSplit:
+    """The per-expert layout of the fused stack `name`, from transformers' own conversion mapping (no table of
+    ours), or one clear error where the mapping also renames the keys (their published names would then need
+    the renaming reversed, e.g. Mixtral's `block_sparse_moe`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    for t in transforms:
+        if not isinstance(t, WeightConverter):
+            continue
+        target = next((p for p in t.target_patterns if name.endswith(p.lstrip("."))), None)
+        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in t.operations]
+        if target is None or ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            continue
+        prefix = name[:len(name) - len(target.lstrip("."))]
+        split = ExpertSplit(prefix, tuple(p.lstrip(".") for p in t.source_patterns))
+        # a renaming whose result these names contain: published checkpoints spell them otherwise
+        renamed = [r for r in transforms if isinstance(r, WeightRenaming)
+                   and any(t in m + ".weight" for t in r.target_patterns for m in split.modules(0))]
+        if renamed:
+            break
+        return split
+    raise ConfigError(f"{name}: forge writes MoE experts to compressed-tensors under transformers' per-expert names "
+                      f"where its conversion mapping only merges them (Qwen3-MoE, Qwen2-MoE); this model's are "
+                      f"renamed on load ({model.config.model_type}), not supported yet")
+
+
+def _ignored(reader: ArtifactReader, model: torch.nn.Module) -> list[str]:
+    """The layers compressed-tensors must leave alone: every float 2-D weight's module (the output head, MoE
+    routers) except the input embedding, which compressed-tensors does not quantize anyway."""
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    return sorted(e.name.rpartition(".")[0] for e in reader.entries
+                  if e.kind == "Tensor" and e.name.endswith(".weight") and len(reader.shape(e)) == 2
+                  and e.name.rpartition(".")[0] != embedding)
 
 
 def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = False,
@@ -173,11 +225,11 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     reader = ArtifactReader(artifact)
     scheme = _scheme(reader)
     check_destination(out, overwrite)
-    quantized = [e for e in reader.entries if e.kind != "Tensor"]
-    modules = {e.name.rpartition(".")[0] for e in quantized}
-    report = CompressedTensorsReport(out, scheme.name, scheme.format,
-                                     ignored=sorted(_linear_layers(config) - modules))
-    names = [n for e in reader.entries for n in _written_names(e, scheme)]
+    model = _skeleton(config)
+    splits = {e.name: _expert_split(model, e.name) for e in reader.entries
+              if e.kind != "Tensor" and len(reader.shape(e)) == 3}
+    report = CompressedTensorsReport(out, scheme.name, scheme.format, ignored=_ignored(reader, model))
+    names = [n for e in reader.entries for n in _written_names(e, scheme, splits.get(e.name), reader.shape(e))]
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, "safetensors", names, max_shard_bytes)
         for entry in reader.entries:
@@ -187,9 +239,9 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 report.float_params += value.numel()
             else:
                 codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
-                for name, value in _written(entry, scheme, codes, scale):
+                for name, value in _written(entry, scheme, codes, scale, splits.get(entry.name)):
                     writer.add(name, value)
-                report.quantized_linears += 1
+                report.quantized_linears += 1 if codes.dim() == 2 else codes.shape[0] * len(splits[entry.name].sources)
                 report.quantized_params += codes.numel()
             report.tensors += 1
         writer.close()
@@ -211,26 +263,50 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     return report
 
 
-def _written_names(entry: Entry, scheme: Scheme) -> tuple[str, ...]:
+def _modules(entry: Entry, split: ExpertSplit | None, shape: list[int]) -> list[str]:
+    """The linear modules one weight is written as: its own, or a fused stack's per-expert ones, expert by expert
+    (each expert's parts in the order their rows are stacked)."""
+    if split is None:
+        return [entry.name.rpartition(".")[0]]
+    return [m for j in range(shape[0]) for m in split.modules(j)]
+
+
+def _suffixes(scheme: Scheme) -> tuple[str, ...]:
+    return ("weight", "weight_scale") if scheme.name == "W8A8" else ("weight_packed", "weight_scale", "weight_shape")
+
+
+def _written_names(entry: Entry, scheme: Scheme, split: ExpertSplit | None = None,
+                   shape: list[int] | None = None) -> list[str]:
     if entry.kind == "Tensor":
-        return (entry.name,)
-    module = entry.name.rpartition(".")[0]
-    if scheme.name == "W8A8":
-        return entry.name, f"{module}.weight_scale"
-    return f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_shape"
+        return [entry.name]
+    return [f"{m}.{suffix}" for m in _modules(entry, split, shape) for suffix in _suffixes(scheme)]
 
 
-def _written(entry: Entry, scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor):
-    """The tensors compressed-tensors stores for one quantized weight, under `_written_names`."""
-    names = _written_names(entry, scheme)
-    if scheme.name == "W8A8":
-        return zip(names, (codes, scale.reshape(codes.shape[0], 1)), strict=True)
-    return zip(names, (pack_int4(codes), scale, torch.tensor(list(codes.shape))), strict=True)
+def _written(entry: Entry, scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor, split: ExpertSplit | None):
+    """The tensors compressed-tensors stores for one quantized weight, under `_written_names`: for a fused expert
+    stack, each expert's row blocks as the per-expert linears they were."""
+    if codes.dim() == 2:
+        pieces = [(codes, scale)]
+    else:
+        parts = len(split.sources)
+        rows = codes.shape[1] // parts
+        pieces = [(codes[j, i * rows:(i + 1) * rows], scale[j, i * rows:(i + 1) * rows])
+                  for j in range(codes.shape[0]) for i in range(parts)]
+    values = []
+    for c, s in pieces:
+        if scheme.name == "W8A8":
+            values += [c.contiguous(), s.reshape(c.shape[0], 1)]
+        else:
+            values += [pack_int4(c), s.contiguous(), torch.tensor(list(c.shape))]
+    return zip(_written_names(entry, scheme, split, list(codes.shape)), values, strict=True)
 
 
 def _write_config(directory: Path, artifact: Path, report: CompressedTensorsReport, scheme: Scheme) -> None:
     """The artifact's config.json with compressed-tensors' `quantization_config` in place of torchao's."""
     config = json.loads((artifact / "config.json").read_text())
+    if "forge_qat" in str(config.get("experts_implementation", "")):
+        # the artifact's int4 MoE stacks run through forge's torchao compat; compressed-tensors' do not
+        del config["experts_implementation"]
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "format": report.format,
