@@ -495,7 +495,8 @@ def _print_compressed(report) -> None:
     console.print(f"[bold]compressed-tensors[/] {report.scheme} ({report.format}): {report.quantized_linears} "
                   f"quantized linear layers ({report.quantized_params:,} weights, codes and scales copied: "
                   f"{report.inexact} values inexact), {report.float_params:,} float; kept in float: "
-                  f"{', '.join(report.ignored) or 'none'}; {_size(report.bytes)}")
+                  f"{', '.join(report.ignored) or 'none'}; {_size(report.bytes)} vs {_size(report.float_bytes)} in "
+                  f"{report.float_dtype} ({report.bytes / max(1, report.float_bytes):.2f}x)")
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path}")

@@ -84,6 +84,11 @@ class CompressedTensorsReport:
     inexact: int = 0
     """Values that could not be written exactly as the artifact holds them (0: codes and scales are copied)."""
     bytes: int = 0
+    """The written shards."""
+    float_dtype: str = ""
+    """The artifact's own float dtype (its float weights' and scales')."""
+    float_bytes: int = 0
+    """Every weight in `float_dtype`: what the model is without quantization."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -245,6 +250,9 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 report.quantized_params += codes.numel()
             report.tensors += 1
         writer.close()
+        dtype = reader.reader.float_dtype()
+        report.float_dtype = str(dtype).removeprefix("torch.")
+        report.float_bytes = (report.quantized_params + report.float_params) * dtype.itemsize
         _write_config(tmp, artifact, report, scheme)
         for f in artifact.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in COPIED_FILES_SKIPPED:
