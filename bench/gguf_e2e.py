@@ -119,13 +119,19 @@ def smollm2_artifact(workdir: Path, recipe: str = RECIPE) -> tuple[Path, Path]:
     return model, artifact
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def round_trip_args(ap: argparse.ArgumentParser, recipe: str) -> None:
+    """The options of a SmolLM2 round trip (this bench, bench/compressed_tensors_e2e.py): where the model and its
+    artifact are made once, the recipe, and the evaluation batches."""
     ap.add_argument("--workdir", type=Path, default=WORKDIR)
-    ap.add_argument("--recipe", default=RECIPE)
+    ap.add_argument("--recipe", default=recipe)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    round_trip_args(ap, RECIPE)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -28,6 +28,35 @@ def _tensors(directory):
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def _records(*runs):
+    """Each run directory's metrics.jsonl, one dict per step."""
+    return [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+
+
+def _losses(*runs):
+    return [[record["loss"] for record in records] for records in _records(*runs)]
+
+
+def _finalized_alike(ep, one, dest):
+    """`forge finalize` of the EP run's checkpoint and of the one-process run's agree: the same layers converted,
+    the float weights within 2e-3, 99%+ of the integer codes equal (a code may round the other way). Returns the
+    two reports and the EP artifact's tensors."""
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    a = finalize(FinalizeRequest(source=ep, dest=dest / "a-ep"))
+    b = finalize(FinalizeRequest(source=one, dest=dest / "a-one"))
+    assert a.converted == b.converted
+    ta, tb = _tensors(dest / "a-ep"), _tensors(dest / "a-one")
+    assert set(ta) == set(tb)
+    for k in tb:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
+        else:
+            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+    return a, b, ta
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from pydoc_data.topics import topics
@@ -235,8 +264,7 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
                                                              dist_timeout_s=60, **held, **args)), worker=WORKER)
     launch_training(build_config(resume=True, output_dir=str(tmp_path / "ep"), max_steps=3), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, max_steps=3, **args)))
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("ep", "one")]
+    losses = _losses(tmp_path / "ep", tmp_path / "one")
     assert len(losses[0]) == 3 and losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)  # same weights and batch
     # then as ZeRO-3 alone: another summation order flips a fake-quant rounding now and then (measured here: 8e-5
     # at step 3 on this seed, 1e-9 on another)
@@ -252,35 +280,24 @@ def test_expert_parallel_training_matches_one_process(arch, layout, tmp_path, da
                                                                  expert_parallel=2, batch_size=1, max_steps=3,
                                                                  dist_timeout_s=60, finalize=DEFAULT_RECIPE,
                                                                  **args)), worker=WORKER)
-        whole = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-        assert whole == losses[0]
+        assert _losses(tmp_path / "whole")[0] == losses[0]
         ww = _tensors(checkpoint_dirs(tmp_path / "whole")[-1][1])
         assert all(torch.equal(ww[k], we[k]) for k in ww)
     meta = json.loads((ep / "forge_checkpoint.json").read_text())
     assert meta["train_config"]["expert_parallel"] == 2 and meta["world_size"] == 2
-    a = finalize(FinalizeRequest(source=ep, dest=tmp_path / "a-ep"))
-    b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
-    assert a.converted == b.converted and a.coverage == b.coverage
-    ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
+    a, b, ta = _finalized_alike(ep, one, tmp_path)
+    assert a.coverage == b.coverage
     if whole:  # `--finalize` at the end of the EP run: the artifact of its checkpoint, exactly
         live = _tensors(tmp_path / "whole" / f"final-{DEFAULT_RECIPE}")
         assert set(live) == set(ta) and all(torch.equal(live[k], ta[k]) for k in ta)
     with pytest.raises(InputError, match=f"forge finalize --source {ep}"):  # AutoEP's layout there
         finalize(FinalizeRequest(source=ep / "deepspeed", dest=tmp_path / "a-ds"))
-    assert set(ta) == set(tb)
-    for k in tb:  # the weights agree to 2e-3: a code may round the other way
-        if ta[k].is_floating_point():
-            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
-        else:
-            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
 
 
 def test_expert_parallel_learned_scales_match_one_process(tmp_path, data):
     """Learned scales (mse start) under `--expert-parallel 2`: the experts' scales, chosen before the wrap from the
     checkpoint (each rank the rows of its block of experts) and carried across AutoEP's replacement, start as one
     process's and train with each rank's experts; the losses, the saved scales and the artifacts agree."""
-    from forge_qat.finalize.convert import finalize
-    from forge_qat.finalize.job import FinalizeRequest
 
     src = tmp_path / "src"
     save_tiny_moe(src, "qwen3_moe", "per-expert", seed=8)
@@ -289,24 +306,15 @@ def test_expert_parallel_learned_scales_match_one_process(tmp_path, data):
                                                              expert_parallel=2, batch_size=1, dist_timeout_s=60,
                                                              **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
-    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("ep", "one")]
-    assert records[0][0]["loss"] == pytest.approx(records[1][0]["loss"], abs=1e-6)
-    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=5e-3)
+    losses = _losses(tmp_path / "ep", tmp_path / "one")
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert losses[0] == pytest.approx(losses[1], abs=5e-3)
     ep, one = (checkpoint_dirs(tmp_path / run)[-1][1] for run in ("ep", "one"))
     se, so = ckpt_io.read_learned_scales(ep), ckpt_io.read_learned_scales(one)
     assert set(se) == set(so) and any(".experts." in k for k in so)
     for k in so:
         assert torch.isclose(se[k], so[k], rtol=2e-3, atol=1e-6).float().mean() >= 0.98, k
-    a = finalize(FinalizeRequest(source=ep, dest=tmp_path / "a-ep"))
-    b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
-    assert a.converted == b.converted
-    ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
-    for k in tb:
-        if ta[k].is_floating_point():
-            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
-        else:
-            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+    _finalized_alike(ep, one, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["merged", "separate"])
@@ -314,8 +322,6 @@ def test_expert_parallel_lora_matches_one_process(mode, tmp_path, data):
     """LoRA-QAT under `--expert-parallel 2`: the expert stacks' pairs (all experts', on every rank) cross AutoEP's
     replacement and train with each rank's own experts; against one process on the same global batches, the
     losses, the adapters saved in PEFT's layout (experts' and attention's), and finalize's artifact agree."""
-    from forge_qat.finalize.convert import finalize
-    from forge_qat.finalize.job import FinalizeRequest
 
     src = tmp_path / "src"
     save_tiny_moe(src, "qwen3_moe", "per-expert", seed=7)
@@ -326,8 +332,7 @@ def test_expert_parallel_lora_matches_one_process(mode, tmp_path, data):
                                                              expert_parallel=2, batch_size=1, dist_timeout_s=60,
                                                              **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("ep", "one")]
+    losses = _losses(tmp_path / "ep", tmp_path / "one")
     assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
     assert losses[0] == pytest.approx(losses[1], abs=5e-3)
     ep, one = (checkpoint_dirs(tmp_path / run)[-1][1] for run in ("ep", "one"))
@@ -348,15 +353,7 @@ def test_expert_parallel_lora_matches_one_process(mode, tmp_path, data):
         assert not (ep / "deepspeed").exists()
         with pytest.raises(RankFailedError, match="LoRA under --expert-parallel, which holds no DeepSpeed state"):
             launch_training(build_config(resume=True, output_dir=str(tmp_path / "ep"), max_steps=4), worker=WORKER)
-    a = finalize(FinalizeRequest(source=ep, dest=tmp_path / "a-ep"))
-    b = finalize(FinalizeRequest(source=one, dest=tmp_path / "a-one"))
-    assert a.converted == b.converted
-    ta, tb = _tensors(tmp_path / "a-ep"), _tensors(tmp_path / "a-one")
-    for k in tb:
-        if ta[k].is_floating_point():
-            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=2e-3)
-        else:
-            assert (ta[k] == tb[k]).float().mean() >= 0.99, k
+    _finalized_alike(ep, one, tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["per-expert", "fused"])
@@ -441,8 +438,7 @@ def test_expert_parallel_distils_from_a_float_teacher_sharded_the_same_way(tmp_p
                                                              expert_parallel=2, batch_size=1, dist_timeout_s=60,
                                                              **args)), worker=WORKER)
     run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", data, batch_size=2, **args)))
-    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("ep", "one")]
+    records = _records(tmp_path / "ep", tmp_path / "one")
     for a, b in zip(*records, strict=True):
         assert a["kd_loss"] > 0 and a["kd_loss"] == pytest.approx(b["kd_loss"], rel=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)

@@ -109,16 +109,35 @@ def test_a_wrong_packing_fails_the_decompressor_check(made, mutation, tmp_path, 
                    for e in reader.entries if e.kind != "Tensor")
 
 
+PROMPT = (torch.arange(48).view(2, 24) * 7) % 250
+"""Two rows of token ids, given to the stock process and to forge's model alike."""
 STOCK = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 assert "forge_qat" not in sys.modules
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-x = (torch.arange(48).view(2, 24) * 7) % 250
 with torch.no_grad():
-    torch.save(model(x).logits, sys.argv[2])
+    torch.save(model(torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
 assert "forge_qat" not in sys.modules
 """
+
+
+def _stock_logits(directory, tmp_path):
+    """`directory` run on `PROMPT` by stock transformers, in a process that never imports forge_qat."""
+    torch.save(PROMPT, tmp_path / "prompt.pt")
+    subprocess.run([sys.executable, "-c", STOCK, str(directory), str(tmp_path / "prompt.pt"),
+                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
+
+
+def _fake_quant(src, recipe):
+    """forge's fake-quant model of the float checkpoint `src`, and the prompt's token ids."""
+    from forge_qat.models import load_model
+    from forge_qat.qat.prepare import prepare_qat
+
+    model, _ = load_model(str(src))
+    prepare_qat(model, get_recipe(recipe))
+    return model, PROMPT
 
 
 def test_stock_transformers_runs_the_trained_grid_with_its_own_activation_rounding(made, tmp_path):
@@ -127,19 +146,14 @@ def test_stock_transformers_runs_the_trained_grid_with_its_own_activation_roundi
     it rounds x / scale where torchao (and forge's fake quantization) rounds x * (1 / scale), and the two differ
     in the last bit now and then. So: its logits equal forge's model with the exported weight grid and that
     division, within float tolerance; forge's own fake quantization is a few 1e-3 away (the report says so)."""
-    from forge_qat.models import load_model
-    from forge_qat.qat.prepare import prepare_qat, set_activation_fake_quant_enabled
+    from forge_qat.qat.prepare import set_activation_fake_quant_enabled
 
     root, arts = made
     result = runner.invoke(app, ["export", str(arts[W8A8]), "--to", "compressed-tensors", "--output",
                                  str(tmp_path / "ct"), "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["scheme"] == "W8A8"
-    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
-                   capture_output=True)
-    stock = torch.load(tmp_path / "logits.pt", weights_only=True)
-    model, _ = load_model(str(root / "src"))
-    prepare_qat(model, get_recipe(W8A8))
-    x = (torch.arange(48).view(2, 24) * 7) % 250
+    stock = _stock_logits(tmp_path / "ct", tmp_path)
+    model, x = _fake_quant(root / "src", W8A8)
     with torch.no_grad():
         trained = model(x).logits
     set_activation_fake_quant_enabled(model, False)
@@ -160,41 +174,27 @@ def test_stock_transformers_runs_the_trained_grid_with_its_own_activation_roundi
 def test_stock_transformers_runs_w4a16_as_forges_fake_quant_exactly(made, tmp_path):
     """W4A16 leaves activations in float, in training and in compressed-tensors: stock transformers' logits of the
     export are forge's fake-quant model's, bit for bit here (the same weights, the same float matmuls)."""
-    from forge_qat.models import load_model
-    from forge_qat.qat.prepare import prepare_qat
-
     root, arts = made
     export_compressed_tensors(arts[W4A16], tmp_path / "ct")
-    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
-                   capture_output=True)
-    stock = torch.load(tmp_path / "logits.pt", weights_only=True)
-    model, _ = load_model(str(root / "src"))
-    prepare_qat(model, get_recipe(W4A16))
-    x = (torch.arange(48).view(2, 24) * 7) % 250
+    model, x = _fake_quant(root / "src", W4A16)
     with torch.no_grad():
-        torch.testing.assert_close(stock, model(x).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(_stock_logits(tmp_path / "ct", tmp_path), model(x).logits, rtol=0, atol=1e-6)
 
 
 def test_a_tied_output_head_stays_the_embedding(tmp_path):
     """A model whose output head is its input embedding (the micro preset, SmolLM2): the head, not stored apart,
     is still listed in `ignore`, so transformers ties it to the float embedding instead of looking for a
     compressed head; the logits are forge's fake-quant model's."""
-    from forge_qat.models import load_model, preset_model
-    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.models import preset_model
 
     model, tok = preset_model("micro-llama")
     model.save_pretrained(tmp_path / "src")
     tok.save_pretrained(tmp_path / "src")
     art = finalize(FinalizeRequest(source=tmp_path / "src", dest=tmp_path / "art", ptq=get_recipe(W4A16))).dest
     assert export_compressed_tensors(art, tmp_path / "ct").ignored == ["lm_head"]
-    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
-                   capture_output=True)
-    fake, _ = load_model(str(tmp_path / "src"))
-    prepare_qat(fake, get_recipe(W4A16))
-    x = (torch.arange(48).view(2, 24) * 7) % 250
+    fake, x = _fake_quant(tmp_path / "src", W4A16)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), fake(x).logits,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(_stock_logits(tmp_path / "ct", tmp_path), fake(x).logits, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -243,19 +243,11 @@ def test_stock_transformers_runs_a_w4a16_moe_export_as_forges_fake_quant(moe, tm
     """transformers decompresses the per-expert int4 weights and fuses them into its stacks: the logits are forge's
     fake-quant model's. (A W8A8 MoE export it does not load: transformers 5.25 finds no tensors to fuse into
     gate_up_proj from compressed-tensors' int8 experts; docs/export.md.)"""
-    from forge_qat.models import load_model
-    from forge_qat.qat.prepare import prepare_qat
-
     root, arts = moe
     export_compressed_tensors(arts["qwen3_moe", W4A16], tmp_path / "ct")
-    subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "ct"), str(tmp_path / "logits.pt")], check=True,
-                   capture_output=True)
-    model, _ = load_model(str(root / "qwen3_moe"))
-    prepare_qat(model, get_recipe(W4A16))
-    x = (torch.arange(48).view(2, 24) * 7) % 250
+    model, x = _fake_quant(root / "qwen3_moe", W4A16)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), model(x).logits,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(_stock_logits(tmp_path / "ct", tmp_path), model(x).logits, rtol=0, atol=1e-6)
 
 
 def test_moe_whose_expert_names_are_renamed_on_load_is_refused(moe, tmp_path):

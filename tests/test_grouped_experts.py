@@ -8,7 +8,9 @@ import torch
 from conftest import fits_tiny_moe, tiny_moe
 
 from forge_qat.errors import ConfigError
-from forge_qat.qat.prepare import prepare_grouped_experts, prepare_qat
+from forge_qat.qat import grouped_experts
+from forge_qat.qat.experts import FAKE_QUANT_ATTR
+from forge_qat.qat.prepare import prepare_qat
 from forge_qat.qat.registry import RECIPES, get_recipe
 
 ep_experts = pytest.importorskip("deepspeed.moe.ep_experts")
@@ -37,7 +39,9 @@ def test_local_experts_fake_quantized_equal_the_one_process_fake_quant(recipe):
     experts = stacks.gate_up_proj.shape[0]
     local = _rank_slice(stacks, experts // 2, experts // 2)  # rank 1 of 2
     prepare_qat(model, get_recipe(recipe))
-    assert prepare_grouped_experts(local, get_recipe(recipe)) == 1
+    quantizers = getattr(stacks, FAKE_QUANT_ATTR)  # the stack's own, as the engine hands them over
+    grouped_experts.install_fake_quant(local, quantizers[grouped_experts.GATE_UP], quantizers[grouped_experts.DOWN])
+    setattr(local, grouped_experts.FIRST_EXPERT_ATTR, experts // 2)
 
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 7, 3][:experts // 2])
@@ -58,5 +62,7 @@ def test_an_activation_forge_does_not_fake_quantize_is_refused():
     model, _ = tiny_moe("qwen3_moe")
     local = _rank_slice(model.model.layers[0].mlp.experts, 0, 2)
     local.activation = "geglu_tanh"
+    prepare_qat(model, get_recipe("int8-dynamic-act-int4-weight"))
+    quantizers = getattr(model.model.layers[0].mlp.experts, FAKE_QUANT_ATTR)
     with pytest.raises(ConfigError, match="geglu_tanh"):
-        prepare_grouped_experts(local, get_recipe("int8-dynamic-act-int4-weight"))
+        grouped_experts.install_fake_quant(local, quantizers[grouped_experts.GATE_UP], quantizers[grouped_experts.DOWN])

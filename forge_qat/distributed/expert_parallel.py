@@ -171,15 +171,14 @@ def _defer_stacks_of(model: torch.nn.Module, spec) -> list[str]:
     return names
 
 
-def read_local_experts(model: torch.nn.Module, reader: TensorReader, chunk_bytes: int) -> int:
+def read_local_experts(model: torch.nn.Module, reader: TensorReader, chunk_bytes: int) -> None:
     """After AutoEP placed the experts (collective-free): fill this rank's ZeRO partition of each AutoEP layer's
     `w1`/`w3`/`w2` (its E/ep experts, partitioned within the ranks that share them) from `reader`, the
     checkpoint under the transformers names, reading only these experts' rows, at most `chunk_bytes` at a time.
-    The optimizer's fp32 master of a trained partition is set from it. Returns the elements read."""
+    The optimizer's fp32 master of a trained partition is set from it."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_set_local_fp32_param
 
-    read = 0
     for owner, layer in _layers(model).items():
         first = layer.ep_rank * layer.num_local_experts
         for local, hf in (("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")):
@@ -197,11 +196,10 @@ def read_local_experts(model: torch.nn.Module, reader: TensorReader, chunk_bytes
                 raise RuntimeError(f"internal: {owner}.experts.{local} is gathered before its first use; forge "
                                    f"fills expert-parallel experts through their ZeRO-3 partitions")
             with torch.no_grad():
-                read += source.read(start, part.view(-1)[:count], chunk_bytes)
+                source.read(start, part.view(-1)[:count], chunk_bytes)
                 part.view(-1)[count:].zero_()
             if p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
                 safe_set_local_fp32_param(p, part.to(torch.float32))
-    return read
 
 
 class _ExpertRows:
@@ -214,7 +212,7 @@ class _ExpertRows:
         _, self.rows, self.cols = shape
         self.per_expert, self.hf_per_expert = self.rows * self.cols, hf_rows * self.cols
 
-    def read(self, start: int, out: torch.Tensor, chunk_bytes: int) -> int:
+    def read(self, start: int, out: torch.Tensor, chunk_bytes: int) -> None:
         """Local flat elements [start, start + out.numel()) into `out`, one expert's run (and at most a chunk)
         at a time; `out` may live on another device than the file's bytes (a CUDA partition)."""
         step = max(1, chunk_bytes // out.element_size())
@@ -232,7 +230,6 @@ class _ExpertRows:
             else:
                 self.reader.read_flat(self.name, at, target)
             done += n
-        return done
 
 
 # ---- quantizers and LoRA pairs across AutoEP's replacement --------------------------------------------
@@ -242,14 +239,14 @@ PARKED = "forge_expert_parallel_parked"
 CARRIED = (FAKE_QUANT_ATTR, LORA_ATTR)
 
 
-def park_expert_modules(model: torch.nn.Module) -> int:
+def park_expert_modules(model: torch.nn.Module) -> None:
     """Before the wrap: move what forge installed on every transformers experts module (its fake quantizers with
     any learned scales, `forge_fake_quant`; its LoRA pairs, `forge_lora`; both for all E experts) to the model's
     root. AutoEP drops the block it replaces with all it holds, and DeepSpeed's optimizer remap drops that
     block's parameters; on the root they stay in the model, so ZeRO-3 partitions the scales and pairs and the
     optimizer trains them like every other (replicated over the ranks: each rank's gradient has rows only for its
     own experts, whose tokens all come to it, so the data-parallel mean is the one-process gradient).
-    `unpark_expert_modules` hands them to the AutoEP layers. Returns how many experts modules'."""
+    `unpark_expert_modules` hands them to the AutoEP layers."""
     parked = torch.nn.ModuleDict()
     for name, module in list(model.named_modules()):
         if is_experts(module) and any(a in module._modules for a in CARRIED):
@@ -257,7 +254,6 @@ def park_expert_modules(model: torch.nn.Module) -> int:
                 {a: module._modules.pop(a) for a in CARRIED if a in module._modules})
     if len(parked):
         model.add_module(PARKED, parked)
-    return len(parked)
 
 
 def unpark_expert_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
@@ -296,12 +292,11 @@ def unread_scales(reader: TensorReader, name: str, shape: tuple[int, ...], dtype
     experts, rows, cols = shape
     per = -(-experts // world)
     first, last = min(experts, rank * per), min(experts, (rank + 1) * per)
-    local = torch.empty(last - first, rows, cols, dtype=dtype)
+    local = torch.empty(0)
     if last > first:
-        reader.read_flat(name, first * rows * cols, local.view(-1))
-        local = initial_scale(local.to(device), spec, init).cpu()
-    else:
-        local = torch.empty(0)
+        weights = torch.empty(last - first, rows, cols, dtype=dtype)
+        reader.read_flat(name, first * rows * cols, weights.view(-1))
+        local = initial_scale(weights.to(device), spec, init).cpu()
     seen = [None] * world
     dist.all_gather_object(seen, local)
     return torch.cat([piece for piece in seen if piece.numel()])

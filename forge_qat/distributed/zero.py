@@ -210,8 +210,10 @@ class ZeroEngine:
         """The DeepSpeed `expert_parallel` section, once the model's architecture has been checked for it."""
         self._frozen_experts: list[str] = []
         """The expert-parallel experts the wrapped model does not train (a LoRA base)."""
-        self._unread_experts: dict[int, TensorReader] = {}
-        """id(model) -> the reader of its experts, for the models whose experts this rank reads after the wrap."""
+        self._experts_reader: TensorReader | None = None
+        """The starting checkpoint under the transformers names, for the expert rows this rank reads itself."""
+        self._unread: set[int] = set()
+        """id() of the models whose experts this rank reads after their wrap (the student; a float teacher)."""
 
     def materialize(self, source: ModelSource) -> torch.nn.Module:
         if self.expert_parallel > 1:  # before any weight loads
@@ -247,24 +249,25 @@ class ZeroEngine:
         gc.collect()
         stream_load_weights(model, source.reader, self.rank, skip=frozenset(deferred))
         if deferred:  # every rank reads its own experts' rows, under the model's transformers names
-            self._unread_experts[id(model)] = model_layout_reader(weights_reader(source.spec, source.seed), model)
+            if self._experts_reader is None:  # the student's and a teacher's: the same source, the same layout
+                self._experts_reader = model_layout_reader(weights_reader(source.spec, source.seed), model)
+            self._unread.add(id(model))
         return model
 
     def unread_scales(self, p: torch.nn.Parameter, spec, init) -> torch.Tensor | None:
         """The starting learned scales of an expert stack not read yet (collective; see
         `expert_parallel.unread_scales`), else None."""
         name = getattr(p, expert_parallel.UNREAD, None)
-        reader = next((r for r in self._unread_experts.values() if name is not None and name in r.keys()), None)
-        if reader is None:
+        if name is None:
             return None
-        return expert_parallel.unread_scales(reader, name, tuple(p.shape), p.dtype, spec, init, self.rank,
-                                             self.world_size, self.device).to(self.device)
+        return expert_parallel.unread_scales(self._experts_reader, name, tuple(p.shape), p.dtype, spec, init,
+                                             self.rank, self.world_size, self.device).to(self.device)
 
     def _read_local_experts(self, model: torch.nn.Module) -> None:
         """After AutoEP placed `model`'s experts: this rank reads its own (see `materialize`)."""
-        reader = self._unread_experts.pop(id(model), None)
-        if reader is not None:
-            expert_parallel.read_local_experts(model, reader, TRANSFER_CHUNK_BYTES)
+        if id(model) in self._unread:
+            self._unread.discard(id(model))
+            expert_parallel.read_local_experts(model, self._experts_reader, TRANSFER_CHUNK_BYTES)
 
     def gather(self, p: torch.nn.Parameter):
         return deepspeed.zero.GatheredParameters([p])

@@ -33,6 +33,7 @@ from forge_qat.errors import ConfigError
 from forge_qat.formats.artifact import DEFAULT_MAX_SHARD_BYTES, ArtifactReader, Entry, ShardWriter
 from forge_qat.formats.atomic import atomic_dir, check_output
 from forge_qat.models import load_config
+from forge_qat.qat.registry import RECIPES
 
 MARKER = "forge_export.json"
 """Written into every directory this exporter makes: `--overwrite` replaces only such a directory."""
@@ -67,6 +68,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     nibbles = (codes.to(torch.int64) + 8).view(out, columns // 8, 8)
     words = (nibbles << (torch.arange(8, dtype=torch.int64) * 4)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 COPIED_FILES_SKIPPED = ("config.json", "forge_artifact.json", "model.safetensors.index.json")
 
 
@@ -154,9 +157,10 @@ def _scheme(reader: ArtifactReader) -> Scheme:
     for entry in quantized:
         scheme, problems = _problems(entry, reader)
         if problems:
+            exporting = ", ".join(f"{r.name} ({r.compressed_tensors})" for r in RECIPES.values()
+                                  if r.compressed_tensors)
             raise ConfigError(f"{entry.name}: cannot be written to compressed-tensors exactly: {'; '.join(problems)}. "
-                              f"Recipes that export: int8-dynamic-act-int8-weight (W8A8), w4a16, w4a16-g64, "
-                              f"w4a16-g32 (W4A16)")
+                              f"Recipes that export: {exporting}")
         schemes[json.dumps(scheme.group, sort_keys=True)] = scheme
     if len(schemes) > 1:
         raise ConfigError(f"the artifact mixes {len(schemes)} compressed-tensors schemes "

@@ -75,8 +75,6 @@ class LoraPair(torch.nn.Module):
     def delta(self, dtype: torch.dtype, experts: slice = slice(None)) -> torch.Tensor:
         """s * B @ A in `dtype` (the weight's): what merged mode adds to the weight, and finalize too. `experts`:
         of a stack's pairs, those experts' (an expert-parallel rank's own)."""
-        if experts == slice(None):
-            return delta(self.lora_A, self.lora_B, self.scaling, dtype)
         return delta(self.lora_A[experts], self.lora_B[experts], self.scaling, dtype)
 
     def path(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:

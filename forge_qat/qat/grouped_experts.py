@@ -2,12 +2,12 @@
 local experts as `w1` and `w3` (E_local, I, H), the gate and up projections, and `w2` (E_local, H, I), the down
 projection, and runs them on tokens grouped by expert.
 
-Called by `forge_qat.qat.prepare.prepare_grouped_experts` once AutoEP has replaced a model's MoE blocks, so each
-rank fake-quantizes its own experts only. The numerics are those forge gives the same experts in a transformers
-stack (`forge_qat.qat.experts`, whose `gate_up_proj` is w1's rows then w3's): per expert, the gate and up rows
-as one fused matmul with the recipe's quantizers of that fused shape (one activation quantization of each
-token), the gated activation, then the down projection with its own. Imports no deepspeed: the module is
-recognised by its Parameters.
+Installed by the ZeRO engine once AutoEP has replaced a model's MoE blocks (`forge_qat.distributed.
+expert_parallel.unpark_expert_modules`), with the very quantizers `prepare` gave the transformers stack the
+experts came from, so each rank fake-quantizes its own experts only, with that stack's numerics
+(`forge_qat.qat.experts`, whose `gate_up_proj` is w1's rows then w3's): per expert, the gate and up rows as one
+fused matmul (one activation quantization of each token), the gated activation, then the down projection. Imports
+no deepspeed: the module is recognised by its Parameters.
 
 LoRA and learned scales: a GroupedExperts module may carry the quantizers and the LoRA pairs of the transformers
 stacks it replaced, for all E experts (`forge_fake_quant` with its learned scales (E, rows, groups), `forge_lora`
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError
-from forge_qat.formats.weights import true_shape
 from forge_qat.qat.experts import FAKE_QUANT_ATTR, LORA_ATTR, ProjectionFakeQuant
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
@@ -36,12 +35,6 @@ def is_grouped_experts(module: torch.nn.Module) -> bool:
     """AutoEP's `GroupedExperts` (by its Parameters and activation, not its class: qat/ imports no deepspeed)."""
     return all(isinstance(getattr(module, n, None), torch.nn.Parameter) for n in ("w1", "w2", "w3")) \
         and isinstance(getattr(module, "activation", None), str)
-
-
-def shapes(module: torch.nn.Module) -> tuple[int, int, int]:
-    """(local experts, ffn width I, hidden H) of a GroupedExperts module (its true shape under ZeRO-3)."""
-    experts, ffn, hidden = true_shape(module.w1)
-    return experts, ffn, hidden
 
 
 class FakeQuantizedGroupedExperts:

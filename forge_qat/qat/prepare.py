@@ -115,29 +115,6 @@ def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recip
     return quantizers
 
 
-def prepare_grouped_experts(model: torch.nn.Module, recipe: Recipe) -> int:
-    """Fake-quantize every expert-parallel experts module (AutoEP's `GroupedExperts`: one rank's local experts)
-    with the recipe's quantizers of the transformers stacks they came from (`gate_up_proj` (2I, H) and
-    `down_proj` (H, I) per expert); one that has its stacks' quantizers already keeps them. Returns the
-    fake-quantized experts modules."""
-    prepared = 0
-    for module in model.modules():
-        if not grouped_experts.is_grouped_experts(module):
-            continue
-        prepared += 1
-        if grouped_experts.is_fake_quantized(module):  # came with the stacks' own quantizers (learned scales)
-            continue
-        _, ffn, hidden = grouped_experts.shapes(module)
-        dtype = module.w1.dtype
-        twins = [_prepared_twin(hidden, 2 * ffn, False, dtype, recipe),
-                 _prepared_twin(ffn, hidden, False, dtype, recipe)]
-        gate_up, down = (ProjectionFakeQuant(t.activation_fake_quantizer, t.weight_fake_quantizer,
-                                             integer_grid=isinstance(t, IntegerGridFakeQuantizedLinear))
-                         for t in twins)
-        grouped_experts.install_fake_quant(module, gate_up, down)
-    return prepared
-
-
 Gather = Callable[[torch.nn.Parameter], AbstractContextManager]
 """Makes a (ZeRO-3 partitioned) parameter whole inside its context."""
 

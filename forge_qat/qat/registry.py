@@ -90,6 +90,9 @@ class Recipe:
     tables: Literal["int8"] | None = None
     """How the input embedding and output head are quantized (`TABLE_KINDS`; tied ones share the grid); None:
     kept in float."""
+    compressed_tensors: Literal["W8A8", "W4A16"] | None = None
+    """The compressed-tensors scheme (vLLM, SGLang) that holds this recipe's artifact exactly
+    (`forge export --to compressed-tensors`); None: not exported there."""
 
     @cached_property
     def _torch(self) -> "Numerics":
@@ -223,6 +226,7 @@ RECIPES: dict[str, Recipe] = {
             numerics=lambda r: _numerics().int8_int8(),
             expert_stacks="torchao",
             learnable_scales=True,  # per-row scales on the integer grid (fake_quant._LearnedScaleIntegerGridLinear)
+            compressed_tensors="W8A8",
         ),
         *(Recipe(
             name="w4a16" if group == 128 else f"w4a16-g{group}",
@@ -233,6 +237,7 @@ RECIPES: dict[str, Recipe] = {
             group_size=group,
             expert_stacks="intx-unpacked",
             learnable_scales=True,
+            compressed_tensors="W4A16",
         ) for group in (128, 64, 32)),
         Recipe(
             name="int4-weight-only",

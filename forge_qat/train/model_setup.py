@@ -18,13 +18,12 @@ from forge_qat.errors import ConfigError
 from forge_qat.formats.layouts import Layout, model_layout_reader
 from forge_qat.lora import adapters as lora
 from forge_qat.models import ModelSource, open_model_source
-from forge_qat.qat import experts
+from forge_qat.qat import experts, grouped_experts
 from forge_qat.qat.coverage import Coverage, plan
 from forge_qat.qat.prepare import (
     LearnScales,
     learned_scales,
     prepare_float8_training,
-    prepare_grouped_experts,
     prepare_qat,
     set_fake_quant_enabled,
 )
@@ -101,18 +100,18 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
 
 
 def quantize_expert_parallel_experts(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Under `--expert-parallel`, DeepSpeed's AutoEP replaced every MoE block inside the engine's wrap (its
-    `GroupedExperts` hold this rank's experts): they get the recipe's fake quantization now, with the numerics
-    `prepare` gave the transformers stacks they came from (`forge_qat.qat.grouped_experts`)."""
+    """Under `--expert-parallel`, DeepSpeed's AutoEP replaced every MoE block inside the engine's wrap, and the
+    engine gave its `GroupedExperts` (this rank's experts) the quantizers `prepare` installed on the transformers
+    stacks (`forge_qat.qat.grouped_experts`): they start as the rest of the model's fake quantizers do."""
     if cfg.distributed.expert_parallel == 1 or cfg.qat.recipe is None:
         return
-    modules = prepare_grouped_experts(model, cfg.qat.recipe)
-    if not modules:
+    layers = [m for m in model.modules() if grouped_experts.is_grouped_experts(m)]
+    if not layers:
         raise ConfigError("--expert-parallel: AutoEP replaced no MoE block with expert-parallel experts; nothing "
                           "would be fake-quantized on its experts")
     set_fake_quant_enabled(model, cfg.qat.fake_quant_at(0))
     log.info("expert parallelism (AutoEP, size %d): each rank fake-quantizes its experts in %d layers",
-             cfg.distributed.expert_parallel, modules)
+             cfg.distributed.expert_parallel, sum(grouped_experts.is_fake_quantized(m) for m in layers))
 
 
 def _hold_trained_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
