@@ -150,6 +150,7 @@ def _status(field: str) -> int:
 def load_worker(argv: list[str]) -> None:
     """One rank that loads and stops: the model materialized by the ZeRO engine and wrapped frozen (AutoEP's
     conversion and each rank's expert read happen there), peak RSS from just before to just after."""
+    from forge_qat import heap
     from forge_qat.config import TrainConfig
     from forge_qat.distributed import worker
     from forge_qat.models import open_model_source
@@ -157,7 +158,7 @@ def load_worker(argv: list[str]) -> None:
     from forge_qat.train.trainer import make_engine
 
     if not os.environ.get("FORGE_BENCH_SLIDING_MMAP"):
-        worker.map_large_allocations()  # as forge's worker sets up a rank
+        heap.map_large_allocations()  # as forge's worker sets up a rank
     cfg = TrainConfig.from_flat(**json.loads(Path(argv[1]).read_text()))  # argv: ENTRY CONFIG
     engine = make_engine(cfg, resolve_placement(cfg))
     source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.rank == 0)

@@ -1,10 +1,11 @@
-"""Peak memory of `forge export --to gguf` on a Qwen3-30B-A3B-width MoE artifact at two depths: flat in depth,
-and small against the largest tensor.
+"""Peak memory of `forge export --to gguf` (or `--to compressed-tensors`) on a Qwen3-30B-A3B-width MoE artifact at
+two depths: flat in depth, and small against the largest tensor.
 
     pip install -e '.[export]'
-    python bench/export_memory.py [--depths 2 6] [--experts 128]
+    python bench/export_memory.py [--depths 2 6] [--experts 128] [--to compressed-tensors]
 
-The artifacts are synthetic (random int4 codes, bf16 scales, zero zero points, written in the artifact format
+The artifacts are synthetic (random int4 codes, bf16 scales, zero zero points; int8 activations for GGUF, as the default
+recipe's, none for compressed-tensors, as the `w4a16-g32` recipe's; written in the artifact format
 forge's finalize writes: torchao's flattened `IntxUnpackedToInt8Tensor` entries with their metadata): making
 real ones would need the float model first, and the export reads only the files. Qwen3-30B-A3B's shapes:
 hidden 2048, 128 experts of width 768, 32 query / 4 key-value heads of 128, vocabulary 151,936 (bf16
@@ -13,6 +14,7 @@ embedding and untied head). Each export runs in a fresh process; peak RSS is its
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ import torch
 HIDDEN, INNER, HEADS, KV, HEAD_DIM, VOCAB = 2048, 768, 32, 4, 128, 151936
 
 
-def _intx(name: str, shape: tuple[int, ...], tensors: dict, meta: dict) -> None:
+def _intx(name: str, shape: tuple[int, ...], tensors: dict, meta: dict, activations: str | None) -> None:
     module, _, param = name.rpartition(".")
     groups = shape[-1] // 32
     tensors[f"{module}._{param}_qdata"] = torch.randint(-8, 8, shape, dtype=torch.int8)
@@ -31,11 +33,11 @@ def _intx(name: str, shape: tuple[int, ...], tensors: dict, meta: dict) -> None:
     tensors[f"{module}._{param}_zero_point"] = torch.zeros(*shape[:-1], groups, dtype=torch.int8)
     meta[name] = json.dumps({"_type": "IntxUnpackedToInt8Tensor", "_data": {
         "target_dtype": {"_type": "torch.dtype", "_data": "int4"}, "block_size": [1] * (len(shape) - 1) + [32],
-        "dtype": {"_type": "torch.dtype", "_data": "bfloat16"}, "activation_quantization": "int8_asym_per_token"},
+        "dtype": {"_type": "torch.dtype", "_data": "bfloat16"}, "activation_quantization": activations},
         "_tensor_data_names": ["qdata", "scale", "zero_point"]})
 
 
-def make_artifact(directory: Path, layers: int, experts: int) -> int:
+def make_artifact(directory: Path, layers: int, experts: int, activations: str | None = "int8_asym_per_token") -> int:
     """Write the synthetic artifact, one shard per layer; returns the largest tensor's bytes."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -46,7 +48,8 @@ def make_artifact(directory: Path, layers: int, experts: int) -> int:
     config = AutoConfig.for_model("qwen3_moe", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=6144,
                                   moe_intermediate_size=INNER, num_experts=experts, num_experts_per_tok=8,
                                   num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV,
-                                  head_dim=HEAD_DIM, max_position_embeddings=4096, tie_word_embeddings=False)
+                                  head_dim=HEAD_DIM, max_position_embeddings=4096, tie_word_embeddings=False,
+                                  norm_topk_prob=True)  # as Qwen3-30B-A3B (llama.cpp renormalizes always)
     config.save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     names = ["model.embed_tokens.weight"]
@@ -69,7 +72,7 @@ def make_artifact(directory: Path, layers: int, experts: int) -> int:
                          ("self_attn.o_proj.weight", (HIDDEN, HEADS * HEAD_DIM)),
                          ("mlp.experts.gate_up_proj", (experts, 2 * INNER, HIDDEN)),
                          ("mlp.experts.down_proj", (experts, HIDDEN, INNER))):
-            _intx(p + n, shape, t, meta)
+            _intx(p + n, shape, t, meta, activations)
         for n, size in (("self_attn.q_norm.weight", HEAD_DIM), ("self_attn.k_norm.weight", HEAD_DIM),
                         ("input_layernorm.weight", HIDDEN), ("post_attention_layernorm.weight", HIDDEN)):
             t[p + n] = torch.ones(size, dtype=torch.bfloat16)
@@ -89,11 +92,17 @@ sys.path.insert(0, sys.argv[3])
 from memory import peak_rss_bytes, reset_peak, rss_bytes
 from forge_qat.logs import quiet_libraries
 quiet_libraries("gguf")
+from forge_qat.export.compressed_tensors import export_compressed_tensors
 from forge_qat.export.gguf import export_gguf
+from forge_qat.heap import map_large_allocations
+map_large_allocations()  # as the forge command does
 reset_peak(); before = rss_bytes()
-report = export_gguf(Path(sys.argv[1]), Path(sys.argv[2]), pre_tokenizer="qwen2")
+if sys.argv[4] == "gguf":
+    report = export_gguf(Path(sys.argv[1]), Path(sys.argv[2]), pre_tokenizer="qwen2")
+else:
+    report = export_compressed_tensors(Path(sys.argv[1]), Path(sys.argv[2]))
 print(json.dumps({"peak_increase_mb": (peak_rss_bytes() - before) / 1e6, "baseline_mb": before / 1e6,
-                  "gguf_mb": report.bytes / 1e6, "rounded_blocks": report.rounded_blocks}))
+                  "out_mb": report.bytes / 1e6}))
 """
 
 
@@ -101,25 +110,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[2, 6])
     ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--to", choices=["gguf", "compressed-tensors"], default="gguf")
     args = ap.parse_args()
+    activations = "int8_asym_per_token" if args.to == "gguf" else None
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for depth in args.depths:
             art = Path(tmp) / f"art-{depth}"
-            largest = make_artifact(art, depth, args.experts)
-            done = subprocess.run([sys.executable, "-c", CHILD, str(art), str(Path(tmp) / f"{depth}.gguf"),
-                                   str(Path(__file__).parent)], capture_output=True, text=True)
+            largest = make_artifact(art, depth, args.experts, activations)
+            out = Path(tmp) / f"{depth}.out"
+            done = subprocess.run([sys.executable, "-c", CHILD, str(art), str(out), str(Path(__file__).parent),
+                                   args.to], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(done.stderr[-3000:])
             results[depth] = json.loads(done.stdout.strip().splitlines()[-1])
             results[depth]["artifact_mb"] = sum(f.stat().st_size for f in art.glob("*.safetensors")) / 1e6
             results[depth]["largest_tensor_mb"] = largest / 1e6
-            print(f"{depth} layers: artifact {results[depth]['artifact_mb']:.0f} MB -> GGUF "
-                  f"{results[depth]['gguf_mb']:.0f} MB; export peak RSS +{results[depth]['peak_increase_mb']:.0f} MB "
+            print(f"{depth} layers: artifact {results[depth]['artifact_mb']:.0f} MB -> {args.to} "
+                  f"{results[depth]['out_mb']:.0f} MB; export peak RSS +{results[depth]['peak_increase_mb']:.0f} MB "
                   f"(largest tensor {largest / 1e6:.0f} MB)", flush=True)
             for f in art.glob("*.safetensors"):
                 f.unlink()
-            (Path(tmp) / f"{depth}.gguf").unlink()
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
     print(json.dumps(results, indent=2))
 
 

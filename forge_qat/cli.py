@@ -25,6 +25,7 @@ from rich.table import Table  # noqa: E402
 from forge_qat import config as config_mod  # noqa: E402
 from forge_qat.config_fields import parse_size  # noqa: E402
 from forge_qat.errors import ConfigError, ForgeError, choices_message  # noqa: E402
+from forge_qat.heap import map_large_allocations  # noqa: E402
 from forge_qat.qat.registry import DEFAULT_RECIPE, DEMO_RECIPE, RECIPES, Recipe, get_recipe, recipe_names  # noqa: E402
 from forge_qat.resources import run_config_path  # noqa: E402
 
@@ -555,6 +556,7 @@ def demo(
 
 
 def main() -> None:
+    map_large_allocations()  # finalize and export free many mid-sized tensors between ones they keep
     try:
         app()
     except KeyboardInterrupt:

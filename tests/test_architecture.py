@@ -88,7 +88,7 @@ def test_no_import_cycle():
 
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("forge_qat", "forge_qat.errors", "forge_qat.hardware", "forge_qat.logs", "forge_qat.resources",
+    ("forge_qat", "forge_qat.errors", "forge_qat.hardware", "forge_qat.heap", "forge_qat.logs", "forge_qat.resources",
      "forge_qat.torchao_compat", "forge_qat.config_fields"),  # the base every stage uses
     ("forge_qat.formats", "forge_qat.models"),  # on-disk contracts, model loading
     ("forge_qat.qat",),  # registry, numerics, prepare, convert

@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 
+from forge_qat.heap import map_large_allocations  # noqa: E402
 from forge_qat.logs import console_logging, quiet_libraries  # noqa: E402
 
 quiet_libraries()
@@ -49,26 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         # a bug or a library failure: keep the traceback for the log
         traceback.print_exc()
         return _report(f"{type(e).__name__}: {e}", 1)
-
-
-MMAP_THRESHOLD_BYTES = 4 * 1024**2
-"""Allocations from this size on get memory mapped of their own (see `map_large_allocations`)."""
-
-
-def map_large_allocations() -> None:
-    """Fix glibc's mmap threshold, so every tensor of 4 MiB or more is mapped on its own and returns to the system
-    when freed. By default glibc raises the threshold each time it frees a mapped block (up to 32 MiB), then serves
-    such sizes from its heap, where memory freed below a block still in use is never returned. Loading frees
-    many tensors of a few MiB to tens of MiB between ones it keeps (AutoEP converts one layer at a time, each rank's
-    expert reads are staged), and on 2 ranks that kept a rank at 2.1x its load bound, against 1.06x with the
-    threshold fixed (bench/expert_parallel.py --load, docs/benchmarks.md). Not glibc (no `mallopt`): nothing."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD (malloc.h); setting it ends the dynamic adjustment
 
 
 PEER_FAILURE_EXIT = 3

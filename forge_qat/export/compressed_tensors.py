@@ -22,6 +22,7 @@ activations compressed-tensors quantizes otherwise) is refused in one line befor
 """
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,14 @@ import torch
 
 from forge_qat import __version__
 from forge_qat.errors import ConfigError
-from forge_qat.formats.artifact import DEFAULT_MAX_SHARD_BYTES, ArtifactReader, Entry, ShardWriter
+from forge_qat.formats.artifact import ArtifactReader, Entry, ShardWriter
 from forge_qat.formats.atomic import atomic_dir, check_output
 from forge_qat.models import load_config
 from forge_qat.qat.registry import RECIPES
 
+MAX_SHARD_BYTES = 512 * 1024**2
+"""The shard size: safetensors' writer takes a whole shard at once, so this bounds the export's memory (with one
+expert's tensors); serving engines read any number of shards."""
 MARKER = "forge_export.json"
 """Written into every directory this exporter makes: `--overwrite` replaces only such a directory."""
 W8A8 = {
@@ -237,7 +241,7 @@ def _ignored(reader: ArtifactReader, model: torch.nn.Module) -> list[str]:
 
 
 def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = False,
-                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> CompressedTensorsReport:
+                              max_shard_bytes: int = MAX_SHARD_BYTES) -> CompressedTensorsReport:
     """Write `artifact` (a forge safetensors artifact) as a compressed-tensors model directory."""
     config = load_config(artifact)
     reader = ArtifactReader(artifact)
@@ -260,11 +264,17 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 writer.add(published.name(entry.name), value)
                 report.float_params += value.numel()
             else:
-                codes, scale = reader.part(entry, "qdata"), reader.part(entry, "scale")
-                for name, value in _written(entry, scheme, codes, scale, splits.get(entry.name)):
-                    writer.add(published.name(name), value)
-                report.quantized_linears += 1 if codes.dim() == 2 else codes.shape[0] * len(splits[entry.name].sources)
-                report.quantized_params += codes.numel()
+                shape, split = reader.shape(entry), splits.get(entry.name)
+                # a stack is read one expert at a time: memory is one expert's rows, not the stack
+                pieces = ([(reader.part(entry, "qdata"), reader.part(entry, "scale"))] if len(shape) == 2 else
+                          ((reader.part_of(entry, "qdata", j), reader.part_of(entry, "scale", j))
+                           for j in range(shape[0])))
+                names = iter(_written_names(entry, scheme, split, shape))
+                for codes, scale in pieces:
+                    for value in _written(scheme, codes, scale, split):
+                        writer.add(published.name(next(names)), value)
+                report.quantized_linears += 1 if len(shape) == 2 else shape[0] * len(split.sources)
+                report.quantized_params += math.prod(shape)
             report.tensors += 1
         writer.close()
         dtype = reader.reader.float_dtype()
@@ -307,23 +317,21 @@ def _written_names(entry: Entry, scheme: Scheme, split: ExpertSplit | None = Non
     return [f"{m}.{suffix}" for m in _modules(entry, split, shape) for suffix in _suffixes(scheme)]
 
 
-def _written(entry: Entry, scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor, split: ExpertSplit | None):
-    """The tensors compressed-tensors stores for one quantized weight, under `_written_names`: for a fused expert
-    stack, each expert's row blocks as the per-expert linears they were."""
-    if codes.dim() == 2:
+def _written(scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor, split: ExpertSplit | None):
+    """The tensors compressed-tensors stores for one quantized weight (or one expert of a stack), in the order of
+    `_written_names`: an expert's row blocks as the per-expert linears they were."""
+    if split is None:
         pieces = [(codes, scale)]
     else:
-        parts = len(split.sources)
-        rows = codes.shape[1] // parts
-        pieces = [(codes[j, i * rows:(i + 1) * rows], scale[j, i * rows:(i + 1) * rows])
-                  for j in range(codes.shape[0]) for i in range(parts)]
+        rows = codes.shape[0] // len(split.sources)
+        pieces = [(codes[i * rows:(i + 1) * rows], scale[i * rows:(i + 1) * rows]) for i in range(len(split.sources))]
     values = []
     for c, s in pieces:
         if scheme.name == "W8A8":
             values += [c.contiguous(), s.reshape(c.shape[0], 1)]
         else:
             values += [pack_int4(c), s.contiguous(), torch.tensor(list(c.shape))]
-    return zip(_written_names(entry, scheme, split, list(codes.shape)), values, strict=True)
+    return values
 
 
 def _write_config(directory: Path, artifact: Path, report: CompressedTensorsReport, scheme: Scheme) -> None:

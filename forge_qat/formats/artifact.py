@@ -21,6 +21,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats.weights import SafetensorsReader
+from forge_qat.heap import release_free_memory
 from forge_qat.torchao_compat import ALLOWED_TENSORS_SUBCLASSES, flatten_tensor_state_dict
 
 Format = Literal["auto", "safetensors", "bin"]
@@ -103,6 +104,7 @@ class ShardWriter:
         self._shards.append((path, keys))
         self.total_bytes += path.stat().st_size
         self._pending, self._pending_bytes = {}, 0
+        release_free_memory()
 
     def close(self) -> list[Path]:
         """Write the last shard, give shards their final names and write the index if sharded."""
@@ -179,6 +181,14 @@ class ArtifactReader:
 
     def part(self, entry: Entry, part: str) -> torch.Tensor:
         return self.read(self.key(entry, part))
+
+    def part_of(self, entry: Entry, part: str, index: int) -> torch.Tensor:
+        """`part` of one slice along the first dimension (one expert of a stack), read alone."""
+        key = self.key(entry, part)
+        shape = self.reader.shape(key)
+        out = torch.empty(shape[1:], dtype=self.reader.dtype(key))
+        self.reader.read_flat(key, index * out.numel(), out.view(-1))
+        return out
 
     def read(self, key: str) -> torch.Tensor:
         out = torch.empty(self.reader.shape(key), dtype=self.reader.dtype(key))
