@@ -2,6 +2,7 @@
 metadata and tokenizer llama.cpp needs, for the dense architectures llama.cpp runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ MOE = ("qwen3_moe", "mixtral")
 REQUIRED = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
             "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon"]
 runner = CliRunner()
+LLAMA_CPP_KEYS = Path(__file__).parent / "data" / "llama_cpp_gguf_keys.json"
 
 
 def _float_model(path, model_type, layers=2):
@@ -130,6 +132,22 @@ def test_every_weight_decodes_to_the_artifact_exactly(artifacts, model_type, tmp
         assert key in fields, key
     config = json.loads((art / "config.json").read_text())
     assert len(fields["tokenizer.ggml.tokens"].data) == config["vocab_size"]  # padded to the embedding rows
+    # every key llama.cpp's own converter writes for this model type (tools/llama_cpp_reference.py), but what the
+    # byte tokenizer has none of: an unknown token, merges
+    reference = set(json.loads(LLAMA_CPP_KEYS.read_text())["keys"].get(model_type, []))
+    assert reference - {"tokenizer.ggml.unknown_token_id", "tokenizer.ggml.merges"} <= set(fields), \
+        reference - set(fields)
+    # the tokenizer's special added tokens (<s>, </s>, <pad>, and what transformers' class for the model type
+    # adds) are control tokens, as the converter types them; the embedding rows past the vocabulary unused
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(art)
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert special >= {tok.bos_token_id, tok.eos_token_id}
+    expected = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i < len(tok) else
+                gguf.TokenType.UNUSED for i in range(config["vocab_size"])]
+    assert fields["tokenizer.ggml.token_type"].contents() == expected
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # as transformers encodes: no BOS
 
     written = _assert_decodes_exactly(art, reader, arch)
     assert all(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for n, t in written.items()
@@ -390,3 +408,37 @@ def test_a_qwen3_moe_llama_cpp_would_route_differently_is_refused(artifacts, tmp
     with pytest.raises(ConfigError, match="norm_topk_prob"):
         export_gguf(art, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(tmp_path):
+    """Added tokens that the BPE vocabulary also holds (SmolLM2's `<|im_start|>` and the other specials are ids
+    0-16 of its vocabulary) are typed as llama.cpp's converter types them: special ones and ones that look like
+    control tokens CONTROL, other added tokens USER_DEFINED. gguf's own `BpeVocab` writes them NORMAL, and
+    llama.cpp then splits `<|im_start|>` into text (issue 33)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from forge_qat.export.gguf import write_tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello"]
+    core = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words + alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    tok.add_tokens([AddedToken("<|im_start|>", special=False, normalized=False),  # looks like a control token
+                    AddedToken("<|im_end|>", special=True, normalized=False),
+                    AddedToken("hello", special=False, normalized=False)])
+    tok.save_pretrained(tmp_path)
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: setattr(self, name.removeprefix("add_"), args[0] if args else None)
+
+    written = Recorder()
+    write_tokenizer(written, tmp_path, len(tok) + 2, "default")
+    assert written.token_types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.USER_DEFINED]
+    assert set(written.token_types[4:len(tok)]) == {gguf.TokenType.NORMAL}
+    assert written.token_types[len(tok):] == [gguf.TokenType.UNUSED] * 2
+    assert written.token_list[:4] == words
+    assert written.add_bos_token is False and written.add_eos_token is False

@@ -38,8 +38,6 @@ class Architecture:
     reordered head by head (the same reorder llama.cpp's own converter applies)."""
     default_pre_tokenizer: str
     """llama.cpp's pre-tokenizer for the family, when the tokenizer is not recognised (`PRE_TOKENIZER_HASHES`)."""
-    per_head_dims: bool = False
-    """Write the attention key/value lengths (architectures whose head_dim is not hidden/heads)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -48,8 +46,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # llama.cpp runs Mixtral as llama with experts
     "mixtral": Architecture("llama", permute_qk=True, default_pre_tokenizer="llama-bpe"),
     "qwen2": Architecture("qwen2", permute_qk=False, default_pre_tokenizer="qwen2"),
-    "qwen3": Architecture("qwen3", permute_qk=False, default_pre_tokenizer="qwen2", per_head_dims=True),
-    "qwen3_moe": Architecture("qwen3moe", permute_qk=False, default_pre_tokenizer="qwen2", per_head_dims=True),
+    "qwen3": Architecture("qwen3", permute_qk=False, default_pre_tokenizer="qwen2"),
+    "qwen3_moe": Architecture("qwen3moe", permute_qk=False, default_pre_tokenizer="qwen2"),
 }
 
 PRE_TOKENIZER_TEXT = (
@@ -326,9 +324,8 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None:
+def write_hyperparameters(writer, config, arch: Architecture) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -339,9 +336,9 @@ def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if arch.per_head_dims or head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # llama.cpp's converter writes these whenever config.json names head_dim (transformers 5 always saves it)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     if experts:
         if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
@@ -355,10 +352,61 @@ def write_hyperparameters(writer, config, arch: Architecture, name: str) -> None
             writer.add_expert_weights_norm(bool(config.norm_topk_prob))
 
 
+def write_general(writer, directory: Path) -> None:
+    """The `general.*` fields as llama.cpp's converter (`convert_hf_to_gguf.py`, `prepare_metadata`) writes them,
+    through the same `gguf.Metadata`: name, size label and the rest from the model card and the directory's name,
+    and the file type `model`. Call after every tensor record is added (the size label counts them)."""
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, directory, None, total)
+    if meta.name is None:
+        meta.name = directory.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, experts)
+    meta.set_gguf_meta_model(writer)
+    writer.add_type(gguf.GGUFType.MODEL)
+
+
+def looks_like_a_control_token(text: str) -> bool:
+    """Added tokens llama.cpp's converter makes control tokens even when the tokenizer does not mark them special
+    (`does_token_look_special`): `<|...|>`, `<｜...｜>`, `<unused...>` and a few others."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>")) or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _added_token_types(tokenizer, tokens: list[str], types: list) -> None:
+    """Each added token's type as llama.cpp's converter decides it (`get_vocab_base`), in place: CONTROL if the
+    tokenizer marks it special or it looks like a control token, else USER_DEFINED; llama.cpp takes both as
+    pre-normalized, so a token the tokenizer does not normalize is written as it encodes and decodes back.
+    Written NORMAL, llama.cpp splits `<|im_start|>` into text and breaks chat templates."""
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i >= len(tokens):
+            continue
+        text = added.content
+        if not added.normalized:
+            text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+        if added.special or looks_like_a_control_token(text):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # SentencePiece's space, pre-normalized as the converter does
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = text
+
+
+def _adds_special_tokens(tokenizer) -> dict[str, bool]:
+    """Whether transformers' tokenizer puts BOS first and EOS last when it encodes text: what llama.cpp must do
+    to tokenize as it does (`tokenizer.ggml.add_bos_token` / `add_eos_token`, written always)."""
+    ids = tokenizer("a")["input_ids"]
+    return {"bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+            "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]}
+
+
 def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
-    """A GPT-2-style byte-level BPE vocabulary (what transformers' fast tokenizers of these families are):
-    tokens, types, merges, special token ids and the chat template, read by the `gguf` package's own
-    vocabulary classes; padded to the embedding's rows as llama.cpp requires. Returns the number of merges."""
+    """A GPT-2-style byte-level BPE vocabulary (what transformers' fast tokenizers of these families are), as
+    llama.cpp's converter writes it: tokens and merges read by the `gguf` package's own vocabulary classes, added
+    tokens typed as the converter types them, padded to the embedding's rows as llama.cpp requires; special token
+    ids, whether BOS/EOS are added, and the chat template. Returns the number of merges."""
+    from transformers import AutoTokenizer
+
     try:
         vocab = gguf.vocab.BpeVocab(directory)
     except FileNotFoundError:
@@ -370,6 +418,8 @@ def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
         types.append(kind)
     if len(tokens) > vocab_size:
         raise InputError(f"the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    _added_token_types(tokenizer, tokens, types)
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         types.append(gguf.TokenType.UNUSED)
@@ -378,6 +428,7 @@ def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    special.add_special_token.update(_adds_special_tokens(tokenizer))
     special.add_to_gguf(writer, quiet=True)
     return len(special.merges)
 
@@ -438,7 +489,7 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
 def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, reader: ArtifactReader,
            planned: list[Planned], report: GgufReport, pre_tokenizer: str | None) -> None:
     """Metadata, tokenizer and tensor records first (GGUF's header), then each tensor's data in order."""
-    write_hyperparameters(writer, config, arch, artifact.name)
+    write_hyperparameters(writer, config, arch)
     types = {p.ggml_type for p in planned}
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
                          gguf.LlamaFileType.MOSTLY_Q8_0 if gguf.GGMLQuantizationType.Q8_0 in types else
@@ -460,6 +511,7 @@ def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, 
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.uint8) if raw else
                                np.dtype(np.float32 if p.ggml_type == gguf.GGMLQuantizationType.F32 else
                                         np.float16), p.nbytes, raw_dtype=p.ggml_type if raw else None)
+    write_general(writer, artifact)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
