@@ -6,11 +6,13 @@ after each shard (`release_free_memory`).
 """
 
 import ctypes
+import functools
 
 MMAP_THRESHOLD_BYTES = 4 * 1024**2
 """Allocations from this size on get memory mapped of their own (see `map_large_allocations`)."""
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -419,6 +419,7 @@ def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from forge_qat.export.gguf import write_tokenizer
+    from forge_qat.models import load_tokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello"]
@@ -436,7 +437,7 @@ def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(tmp_path):
             return lambda *args, **kwargs: setattr(self, name.removeprefix("add_"), args[0] if args else None)
 
     written = Recorder()
-    write_tokenizer(written, tmp_path, len(tok) + 2, "default")
+    write_tokenizer(written, tmp_path, load_tokenizer(tmp_path), len(tok) + 2, "default")
     assert written.token_types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.USER_DEFINED]
     assert set(written.token_types[4:len(tok)]) == {gguf.TokenType.NORMAL}
     assert written.token_types[len(tok):] == [gguf.TokenType.UNUSED] * 2

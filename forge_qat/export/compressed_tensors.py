@@ -254,14 +254,14 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
     # transformers matches `ignore` against its own module names, vLLM and SGLang against the published ones
     ignored = sorted({n for m in _ignored(reader, model) for n in (m, published.name(m))})
     report = CompressedTensorsReport(out, scheme.name, scheme.format, ignored=ignored)
-    names = [published.name(n) for e in reader.entries
-             for n in _written_names(e, scheme, splits.get(e.name), reader.shape(e))]
+    written = {e.name: [published.name(n) for n in _written_names(e, scheme, splits.get(e.name), reader.shape(e))]
+               for e in reader.entries}
     with atomic_dir(out) as tmp:
-        writer = ShardWriter(tmp, "safetensors", names, max_shard_bytes)
+        writer = ShardWriter(tmp, "safetensors", [n for names in written.values() for n in names], max_shard_bytes)
         for entry in reader.entries:
             if entry.kind == "Tensor":
                 value = reader.read(entry.name)
-                writer.add(published.name(entry.name), value)
+                writer.add(written[entry.name][0], value)
                 report.float_params += value.numel()
             else:
                 shape, split = reader.shape(entry), splits.get(entry.name)
@@ -269,10 +269,10 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 pieces = ([(reader.part(entry, "qdata"), reader.part(entry, "scale"))] if len(shape) == 2 else
                           ((reader.part_of(entry, "qdata", j), reader.part_of(entry, "scale", j))
                            for j in range(shape[0])))
-                names = iter(_written_names(entry, scheme, split, shape))
+                names = iter(written[entry.name])
                 for codes, scale in pieces:
-                    for value in _written(scheme, codes, scale, split):
-                        writer.add(published.name(next(names)), value)
+                    for value in _stored_values(scheme, codes, scale, split):
+                        writer.add(next(names), value)
                 report.quantized_linears += 1 if len(shape) == 2 else shape[0] * len(split.sources)
                 report.quantized_params += math.prod(shape)
             report.tensors += 1
@@ -317,7 +317,7 @@ def _written_names(entry: Entry, scheme: Scheme, split: ExpertSplit | None = Non
     return [f"{m}.{suffix}" for m in _modules(entry, split, shape) for suffix in _suffixes(scheme)]
 
 
-def _written(scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor, split: ExpertSplit | None):
+def _stored_values(scheme: Scheme, codes: torch.Tensor, scale: torch.Tensor, split: ExpertSplit | None):
     """The tensors compressed-tensors stores for one quantized weight (or one expert of a stack), in the order of
     `_written_names`: an expert's row blocks as the per-expert linears they were."""
     if split is None:

@@ -70,9 +70,9 @@ PRE_TOKENIZER_HASHES = {
 }
 """llama.cpp's names for the tokenizers of the families this export covers (from its converter's table)."""
 
-def detect_pre_tokenizer(directory: Path) -> str | None:
-    """llama.cpp's name for the tokenizer in `directory`, recognised as llama.cpp's converter does."""
-    ids = load_tokenizer(directory).encode(PRE_TOKENIZER_TEXT)
+def detect_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's name for `tokenizer`, recognised as llama.cpp's converter does."""
+    ids = tokenizer.encode(PRE_TOKENIZER_TEXT)
     return PRE_TOKENIZER_HASHES.get(sha256(str(ids).encode()).hexdigest())
 
 
@@ -400,13 +400,12 @@ def _adds_special_tokens(tokenizer) -> dict[str, bool]:
             "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]}
 
 
-def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
+def write_tokenizer(writer, directory: Path, tokenizer, vocab_size: int, pre: str) -> int:
     """A GPT-2-style byte-level BPE vocabulary (what transformers' fast tokenizers of these families are), as
     llama.cpp's converter writes it: tokens and merges read by the `gguf` package's own vocabulary classes, added
     tokens typed as the converter types them, padded to the embedding's rows as llama.cpp requires; special token
-    ids, whether BOS/EOS are added, and the chat template. Returns the number of merges."""
-    from transformers import AutoTokenizer
-
+    ids, whether BOS/EOS are added, and the chat template. `tokenizer`: transformers' for `directory`. Returns the
+    number of merges."""
     try:
         vocab = gguf.vocab.BpeVocab(directory)
     except FileNotFoundError:
@@ -418,7 +417,6 @@ def write_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> int:
         types.append(kind)
     if len(tokens) > vocab_size:
         raise InputError(f"the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     _added_token_types(tokenizer, tokens, types)
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
@@ -496,14 +494,15 @@ def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, 
                          gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(FORGE_KEY, __version__)
-    pre = pre_tokenizer or detect_pre_tokenizer(artifact)
+    tokenizer = load_tokenizer(artifact)
+    pre = pre_tokenizer or detect_pre_tokenizer(tokenizer)
     if pre is None:
         pre = arch.default_pre_tokenizer
         report.notes.append(f"llama.cpp's pre-tokenizer for this tokenizer was not recognised; wrote {pre!r} "
                             f"(the {config.model_type} default): pass --pre-tokenizer if llama.cpp's converter "
                             f"names it otherwise")
     report.pre_tokenizer = pre
-    if not write_tokenizer(writer, artifact, config.vocab_size, pre):
+    if not write_tokenizer(writer, artifact, tokenizer, config.vocab_size, pre):
         report.notes.append("the tokenizer has no BPE merges (a bytes-only vocabulary): llama.cpp refuses a BPE "
                             "vocabulary without merges, so llama.cpp cannot load this file as written")
     for p in planned:
