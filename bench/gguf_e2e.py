@@ -115,7 +115,9 @@ def smollm2_artifact(workdir: Path, recipe: str = RECIPE) -> tuple[Path, Path]:
     model = smollm2_dir(workdir)
     artifact = workdir / f"smollm2-ptq-{recipe}"
     if not (artifact / "forge_artifact.json").is_file():
-        finalize(FinalizeRequest(source=model, dest=artifact, ptq=get_recipe(recipe), overwrite=True))
+        # absmax: the scales of the fake-quant model it is compared with (prepared without learned scales)
+        finalize(FinalizeRequest(source=model, dest=artifact, ptq=get_recipe(recipe), overwrite=True,
+                                 ptq_scales="absmax"))
     return model, artifact
 
 

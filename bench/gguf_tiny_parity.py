@@ -60,7 +60,7 @@ def compare(root: Path, model_type: str, seed: int, ids: list[int]) -> float:
 
     src = _model(root / f"{model_type}-{seed}", model_type, seed)
     art = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{seed}-artifact",
-                                   ptq=get_recipe(RECIPE))).dest
+                                   ptq=get_recipe(RECIPE), ptq_scales="absmax")).dest  # as the fake-quant model
     add = gguf.SpecialVocab.add_to_gguf
 
     def with_a_merge(self, writer, quiet=False):

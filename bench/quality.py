@@ -203,7 +203,7 @@ FLOAT_RUN = {"ptq-ft": "float-ft", "ptq-mse-ft": "float-ft", "ft-ptq": "ft-float
 
 
 def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe: str,
-            data: tuple[str, str]) -> dict:
+            data: tuple[str, str], ptq_scales: str = "absmax") -> dict:
     t0 = time.perf_counter()
     if how.get("from"):
         model = resolve_checkpoint(work / how["from"])
@@ -226,7 +226,7 @@ def run_row(name: str, how: dict, model: Path, work: Path, budget: dict, recipe:
         return _score_mse_start(resolve_checkpoint(source), recipe, data[1], budget["seq_len"], t0)
     if how.get("ptq"):
         source = finalize(FinalizeRequest(source=source, dest=work / f"{name}-artifact", ptq=get_recipe(recipe),
-                                          overwrite=True)).dest
+                                          overwrite=True, ptq_scales=ptq_scales)).dest
     result = evaluate_model(str(source), data[1], seq_len=budget["seq_len"])
     return {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens, "kind": result.kind,
             "seconds": time.perf_counter() - t0}
@@ -274,6 +274,9 @@ def main() -> None:
                    help="builtin: train on builtin:python-docs, score on builtin:python-docs-eval (2.5k tokens); "
                         "wide: the same topics split with 7x as many held out (see wide_split)")
     p.add_argument("--rows", default="all", help="comma-separated row names, or all")
+    p.add_argument("--ptq-scales", default="absmax", choices=("absmax", "mse", "extreme"),
+                   help="the PTQ rows' `finalize --ptq-scales` (absmax: what the figures in docs/benchmarks.md used; "
+                        "finalize's own default for the int4 recipes is extreme)")
     p.add_argument("--keep-runs", action="store_true", help="keep each row's run and artifact (default: delete)")
     p.add_argument("--fresh", action="store_true", help="recompute rows already in results.json")
     args = p.parse_args()
@@ -292,6 +295,8 @@ def main() -> None:
     model = smollm2_dir(args.workdir)
     data = (TRAIN, EVAL) if args.held_out == "builtin" else wide_split(args.workdir)
     split = {} if args.held_out == "builtin" else {"held_out": args.held_out}  # builtin: keys of earlier runs
+    if args.ptq_scales != "absmax":  # absmax: the keys of the runs before the option existed
+        split["ptq_scales"] = args.ptq_scales
     key = json.dumps({"recipe": args.recipe, **budget, **split}, sort_keys=True)
     results_path = args.workdir / "results.json"
     stored = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -301,7 +306,7 @@ def main() -> None:
         if name in results and not args.fresh:
             continue
         print(f"{name}: running", flush=True)
-        results[name] = run_row(name, table[name], model, work, budget, args.recipe, data)
+        results[name] = run_row(name, table[name], model, work, budget, args.recipe, data, args.ptq_scales)
         results_path.write_text(json.dumps(stored, indent=2))
         if not args.keep_runs:  # ~1.5 GB per row (checkpoint, optimizer state, artifact); rows to come need
             # only the float runs they continue or quantize
@@ -311,7 +316,7 @@ def main() -> None:
         print(f"{name}: perplexity {results[name]['perplexity']:.3f} ({results[name]['seconds']:.0f} s)", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct, {args.recipe}; {args.steps} steps of {args.batch_size}x{args.seq_len} tokens, "
-          f"lr {args.lr:g}, seed {args.seed}; held-out {data[1]}")
+          f"lr {args.lr:g}, seed {args.seed}; held-out {data[1]}; PTQ rows' scales: {args.ptq_scales}")
     print("| row | eval loss | perplexity | recovered |")
     print("|---|---|---|---|")
     for name in table:

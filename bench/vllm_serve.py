@@ -180,7 +180,8 @@ def main() -> None:
     if args.moe:
         model = tiny_moe(args.moe, args.workdir)
         artifact = finalize(FinalizeRequest(source=model, dest=args.workdir / f"vllm-tiny-{args.moe}-{args.recipe}",
-                                            ptq=get_recipe(args.recipe), overwrite=True)).dest
+                                            ptq=get_recipe(args.recipe), overwrite=True,
+                                            ptq_scales="absmax")).dest  # as the fake-quant model chooses them
         ids = torch.randint(3, len(load_tokenizer(model)), (args.batches * args.batch_size, args.seq_len),
                             generator=torch.Generator().manual_seed(0))
         batches = [(b, b) for b in ids.split(args.batch_size)]

@@ -226,11 +226,17 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
+SCALE_SOURCES = {"learned": "learned in training", "mse": "chosen by error (mse search)",
+                 "absmax": "absmax (the recipe's quantizer)", "extreme": "extreme (largest weight held exactly)"}
+"""How the finalize report names `FinalizeReport.weight_scales`."""
+
+
 def print_finalize_report(report) -> None:
     verb = "would convert" if report.dry_run else "converted"
     coverage = report.coverage
     console.print(f"[bold]{report.recipe}[/] ({report.mode.upper()}): {verb} {report.converted} weights "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(report.by_module.items()))})")
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(report.by_module.items()))}); weight scales: "
+                  f"{SCALE_SOURCES[report.weight_scales]}")
     kept = ", ".join(f"{reason} {n:,}" for reason, n in sorted(coverage["kept_float"].items())) or "nothing"
     console.print(f"quantized {coverage['quantized_share']:.1%} of the matmul weights by parameter count "
                   f"({coverage['quantized_params']:,} of {coverage['matmul_params']:,}; MoE experts "
@@ -269,6 +275,10 @@ def finalize_command(
         help=f"Recipe to convert with (default: the one the checkpoint was trained with). "
              f"Choices: {', '.join(recipe_names())}.")] = None,
     ptq: Annotated[str | None, typer.Option(help="Post-training quantization with this recipe (baselines).")] = None,
+    ptq_scales: Annotated[str | None, typer.Option(
+        help="Post-training quantization's weight scales: extreme (each group's largest weight held exactly: "
+             "llama.cpp's Q4_0 rule), mse (least squared error) or absmax. Default: the recipe's "
+             "(extreme for int4, absmax otherwise).")] = None,
     format: Annotated[str, typer.Option(help="auto (safetensors where torchao can flatten), safetensors, bin.")]
     = "auto",
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
@@ -293,7 +303,7 @@ def finalize_command(
     with _reported():
         report = finalize(FinalizeRequest(source=source, dest=dest, qat_convert=convert_with, ptq=ptq_with,
                                           fmt=format, dry_run=dry_run, overwrite=overwrite, streaming=streaming,
-                                          max_shard_bytes=shard_bytes))
+                                          max_shard_bytes=shard_bytes, ptq_scales=ptq_scales))
     _emit(as_json, report.to_dict(), lambda: print_finalize_report(report))
 
 

@@ -21,6 +21,7 @@ from forge_qat.qat.registry import get_recipe  # noqa: E402
 
 EXACT = "int8-dynamic-act-int4-weight-bf16-scales"
 TABLES = "int8-dynamic-act-int4-weight-int8-embeddings"
+Q4_0 = "llama-cpp-q4-0"
 DENSE = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"head_dim": 16}}
 MOE = ("qwen3_moe", "mixtral")
 REQUIRED = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
@@ -56,10 +57,12 @@ def artifacts(tmp_path_factory):
         tok.save_pretrained(root / model_type)
         made[model_type, EXACT] = finalize(FinalizeRequest(source=root / model_type, dest=root / f"{model_type}-a",
                                                            ptq=get_recipe(EXACT))).dest
+    made["qwen3_moe", Q4_0] = finalize(FinalizeRequest(source=root / "qwen3_moe", dest=root / "qwen3_moe-q4-0",
+                                                       ptq=get_recipe(Q4_0))).dest
     for model_type in DENSE:
         src = _float_model(root / model_type, model_type)
         for recipe in (EXACT, TABLES, "int8-dynamic-act-int4-weight", "int8-dynamic-act-int8-weight",
-                       "int8-dynamic-act-int2-weight"):
+                       "int8-dynamic-act-int2-weight", Q4_0):
             if model_type != "llama" and recipe != EXACT and not (model_type == "qwen3" and recipe == TABLES):
                 continue
             made[model_type, recipe] = finalize(FinalizeRequest(source=src, dest=root / f"{model_type}-{recipe}",
@@ -188,6 +191,20 @@ def test_int8_embedding_and_head_are_q8_0_exactly(artifacts, model_type, tmp_pat
     for name in tables:
         assert written[name].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert report.float_params < report.quantized_params / 50  # norms only: small end to end
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_signed_q4_0_scales_decode_exactly(artifacts, model_type, tmp_path):
+    """llama-cpp-q4-0's PTQ puts each group's largest weight on -8 as llama.cpp does, so about half its scales are
+    negative: Q4_0's signed `d` holds them, and every weight decodes to the artifact's, experts too."""
+    art = artifacts[model_type, Q4_0]
+    assert json.loads((art / "forge_artifact.json").read_text())["weight_scales"] == "extreme"
+    scales = [t for k, t in _artifact_tensors(art).items() if k.endswith("scale") and "embed" not in k]
+    assert scales and any(bool((s < 0).any()) for s in scales)
+    report = export_gguf(art, tmp_path / "m.gguf")
+    assert report.rounded_blocks == 0
+    arch = {"qwen3_moe": "qwen3moe"}.get(model_type, model_type)
+    _assert_decodes_exactly(art, gguf.GGUFReader(tmp_path / "m.gguf"), arch)
 
 
 def _metadata(directory):

@@ -131,12 +131,14 @@ def _stock_logits(directory, tmp_path):
 
 
 def _fake_quant(src, recipe):
-    """forge's fake-quant model of the float checkpoint `src`, and the prompt's token ids."""
+    """forge's fake-quant model of the float checkpoint `src` with the weight scales `finalize --ptq` chose (the
+    recipe's `ptq_scales` rule), and the prompt's token ids."""
     from forge_qat.models import load_model
-    from forge_qat.qat.prepare import prepare_qat
+    from forge_qat.qat.prepare import LearnScales, prepare_qat
 
     model, _ = load_model(str(src))
-    prepare_qat(model, get_recipe(recipe))
+    rule = get_recipe(recipe).ptq_scales
+    prepare_qat(model, get_recipe(recipe), learn=None if rule == "absmax" else LearnScales(init=rule))
     return model, PROMPT
 
 

@@ -12,14 +12,18 @@ import sys
 import pytest
 import torch
 from conftest import micro_train_args
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from forge_qat import hardware
 from forge_qat.cli import app
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError, HardwareError, InputError, OutputExistsError, OutputWriteError
-from forge_qat.finalize.convert import finalize
+from forge_qat.finalize.convert import finalize, sample_batch
 from forge_qat.finalize.job import FinalizeRequest, choose_job
+from forge_qat.formats.run_dir import resolve_checkpoint
+from forge_qat.models import load_model
+from forge_qat.qat.prepare import LearnScales, prepare_qat
 from forge_qat.qat.registry import get_recipe
 from forge_qat.train.trainer import run_training
 
@@ -137,6 +141,47 @@ def test_ptq_semantics(runs):
                                    ptq=get_recipe(i4)))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ptq_scales_are_chosen_by_error(runs, tmp_path, streaming):
+    """`finalize --ptq` chooses each group's scale by the `extreme` rule by default (llama.cpp's Q4_0 rule for
+    llama-cpp-q4-0) or by `--ptq-scales`: the artifact equals the fake-quant model with scales chosen that way, bit
+    for bit, in memory and streamed, differs from `--ptq-scales absmax`'s, and the report says which scales it
+    holds."""
+    recipe = get_recipe("llama-cpp-q4-0")
+    made = {rule: finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / rule, ptq=recipe,
+                                           streaming=streaming, **({} if rule == "extreme" else {"ptq_scales": rule})))
+            for rule in ("extreme", "mse", "absmax")}
+    assert [r.weight_scales for r in made.values()] == list(made)
+    assert json.loads((made["extreme"].dest / "forge_artifact.json").read_text())["weight_scales"] == "extreme"
+    fake, tok = load_model(str(resolve_checkpoint(runs / "float")))
+    prepare_qat(fake, recipe, learn=LearnScales(init="mse"))
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        mse = AutoModelForCausalLM.from_pretrained(made["mse"].dest)(x).logits
+        torch.testing.assert_close(mse, _without_activation_fake_quant(fake)(x).logits, rtol=0, atol=0)
+    fake, tok = load_model(str(resolve_checkpoint(runs / "float")))
+    prepare_qat(fake, recipe, learn=LearnScales(init="extreme"))
+    artifact = AutoModelForCausalLM.from_pretrained(made["extreme"].dest)
+    with torch.no_grad():
+        got = artifact(x).logits
+        torch.testing.assert_close(got, _without_activation_fake_quant(fake)(x).logits, rtol=0, atol=0)
+        assert not torch.equal(got, mse)
+        assert not torch.equal(got, AutoModelForCausalLM.from_pretrained(made["absmax"].dest)(x).logits)
+    assert (artifact.model.layers[0].mlp.down_proj.weight.scale < 0).any()  # Q4_0's signed scales are kept
+    result = runner.invoke(app, ["finalize", "--source", str(runs / "float"), "--dest", str(tmp_path / "x"),
+                                 "--ptq", recipe.name, "--ptq-scales", "best"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "unknown --ptq-scales rule 'best'; valid --ptq-scales rules: mse, absmax, extreme" in result.output
+
+
+def _without_activation_fake_quant(model):
+    """llama-cpp-q4-0's artifact runs float activations in transformers (`Recipe.artifact_activations`)."""
+    from forge_qat.qat.prepare import set_activation_fake_quant_enabled
+
+    set_activation_fake_quant_enabled(model, False)
+    return model.eval()
+
+
 def test_hardware_gate_fails_before_loading(runs, tmp_path, monkeypatch):
     import forge_qat.finalize.convert as fin
 
@@ -198,7 +243,9 @@ def test_eval_and_compare(runs, tmp_path):
     from forge_qat.eval.plot import plot_loss_curves
 
     qat = finalize(FinalizeRequest(source=runs / "qat", dest=tmp_path / "qat"))
-    ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=get_recipe(qat.recipe)))
+    # absmax: the scales the fake-quant eval's dynamic quantizer chooses
+    ptq = finalize(FinalizeRequest(source=runs / "float", dest=tmp_path / "ptq", ptq=get_recipe(qat.recipe),
+                                   ptq_scales="absmax"))
     data = str(runs / "train.txt")
     float_eval = evaluate_model(str(runs / "float"), data, seq_len=32)
     fake = evaluate_model(str(runs / "float"), data, seq_len=32, fake_quant=get_recipe(qat.recipe))
@@ -217,8 +264,10 @@ def test_eval_and_compare(runs, tmp_path):
     result = runner.invoke(app, ["compare", "--float", str(runs / "float"), "--ptq", str(ptq.dest), "--qat",
                                  str(qat.dest), "--data", data, "--json"])
     assert result.exit_code == 0, result.output
-    assert [r["label"] for r in json.loads(result.stdout)["rows"]] == ["float fine-tune", "PTQ of float",
-                                                                        "QAT converted"]
+    compared = json.loads(result.stdout)
+    labels = ["float fine-tune", "PTQ of float (absmax scales)", "QAT converted"]
+    assert [r["label"] for r in compared["rows"]] == labels
+    assert compared["ptq_weight_scales"] == "absmax"
 
 
 def test_forge_demo_end_to_end(tmp_path):

@@ -110,8 +110,9 @@ def test_learned_scales_start_at_the_dynamic_ones_and_convert_exactly(recipe_nam
 
 
 def _nearest_scale_reference(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
-    """The mse start, group by group in plain Python: every candidate multiple of the absmax scale, rounded
-    to the recipe's scale dtype, quantized the learned forward's way; the first with the least error."""
+    """The mse start, group by group in plain Python: every candidate multiple of the absmax scale (and, for a
+    signed-scale grid, of llama.cpp's `d = max / -8`), rounded to the recipe's scale dtype, quantized the learned
+    forward's way; the first with the least error."""
     from forge_qat.qat.fake_quant import SCALE_SEARCH_FACTORS, LearnedScaleFakeQuantizer
 
     absmax = initial_scale(w, spec, "absmax")
@@ -120,9 +121,13 @@ def _nearest_scale_reference(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
     for r in range(w.shape[0]):
         for g in range(absmax.shape[1]):
             group = w[r:r + 1, g * size:(g + 1) * size]
+            bases = [absmax[r:r + 1, g:g + 1]]
+            if spec.signed_scale:
+                extreme = group[0, group[0].abs().argmax()]
+                bases.append((extreme / spec.qmin).reshape(1, 1))
             errors = []
-            for f in SCALE_SEARCH_FACTORS:
-                s = absmax[r:r + 1, g:g + 1] * f
+            for base, f in ((b, f) for b in bases for f in SCALE_SEARCH_FACTORS):
+                s = base * f
                 s = s.to(spec.scale_dtype).float() if spec.scale_dtype else s
                 errors.append((float((LearnedScaleFakeQuantizer(spec, s)(group).detach() - group).square().sum()), s))
             out[r, g] = min(errors, key=lambda e: e[0])[1].item()  # min keeps the first of equal errors
@@ -130,7 +135,7 @@ def _nearest_scale_reference(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("recipe_name", [DEFAULT_RECIPE, "int8-dynamic-act-int8-weight",
-                                         "int8-dynamic-act-int4-weight-bf16-scales"])
+                                         "int8-dynamic-act-int4-weight-bf16-scales", "llama-cpp-q4-0"])
 def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
     """The default start of learned scales: per group (per row for int8's per-channel grid), the candidate
     scale whose quantized weights are nearest the weights, on the recipe's scale grid, never further than
@@ -157,6 +162,7 @@ def test_mse_start_is_each_groups_nearest_candidate(recipe_name, monkeypatch):
     assert (error(start) <= error(absmax)).all()
     if spec.bits == 4:  # on int8's 255 levels clipping rarely pays: there the start may be absmax throughout
         assert (error(start) < error(absmax)).any() and not torch.equal(start, absmax)
+    assert (start < 0).any() == spec.signed_scale  # only Q4_0's grid stores a negative scale
     monkeypatch.setattr(fq, "SEARCH_CHUNK_ELEMENTS", 100)  # one or two rows per chunk
     torch.testing.assert_close(initial_scale(w, spec), start, rtol=0, atol=0)
     stack = torch.stack([w, w.flip(0)])
@@ -410,6 +416,14 @@ def test_missing_or_corrupt_learned_scales_are_one_clear_error(learned_run, tmp_
     shutil.rmtree((ckpt / ckpt_io.LEARNED_SCALES).parent)
     with pytest.raises(InputError, match="lacks its scales"):
         finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
+    good = ckpt_io.read_learned_scales(resolve_checkpoint(learned_run))
+    name = sorted(good)[0]
+    for value, fault in ((0.0, "1 zeros"), (float("nan"), "1 non-finite"), (-0.01, "1 negative values")):
+        bad = {**good, name: good[name].clone()}
+        bad[name].view(-1)[0] = value
+        ckpt_io.write_learned_scales(ckpt, bad)  # a negative scale: only for grids that store it signed (Q4_0)
+        with pytest.raises(InputError, match=fault):
+            finalize(FinalizeRequest(source=ckpt, dest=tmp_path / "a"))
     assert not (tmp_path / "a").exists()
 
 
@@ -560,3 +574,69 @@ def test_scales_warm_up_with_the_weights_then_hold_their_peak_lr():
     single = build_scheduler(build_optimizer(plain, TrainConfig.from_flat(max_steps=10, warmup_steps=3,
                                                                           qat_learn_scales=False), lr=2e-5), cfg)
     assert len(single.lr_lambdas) == 2  # no scales: transformers' schedule for every group
+
+
+@pytest.mark.parametrize("shape", [(96, 576), (64, 1536), (4, 48, 64)])  # SmolLM2's widths; an expert stack
+def test_q4_0_start_is_nearer_than_llama_cpps_own_quantizer(shape):
+    """llama-cpp-q4-0's error-chosen scales (the PTQ default and the learned scales' start): on random and
+    heavy-tailed weights of real shapes, in total squared error nearer the weights than llama.cpp's own Q4_0
+    quantizer (gguf's reference of `quantize_row_q4_0_ref`, `d = max / -8`) and than torchao's absmax / 7.5, which
+    clips a positive extreme to 7; each group never further than absmax's."""
+    import gguf
+
+    spec = get_recipe("llama-cpp-q4-0").fake_quant.weight
+    torch.manual_seed(0)
+    for w in (torch.randn(shape) * 0.02, torch.distributions.StudentT(3.0).sample(shape) * 0.02):
+        q4_0 = gguf.GGMLQuantizationType.Q4_0
+        llama_cpp = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q4_0), q4_0))
+
+        def error(scale, w=w):
+            return (LearnedScaleFakeQuantizer(spec, scale)(w).detach() - w).square().reshape(-1, 32).sum(-1)
+
+        start, absmax = initial_scale(w, spec), initial_scale(w, spec, "absmax")
+        assert (error(start) <= error(absmax)).all()
+        assert error(start).sum() < 0.95 * (llama_cpp.reshape(w.shape) - w).square().sum()
+        assert error(absmax).sum() > (llama_cpp.reshape(w.shape) - w).square().sum()  # the gap the issue found
+
+
+@pytest.mark.parametrize("recipe_name", ["llama-cpp-q4-0", DEFAULT_RECIPE, "int8-dynamic-act-int8-weight"])
+def test_extreme_scales_hold_each_groups_largest_weight_exactly(recipe_name):
+    """The `extreme` rule (`finalize --ptq`'s default): llama-cpp-q4-0's scale is llama.cpp's `d = max / -8` (on
+    the recipe's bf16 grid), so the group's largest-magnitude weight quantizes to -8; on a positive-scale grid it is
+    the smallest scale that clips nothing: the group's largest or smallest weight lands on its end of the grid."""
+    spec = get_recipe(recipe_name).fake_quant.weight if get_recipe(recipe_name).fake_quant else SPEC
+    torch.manual_seed(0)
+    w = torch.randn(8, 256) * 0.02
+    w[0, 3], w[1, 40] = 0.3, -0.3
+    scale = initial_scale(w, spec, "extreme")
+    size = spec.group_size or w.shape[-1]
+    groups = w.reshape(w.shape[0], -1, size)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    ratio = groups / scale.unsqueeze(-1)
+    if spec.signed_scale:
+        want = extreme / -8
+        want = want.to(spec.scale_dtype).float() if spec.scale_dtype else want
+        assert torch.equal(scale, want) and bool((scale < 0).any())
+        codes = ratio.gather(-1, groups.abs().argmax(-1, keepdim=True)).round()
+        assert bool((codes == -8).all())
+    else:
+        assert bool((scale > 0).all())
+        assert bool((ratio.round() >= spec.qmin).all() and (ratio.round() <= spec.qmax).all())  # nothing clipped
+        binding = torch.maximum(ratio.amax(-1) / spec.qmax, ratio.amin(-1) / spec.qmin)
+        torch.testing.assert_close(binding, torch.ones_like(binding), rtol=4e-3 if spec.scale_dtype else 1e-6, atol=0)
+
+
+def test_default_scale_lr_is_relative_to_the_scales_magnitude():
+    """llama-cpp-q4-0's starting scales are about half negative (Q4_0's signed `d`): the default scale lr is 1.75%
+    of their median magnitude, positive, not of their signed median (near zero, or below it: on a fine-tuned
+    SmolLM2 the extreme start gave a negative lr, gradient ascent on the scales)."""
+    from types import SimpleNamespace
+
+    from forge_qat.train.optim import SCALE_LR_RELATIVE, scale_learning_rate
+
+    model = _tiny()
+    prepare_qat(model, get_recipe("llama-cpp-q4-0"), learn=LearnScales(init="extreme"))
+    scales = torch.cat([p.detach().flatten() for p in learned_scales(model).values()])
+    assert (scales < 0).float().mean() > 0.3 and scales.median() < 0.7 * scales.abs().median()
+    lr = scale_learning_rate(model, SimpleNamespace(qat=SimpleNamespace(qat_scale_lr=None)))
+    assert lr == pytest.approx(SCALE_LR_RELATIVE * scales.abs().median().item(), rel=0.05) and lr > 0

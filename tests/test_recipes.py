@@ -102,3 +102,19 @@ def test_docs_recipe_table_matches_registry():
     recipe_table_markdown = recipe_docs.recipe_table_markdown
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert recipe_table_markdown() in readme
+
+
+def test_ptq_scale_rules_are_valid_and_only_where_a_chosen_scale_is_taken():
+    """`Recipe.ptq_scales` names a `--ptq-scales` rule; a rule other than absmax only where the recipe's torchao
+    tensor takes a chosen scale (else finalize could not honour it); extreme for the int4 grids, as measured."""
+    import typing
+
+    from forge_qat.qat.config import SCALE_INITS
+    from forge_qat.qat.fake_quant import ScaleInit
+
+    assert set(SCALE_INITS) == set(typing.get_args(ScaleInit))
+    for recipe in RECIPES.values():
+        assert recipe.ptq_scales in SCALE_INITS, recipe.name
+        assert recipe.ptq_scales == "absmax" or recipe.learnable_scales, recipe.name
+    assert get_recipe("llama-cpp-q4-0").ptq_scales == get_recipe(DEFAULT_RECIPE).ptq_scales == "extreme"
+    assert get_recipe("int8-dynamic-act-int2-weight").ptq_scales == "absmax"

@@ -22,6 +22,9 @@ class Comparison:
     float_result: EvalResult
     ptq_result: EvalResult
     qat_result: EvalResult
+    ptq_scales: str = "absmax"
+    """Where the PTQ artifact's weight scales come from (`FinalizeReport.weight_scales`: mse, chosen by error,
+    or absmax): the better PTQ's scales, the less a QAT run has to recover."""
 
     @property
     def degradation(self) -> float:
@@ -58,7 +61,7 @@ class Comparison:
 
     def rows(self) -> list[dict]:
         return [dict(label=label, **r.to_dict()) for label, r in
-                (("float fine-tune", self.float_result), ("PTQ of float", self.ptq_result),
+                (("float fine-tune", self.float_result), (f"PTQ of float ({self.ptq_scales} scales)", self.ptq_result),
                  ("QAT converted", self.qat_result))]
 
     def finals(self) -> dict[str, float]:
@@ -77,12 +80,15 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"rows": self.rows(), "qat_recovers_fraction_of_ptq_degradation": self.recovered,
                 "ptq_degradation": self.degradation, "ptq_degradation_noise": self.degradation_noise,
-                "within_noise": self.within_noise, "sequences": len(self.float_result.sequences)}
+                "within_noise": self.within_noise, "sequences": len(self.float_result.sequences),
+                "ptq_weight_scales": self.ptq_scales}
 
 
 def compare(float_model: str, ptq_model: str, qat_model: str, data: str, **kw) -> Comparison:
-    check_one_model(float_model, ptq_model, qat_model)
-    return Comparison(*(evaluate_model(m, data, **kw) for m in (float_model, ptq_model, qat_model)))
+    ptq = check_one_model(float_model, ptq_model, qat_model)
+    # artifacts written before forge recorded it chose their PTQ scales by absmax
+    return Comparison(*(evaluate_model(m, data, **kw) for m in (float_model, ptq_model, qat_model)),
+                      ptq_scales=ptq.report.get("weight_scales", "absmax"))
 
 
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -91,10 +97,10 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_si
 """The config fields two models must share to be one model in three forms."""
 
 
-def check_one_model(float_model: str, ptq_model: str, qat_model: str) -> None:
+def check_one_model(float_model: str, ptq_model: str, qat_model: str) -> ArtifactMeta:
     """A recovered share means something only for one model in three forms: the float fine-tune, its PTQ
     artifact, and the QAT artifact, of one architecture and tokenizer, both artifacts of one recipe. Anything
-    else is refused before evaluating, naming what differs."""
+    else is refused before evaluating, naming what differs. Returns the PTQ artifact's metadata."""
     paths = {"--float": _model_path(float_model), "--ptq": _model_path(ptq_model), "--qat": _model_path(qat_model)}
     if is_quantized_artifact(paths["--float"]):
         raise InputError(f"--float {float_model} is a quantized artifact; give the float fine-tuned checkpoint (or "
@@ -127,6 +133,7 @@ def check_one_model(float_model: str, ptq_model: str, qat_model: str) -> None:
     source = Path(metas["--ptq"].source)
     if source.exists() and paths["--float"].exists() and source.resolve() != paths["--float"].resolve():
         log.warning("the PTQ artifact was converted from %s, not from --float %s", source, paths["--float"])
+    return metas["--ptq"]
 
 
 def _model_path(spec: str) -> Path:

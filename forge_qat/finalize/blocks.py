@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,19 +94,21 @@ def _materialise(model: torch.nn.Module, block: Block, reader: TensorReader,
     return module
 
 
-def _block_scales(learned: Mapping[str, torch.Tensor] | None, block: Block, parent_name: str) -> LearnScales | None:
-    """The learned scales of one block, named as inside its holder (`<last>.self_attn.q_proj...`)."""
-    if learned is None:
-        return None
+def _block_scales(learn: LearnScales | None, block: Block, parent_name: str) -> LearnScales | None:
+    """One block's share of `learn`: its learned scales, named as inside its holder (`<last>.self_attn.q_proj...`),
+    or the rule that chooses them from the block's weights."""
+    if learn is None or learn.initial is None:
+        return learn
     strip = len(parent_name) + 1 if parent_name else 0
-    return LearnScales(initial={k[strip:]: v for k, v in learned.items() if k.startswith(block.prefix)})
+    return replace(learn, initial={k[strip:]: v for k, v in learn.initial.items() if k.startswith(block.prefix)})
 
 
 def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader: TensorReader, recipe: Recipe,
                    stats: StreamStats, after_block=lambda: None, device: torch.device = torch.device("cpu"),
-                   learned: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   learn: LearnScales | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (state-dict name, tensor) in state-dict order, one converted block at a time, converted on
-    `device` (the recipe's convert device). `learned`: the checkpoint's learned weight scales, if any."""
+    `device` (the recipe's convert device). `learn`: the weight scales to convert with (the checkpoint's learned
+    ones, or the rule choosing them; `forge_qat.finalize.job.ConvertJob.learn_scales`); None: the recipe's."""
     missing = sorted({n for b in blocks for n in b.names} - reader.keys())
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
@@ -124,7 +126,7 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader: TensorRe
         with torch.no_grad():
             block_plan = plan(holder, recipe)
             if block_plan.quantized:
-                prepare_qat(holder, recipe, block_plan, learn=_block_scales(learned, block, parent_name))
+                prepare_qat(holder, recipe, block_plan, learn=_block_scales(learn, block, parent_name))
                 names = convert_qat(holder, recipe)
                 block_converted = [f"{parent_name}.{n}" if parent_name else n for n in names]
         stats.converted += block_converted
@@ -184,7 +186,7 @@ def verify_shards(directory: Path, fmt: str, expected: list[str]) -> None:
 
 def write_streamed(model: torch.nn.Module, reader: TensorReader, recipe: Recipe, directory: Path, fmt: str,
                    max_shard_bytes: int, device: torch.device = torch.device("cpu"),
-                   learned: Mapping[str, torch.Tensor] | None = None) -> tuple[StreamStats, list[Path], int]:
+                   learn: LearnScales | None = None) -> tuple[StreamStats, list[Path], int]:
     """Convert and write every block; returns the statistics, the shards and the bytes written."""
     trim = release_large_frees_to_os()
     stats = StreamStats()
@@ -192,7 +194,7 @@ def write_streamed(model: torch.nn.Module, reader: TensorReader, recipe: Recipe,
     names = [n for b in blocks for n in b.names]
     writer = ShardWriter(directory, fmt, names, max_shard_bytes)
     for name, tensor in convert_blocks(model, blocks, reader, recipe, stats, after_block=trim, device=device,
-                                       learned=learned):
+                                       learn=learn):
         check_finite(name, tensor)
         writer.add(name, tensor)
     if not stats.converted:

@@ -80,8 +80,7 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
     sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
     lora_measured = {}
     with torch.no_grad():
-        scales = job.read_learned_scales()
-        learn = LearnScales(initial=scales) if scales is not None else None
+        learn = job.learn_scales()
         if job.lora is None:
             float_logits = model(sample).logits
             coverage = prepare_qat(model, job.recipe, learn=learn)

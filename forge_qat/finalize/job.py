@@ -4,12 +4,13 @@ it and the checkpoint's metadata alone, the destination check, and where and in 
 Called by every finalize route (`forge_qat.finalize.convert`, `.streaming`, `.live`) before any weight loads.
 """
 
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from forge_qat.errors import ConfigError, InputError
+from forge_qat.errors import ConfigError, InputError, choices_message
 from forge_qat.formats import adapters as adapter_files
 from forge_qat.formats.artifact import DEFAULT_MAX_SHARD_BYTES
 from forge_qat.formats.artifact_meta import is_forge_artifact
@@ -18,6 +19,8 @@ from forge_qat.formats.checkpoint import LEARNED_SCALES, CheckpointMeta, read_ch
 from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.lora.config import LoraConfig
 from forge_qat.models import check_model_dir, is_quantized_artifact
+from forge_qat.qat.fake_quant import ScaleInit
+from forge_qat.qat.prepare import LearnScales
 from forge_qat.qat.registry import Recipe, get_recipe, recipe_names
 
 STREAMING_THRESHOLD_BYTES = 2 * 1024**3
@@ -37,12 +40,18 @@ class FinalizeRequest:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     streaming: bool | None = None
     """Convert block by block with bounded memory (None: when the float weights exceed 2 GB)."""
+    ptq_scales: ScaleInit | None = None
+    """Post-training quantization: how the weight scales are chosen (`forge_qat.qat.fake_quant.ScaleInit`) for
+    recipes whose torchao tensor takes chosen scales (`Recipe.learnable_scales`; others use their quantizer's);
+    None: the recipe's `ptq_scales`."""
 
     def __post_init__(self) -> None:
         for name in ("qat_convert", "ptq"):
             if not isinstance(getattr(self, name), Recipe | None):  # a name: resolve it where it was given
                 raise TypeError(f"FinalizeRequest.{name} takes a Recipe (forge_qat.qat.registry.get_recipe), "
                                 f"got {getattr(self, name)!r}")
+        if self.ptq_scales is not None and self.ptq_scales not in typing.get_args(ScaleInit):
+            raise ConfigError(choices_message("--ptq-scales rule", self.ptq_scales, list(typing.get_args(ScaleInit))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,21 @@ class ConvertJob:
 
     lora: LoraConfig | None = None
     """The LoRA settings the checkpoint trained with: its adapters are merged (W + s*B@A) before converting."""
+    chosen_scales: ScaleInit | None = None
+    """Post-training quantization with scales chosen by this rule (`--ptq-scales`) instead of the recipe's
+    dynamic quantizer's (absmax); None: the quantizer's, or the learned ones."""
+
+    @property
+    def weight_scales(self) -> str:
+        """Where the artifact's weight scales come from: learned, or the `ScaleInit` rule that chose them."""
+        return "learned" if self.learned_scales else self.chosen_scales or "absmax"
+
+    def learn_scales(self) -> LearnScales | None:
+        """The scales prepare installs before convert: the checkpoint's learned ones, the error-chosen start
+        (`chosen_scales`), or None (the recipe's dynamic quantizer)."""
+        if self.learned_scales:
+            return LearnScales(initial=self.read_learned_scales())
+        return LearnScales(init=self.chosen_scales) if self.chosen_scales else None
 
     def read_adapters(self) -> dict[str, torch.Tensor] | None:
         if self.lora is None:
@@ -87,6 +111,14 @@ def choose_job(req: FinalizeRequest) -> ConvertJob:
     whose kernels this machine lacks is refused here, before anything loads."""
     job = _choose_recipe_job(req)
     job.recipe.check_convert_hardware()
+    rule = req.ptq_scales or job.recipe.ptq_scales
+    if job.mode == "ptq" and rule != "absmax":
+        if job.recipe.learnable_scales:
+            job = replace(job, chosen_scales=rule)
+        else:
+            job = replace(job, notes=(*job.notes, f"--ptq-scales {rule} does not apply to {job.recipe.name} (its "
+                                                  f"torchao tensor takes no chosen scale): its weight scales are "
+                                                  f"absmax's"))
     if not job.recipe.artifact_activations:
         note = (f"{job.recipe.name}'s activation quantization has no torchao form: this artifact runs float "
                 f"activations in transformers (its weights are the trained ones); `forge export --to gguf` writes "

@@ -38,6 +38,9 @@ class FinalizeReport:
     streaming: bool = False
     learned_scales: bool = False
     """Whether the weight scales are those the checkpoint learned (`--qat-learn-scales`)."""
+    weight_scales: str = "absmax"
+    """Where the weight scales come from: learned (the checkpoint's), or the rule that chose them
+    (`forge_qat.qat.fake_quant.ScaleInit`: extreme, mse, or absmax, the recipe's own quantizer)."""
     lora_merged: int = 0
     """Weights into which LoRA adapters were merged (W + s*B@A) before converting."""
     lora_trained_vs_artifact: float = math.nan
@@ -72,7 +75,8 @@ def written_report(job, req, coverage: Coverage, converted: list[str], fmt: str,
         dest=req.dest, recipe=job.recipe.name, mode=job.mode, notes=list(job.notes), converted=len(converted),
         by_module=dict(Counter(map(weight_kind, converted))), coverage=coverage.to_dict(), format=fmt,
         format_reason=reason, bits_per_weight=8 * quantized_bytes / max(quantized_numel, 1),
-        shards=[s.name for s in shards], learned_scales=job.learned_scales, **measured)
+        shards=[s.name for s in shards], learned_scales=job.learned_scales,
+        weight_scales=job.weight_scales, **measured)
 
 
 def planned_report(job, req, skeleton: torch.nn.Module, coverage: Coverage) -> FinalizeReport:
@@ -90,4 +94,5 @@ def planned_report(job, req, skeleton: torch.nn.Module, coverage: Coverage) -> F
                           converted=len(coverage.quantized),
                           by_module=dict(Counter(map(weight_kind, coverage.quantized))),
                           coverage=coverage.to_dict(), float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
+                          learned_scales=job.learned_scales, weight_scales=job.weight_scales,
                           format=choose_format(req.fmt, job.recipe.safetensors, [])[0])

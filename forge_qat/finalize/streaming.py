@@ -57,7 +57,7 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
             reader = lora_mod.MergedReader(reader, adapters, job.lora.scaling)
             lora_measured["lora_merged"] = len(lora_mod.adapted_weights(adapters))
         stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,
-                                              learned=job.read_learned_scales())
+                                              learn=job.learn_scales())
         if set(stats.converted) != set(coverage.quantized):
             raise ConversionError(f"the block-by-block convert quantized {len(stats.converted)} weights, the "
                                   f"coverage plan {len(coverage.quantized)}; nothing was written")

@@ -130,8 +130,9 @@ def read_learned_scales(ckpt: Path) -> dict | None:
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
     for name, value in scales.items():
-        if fault := value_fault(value, positive=True):
-            raise InputError(f"{path}: {name} holds {fault}; learned scales are positive finite floats (the file "
+        if fault := value_fault(value, nonzero=True):
+            # negative ones are valid where the recipe's grid stores a signed scale (prepare checks that)
+            raise InputError(f"{path}: {name} holds {fault}; learned scales are finite nonzero floats (the file "
                              f"was edited or damaged)")
     return scales
 

@@ -152,13 +152,13 @@ def check_shapes(source: Path, what: str, tensors: dict, expected: dict) -> None
                              f"{list(expected[name])} (the file was edited or belongs to another model)")
 
 
-def value_fault(value: torch.Tensor, positive: bool = False) -> str | None:
+def value_fault(value: torch.Tensor, nonzero: bool = False) -> str | None:
     """What makes a tensor read from a file unusable as trained values, in words (non-float, NaN or inf, and with
-    `positive` values <= 0), or None: the one check of learned scales and adapters as they are read."""
+    `nonzero` zeros), or None: the one check of learned scales and adapters as they are read."""
     if not value.is_floating_point():
         return f"{str(value.dtype).removeprefix('torch.')} values"
     if not bool(value.isfinite().all()):
         return f"{int((~value.isfinite()).sum())} non-finite values (NaN or inf)"
-    if positive and not bool((value > 0).all()):
-        return f"{int((value <= 0).sum())} values <= 0"
+    if nonzero and not bool((value != 0).all()):
+        return f"{int((value == 0).sum())} zeros"
     return None

@@ -31,7 +31,7 @@ LINEAR_SWAPS: tuple[LinearSwap, ...] = (
 )
 
 
-SCALE_INITS = ("mse", "absmax")
+SCALE_INITS = ("mse", "absmax", "extreme")
 """`--qat-scale-init` choices (`forge_qat.qat.fake_quant.ScaleInit`, which imports torch)."""
 
 NO_RECIPE = "none"
@@ -55,7 +55,8 @@ class QatConfig:
                                               "median starting value).", resume_fixed=True)
     qat_scale_init: str = option("mse", "Where learned scales start: 'mse' searches each group's scale for the "
                                         "least squared error of its quantized weights (0.8-1x of absmax); "
-                                        "'absmax' starts where plain QAT does.", resume_fixed=True)
+                                        "'absmax' starts where plain QAT does; 'extreme' holds each group's "
+                                        "largest weight exactly (llama.cpp's Q4_0 rule).", resume_fixed=True)
     fp8_recipe: str | None = option(None, "torchao float8 training recipe (CUDA sm89+ only).")
     recipe: Recipe | None = field(init=False, default=None, repr=False, compare=False)
     """The registry record of `recipe_name`, resolved once when the section is built: every consumer takes it

@@ -56,7 +56,7 @@ def _convert_with_learned_scales(model: torch.nn.Module, modules: dict[str, torc
     handler = quantize_handler(base)
     for name in sorted(names):
         prepared = modules[name]
-        scale = prepared.weight_fake_quantizer.scale.detach().to(prepared.weight.device)
+        scale = prepared.weight_fake_quantizer.converted_scale(prepared.weight)
         if int8:  # its handler takes no custom scale: the same tensor, built with the learned one
             linear = prepared.to_linear()
             linear.weight = torch.nn.Parameter(int8_weight_with_scale(linear.weight.detach(), base, scale),

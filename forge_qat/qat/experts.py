@@ -311,7 +311,7 @@ def convert(module: torch.nn.Module, recipe) -> list[str]:
     names = [name for name, q in per_projection.items() if q.weight_fake_quantizer is not None]
     for name in names:
         wq = per_projection[name].weight_fake_quantizer
-        learned = wq.scale.detach() if isinstance(wq, LearnedScaleFakeQuantizer) else None
+        learned = wq.converted_scale(getattr(module, name)) if isinstance(wq, LearnedScaleFakeQuantizer) else None
         recipe.convert_expert_stack(recipe.base_config(), module, name, learned)
     delattr(module, FAKE_QUANT_ATTR)
     module.__class__ = _ORIGINAL_CLASSES[type(module)]

@@ -50,6 +50,12 @@ class AffineSpec:
     """torchao: scales and values as torchao's quantize/dequantize compute them. ggml: llama.cpp's Q8_0
     activation quantization (symmetric only): scale d = amax / qmax, values round(x * (qmax / amax)) in
     [-qmax, qmax], dequantized with d rounded to `scale_dtype` (fp16, as the block stores it)."""
+    signed_scale: bool = False
+    """Whether a chosen (learned or searched) weight scale may be negative, for formats that store it signed
+    (GGUF's Q4_0 `d`): the grid's longer end (-8 of [-8, 7]) then takes the extreme of either sign, as
+    llama.cpp's quantizer maps the signed extreme to -8 (`d = max / -8`), where torchao's absmax / 7.5 clips a
+    positive extreme to 7. Only for recipes whose every deployment takes a negative scale (XNNPACK refuses
+    one)."""
 
     def __post_init__(self) -> None:
         if self.granularity == "per_group" and not self.group_size:
@@ -201,11 +207,16 @@ class AffineFakeQuantizer(torch.nn.Module):
         return repr(self.spec)
 
 
-ScaleInit = Literal["mse", "absmax"]
-"""Where learned scales start. absmax: the scales the dynamic quantizer chooses (the weight's largest magnitude
-on the grid's edge), so training starts where plain QAT does. mse: per group (per row for per-channel
-grids), the candidate `SCALE_SEARCH_FACTORS` x absmax whose quantized weights are nearest the float ones in
-squared error: clipping a few outliers buys a finer grid for the rest."""
+ScaleInit = Literal["mse", "absmax", "extreme"]
+"""How weight scales are chosen from the weights: where learned scales start, and the scales `finalize --ptq`
+uses (`--ptq-scales`). absmax: the scales the dynamic quantizer chooses (torchao's largest magnitude / 7.5 for
+int4, which rounds a positive extreme to 8 and clips it to 7), so training starts where plain QAT does. mse: per
+group (per row for per-channel grids), the candidate `SCALE_SEARCH_FACTORS` x absmax whose quantized weights are
+nearest the float ones in squared error: clipping a few outliers buys a finer grid for the rest; for a grid with
+`AffineSpec.signed_scale`, the same multiples of llama.cpp's signed scale (the signed extreme on -8) are
+candidates too. extreme: the finest scale that holds the group's largest-magnitude weight exactly: llama.cpp's
+Q4_0 rule (`d = max / -8`, where a weight of the other sign as large rounds to 8 and is clipped to 7) on a
+signed-scale grid, max(largest / 7, -smallest / 8) on int4 otherwise (nothing clipped)."""
 
 SCALE_SEARCH_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(21))
 """Candidates of the mse start, as multiples of the absmax scale: 1.00 first (a tie keeps it; the start is
@@ -228,6 +239,8 @@ def initial_scale(weight: torch.Tensor, spec: AffineSpec, init: ScaleInit = "mse
         raise ValueError(f"unknown scale init {init!r}")
     rows = weight.shape[:-1]
     grouped = _grouped(weight.detach(), spec)
+    if init == "extreme":
+        return _extreme_scale(grouped, spec).reshape(*rows, -1)
     scale, _ = choose_qparams(grouped, spec)
     scale = scale.to(torch.float32)
     if init == "mse":
@@ -236,30 +249,62 @@ def initial_scale(weight: torch.Tensor, spec: AffineSpec, init: ScaleInit = "mse
 
 
 @torch.no_grad()
+def _extreme_scale(grouped: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """Per row of `grouped`, the `extreme` rule's scale (see `ScaleInit`) in float32, on the recipe's scale dtype's
+    grid as the learned forward applies it, a chunk of rows at a time."""
+    out = []
+    rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // grouped.shape[-1])
+    eps = spec.eps if spec.eps is not None else torch.finfo(grouped.dtype).smallest_normal
+    for start in range(0, grouped.shape[0], rows_per_chunk):
+        w = grouped[start:start + rows_per_chunk].to(torch.float32)
+        if spec.signed_scale:
+            scale = _signed_extreme_scale(w, spec)
+        else:
+            top = w.amax(-1, keepdim=True).clamp(min=0) / spec.qmax
+            bottom = w.amin(-1, keepdim=True).clamp(max=0) / spec.qmin
+            scale = torch.maximum(top, bottom).clamp(min=eps)
+        out.append(scale.to(spec.scale_dtype).to(torch.float32) if spec.scale_dtype is not None else scale)
+    return torch.cat(out)
+
+
+def _signed_extreme_scale(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """Per row of `w` (float32), llama.cpp's Q4_0 scale generalized to the grid: the element of largest
+    magnitude divided by the grid's negative end (`d = max / -8`), so that element quantizes to qmin exactly."""
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))
+    scale = extreme / float(spec.qmin)
+    eps = spec.eps if spec.eps is not None else torch.finfo(w.dtype).smallest_normal
+    return torch.where(scale.abs() < eps, torch.full_like(scale, eps), scale)  # an all-zero row: as absmax's
+
+
+@torch.no_grad()
 def _searched_scale(grouped: torch.Tensor, absmax: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
-    """Per row of `grouped`, the candidate multiple of `absmax` (float32, one per row) with the least squared
-    quantization error, the candidate applied as the learned forward applies it (rounded to the recipe's
-    scale dtype, values multiplied by the inverse scale) and returned as applied (on that dtype's grid, as
-    the absmax start is)."""
+    """Per row of `grouped`, the candidate multiple of `absmax` (float32, one per row), and for a signed-scale
+    grid of the signed extreme's scale, with the least squared quantization error, the candidate applied as
+    the learned forward applies it (rounded to the recipe's scale dtype, values multiplied by the inverse
+    scale) and returned as applied (on that dtype's grid, as the absmax start is). absmax x 1.00 is tried
+    first and a tie keeps the earlier candidate: the result is never further from the weights than absmax's."""
     best = absmax.clone()
     rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // grouped.shape[-1])
     for start in range(0, grouped.shape[0], rows_per_chunk):
         w = grouped[start:start + rows_per_chunk].to(torch.float32)
-        s0 = absmax[start:start + rows_per_chunk]
+        bases = [absmax[start:start + rows_per_chunk]]
+        if spec.signed_scale:
+            bases.append(_signed_extreme_scale(w, spec))
         chosen = best[start:start + rows_per_chunk]
         least = None
-        for factor in SCALE_SEARCH_FACTORS:
-            applied = s0 * factor
-            if spec.scale_dtype is not None:
-                applied = applied.to(spec.scale_dtype)
-            q = (w * (1.0 / applied)).round_().clamp_(spec.qmin, spec.qmax).mul_(applied)
-            err = q.sub_(w).square_().sum(-1, keepdim=True)
-            if least is None:
-                least = err
-                continue
-            better = err < least
-            least = torch.where(better, err, least)
-            chosen.copy_(torch.where(better, applied.to(torch.float32), chosen))
+        for base in bases:
+            for factor in SCALE_SEARCH_FACTORS:
+                applied = base * factor
+                if spec.scale_dtype is not None:
+                    applied = applied.to(spec.scale_dtype)
+                q = (w * (1.0 / applied)).round_().clamp_(spec.qmin, spec.qmax).mul_(applied)
+                err = q.sub_(w).square_().sum(-1, keepdim=True)
+                if least is None:
+                    least = err
+                    continue
+                better = err < least
+                least = torch.where(better, err, least)
+                chosen.copy_(torch.where(better, applied.to(torch.float32), chosen))
     return best
 
 
@@ -336,6 +381,13 @@ class LearnedScaleFakeQuantizer(torch.nn.Module):
         out_dtype = consumer_dtype(w)  # read before autocast is switched off below
         with torch.autocast(w.device.type, enabled=False):
             return _LearnedFakeQuantize.apply(w, scale, self.spec, out_dtype)
+
+    def converted_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The scale convert hands torchao for `weight`: on its device, and in its dtype where the recipe names no
+        scale dtype (as torchao's own choice would be): a float32 scale in a bf16 model's tensor is cast to bf16
+        when stock transformers loads the artifact, which then would not reproduce the converted model."""
+        scale = self.scale.detach().to(weight.device)
+        return scale if self.spec.scale_dtype is not None else scale.to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.spec!r}, learned scale {tuple(self.scale.shape)}"

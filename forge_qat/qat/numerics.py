@@ -7,7 +7,7 @@ first use.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torchao.core.config import AOBaseConfig
@@ -145,12 +145,17 @@ def int4_bf16_scales(tables: str | None) -> Numerics:
     return Numerics(base_config=_int4_bf16_scales, fake_quant=INT4_BF16_SCALES, embeddings=tables_of(tables))
 
 
+GGML_Q4_0 = replace(INT4_BF16_SCALES.weight, signed_scale=True)
+"""llama.cpp's Q4_0 weight grid: int4 per group of 32, the scale stored signed (bf16 here, held exactly by the
+block's fp16 `d` where it is a normal fp16), so a chosen scale may put the group's extreme of either sign on -8."""
+
+
 def llama_cpp_q4_0(tables: str | None) -> Numerics:
     """Weight-only torchao artifact of llama.cpp's Q4_0 grid, trained with its Q8_0 activations."""
     return Numerics(
         base_config=lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32),
                                                  scale_dtype=torch.bfloat16),
-        fake_quant=LinearQuantizers(activation=GGML_Q8_0, weight=INT4_BF16_SCALES.weight),
+        fake_quant=LinearQuantizers(activation=GGML_Q8_0, weight=GGML_Q4_0),
         embeddings=tables_of(tables, activation=GGML_Q8_0),
     )
 

@@ -199,6 +199,10 @@ def _learn_scales(model: torch.nn.Module, learn: LearnScales) -> None:
                 raise InputError(f"the checkpoint's learned scale {name + SCALE_SUFFIX} has shape "
                                  f"{list(scale.shape)}, the weight's grid needs {want} (the file was edited or "
                                  f"belongs to another model)")
+            if not quantizer.spec.signed_scale and bool((scale < 0).any()):
+                raise InputError(f"the checkpoint's learned scale {name + SCALE_SUFFIX} holds "
+                                 f"{int((scale < 0).sum())} negative values; this recipe's grid stores positive "
+                                 f"scales (the file was edited or belongs to another recipe)")
             scale = scale.to(site.weight.device)
         elif (scale := learn.unread(site.weight, quantizer.spec, learn.init)) is None:
             with learn.gather(site.weight):

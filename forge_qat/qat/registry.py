@@ -90,6 +90,12 @@ class Recipe:
     tables: Literal["int8"] | None = None
     """How the input embedding and output head are quantized (`TABLE_KINDS`; tied ones share the grid); None:
     kept in float."""
+    ptq_scales: str = "absmax"
+    """How `finalize --ptq` chooses this recipe's weight scales when `--ptq-scales` does not say (a
+    `forge_qat.qat.config.SCALE_INITS` rule; only for `learnable_scales` recipes, whose torchao tensor takes a
+    chosen scale). extreme for the int4 grids, where it was measured: llama.cpp's perplexity of a fine-tuned
+    SmolLM2-135M's llama-cpp-q4-0 PTQ is 12.08 with it against 13.42 with absmax (docs/benchmarks.md). absmax
+    elsewhere: on int2's four levels holding the extreme exactly leaves one level for the rest of the group."""
     compressed_tensors: Literal["W8A8", "W4A16"] | None = None
     """The compressed-tensors scheme (vLLM, SGLang) that holds this recipe's artifact exactly
     (`forge export --to compressed-tensors`); None: not exported there."""
@@ -169,6 +175,7 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe(
             name="int8-dynamic-act-int4-weight",
+            ptq_scales="extreme",
             description="int8 per-token dynamic activations, int4 per-group(32) symmetric weights",
             numerics=lambda r: _numerics().intx_dynamic(4),
             storage_bits=8,  # IntxUnpackedToInt8Tensor: int4 values held one per int8
@@ -179,6 +186,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="int8-dynamic-act-int4-weight-bf16-scales",
+            ptq_scales="extreme",
             description="the default recipe with bf16 weight scales: the grid GGUF Q4_0 and XNNPACK store exactly",
             numerics=lambda r: _numerics().int4_bf16_scales(r.tables),
             storage_bits=8,
@@ -189,6 +197,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="int8-dynamic-act-int4-weight-int8-embeddings",
+            ptq_scales="extreme",
             description="the bf16-scales recipe with int8 per-row embedding and output head: small end to end",
             numerics=lambda r: _numerics().int4_bf16_scales(r.tables),
             tables="int8",
@@ -200,6 +209,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="llama-cpp-q4-0",
+            ptq_scales="extreme",
             description="llama.cpp's Q4_0 numerics: int4 per-group(32) weights, int8 per-block(32) activations "
                         "(Q8_0), int8 embedding and head; for GGUF",
             numerics=lambda r: _numerics().llama_cpp_q4_0(r.tables),
@@ -230,6 +240,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         *(Recipe(
             name="w4a16" if group == 128 else f"w4a16-g{group}",
+            ptq_scales="extreme",
             description=f"int4 per-group({group}) symmetric weights, activations in the model dtype: "
                         f"compressed-tensors W4A16 for vLLM/SGLang; converts on CPU",
             numerics=lambda r, group=group: _numerics().w4a16(group),

@@ -48,11 +48,12 @@ SCALE_LR_RELATIVE = 0.0175
 
 def scale_learning_rate(model: torch.nn.Module, cfg: TrainConfig) -> float | None:
     """The peak learning rate of the model's learned scales: `--qat-scale-lr` when given, else
-    `SCALE_LR_RELATIVE` times the median of the scales as they start. Adam moves every element by about its
-    learning rate per step whatever the gradient's size, and scales are as large as the weights they divide
-    (int4 groups of SmolLM2-135M: median 0.058; its int8 rows: 0.005): so one absolute default would move
-    one model's (or recipe's) scales by a percent a step and another's by a fifth. Relative to their own size
-    every scale moves alike. Called before the engine partitions the scales (every rank computes the same
+    `SCALE_LR_RELATIVE` times the median magnitude of the scales as they start (a signed-scale grid's,
+    llama-cpp-q4-0's, are about half negative: their plain median is near zero or below it). Adam moves every
+    element by about its learning rate per step whatever the gradient's size, and scales are as large as the
+    weights they divide (int4 groups of SmolLM2-135M: median 0.058; its int8 rows: 0.005): so one absolute
+    default would move one model's (or recipe's) scales by a percent a step and another's by a fifth. Relative to
+    their own size every scale moves alike. Called before the engine partitions the scales (every rank computes the same
     value from the same whole tensors); on resume the model starts from the same weights, so the value is the
     original run's. None: the model has no learned scales."""
     scales = learned_scales(model)
@@ -61,7 +62,7 @@ def scale_learning_rate(model: torch.nn.Module, cfg: TrainConfig) -> float | Non
     if cfg.qat.qat_scale_lr is not None:
         return cfg.qat.qat_scale_lr
     sample = torch.cat([sample_evenly(p) for _, p in sorted(scales.items())])
-    return SCALE_LR_RELATIVE * sample.median().item()
+    return SCALE_LR_RELATIVE * sample.abs().median().item()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float,
