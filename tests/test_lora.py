@@ -385,3 +385,18 @@ def test_the_self_teacher_of_a_lora_student_is_its_frozen_base(mode, monkeypatch
     with torch.no_grad():
         torch.testing.assert_close(seen["teacher"], base(x).logits, rtol=0, atol=0)
         assert not torch.equal(model(x).logits, base(x).logits)  # the adapters and fake quant are back on
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ptq_of_a_lora_checkpoint_chooses_scales_from_the_merged_weights(lora_runs, tmp_path, streaming):
+    """`--ptq` of a LoRA checkpoint with the recipe's extreme rule: streamed, the merged weights are read and the
+    rule applies to them; in memory the model is prepared before the adapters merge, so the rule is not applied
+    and a note says so (absmax scales), rather than choosing the base weights' scales."""
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    report = finalize(FinalizeRequest(source=lora_runs / "merged", dest=tmp_path / "a", streaming=streaming,
+                                      ptq=get_recipe("int8-dynamic-act-int4-weight")))
+    assert report.lora_merged == 14 and report.mode == "ptq"
+    assert report.weight_scales == ("extreme" if streaming else "absmax")
+    assert streaming != any("not applied to a LoRA checkpoint" in n for n in report.notes)

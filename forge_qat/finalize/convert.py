@@ -9,6 +9,7 @@ into place; large checkpoints and ZeRO states go block by block (`forge_qat.fina
 """
 
 import logging
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -73,6 +74,13 @@ def _dry_run(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport:
 
 
 def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport:
+    if job.lora is not None and job.chosen_scales:
+        # in memory the model is prepared (its scales chosen) before the adapters merge into the weights: the rule
+        # would choose the base weights' scales; block by block the merged weights are read, and it applies
+        job = replace(job, chosen_scales=None, notes=(
+            *job.notes, f"--ptq-scales {job.chosen_scales} is not applied to a LoRA checkpoint finalized in memory "
+                        f"(its scales would be chosen before the adapters merge): absmax scales; --streaming "
+                        f"applies it"))
     device, dtype = convert_placement(job)
     model, tokenizer = load_model(str(job.checkpoint), dtype=dtype, device=device)
     model.eval()

@@ -79,8 +79,8 @@ class ConvertJob:
         return "learned" if self.learned_scales else self.chosen_scales or "absmax"
 
     def learn_scales(self) -> LearnScales | None:
-        """The scales prepare installs before convert: the checkpoint's learned ones, the error-chosen start
-        (`chosen_scales`), or None (the recipe's dynamic quantizer)."""
+        """The scales prepare installs before convert: the checkpoint's learned ones, those `chosen_scales`'s rule
+        chooses from the weights, or None (the recipe's dynamic quantizer)."""
         if self.learned_scales:
             return LearnScales(initial=self.read_learned_scales())
         return LearnScales(init=self.chosen_scales) if self.chosen_scales else None
