@@ -21,7 +21,6 @@ it, and forge's w4a16 would leave those layers float).
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from forge_qat.logs import quiet_libraries
 quiet_libraries("transformers", "forge_qat")
 
 from quality import smollm2_dir, wide_split  # noqa: E402
-from quality_vs_llamacpp import budget_key, train  # noqa: E402
+from quality_vs_llamacpp import budget_args, budget_key, budget_of, per_seed, train  # noqa: E402
 
 RECIPE = "w4a16-g64"
 ROWS = {
@@ -72,13 +71,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gptq-python", default="/tmp/gptq-venv/bin/python", help="llm-compressor's venv's python")
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "forge_qat" / "bench-llamacpp")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256, help="training windows (as bench/quality_vs_llamacpp.py)")
+    budget_args(ap)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--seeds", default="0")
     ap.add_argument("--rows", default=",".join(ROWS))
     args = ap.parse_args()
     chosen = args.rows.split(",")
@@ -86,8 +80,7 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     base = smollm2_dir(args.workdir)
     data = wide_split(args.workdir)
-    budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-              "warmup_steps": max(args.steps // 10, 1)}
+    budget = budget_of(args)
     results_path = args.workdir / "results-gptq.json"
     stored = json.loads(results_path.read_text()) if results_path.is_file() else {}
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -113,7 +106,7 @@ def main() -> None:
                for s in seeds]
         if all(got):
             ppl = [g["perplexity"] for g in got]
-            print(f"| {ROWS[row]} | {statistics.mean(ppl):.3f} | {', '.join(f'{p:.3f}' for p in ppl)} |")
+            print(f"| {ROWS[row]} | {per_seed(ppl)} |")
 
 
 if __name__ == "__main__":

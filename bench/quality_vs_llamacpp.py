@@ -168,15 +168,30 @@ def seed_rows(lcpp: LlamaCpp, base: Path, work: Path, data: tuple[str, str], tex
     return {k: v for k, v in files.items() if k in chosen}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp's source, tools built in build/bin")
+def budget_args(ap: argparse.ArgumentParser) -> None:
+    """The fine-tune's budget, workdir and seeds (shared with bench/quality_vs_gptq.py, which reuses these runs)."""
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "forge_qat" / "bench-llamacpp")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="training windows")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seeds", default="0")
+
+
+def budget_of(args: argparse.Namespace) -> dict:
+    return {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "warmup_steps": max(args.steps // 10, 1)}
+
+
+def per_seed(values: list[float]) -> str:
+    """A table's `mean | per seed` cells."""
+    return f"{statistics.mean(values):.3f} | {', '.join(f'{v:.3f}' for v in values)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp's source, tools built in build/bin")
+    budget_args(ap)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true")
@@ -189,8 +204,7 @@ def main() -> None:
     base = smollm2_dir(args.workdir)
     data = wide_split(args.workdir)
     texts = tuple(text_file(split, args.workdir / "data" / f"{Path(split).stem}.txt") for split in data)
-    budget = {"max_steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-              "warmup_steps": max(args.steps // 10, 1)}
+    budget = budget_of(args)
     results_path = args.workdir / "results.json"
     stored = json.loads(results_path.read_text()) if results_path.is_file() else {}
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -215,12 +229,9 @@ def main() -> None:
     print("| model | size | perplexity (mean over seeds) | per seed |")
     print("|---|---|---|---|")
     for row in chosen:
-        got = [stored[budget_key(args.workdir, budget, s)[0]].get(row) for s in seeds]
-        if not all(got):
-            continue
-        ppl = [g["perplexity"] for g in got]
-        print(f"| {ROWS[row]} | {got[0]['bytes'] / 1e6:.1f} MB | {statistics.mean(ppl):.3f} | "
-              f"{', '.join(f'{p:.3f}' for p in ppl)} |")
+        got = [stored.get(budget_key(args.workdir, budget, s)[0], {}).get(row) for s in seeds]
+        if all(got):
+            print(f"| {ROWS[row]} | {got[0]['bytes'] / 1e6:.1f} MB | {per_seed([g['perplexity'] for g in got])} |")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def _grouped(x: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
 def choose_qparams(xg: torch.Tensor, spec: AffineSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point per row of `xg`, computed exactly as torchao's `choose_qparams_affine`."""
     scale_dtype = spec.scale_dtype or xg.dtype
-    eps = spec.eps if spec.eps is not None else torch.finfo(xg.dtype).smallest_normal
+    eps = _eps(spec, xg.dtype)
     # Two reductions, not torch.aminmax: on CPU builds aminmax over short rows is 6-20x slower.
     lo = torch.clamp(xg.amin(dim=-1, keepdim=True), max=0)
     hi = torch.clamp(xg.amax(dim=-1, keepdim=True), min=0)
@@ -254,7 +254,6 @@ def _extreme_scale(grouped: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
     grid as the learned forward applies it, a chunk of rows at a time."""
     out = []
     rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // grouped.shape[-1])
-    eps = spec.eps if spec.eps is not None else torch.finfo(grouped.dtype).smallest_normal
     for start in range(0, grouped.shape[0], rows_per_chunk):
         w = grouped[start:start + rows_per_chunk].to(torch.float32)
         if spec.signed_scale:
@@ -262,7 +261,7 @@ def _extreme_scale(grouped: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
         else:
             top = w.amax(-1, keepdim=True).clamp(min=0) / spec.qmax
             bottom = w.amin(-1, keepdim=True).clamp(max=0) / spec.qmin
-            scale = torch.maximum(top, bottom).clamp(min=eps)
+            scale = torch.maximum(top, bottom).clamp(min=_eps(spec, grouped.dtype))
         out.append(scale.to(spec.scale_dtype).to(torch.float32) if spec.scale_dtype is not None else scale)
     return torch.cat(out)
 
@@ -272,8 +271,13 @@ def _signed_extreme_scale(w: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
     magnitude divided by the grid's negative end (`d = max / -8`), so that element quantizes to qmin exactly."""
     extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))
     scale = extreme / float(spec.qmin)
-    eps = spec.eps if spec.eps is not None else torch.finfo(w.dtype).smallest_normal
+    eps = _eps(spec, w.dtype)
     return torch.where(scale.abs() < eps, torch.full_like(scale, eps), scale)  # an all-zero row: as absmax's
+
+
+def _eps(spec: AffineSpec, dtype: torch.dtype) -> float:
+    """The smallest scale magnitude: the spec's, else the smallest normal number of `dtype` (torchao's default)."""
+    return spec.eps if spec.eps is not None else torch.finfo(dtype).smallest_normal
 
 
 @torch.no_grad()
