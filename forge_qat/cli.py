@@ -227,7 +227,8 @@ def _size(n: int) -> str:
 
 
 SCALE_SOURCES = {"learned": "learned in training", "mse": "chosen by error (mse search)",
-                 "absmax": "absmax (the recipe's quantizer)", "extreme": "extreme (largest weight held exactly)"}
+                 "absmax": "absmax (the recipe's quantizer)", "extreme": "extreme (largest weight held exactly)",
+                 "llama.cpp": "llama.cpp's (its reference quantizer, per layer type)"}
 """How the finalize report names `FinalizeReport.weight_scales`."""
 
 
@@ -252,7 +253,14 @@ def print_finalize_report(report) -> None:
         recipe = RECIPES.get(report.recipe)
         layout = (" (torchao's unpacked layout: each value in an int8 byte, plus scales; `forge export` packs "
                   "int4 to 4.5 bits in GGUF Q4_0 and ExecuTorch)") if recipe and recipe.storage_bits == 8 else ""
+        if report.llama_cpp_types:
+            layout = " (Q4_K weights as float values; `forge export --to gguf` writes llama.cpp's block sizes)"
         console.print(f"bits per quantized weight as stored here, incl. scales: {report.bits_per_weight:.2f}{layout}")
+        if report.llama_cpp_types:
+            types = ", ".join(f"{t} {n:,}" for t, n in report.llama_cpp_types.items())
+            console.print(f"linear layers by llama.cpp type (parameters): {types}; Q4_K has no torchao tensor: those "
+                          f"weights are stored as the values their blocks decode to, the blocks in "
+                          f"forge_blocks/q4_k.safetensors")
         if report.streaming:
             console.print("streamed block by block; shards verified structurally (no full reload)")
         else:

@@ -24,9 +24,12 @@ import torch
 
 from forge_qat import __version__
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.export import ggml_blocks
+from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.artifact import ArtifactReader, Entry
 from forge_qat.formats.atomic import atomic_file, check_output
 from forge_qat.models import load_config, load_tokenizer
+from forge_qat.qat.ggml import Q4K, Q6K, Blocks32
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +131,6 @@ def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, in
     return blocks.reshape(*lead, -1).numpy(), rounded
 
 
-def q8_0_bytes(qdata: torch.Tensor, row_scale: torch.Tensor) -> tuple[np.ndarray, int]:
-    """`Q8_0` blocks of int8 codes (rows, cols) with one scale per row: per block of 32 the row's scale as
-    fp16, then the 32 codes (ggml's block_q8_0)."""
-    lead, cols = qdata.shape[:-1], qdata.shape[-1]
-    rows = qdata.numel() // cols
-    d, rounded = _fp16_scales(row_scale.reshape(rows, 1).expand(rows, cols // 32), qdata)
-    blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8),
-                        qdata.contiguous().view(torch.uint8).reshape(rows, cols // 32, 32)], dim=-1)
-    return blocks.reshape(*lead, -1).numpy(), rounded
-
-
 # ---- what each tensor becomes ---------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +164,19 @@ def _block_type(entry: Entry, shape: list[int]):
     if entry.kind == "IntxUnpackedToInt8Tensor":
         bits = data.get("target_dtype", {}).get("_data")
         block = data.get("block_size")
-        if bits in ("int2", "int3", "int4") and block == [1] * (len(shape) - 1) + [32]:
+        lead = [1] * (len(shape) - 1)
+        if bits in ("int2", "int3", "int4") and block == lead + [32]:
             # int2/int3 codes lie inside Q4_0's [-8, 7]: stored exactly, at Q4_0's size (`GgufReport.widened`)
             return gguf.GGMLQuantizationType.Q4_0, rows * cols // 32 * 18
-        if bits == "int8" and block == [1] * (len(shape) - 1) + [cols] and cols % 32 == 0:  # per row: tables
+        if bits == "int8" and block in (lead + [cols], lead + [32]) and cols % 32 == 0:  # per row: tables
             return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
+        if bits == "int5" and block == lead + [32]:
+            return gguf.GGMLQuantizationType.Q5_0, rows * cols // 32 * 22
+        if bits == "int6" and block == lead + [16] and cols % 256 == 0:
+            return gguf.GGMLQuantizationType.Q6_K, rows * cols // 256 * 210
         raise ConfigError(f"{entry.name}: {bits} weights in groups of {(block or ['?'])[-1]} have no exact GGUF "
-                          f"type (Q4_0 holds int2-int4 in groups of 32; Q8_0 int8 per channel)")
+                          f"type (Q4_0 holds int2-int4 in groups of 32; Q5_0 int5 in groups of 32; Q8_0 int8 per "
+                          f"channel or in groups of 32; Q6_K int6 in groups of 16, rows of 256s)")
     if entry.kind == "Int8Tensor" and cols % 32 == 0:
         return gguf.GGMLQuantizationType.Q8_0, rows * cols // 32 * 34
     raise ConfigError(f"{entry.name}: {entry.kind} has no exact GGUF type")
@@ -197,7 +195,9 @@ def _parts(entry: Entry, shape: list[int]) -> list[tuple[str, tuple[int, int] | 
     return [(entry.name, None)]
 
 
-def plan_tensors(reader: ArtifactReader, config, arch: Architecture) -> list[Planned]:
+def plan_tensors(reader: ArtifactReader, config, arch: Architecture,
+                 q4_k: set[str] = frozenset()) -> list[Planned]:
+    """`q4_k`: the weights the artifact stores as values with their Q4_K blocks beside them."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], config.num_hidden_layers)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     planned = []
@@ -210,7 +210,10 @@ def plan_tensors(reader: ArtifactReader, config, arch: Architecture) -> list[Pla
             shape = full if rows is None else [*full[:-2], rows[1] - rows[0], full[-1]]
             role = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else ""
             permute = heads.get(role) if arch.permute_qk else None  # weights and biases alike
-            if entry.kind == "Tensor":
+            if entry.name in q4_k:
+                ggml_type, nbytes = gguf.GGMLQuantizationType.Q4_K, int(np.prod(shape)) // 256 * 144
+                byte_shape = (*shape[:-1], nbytes // int(np.prod(shape[:-1])))
+            elif entry.kind == "Tensor":
                 ggml_type, size = _float_type(reader.reader.dtype(entry.name), len(shape))
                 byte_shape, nbytes = tuple(shape), int(np.prod(shape)) * size
             else:
@@ -271,14 +274,56 @@ def _pack(p: Planned, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torc
     if zero_point is not None and zero_point.any():
         raise InputError(f"{p.entry.name}: non-zero zero points (an asymmetric grid) have no exact "
                          f"{p.ggml_type.name} form")
-    pack = q4_0_bytes if p.ggml_type == gguf.GGMLQuantizationType.Q4_0 else q8_0_bytes
-    data, rounded = pack(qdata, scale)
-    return data, qdata.numel() // 32, rounded
+    t = gguf.GGMLQuantizationType
+    rows = qdata.shape[0]
+    if p.ggml_type == t.Q4_0:
+        data, rounded = q4_0_bytes(qdata, scale)
+        return data, qdata.numel() // 32, rounded
+    if p.ggml_type == t.Q6_K:
+        blocks, rounded = _q6_k_blocks(qdata, scale.reshape(rows, -1))
+        return ggml_blocks.q6_k_bytes(blocks), qdata.numel() // 256, rounded
+    scale = scale.reshape(rows, -1)
+    if scale.shape[1] == 1:  # int8 per row (the tables): the row's scale for each block of 32
+        scale = scale.expand(rows, qdata.shape[1] // 32)
+    d, rounded = _fp16_scales(scale, qdata)
+    pack = ggml_blocks.q5_0_bytes if p.ggml_type == t.Q5_0 else ggml_blocks.q8_0_bytes
+    return pack(Blocks32(q=qdata, d=d)), qdata.numel() // 32, rounded
+
+
+def _q6_k_blocks(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[Q6K, int]:
+    """Q6_K's super-block `d` and int8 sub-block scales from the artifact's per-16 scales (d * sc, as convert made
+    them): llama.cpp's quantizer gives the super-block's largest scale sc = -128, so d = that scale / -128; and
+    the number of super-blocks (with a non-zero code) whose scales that `d` and int8 `sc` do not reproduce."""
+    rows = qdata.shape[0]
+    s = scale.to(torch.float32).reshape(rows, -1, 16)
+    extreme = s.gather(-1, s.abs().argmax(-1, keepdim=True))
+    d = (extreme / -128).to(torch.float16)
+    dd = d.float()
+    sc = torch.where(dd != 0, s / torch.where(dd != 0, dd, torch.ones_like(dd)), torch.zeros_like(s))
+    sc_int = sc.round().clamp(-128, 127)
+    exact = (dd * sc_int == s).all(-1)
+    used = qdata.reshape(rows, -1, 256).ne(0).any(-1)
+    blocks = Q6K(q=qdata.to(torch.int8), sc=sc_int.to(torch.int8).reshape(rows, -1), d=d.squeeze(-1))
+    return blocks, int((~exact & used).sum())
+
+
+def _q4_k_piece(values: torch.Tensor, parts: dict[str, torch.Tensor], name: str):
+    """Q4_K bytes of rows whose artifact values are `values` and whose blocks are `parts`: the blocks must decode
+    to those values (in the artifact's dtype), else the two files are not one model."""
+    blocks = Q4K(**parts)
+    if not torch.equal(blocks.dequantize().to(values.dtype), values):
+        raise InputError(f"{name}: its Q4_K blocks ({q4_k_blocks.PATH}) do not decode to the artifact's weights; "
+                         f"the artifact was changed after finalize")
+    return ggml_blocks.q4_k_bytes(blocks), values.numel() // 256, 0
 
 
 def _whole(reader: ArtifactReader, p: Planned):
     """The one piece of a tensor whose rows are reordered (llama's q/k: small, read whole)."""
     entry = p.entry
+    if p.ggml_type == gguf.GGMLQuantizationType.Q4_K:
+        parts = {k: _permute_rows(v, p.permute_heads) for k, v in reader.q4_k(entry.name).items()}
+        yield _q4_k_piece(_permute_rows(reader.read(entry.name), p.permute_heads), parts, entry.name)
+        return
     if entry.kind == "Tensor":
         t = _permute_rows(reader.read(entry.name), p.permute_heads)
         yield _float_piece(t, p.ggml_type), 0, 0
@@ -292,6 +337,12 @@ def _whole(reader: ArtifactReader, p: Planned):
 def _by_rows(reader: ArtifactReader, p: Planned, full: list[int]):
     entry = p.entry
     width = full[-1]
+    if p.ggml_type == gguf.GGMLQuantizationType.Q4_K:
+        parts = reader.q4_k(entry.name)  # a quarter of the weight's values in bytes, read whole
+        for first, count in _row_chunks(full, p.rows, width * reader.reader.dtype(entry.name).itemsize):
+            rows = {k: v.reshape(-1, v.shape[-1])[first:first + count] for k, v in parts.items()}
+            yield _q4_k_piece(_read_rows(reader, entry.name, first, count, width), rows, entry.name)
+        return
     if entry.kind == "Tensor":
         for first, count in _row_chunks(full, p.rows, width * reader.reader.dtype(entry.name).itemsize):
             yield _float_piece(_read_rows(reader, entry.name, first, count, width), p.ggml_type), 0, 0
@@ -465,7 +516,7 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
                           "this model as trained")
     check_destination(out, overwrite)
     reader = ArtifactReader(artifact)
-    planned = plan_tensors(reader, config, arch)
+    planned = plan_tensors(reader, config, arch, reader.q4_k_names())
     report = GgufReport(out, arch.gguf_arch)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
@@ -489,7 +540,9 @@ def _write(writer: gguf.GGUFWriter, artifact: Path, config, arch: Architecture, 
     """Metadata, tokenizer and tensor records first (GGUF's header), then each tensor's data in order."""
     write_hyperparameters(writer, config, arch)
     types = {p.ggml_type for p in planned}
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
+    k_quants = {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K}
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M if types & k_quants else
+                         gguf.LlamaFileType.MOSTLY_Q4_0 if gguf.GGMLQuantizationType.Q4_0 in types else
                          gguf.LlamaFileType.MOSTLY_Q8_0 if gguf.GGMLQuantizationType.Q8_0 in types else
                          gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -27,13 +27,16 @@ from forge_qat.finalize.job import (
 from forge_qat.finalize.model_files import write_artifact_meta, write_model_files
 from forge_qat.finalize.report import FinalizeReport, dedup_state_dict, planned_report, written_report
 from forge_qat.finalize.streaming import finalize_streaming
+from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.artifact import ShardWriter, choose_format, tensor_bytes, unflattenable
 from forge_qat.formats.atomic import atomic_dir
 from forge_qat.lora import adapters as lora_mod
 from forge_qat.models import load_config, load_model
 from forge_qat.qat.convert import convert_qat
+from forge_qat.qat.convert import q4_k_blocks as convert_q4_k_blocks
 from forge_qat.qat.coverage import Coverage, check_useful
 from forge_qat.qat.coverage import plan as plan_coverage
+from forge_qat.qat.ggml import ggml_types
 from forge_qat.qat.prepare import LearnScales, prepare_qat, set_fake_quant_enabled
 
 log = logging.getLogger(__name__)
@@ -94,11 +97,13 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
             coverage = prepare_qat(model, job.recipe, learn=learn)
         else:
             coverage, float_logits, lora_measured = _prepare_merged(model, job, learn, sample)
+        types = ggml_types(model)
         converted = convert_qat(model, job.recipe)
         quant_logits = model(sample).logits
         if lora_measured:
             lora_measured["lora_trained_vs_artifact"] = (quant_logits - lora_measured.pop("trained")).abs().max().item()
 
+    q4_k = convert_q4_k_blocks(model)
     state = dedup_state_dict(model)
     fmt, reason = choose_format(req.fmt, job.recipe.safetensors, unflattenable(state))
     quantized = [state[n] for n in converted]
@@ -112,7 +117,9 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
             check_finite(name, state[name])
             writer.add(name, state.pop(name))
         shards = writer.close()
-        write_model_files(tmp, model.config, model.generation_config, tokenizer, job.recipe, coverage)
+        q4_k_blocks.write(tmp, {name: blocks.parts() for name, blocks in q4_k.items()})
+        write_model_files(tmp, model.config, model.generation_config, tokenizer, job.recipe, coverage,
+                          stored_as_values=sorted(q4_k))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=False).to(device)
         with torch.no_grad():
             reload_diff = (reloaded(sample).logits - quant_logits).abs().max().item()
@@ -123,7 +130,7 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
                                 artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
                                 quantized_numel=quantized_numel,
                                 max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
-                                reload_max_diff=reload_diff, **lora_measured)
+                                reload_max_diff=reload_diff, llama_cpp_types=types, **lora_measured)
         write_artifact_meta(tmp, job.checkpoint, report)
     return report
 

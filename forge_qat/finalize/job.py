@@ -76,6 +76,8 @@ class ConvertJob:
     @property
     def weight_scales(self) -> str:
         """Where the artifact's weight scales come from: learned, or the `ScaleInit` rule that chose them."""
+        if self.recipe.layer_quantizers is not None:
+            return "llama.cpp"
         return "learned" if self.learned_scales else self.chosen_scales or "absmax"
 
     def learn_scales(self) -> LearnScales | None:
@@ -111,6 +113,12 @@ def choose_job(req: FinalizeRequest) -> ConvertJob:
     whose kernels this machine lacks is refused here, before anything loads."""
     job = _choose_recipe_job(req)
     job.recipe.check_convert_hardware()
+    if not job.recipe.streams and (req.streaming or job.zero_dir):
+        what = "a ZeRO state" if job.zero_dir else "--streaming"
+        raise ConfigError(f"{job.recipe.name} chooses each layer's numerics by its place in the whole model, which "
+                          f"block-by-block finalize does not see: {what} is not supported for it yet; finalize "
+                          f"in memory (without --streaming"
+                          f"{', from the checkpoint beside the ZeRO state' if job.zero_dir else ''})")
     rule = req.ptq_scales or job.recipe.ptq_scales
     if job.mode == "ptq" and rule != "absmax":
         if job.recipe.learnable_scales:
@@ -216,4 +224,6 @@ def convert_placement(job: ConvertJob) -> tuple[torch.device, torch.dtype]:
 def use_streaming(req: FinalizeRequest, job: ConvertJob) -> bool:
     if req.streaming is not None:
         return req.streaming
+    if not job.recipe.streams:
+        return False
     return sum(f.stat().st_size for f in job.checkpoint.glob("*.safetensors")) > STREAMING_THRESHOLD_BYTES

@@ -19,8 +19,11 @@ from forge_qat.torchao_compat import EXPERTS_IMPLEMENTATION
 
 
 def write_model_files(directory: Path, config, generation_config, tokenizer, recipe: Recipe,
-                      coverage: Coverage) -> None:
-    not_converted = sorted(name.rpartition(".")[0] for name in coverage.kept if name.endswith(".weight"))
+                      coverage: Coverage, stored_as_values: list[str] = ()) -> None:
+    """`stored_as_values`: quantized weights the artifact holds as the values their grid decodes to (Q4_K), which
+    transformers must load as plain weights."""
+    not_converted = sorted(name.rpartition(".")[0] for name in [*coverage.kept, *stored_as_values]
+                           if name.endswith(".weight"))
     quant_type = recipe.base_config()
     if coverage.tables:
         # Per-module configs (the linears by a pattern of their names: torchao deprecates "_default"), and the

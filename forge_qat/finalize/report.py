@@ -41,6 +41,9 @@ class FinalizeReport:
     weight_scales: str = "absmax"
     """Where the weight scales come from: learned (the checkpoint's), or the rule that chose them
     (`forge_qat.qat.fake_quant.ScaleInit`: extreme, mse, or absmax, the recipe's own quantizer)."""
+    llama_cpp_types: dict[str, int] = field(default_factory=dict)
+    """Parameters of the linear layers by llama.cpp type, for recipes whose layers take llama.cpp's types
+    (llama-cpp-q4-k-m); Q4_K ones are stored as their values, their blocks in `forge_blocks/q4_k.safetensors`."""
     lora_merged: int = 0
     """Weights into which LoRA adapters were merged (W + s*B@A) before converting."""
     lora_trained_vs_artifact: float = math.nan

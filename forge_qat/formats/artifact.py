@@ -20,6 +20,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.weights import SafetensorsReader
 from forge_qat.heap import release_free_memory
 from forge_qat.torchao_compat import ALLOWED_TENSORS_SUBCLASSES, flatten_tensor_state_dict
@@ -154,6 +155,7 @@ class ArtifactReader:
     torchao flattened it (`Entry`), read by the exporters (GGUF, compressed-tensors)."""
 
     def __init__(self, directory: Path):
+        self.directory = directory
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise InputError(f"{directory} has no safetensors shards; export reads safetensors artifacts "
@@ -167,6 +169,14 @@ class ArtifactReader:
         except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
             raise InputError(f"{files[0]} lacks forge's tensor list (or it is damaged); is {directory} a forge "
                              f"artifact?") from None
+
+    def q4_k_names(self) -> set[str]:
+        """The weights stored as values with their Q4_K blocks beside them (`forge_qat.formats.q4_k_blocks`)."""
+        return q4_k_blocks.names(self.directory)
+
+    def q4_k(self, name: str) -> dict[str, torch.Tensor]:
+        """One weight's Q4_K block parts (`forge_qat.formats.q4_k_blocks.read`)."""
+        return q4_k_blocks.read(self.directory, name)
 
     @staticmethod
     def _kind(text: str | None) -> tuple[str, dict]:

@@ -11,7 +11,7 @@ from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize
 from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 
 from forge_qat.errors import ConversionError
-from forge_qat.qat import embeddings, experts
+from forge_qat.qat import embeddings, experts, ggml
 from forge_qat.qat.fake_quant import LearnedScaleFakeQuantizer
 from forge_qat.qat.prepare import filter_for
 from forge_qat.qat.registry import Recipe
@@ -31,8 +31,12 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     learned = {n for n in linears if isinstance(modules[n].weight_fake_quantizer, LearnedScaleFakeQuantizer)}
     if learned:
         _convert_with_learned_scales(model, modules, learned, recipe)
-    if linears - learned:
-        quantize_(model, QATConfig(recipe.base_config(), step="convert"), filter_fn=filter_for(linears - learned))
+    llama = {n for n in linears if isinstance(modules[n].weight_fake_quantizer, ggml.GgmlWeightFakeQuantizer)}
+    for name in sorted(llama):
+        _convert_ggml(model, modules[name], name)
+    if linears - learned - llama:
+        quantize_(model, QATConfig(recipe.base_config(), step="convert"),
+                  filter_fn=filter_for(linears - learned - llama))
     converted = [f"{n}.weight" for n in sorted(linears)] + tables
     for name, module in stacks.items():
         converted += [f"{name}.{stack}" for stack in experts.convert(module, recipe)]
@@ -41,6 +45,32 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
         # its grouped_mm/batched_mm paths (the default) call ops torchao does not implement.
         model.set_experts_implementation("eager")
     return converted
+
+
+Q4K_ATTR = "forge_q4_k"
+"""The attribute where a converted Q4_K layer keeps its blocks (`forge_qat.qat.ggml.Q4K`) for the artifact."""
+
+
+def q4_k_blocks(model: torch.nn.Module) -> dict[str, ggml.Q4K]:
+    """The Q4_K blocks of a converted model's layers whose weights are stored as values, by weight name."""
+    return {f"{n}.weight": getattr(m, Q4K_ATTR) for n, m in model.named_modules() if hasattr(m, Q4K_ATTR)}
+
+
+def _convert_ggml(model: torch.nn.Module, prepared: FakeQuantizedLinear, name: str) -> None:
+    """A layer in one of llama.cpp's types: the blocks llama.cpp's quantizer chooses for its weight (what the fake
+    quantizer multiplied by), as a weight-only torchao tensor where one holds them (`ggml.INTX`), else (Q4_K) as
+    the values they decode to, in the weight's dtype, with the blocks kept on the layer (`Q4K_ATTR`)."""
+    ggml_type = prepared.weight_fake_quantizer.ggml_type
+    weight = prepared.weight.detach()
+    blocks = ggml.QUANTIZERS[ggml_type](weight)
+    linear = prepared.to_linear()
+    if ggml_type in ggml.INTX:
+        linear.weight = torch.nn.Parameter(ggml.intx_tensor(blocks, ggml_type, weight.dtype), requires_grad=False)
+    else:
+        linear.weight = torch.nn.Parameter(blocks.dequantize().to(weight.dtype), requires_grad=False)
+        setattr(linear, Q4K_ATTR, blocks)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, linear)
 
 
 def _convert_with_learned_scales(model: torch.nn.Module, modules: dict[str, torch.nn.Module], names: set[str],

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from forge_qat.errors import ConfigError
+from forge_qat.qat.fake_quant import consumer_dtype
+
 QK_K = 256
 """Elements per K-quant super-block."""
 GROUP_MAX_EPS = 1e-15
@@ -36,6 +39,9 @@ class Q4K:
     """Super-block scale, float16 (rows, cols / 256)."""
     dmin: torch.Tensor
     """Super-block min scale, float16 (rows, cols / 256)."""
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"q": self.q, "sc": self.sc, "m": self.m, "d": self.d, "dmin": self.dmin}
 
     def dequantize(self) -> torch.Tensor:
         d1 = (self.d.float().repeat_interleave(8, -1) * self.sc.float()).unsqueeze(-1)
@@ -278,3 +284,130 @@ def q4_k_m_type(role: str, layer: int | None, n_layers: int, cols: int, *, tied:
     if cols % BLOCK.get(chosen, QK_K):
         chosen = FALLBACK.get(chosen, chosen)
     return chosen
+
+
+# ---- fake quantization ----------------------------------------------------------------------------------------
+
+class _WeightFakeQuantize(torch.autograd.Function):
+    """llama.cpp's quantize -> dequantize of a weight, straight through for the gradient: every type here fits
+    its blocks' range (Q4_K and Q6_K search scales that may clip an element by a code; the gradient ignores
+    that)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, ggml_type: str, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.w_dtype = w.dtype
+        flat = w.reshape(-1, w.shape[-1])
+        return quantize_dequantize(flat, ggml_type).to(out_dtype).view(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.w_dtype), None, None
+
+
+class _Q8KFakeQuantize(torch.autograd.Function):
+    """llama.cpp's `quantize_row_q8_K` (the activations of its K-quant matmuls) then its dequantization: per block
+    of 256, iscale = -127 / the signed extreme, codes min(127, round(x * iscale)), value = code * (1 / iscale)
+    (d kept in float32); an all-zero block stays zero. Straight through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.x_dtype = x.dtype
+        xb = _blocks(x.reshape(-1, x.shape[-1]), QK_K)
+        top = _signed_extreme(xb)
+        zero = top == 0
+        iscale = -127 / torch.where(zero, torch.ones_like(top), top)
+        q = torch.round(iscale * xb).clamp_(max=127)
+        d = torch.where(zero, torch.zeros_like(iscale), 1 / iscale)
+        return (q * d).to(out_dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.x_dtype), None
+
+
+class GgmlWeightFakeQuantizer(torch.nn.Module):
+    """A `FakeQuantizedLinear`'s weight fake quantizer for one llama.cpp type (`QUANTIZERS`): the forward is what
+    llama.cpp stores for the current weight (its reference quantizer, then its dequantization). Holds no tensors."""
+
+    def __init__(self, ggml_type: str):
+        super().__init__()
+        if ggml_type not in QUANTIZERS:
+            raise ValueError(f"no fake quantizer for {ggml_type}; these types have one: {', '.join(QUANTIZERS)}")
+        self.ggml_type = ggml_type
+        self.enabled = True
+
+    @property
+    def config(self) -> "GgmlWeightFakeQuantizer":
+        """What torchao's convert step reads; forge converts these layers itself (`forge_qat.qat.convert`)."""
+        return self
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return _WeightFakeQuantize.apply(w, self.ggml_type, consumer_dtype(w))
+
+    def extra_repr(self) -> str:
+        return self.ggml_type
+
+
+class Q8KFakeQuantizer(torch.nn.Module):
+    """The activation fake quantizer of a K-quant matmul (llama.cpp's Q8_K, see `_Q8KFakeQuantize`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return _Q8KFakeQuantize.apply(x, consumer_dtype(x))
+
+    def extra_repr(self) -> str:
+        return "Q8_K"
+
+
+def ggml_types(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of a prepared model's linear layers by llama.cpp type (empty for other recipes)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        quantizer = getattr(module, "weight_fake_quantizer", None)
+        if isinstance(quantizer, GgmlWeightFakeQuantizer):
+            counts[quantizer.ggml_type] = counts.get(quantizer.ggml_type, 0) + module.weight.numel()
+    return dict(sorted(counts.items()))
+
+
+ACTIVATIONS = {"Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "Q5_0": "Q8_0", "Q8_0": "Q8_0"}
+"""The type llama.cpp's CPU backend quantizes a matmul's activations to for each weight type (`vec_dot_type`)."""
+
+
+ROLE_OF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+           "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "lm_head": "output",
+           "embed_tokens": "token_embd"}
+"""llama.cpp's tensor role of each transformers module name (the last part of the name)."""
+
+
+def role_of(module_name: str) -> str:
+    """The llama.cpp role (`ROLES`) of a transformers module, by the last part of its name."""
+    last = module_name.rpartition(".")[2]
+    if last not in ROLE_OF:
+        raise ConfigError(f"{module_name}: no llama.cpp tensor role for a module named {last!r} (known: "
+                         f"{', '.join(ROLE_OF)})")
+    return ROLE_OF[last]
+
+
+INTX = {"Q5_0": (torch.int5, 32), "Q8_0": (torch.int8, 32), "Q6_K": (torch.int6, 16)}
+"""The types torchao's `IntxUnpackedToInt8Tensor` holds exactly, as (target dtype, block): value = code * scale in
+the model's dtype from a float32 scale (Q6_K: d * sc, exact in float32), as llama.cpp computes it."""
+
+
+def intx_tensor(blocks: "Blocks32 | Q6K", ggml_type: str, dtype: torch.dtype):
+    """The weight-only torchao tensor holding `blocks` exactly (`INTX`)."""
+    from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
+
+    target, block = INTX[ggml_type]
+    if ggml_type == "Q6_K":
+        scale = blocks.d.float().repeat_interleave(QK_K // 16, -1) * blocks.sc.float()
+    else:
+        scale = blocks.d.float()
+    return IntxUnpackedToInt8Tensor(blocks.q.to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8),
+                                    target, (1, block), dtype, None)

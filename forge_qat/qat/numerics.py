@@ -24,8 +24,10 @@ from torchao.quantization import (
     quantize_,
 )
 
+from forge_qat.errors import ConfigError
+from forge_qat.qat import ggml
 from forge_qat.qat.embeddings import INT8_TABLES, TableQuant
-from forge_qat.qat.fake_quant import AffineSpec, LinearQuantizers
+from forge_qat.qat.fake_quant import AffineFakeQuantizer, AffineSpec, LinearQuantizers
 from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor, int8_weight_with_scale, set_intx_scale_dtype
 
 
@@ -42,6 +44,24 @@ class Numerics:
     """How the input embedding and output head are quantized (tied ones share the grid); None: kept in float."""
     convert_dtype: torch.dtype | None = None
     """The dtype convert's kernels need for weights and activations; None: the checkpoint's own dtype."""
+    layer_quantizers: "Callable[[LayerSite], tuple[torch.nn.Module | None, torch.nn.Module]] | None" = None
+    """The (activation, weight) fake quantizers of each linear layer where they depend on the layer (llama.cpp's
+    Q4_K_M mix); None: `fake_quant` (or torchao's inference) for every layer."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSite:
+    """Where a linear layer sits in its model, for recipes whose numerics depend on it (`Numerics.layer_quantizers`)."""
+
+    name: str
+    """Its module name (`model.layers.3.mlp.down_proj`)."""
+    in_features: int
+    layer: int | None
+    """Its decoder block's index; None outside the blocks."""
+    n_layers: int
+    tied: bool
+    """Whether the model's input embedding is its output head."""
+    n_experts: int
 
 
 def convert_stack_with_torchao_handler(config: AOBaseConfig, module: torch.nn.Module, name: str,
@@ -157,6 +177,31 @@ def llama_cpp_q4_0(tables: str | None) -> Numerics:
                                                  scale_dtype=torch.bfloat16),
         fake_quant=LinearQuantizers(activation=GGML_Q8_0, weight=GGML_Q4_0),
         embeddings=tables_of(tables, activation=GGML_Q8_0),
+    )
+
+
+def _q4_k_m_site(site: LayerSite) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ggml_type = ggml.q4_k_m_type(ggml.role_of(site.name), site.layer, site.n_layers, site.in_features,
+                                 tied=site.tied, n_expert=site.n_experts)
+    if ggml_type not in ggml.QUANTIZERS:
+        raise ConfigError(f"{site.name}: llama.cpp's Q4_K_M stores it as {ggml_type}, which forge does not "
+                          f"implement yet (it does {', '.join(ggml.QUANTIZERS)})")
+    activation = (ggml.Q8KFakeQuantizer() if ggml.ACTIVATIONS[ggml_type] == "Q8_K"
+                  else AffineFakeQuantizer(GGML_Q8_0))
+    return activation, ggml.GgmlWeightFakeQuantizer(ggml_type)
+
+
+def llama_cpp_q4_k_m(tables: str | None) -> Numerics:
+    """llama.cpp's Q4_K_M: each linear layer in the type `llama-quantize … Q4_K_M` gives it (Q4_K, Q6_K, or the
+    Q5_0 / Q8_0 fallbacks), its activations in the type llama.cpp's matmul quantizes them to (Q8_K, Q8_0); the
+    embedding and head int8 per row (GGUF Q8_0). The torchao artifact holds every type but Q4_K as
+    `IntxUnpackedToInt8Tensor` (weight-only); Q4_K's per-sub-block offsets (d * sc * q - dmin * m) have no torchao
+    tensor: its weights are stored as their exact values, and their blocks beside them for `forge export`."""
+    return Numerics(
+        base_config=lambda: IntxWeightOnlyConfig(weight_dtype=torch.int5, granularity=PerGroup(32),
+                                                 scale_dtype=torch.float16),
+        embeddings=tables_of(tables, activation=GGML_Q8_0),
+        layer_quantizers=_q4_k_m_site,
     )
 
 

@@ -8,6 +8,7 @@ Called by training's model setup (prepare, fake-quant delay) and by finalize (pr
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from forge_qat.qat.fake_quant import (
     initial_scale,
     is_learned_scale,
 )
+from forge_qat.qat.numerics import LayerSite
 from forge_qat.qat.registry import Recipe, get_recipe, recipe_names
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,17 @@ def _prepared_twin(in_features: int, out_features: int, bias: bool, dtype: torch
     return twin
 
 
-def _fake_quantized_linear(linear: torch.nn.Linear, recipe: Recipe) -> FakeQuantizedLinear:
-    """The prepared replacement of `linear`, sharing its Parameter objects."""
-    prepared = _prepared_twin(linear.in_features, linear.out_features, linear.bias is not None,
-                              linear.weight.dtype, recipe)
+def _fake_quantized_linear(linear: torch.nn.Linear, recipe: Recipe,
+                           site: LayerSite | None = None) -> FakeQuantizedLinear:
+    """The prepared replacement of `linear`, sharing its Parameter objects; `site`: where it sits, for a recipe
+    whose quantizers depend on it."""
+    if recipe.layer_quantizers is not None:
+        prepared = FakeQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                       device="meta", dtype=linear.weight.dtype)
+        prepared.activation_fake_quantizer, prepared.weight_fake_quantizer = recipe.layer_quantizers(site)
+    else:
+        prepared = _prepared_twin(linear.in_features, linear.out_features, linear.bias is not None,
+                                  linear.weight.dtype, recipe)
     prepared.weight = linear.weight
     prepared.bias = linear.bias
     return prepared
@@ -221,6 +230,27 @@ def learned_scale_readers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
             if isinstance(site.holder.weight_fake_quantizer, LearnedScaleFakeQuantizer)]
 
 
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _layer_sites(model: torch.nn.Module, coverage: Coverage) -> dict[str, LayerSite]:
+    """Where each planned linear sits in the model (its block index, the model's depth, tying, experts), for
+    recipes whose numerics depend on it: read from the whole model's config, so never from one block."""
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is None:
+        raise ConfigError("this recipe chooses each layer's numerics by its place in the model: prepare the whole "
+                          "model (its config's num_hidden_layers), not one block")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 0)
+    sites = {}
+    for name, linear in coverage.linears.items():
+        found = _LAYER_INDEX.search(f".{name}")
+        sites[name] = LayerSite(name=name, in_features=linear.in_features, layer=int(found.group(1)) if found else None,
+                                n_layers=depth, tied=tied, n_experts=experts)
+    return sites
+
+
 def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | None = None,
                 learn: LearnScales | None = None) -> Coverage:
     """Install the recipe's fake quantization on its linear layers and MoE expert stacks, keeping the same
@@ -239,7 +269,9 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
         if learn.initial is not None:
             _check_initial_scales(coverage, learn.initial)
     modules = dict(model.named_modules())
-    prepared = {name: _fake_quantized_linear(linear, recipe) for name, linear in coverage.linears.items()}
+    sites = _layer_sites(model, coverage) if recipe.layer_quantizers is not None else {}
+    prepared = {name: _fake_quantized_linear(linear, recipe, sites.get(name))
+                for name, linear in coverage.linears.items()}
     for name, layer in prepared.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)

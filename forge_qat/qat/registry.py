@@ -96,6 +96,9 @@ class Recipe:
     chosen scale). extreme for the int4 grids, where it was measured: llama.cpp's perplexity of a fine-tuned
     SmolLM2-135M's llama-cpp-q4-0 PTQ is 12.08 with it against 13.42 with absmax (docs/benchmarks.md). absmax
     elsewhere: on int2's four levels holding the extreme exactly leaves one level for the rest of the group."""
+    streams: bool = True
+    """Whether finalize can convert this recipe block by block (`--streaming`, ZeRO states); False where a layer's
+    numerics depend on its place in the whole model (`layer_quantizers`)."""
     compressed_tensors: Literal["W8A8", "W4A16"] | None = None
     """The compressed-tensors scheme (vLLM, SGLang) that holds this recipe's artifact exactly
     (`forge export --to compressed-tensors`); None: not exported there."""
@@ -114,6 +117,12 @@ class Recipe:
         """Fake quantization for prepare when torchao cannot infer it from the base config; None means
         `QATConfig(base, step="prepare")` infers it."""
         return self._torch.fake_quant
+
+    @property
+    def layer_quantizers(self):
+        """Builds a linear layer's (activation, weight) fake quantizers from its `forge_qat.qat.numerics.LayerSite`
+        where they depend on the layer; None: `fake_quant` for every layer."""
+        return self._torch.layer_quantizers
 
     @property
     def embeddings(self) -> "TableQuant | None":
@@ -220,6 +229,17 @@ RECIPES: dict[str, Recipe] = {
             expert_stacks="intx-unpacked",
             learnable_scales=True,  # rounded to bf16 in every forward, as convert stores them
             learn_scales_by_default=True,
+        ),
+        Recipe(
+            name="llama-cpp-q4-k-m",
+            description="llama.cpp's Q4_K_M mix: each linear in the type llama-quantize gives it (Q4_K, Q6_K, "
+                        "Q5_0, Q8_0), its activations as llama.cpp's (Q8_K, Q8_0), int8 embedding and head; for GGUF",
+            numerics=lambda r: _numerics().llama_cpp_q4_k_m(r.tables),
+            artifact_activations=False,
+            tables="int8",
+            storage_bits=8,
+            group_size=32,
+            streams=False,
         ),
         *(Recipe(
             name=f"int8-dynamic-act-int{bits}-weight",
