@@ -113,3 +113,29 @@ def test_q4_k_m_types_are_llama_quantizes():
     assert ggml.q4_k_m_type("attn_output", 10, 32, 4096, tied=False, n_expert=8) == "Q5_K"
     with pytest.raises(ValueError, match="unknown tensor role"):
         ggml.q4_k_m_type("attn_qkv", 0, 32, 4096, tied=False)
+
+
+def test_q8_k_activations_are_llama_cpps():
+    """The K-quant matmuls' activation fake quantizer against llama.cpp's `quantize_row_q8_K_ref`, written out
+    element by element in float32 (`nearest_int` rounds half to even)."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 512)
+    x[0, :256] = 0  # an all-zero block
+    x[1, 5] = -7.0  # a negative extreme: -127 on it, +127 clamps the other side
+    x[2, 300] = 7.0
+    got = ggml.Q8KFakeQuantizer()(x)
+    want = torch.empty_like(x)
+    for r in range(3):
+        for b in range(2):
+            block = x[r, b * 256:(b + 1) * 256]
+            amax, top = 0.0, 0.0
+            for v in block.tolist():
+                if abs(v) > amax:
+                    amax, top = abs(v), v
+            if amax == 0:
+                want[r, b * 256:(b + 1) * 256] = 0
+                continue
+            iscale = np.float32(-127.0) / np.float32(top)
+            q = np.minimum(127, np.rint(iscale * block.numpy().astype(np.float32)))
+            want[r, b * 256:(b + 1) * 256] = torch.from_numpy((q * (np.float32(1) / iscale)).astype(np.float32))
+    assert torch.equal(got, want)

@@ -80,7 +80,9 @@ class Blocks32:
 
 
 def _f32(value) -> torch.Tensor:
-    """A float32 scalar tensor: candidate factors computed in C's float arithmetic, not Python's double."""
+    """A float32 scalar tensor: candidate factors computed in C's float arithmetic, not Python's double; and the
+    numerator of every `c / x` here, which torch computes as `x.reciprocal() * c` (two roundings) when `c` is a
+    Python number, where C divides once."""
     return torch.as_tensor(value, dtype=torch.float32)
 
 
@@ -102,7 +104,7 @@ def quantize_q8_0(x: torch.Tensor) -> Blocks32:
     xb = _blocks(x, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     d = amax / 127
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    inv = torch.where(d > 0, _f32(1) / d, torch.zeros_like(d))
     v = xb * inv
     q = torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v))  # C's roundf
     return Blocks32(q=q.to(torch.int8).reshape(x.shape), d=d.squeeze(-1).to(torch.float16))
@@ -113,7 +115,7 @@ def quantize_q5_0(x: torch.Tensor) -> Blocks32:
     """`quantize_row_q5_0_ref`: d = the signed extreme / -16, codes min(31, trunc(x / d + 16.5)) - 16."""
     xb = _blocks(x, 32)
     d = _signed_extreme(xb) / -16
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    inv = torch.where(d != 0, _f32(1) / d, torch.zeros_like(d))
     q = torch.trunc(xb * inv + 16.5).clamp_(max=31) - 16
     return Blocks32(q=q.to(torch.int8).reshape(x.shape), d=d.squeeze(-1).to(torch.float16))
 
@@ -129,8 +131,8 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int = 15, rm
     span = torch.where(flat, torch.ones_like(span), span)
     sum_w = weights.sum(-1, keepdim=True)
     sum_x = (weights * x).sum(-1, keepdim=True)
-    iscale = nmax / span
-    scale = 1 / iscale
+    iscale = _f32(nmax) / span
+    scale = _f32(1) / iscale
     codes = torch.round(iscale * (x - lo)).clamp_(0, nmax)
     best = (weights * (scale * codes + lo - x).square()).sum(-1, keepdim=True)
     the_min = lo.clone()
@@ -173,8 +175,8 @@ def quantize_q4_k(x: torch.Tensor) -> Q4K:
     sup_min = mins.reshape(*mins.shape[:-1], -1, 8)
     max_scale = sup.amax(-1, keepdim=True).clamp(min=0)
     max_min = sup_min.amax(-1, keepdim=True).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _f32(63) / max_scale, torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _f32(63) / max_min, torch.zeros_like(max_min))
     sc = torch.round(inv_scale * sup).clamp_(max=63)
     m = torch.round(inv_min * sup_min).clamp_(max=63)
     d = (max_scale / 63).to(torch.float16)
@@ -200,7 +202,7 @@ def _make_qx_quants(x: torch.Tensor, nmax: int = 32) -> tuple[torch.Tensor, torc
         codes = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
         return codes, (w * x * codes).sum(-1, keepdim=True), (w * codes * codes).sum(-1, keepdim=True)
 
-    codes, sumlx, suml2 = fit(-nmax / top)
+    codes, sumlx, suml2 = fit(_f32(-nmax) / top)
     scale = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s]:
@@ -224,8 +226,8 @@ def quantize_q6_k(x: torch.Tensor) -> Q6K:
     sup = scales.reshape(*scales.shape[:-1], -1, 16)
     top = _signed_extreme(sup)
     zero = top.abs() < GROUP_MAX_EPS
-    iscale = -128 / torch.where(zero, torch.ones_like(top), top)
-    d = torch.where(zero, torch.zeros_like(top), 1 / iscale).to(torch.float16)
+    iscale = _f32(-128) / torch.where(zero, torch.ones_like(top), top)
+    d = torch.where(zero, torch.zeros_like(top), _f32(1) / iscale).to(torch.float16)
     sc = torch.where(zero, torch.zeros_like(sup), torch.round(iscale * sup).clamp_(max=127))
     d1 = (d.float() * sc).reshape(scales.shape).unsqueeze(-1)
     again = torch.round(xs / torch.where(d1 != 0, d1, torch.ones_like(d1))).clamp_(-32, 31)
@@ -315,9 +317,9 @@ class _Q8KFakeQuantize(torch.autograd.Function):
         xb = _blocks(x.reshape(-1, x.shape[-1]), QK_K)
         top = _signed_extreme(xb)
         zero = top == 0
-        iscale = -127 / torch.where(zero, torch.ones_like(top), top)
+        iscale = _f32(-127) / torch.where(zero, torch.ones_like(top), top)
         q = torch.round(iscale * xb).clamp_(max=127)
-        d = torch.where(zero, torch.zeros_like(iscale), 1 / iscale)
+        d = torch.where(zero, torch.zeros_like(iscale), _f32(1) / iscale)
         return (q * d).to(out_dtype).view(x.shape)
 
     @staticmethod
