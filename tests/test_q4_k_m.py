@@ -125,3 +125,75 @@ def test_train_finalize_export_through_the_cli(tmp_path, text_file):
 def test_a_layer_llama_cpp_has_no_role_for_is_refused():
     with pytest.raises(ConfigError, match="no llama.cpp tensor role"):
         ggml.role_of("model.layers.0.self_attn.qkv_proj")
+
+
+def test_moe_expert_stacks_are_llama_cpps_types_exactly(tmp_path):
+    """Qwen3-MoE (llama.cpp's qwen3moe): gate and up stacks Q4_K, down Q6_K in the more-bits layers, every expert's
+    blocks decoding to what its fake quantizer multiplied by; the artifact reloads to the converted model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from forge_qat.models import byte_tokenizer
+    from forge_qat.qat.experts import FAKE_QUANT_ATTR
+
+    tok = byte_tokenizer()
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=len(tok), num_hidden_layers=8, num_attention_heads=4,
+                               num_key_value_heads=2, hidden_size=256, intermediate_size=512, head_dim=64,
+                               moe_intermediate_size=256, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                               max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "float")
+    tok.save_pretrained(tmp_path / "float")
+    report = finalize(FinalizeRequest(source=tmp_path / "float", dest=tmp_path / "art", ptq=get_recipe(RECIPE)))
+    assert report.reload_max_diff == 0.0 and set(report.llama_cpp_types) == {"Q4_K", "Q6_K"}
+    assert export_gguf(tmp_path / "art", tmp_path / "m.gguf").rounded_blocks == 0
+    written = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    prepare_qat(model, get_recipe(RECIPE))
+    checked = 0
+    for layer in range(8):
+        module = model.model.layers[layer].mlp.experts
+        with torch.no_grad():
+            values = {name: q.weight_fake_quantizer(getattr(module, name))
+                      for name, q in getattr(module, FAKE_QUANT_ATTR).items()}
+        half = values["gate_up_proj"].shape[1] // 2
+        for gguf_name, value in (("ffn_gate_exps", values["gate_up_proj"][:, :half]),
+                                 ("ffn_up_exps", values["gate_up_proj"][:, half:]),
+                                 ("ffn_down_exps", values["down_proj"])):
+            t = written[f"blk.{layer}.{gguf_name}.weight"]
+            more = layer in (0, 3, 6, 7)  # llama.cpp's use_more_bits(layer, 8)
+            assert t.tensor_type.name == ("Q6_K" if more and gguf_name == "ffn_down_exps" else "Q4_K")
+            got = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(value.shape)
+            assert torch.equal(got, value), t.name
+            checked += 1
+    assert checked == 24
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
+def test_a_converted_stack_is_each_experts_conversion(ggml_type):
+    """Each expert of a converted stack selects to what converting that expert as a linear gives, bit for bit, and
+    multiplies the same; Q4_K stacks hold their values and each expert's blocks."""
+    import forge_qat.torchao_compat  # noqa: F401  (select on 3-D IntxUnpackedToInt8Tensor)
+    from forge_qat.qat.convert import q4_k_blocks as converted_blocks
+    from forge_qat.qat.experts import FAKE_QUANT_ATTR, ProjectionFakeQuant
+
+    stack = torch.randn(3, 64, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    holder = torch.nn.Module()
+    holder.w = torch.nn.Parameter(stack.clone())
+    setattr(holder, FAKE_QUANT_ATTR, {"w": ProjectionFakeQuant(None, ggml.GgmlWeightFakeQuantizer(ggml_type), False)})
+    get_recipe(RECIPE).convert_expert_stack(None, holder, "w")
+    x = torch.randn(5, 256)
+    for e in range(3):
+        linear = torch.nn.Linear(256, 64, bias=False)
+        linear.weight.data = stack[e].clone()
+        ggml.convert_weight(linear, "weight", ggml_type)
+        picked = holder.w[e]
+        assert type(picked) is (torch.Tensor if ggml_type == "Q4_K" else type(linear.weight))
+        assert torch.equal(picked.dequantize() if ggml_type != "Q4_K" else picked,
+                           linear.weight.dequantize() if ggml_type != "Q4_K" else linear.weight)
+        for part in getattr(linear.weight, "tensor_data_names", []):
+            assert torch.equal(getattr(picked, part), getattr(linear.weight, part)), part
+        assert torch.equal(torch.nn.functional.linear(x, picked), torch.nn.functional.linear(x, linear.weight))
+        if ggml_type == "Q4_K":
+            mine, its = converted_blocks(holder)["w"], converted_blocks(linear)["weight"]
+            assert all(torch.equal(getattr(mine, p)[e], getattr(its, p)) for p in ("q", "sc", "m", "d", "dmin"))

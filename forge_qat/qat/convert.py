@@ -47,28 +47,16 @@ def convert_qat(model: torch.nn.Module, recipe: Recipe) -> list[str]:
     return converted
 
 
-Q4K_ATTR = "forge_q4_k"
-"""The attribute where a converted Q4_K layer keeps its blocks (`forge_qat.qat.ggml.Q4K`) for the artifact."""
-
-
 def q4_k_blocks(model: torch.nn.Module) -> dict[str, ggml.Q4K]:
-    """The Q4_K blocks of a converted model's layers whose weights are stored as values, by weight name."""
-    return {f"{n}.weight": getattr(m, Q4K_ATTR) for n, m in model.named_modules() if hasattr(m, Q4K_ATTR)}
+    """The Q4_K blocks of a converted model's weights stored as values (linears and expert stacks), by name."""
+    return {f"{n}.{param}" if n else param: blocks for n, m in model.named_modules()
+            for param, blocks in getattr(m, ggml.Q4K_ATTR, {}).items()}
 
 
 def _convert_ggml(model: torch.nn.Module, prepared: FakeQuantizedLinear, name: str) -> None:
-    """A layer in one of llama.cpp's types: the blocks llama.cpp's quantizer chooses for its weight (what the fake
-    quantizer multiplied by), as a weight-only torchao tensor where one holds them (`ggml.INTX`), else (Q4_K) as
-    the values they decode to, in the weight's dtype, with the blocks kept on the layer (`Q4K_ATTR`)."""
-    ggml_type = prepared.weight_fake_quantizer.ggml_type
-    weight = prepared.weight.detach()
-    blocks = ggml.QUANTIZERS[ggml_type](weight)
+    """A layer in one of llama.cpp's types (`ggml.convert_weight`), as a plain linear."""
     linear = prepared.to_linear()
-    if ggml_type in ggml.INTX:
-        linear.weight = torch.nn.Parameter(ggml.intx_tensor(blocks, ggml_type, weight.dtype), requires_grad=False)
-    else:
-        linear.weight = torch.nn.Parameter(blocks.dequantize().to(weight.dtype), requires_grad=False)
-        setattr(linear, Q4K_ATTR, blocks)
+    ggml.convert_weight(linear, "weight", prepared.weight_fake_quantizer.ggml_type)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, linear)
 

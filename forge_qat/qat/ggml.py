@@ -369,12 +369,17 @@ class Q8KFakeQuantizer(torch.nn.Module):
 
 
 def ggml_types(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters of a prepared model's linear layers by llama.cpp type (empty for other recipes)."""
+    """Parameters of a prepared model's linear layers and expert stacks by llama.cpp type (empty for other
+    recipes)."""
+    from forge_qat.qat.experts import FAKE_QUANT_ATTR
+
     counts: dict[str, int] = {}
     for module in model.modules():
-        quantizer = getattr(module, "weight_fake_quantizer", None)
-        if isinstance(quantizer, GgmlWeightFakeQuantizer):
-            counts[quantizer.ggml_type] = counts.get(quantizer.ggml_type, 0) + module.weight.numel()
+        sites = [(getattr(module, "weight_fake_quantizer", None), "weight")] if "weight" in module._parameters else []
+        sites += [(q.weight_fake_quantizer, name) for name, q in getattr(module, FAKE_QUANT_ATTR, {}).items()]
+        for quantizer, name in sites:
+            if isinstance(quantizer, GgmlWeightFakeQuantizer):
+                counts[quantizer.ggml_type] = counts.get(quantizer.ggml_type, 0) + getattr(module, name).numel()
     return dict(sorted(counts.items()))
 
 
@@ -384,6 +389,7 @@ ACTIVATIONS = {"Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "Q5_0": "Q8_0", "
 
 ROLE_OF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "lm_head": "output",
+           "gate_up_proj": "ffn_up",  # an experts module's fused stack: ffn_gate_exps and ffn_up_exps, typed alike
            "embed_tokens": "token_embd"}
 """llama.cpp's tensor role of each transformers module name (the last part of the name)."""
 
@@ -397,13 +403,18 @@ def role_of(module_name: str) -> str:
     return ROLE_OF[last]
 
 
+Q4K_ATTR = "forge_q4_k"
+"""The attribute where a converted module keeps the Q4_K blocks of the weights it stores as values, by parameter
+name (`weight` for a linear, the stack's name for experts), for the artifact's `forge_blocks/q4_k.safetensors`."""
+
 INTX = {"Q5_0": (torch.int5, 32), "Q8_0": (torch.int8, 32), "Q6_K": (torch.int6, 16)}
 """The types torchao's `IntxUnpackedToInt8Tensor` holds exactly, as (target dtype, block): value = code * scale in
 the model's dtype from a float32 scale (Q6_K: d * sc, exact in float32), as llama.cpp computes it."""
 
 
 def intx_tensor(blocks: "Blocks32 | Q6K", ggml_type: str, dtype: torch.dtype):
-    """The weight-only torchao tensor holding `blocks` exactly (`INTX`)."""
+    """The weight-only torchao tensor holding `blocks` exactly (`INTX`), of the codes' shape (2-D for a linear,
+    3-D for an expert stack)."""
     from forge_qat.torchao_compat import IntxUnpackedToInt8Tensor
 
     target, block = INTX[ggml_type]
@@ -412,4 +423,19 @@ def intx_tensor(blocks: "Blocks32 | Q6K", ggml_type: str, dtype: torch.dtype):
     else:
         scale = blocks.d.float()
     return IntxUnpackedToInt8Tensor(blocks.q.to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8),
-                                    target, (1, block), dtype, None)
+                                    target, (1,) * (blocks.q.dim() - 1) + (block,), dtype, None)
+
+
+def convert_weight(module: torch.nn.Module, name: str, ggml_type: str) -> None:
+    """Replace `module.<name>` (a linear's weight or an expert stack) by what convert stores for llama.cpp's
+    `ggml_type`: the blocks llama.cpp's quantizer chooses for it (what the fake quantizer multiplied by), as a
+    weight-only torchao tensor where one holds them (`INTX`), else (Q4_K) as the values they decode to, in the
+    weight's dtype, with the blocks kept on the module (`Q4K_ATTR`)."""
+    weight = getattr(module, name).detach()
+    blocks = QUANTIZERS[ggml_type](weight)
+    if ggml_type in INTX:
+        value = intx_tensor(blocks, ggml_type, weight.dtype)
+    else:
+        value = blocks.dequantize().to(weight.dtype)
+        module.__dict__.setdefault(Q4K_ATTR, {})[name] = blocks
+    setattr(module, name, torch.nn.Parameter(value, requires_grad=False))

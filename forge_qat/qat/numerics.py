@@ -106,6 +106,16 @@ def convert_stack_to_intx_unpacked(config: AOBaseConfig, module: torch.nn.Module
     setattr(module, name, torch.nn.Parameter(stack, requires_grad=False))
 
 
+def convert_stack_to_ggml(config: AOBaseConfig, module: torch.nn.Module, name: str,
+                          scale: torch.Tensor | None = None) -> None:
+    """An expert stack in the llama.cpp type its fake quantizer trained it in (`ggml.convert_weight`)."""
+    from forge_qat.qat.experts import FAKE_QUANT_ATTR
+
+    if scale is not None:
+        raise TypeError("learned scales of llama.cpp types are not implemented")
+    ggml.convert_weight(module, name, getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.ggml_type)
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertStackConverter:
     """Replaces the 3-D expert stack `module.<name>` (experts, out, in) by its torchao tensor, in place."""
@@ -121,6 +131,7 @@ class ExpertStackConverter:
 STACK_CONVERTERS: dict[str, ExpertStackConverter] = {
     "torchao": ExpertStackConverter(convert_stack_with_torchao_handler),
     "intx-unpacked": ExpertStackConverter(convert_stack_to_intx_unpacked),
+    "ggml": ExpertStackConverter(convert_stack_to_ggml),
 }
 """The converter of each `Recipe.expert_stacks` kind."""
 

@@ -109,13 +109,19 @@ def _fake_quantized_linear(linear: torch.nn.Linear, recipe: Recipe,
     return prepared
 
 
-def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recipe) -> dict[str, ProjectionFakeQuant]:
+def _expert_quantizers(module: torch.nn.Module, stacks: list[str], recipe: Recipe,
+                       sites: Mapping[str, LayerSite] | None = None) -> dict[str, ProjectionFakeQuant]:
     """Per projection of an experts module, the fake quantizers of the recipe's linear of the same shape
-    (none for a stack the plan keeps in float)."""
+    (none for a stack the plan keeps in float); `sites`: where each stack sits, by projection name, for a recipe
+    whose quantizers depend on it."""
     quantizers = {}
     for proj in experts.projections(module):
         if proj.weight not in stacks:
             quantizers[proj.weight] = ProjectionFakeQuant(None, None, integer_grid=False)
+            continue
+        if recipe.layer_quantizers is not None:
+            quantizers[proj.weight] = ProjectionFakeQuant(*recipe.layer_quantizers(sites[proj.weight]),
+                                                          integer_grid=False)
             continue
         dtype = getattr(module, proj.weight).dtype
         twin = _prepared_twin(proj.in_features, proj.out_features, proj.bias is not None, dtype, recipe)
@@ -242,12 +248,16 @@ def _layer_sites(model: torch.nn.Module, coverage: Coverage) -> dict[str, LayerS
         raise ConfigError("this recipe chooses each layer's numerics by its place in the model: prepare the whole "
                           "model (its config's num_hidden_layers), not one block")
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 0)
+    n_experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 0)
+    places = [(name, linear.in_features) for name, linear in coverage.linears.items()]
+    for name, found in coverage.experts.items():
+        module = model.get_submodule(name)
+        places += [(f"{name}.{p.weight}", p.in_features) for p in experts.projections(module) if p.weight in found]
     sites = {}
-    for name, linear in coverage.linears.items():
+    for name, in_features in places:
         found = _LAYER_INDEX.search(f".{name}")
-        sites[name] = LayerSite(name=name, in_features=linear.in_features, layer=int(found.group(1)) if found else None,
-                                n_layers=depth, tied=tied, n_experts=experts)
+        sites[name] = LayerSite(name=name, in_features=in_features, layer=int(found.group(1)) if found else None,
+                                n_layers=depth, tied=tied, n_experts=n_experts)
     return sites
 
 
@@ -280,7 +290,8 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe, coverage: Coverage | Non
         setattr(modules[parent] if parent else model, child, embeddings.fake_quantized(module, recipe.embeddings))
     for name, stacks in coverage.experts.items():
         module = modules[name]
-        experts.install_fake_quant(module, _expert_quantizers(module, stacks, recipe))
+        experts.install_fake_quant(module, _expert_quantizers(
+            module, stacks, recipe, {p: sites[f"{name}.{p}"] for p in stacks} if sites else None))
     if learn is not None:
         _learn_scales(model, learn)
     return coverage

@@ -44,11 +44,11 @@ SM90 = Requirement("CUDA compute capability 9.0+ (Hopper)", lambda: hardware.has
 MSLK = Requirement("the mslk kernel package (pip install mslk)", lambda: hardware.has_mslk())
 
 
-ExpertStacks = Literal["torchao", "intx-unpacked"]
+ExpertStacks = Literal["torchao", "intx-unpacked", "ggml"]
 """How convert turns 3-D expert stacks into torchao tensors (`forge_qat.qat.numerics.STACK_CONVERTERS`): torchao's own
 parameter-level quantization, or forge's build of the unpacked intx tensor for a whole stack (torchao 0.18's
-configs assert 2-D weights); loading the latter needs `import forge_qat.torchao_compat` (an operator torchao
-lacks)."""
+configs assert 2-D weights), or the llama.cpp type each stack trained in (`llama-cpp-q4-k-m`); loading the last
+two needs `import forge_qat.torchao_compat` (an operator torchao lacks)."""
 
 TABLE_KINDS = {"int8": "int8 per row, bfloat16 scales (tied: one grid)"}
 """`Recipe.tables` choices and how `forge recipes` describes them (tests check the wording against the
@@ -143,7 +143,7 @@ class Recipe:
     @property
     def stacks_need_compat(self) -> bool:
         """Whether loading an artifact with expert stacks needs `import forge_qat.torchao_compat`."""
-        return self.expert_stacks == "intx-unpacked"
+        return self.expert_stacks in ("intx-unpacked", "ggml")
 
     @property
     def convert_device(self) -> "torch.device":
@@ -239,6 +239,7 @@ RECIPES: dict[str, Recipe] = {
             tables="int8",
             storage_bits=8,
             group_size=32,
+            expert_stacks="ggml",
             streams=False,
         ),
         *(Recipe(
