@@ -12,11 +12,13 @@ same operation order, so values are equal bit for bit: that is the contract fake
 Rows are the last dim: a (…, cols) weight is quantized along cols, as GGUF stores a linear's in_features.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from forge_qat.errors import ConfigError
+from forge_qat.formats.weights import true_shape
 from forge_qat.qat.fake_quant import consumer_dtype
 
 QK_K = 256
@@ -379,7 +381,8 @@ def ggml_types(model: torch.nn.Module) -> dict[str, int]:
         sites += [(q.weight_fake_quantizer, name) for name, q in getattr(module, FAKE_QUANT_ATTR, {}).items()]
         for quantizer, name in sites:
             if isinstance(quantizer, GgmlWeightFakeQuantizer):
-                counts[quantizer.ggml_type] = counts.get(quantizer.ggml_type, 0) + getattr(module, name).numel()
+                numel = math.prod(true_shape(getattr(module, name)))  # a ZeRO-3 partition's full size
+                counts[quantizer.ggml_type] = counts.get(quantizer.ggml_type, 0) + numel
     return dict(sorted(counts.items()))
 
 

@@ -20,6 +20,7 @@ from forge_qat.lora import adapters as lora
 from forge_qat.models import ModelSource, open_model_source
 from forge_qat.qat import experts, grouped_experts
 from forge_qat.qat.coverage import Coverage, plan
+from forge_qat.qat.ggml import ggml_types
 from forge_qat.qat.prepare import (
     LearnScales,
     learned_scales,
@@ -83,6 +84,8 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
             log.info("learned weight scales: %d parameters in %d layers, started by --qat-scale-init %s",
                      sum(p.numel() for p in scales.values()), len(scales), cfg.qat.qat_scale_init)
         log.info("fake quantization: %s", coverage.describe())
+        if types := ggml_types(model):
+            log.info("llama.cpp types (parameters): %s", ", ".join(f"{t} {n:,}" for t, n in types.items()))
     elif cfg.qat.fp8_recipe:
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
