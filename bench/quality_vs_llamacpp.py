@@ -12,7 +12,14 @@ topics (the eval split's texts joined by blank lines); sizes are the files' byte
                                 `forge export --to gguf`
   forge QAT                     `forge train --qat-recipe llama-cpp-q4-0` with the shipped defaults, on the same
                                 data, steps and seed as the fine-tune, finalized and exported; and the same with
-                                `--qat-scale-init extreme`
+                                `--qat-scale-init extreme`; and with distillation from the base (`--kd-weight 1
+                                --kd-loss kl`, CE kept)
+  forge PTQ / QAT llama-cpp-q4-k-m  the same with llama.cpp's Q4_K_M mix (each layer in llama-quantize's type):
+                                PTQ of the fine-tune, QAT with the shipped defaults (with and without distillation),
+                                and QAT of the fine-tune distilled from it
+  forge QAT of the fine-tune    issue 33 item 4, Gemma 3's QAT setting: `forge train --qat-recipe llama-cpp-q4-0`
+                                starting from the float fine-tune, same data, steps and seed again: CE only,
+                                distilled from the fine-tune (`--kd-weight 1 --kd-loss kl --lm-weight 0`), and both
 
 llama.cpp: its source as llama-cpp-python's sdist vendors it, tools built with cmake:
 
@@ -53,7 +60,18 @@ ROWS = {
     "forge-ptq-extreme": "forge PTQ llama-cpp-q4-0, extreme scales (the default)",
     "forge-qat": "forge QAT llama-cpp-q4-0, shipped defaults (learned scales from the mse start)",
     "forge-qat-extreme-start": "forge QAT llama-cpp-q4-0, learned scales from the extreme start",
+    "forge-qat-kd": "forge QAT llama-cpp-q4-0, shipped defaults + distillation from the base (KL + CE)",
+    "forge-qat-of-ft": "forge QAT llama-cpp-q4-0 of the float fine-tune, CE",
+    "forge-qat-of-ft-kd": "forge QAT llama-cpp-q4-0 of the float fine-tune, distilled from it (KL only)",
+    "forge-qat-of-ft-kd-ce": "forge QAT llama-cpp-q4-0 of the float fine-tune, distilled from it (KL + CE)",
+    "forge-ptq-q4-k-m": "forge PTQ llama-cpp-q4-k-m (llama.cpp's own quantizer, in torch)",
+    "forge-qat-q4-k-m": "forge QAT llama-cpp-q4-k-m, shipped defaults",
+    "forge-qat-q4-k-m-kd": "forge QAT llama-cpp-q4-k-m, shipped defaults + distillation from the base (KL + CE)",
+    "forge-qat-q4-k-m-of-ft-kd-ce": "forge QAT llama-cpp-q4-k-m of the float fine-tune, distilled from it (KL + CE)",
 }
+K_RECIPE = "llama-cpp-q4-k-m"
+KD = {"kd_weight": 1.0, "kd_loss": "kl", "kd_teacher": "float"}
+"""Distillation as Gemma 3's QAT did it: KL from the float model's probabilities (forge's `--kd-loss kl`)."""
 PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
@@ -165,6 +183,26 @@ def seed_rows(lcpp: LlamaCpp, base: Path, work: Path, data: tuple[str, str], tex
     if "forge-qat-extreme-start" in chosen:
         run = train(base, work / "qat-extreme-start", data[0], budget, RECIPE, qat_scale_init="extreme")
         files["forge-qat-extreme-start"] = forge_gguf(run, work, "forge-qat-extreme-start")
+    if "forge-qat-kd" in chosen:
+        files["forge-qat-kd"] = forge_gguf(train(base, work / "qat-kd", data[0], budget, RECIPE, **KD), work,
+                                           "forge-qat-kd")
+    # Gemma's setting: QAT of a finished float model, the teacher being that model; the same data and budget again
+    for row, settings in (("forge-qat-of-ft", {}), ("forge-qat-of-ft-kd", {**KD, "lm_weight": 0.0}),
+                          ("forge-qat-of-ft-kd-ce", KD)):
+        if row in chosen:
+            files[row] = forge_gguf(train(float_ft, work / row.removeprefix("forge-"), data[0], budget, RECIPE,
+                                          **settings), work, row)
+    if "forge-ptq-q4-k-m" in chosen:
+        files["forge-ptq-q4-k-m"] = forge_gguf(float_ft, work, "forge-ptq-q4-k-m", ptq=get_recipe(K_RECIPE))
+    if "forge-qat-q4-k-m" in chosen:
+        files["forge-qat-q4-k-m"] = forge_gguf(train(base, work / "qat-q4-k-m", data[0], budget, K_RECIPE), work,
+                                               "forge-qat-q4-k-m")
+    if "forge-qat-q4-k-m-kd" in chosen:
+        files["forge-qat-q4-k-m-kd"] = forge_gguf(train(base, work / "qat-q4-k-m-kd", data[0], budget, K_RECIPE,
+                                                        **KD), work, "forge-qat-q4-k-m-kd")
+    if "forge-qat-q4-k-m-of-ft-kd-ce" in chosen:
+        run = train(float_ft, work / "qat-q4-k-m-of-ft-kd-ce", data[0], budget, K_RECIPE, **KD)
+        files["forge-qat-q4-k-m-of-ft-kd-ce"] = forge_gguf(run, work, "forge-qat-q4-k-m-of-ft-kd-ce")
     return {k: v for k, v in files.items() if k in chosen}
 
 

@@ -8,6 +8,7 @@ Variants, interleaved round by round so machine noise hits all of them alike:
 
     python bench/train_step.py                      # SmolLM2-135M shape, 30 layers, batch 4x256, bf16
     python bench/train_step.py --layers 4 --rounds 2  # quick look
+    python bench/train_step.py --recipes llama-cpp-q4-0,llama-cpp-q4-k-m   # more forge recipes as variants
 """
 
 import argparse
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--recipes", default="", help="more forge recipes to time, comma-separated (dynamic scales)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -59,6 +61,8 @@ def main() -> None:
     variants = {"float": lambda m: None, "torchao-qat": torchao_as_is,
                 "forge-qat": lambda m: prepare_qat(m, get_recipe(DEFAULT_RECIPE)),
                 "forge-int8-int8": lambda m: prepare_qat(m, get_recipe("int8-dynamic-act-int8-weight"))}
+    for name in filter(None, args.recipes.split(",")):
+        variants[name] = lambda m, recipe=get_recipe(name): prepare_qat(m, recipe)
     models, optims = {}, {}
     for name, prepare in variants.items():
         models[name] = copy.deepcopy(base)
