@@ -264,9 +264,10 @@ def print_finalize_report(report) -> None:
         if report.streaming:
             console.print("streamed block by block; shards verified structurally (no full reload)")
         else:
-            console.print(f"max |logit| change vs the same checkpoint unquantized: "
-                          f"{report.max_logit_diff_vs_float:.4f}; reloaded artifact matches: max diff "
-                          f"{report.reload_max_diff:.1e}")
+            console.print(f"vs the same checkpoint unquantized, on {report.verification_positions} positions: top-1 "
+                          f"next token agrees on {report.top1_agreement:.1%}; max |logit| change "
+                          f"{report.max_logit_diff_vs_float:.4f} (its logits' std: {report.float_logit_std:.4f})")
+            console.print(f"reloaded artifact matches: max diff {report.reload_max_diff:.1e}")
         if report.lora_merged:
             trained = ("not measured (streaming)" if math.isnan(report.lora_trained_vs_artifact)
                        else f"{report.lora_trained_vs_artifact:.4g}")

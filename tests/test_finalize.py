@@ -44,6 +44,35 @@ def runs(tmp_path_factory, request):
     return root
 
 
+def test_the_verification_line_has_a_yardstick(runs, tmp_path):
+    """Top-1 agreement, the float logits' spread and the largest change, recomputed here from the float checkpoint
+    and the artifact on the same batch (int2 PTQ: it changes some next tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge_qat.finalize.convert import sample_batch
+
+    dest = tmp_path / "artifact"
+    result = runner.invoke(app, ["finalize", "--source", str(runs / "float"), "--dest", str(dest), "--ptq",
+                                 "int8-dynamic-act-int2-weight", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    ckpt = sorted((runs / "float").glob("checkpoint-*"))[-1]
+    float_model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    batch = sample_batch(AutoTokenizer.from_pretrained(ckpt), float_model.config.vocab_size)
+    with torch.no_grad():
+        float_logits = float_model(batch).logits
+        quant_logits = AutoModelForCausalLM.from_pretrained(dest).eval()(batch).logits
+    assert report["verification_positions"] == batch.numel()
+    agree = (quant_logits.argmax(-1) == float_logits.argmax(-1)).float().mean().item()
+    assert report["top1_agreement"] == pytest.approx(agree) and 0 < agree < 1
+    assert report["float_logit_std"] == pytest.approx(float_logits.std().item(), rel=1e-4)
+    assert report["max_logit_diff_vs_float"] == pytest.approx((quant_logits - float_logits).abs().max().item(),
+                                                               rel=1e-4)
+    shown = runner.invoke(app, ["finalize", "--source", str(runs / "float"), "--dest", str(dest), "--ptq",
+                                "int8-dynamic-act-int2-weight", "--overwrite"]).output
+    assert f"top-1 next token agrees on {agree:.1%}" in " ".join(shown.split())
+
+
 def test_qat_round_trip_loads_in_stock_transformers(runs, tmp_path):
     dest = tmp_path / "artifact"
     result = runner.invoke(app, ["finalize", "--source", str(runs / "qat"), "--dest", str(dest), "--json"])
@@ -56,7 +85,6 @@ def test_qat_round_trip_loads_in_stock_transformers(runs, tmp_path):
     assert report["format"] == "safetensors" and report["reload_max_diff"] == 0.0
     assert report["max_logit_diff_vs_float"] > 0  # conversion really changed the numerics
     assert (dest / "model.safetensors").is_file() and not list(dest.glob("*.bin"))
-
     # A fresh interpreter that never imports forge_qat loads and generates.
     probe = f"""
 import sys, torch

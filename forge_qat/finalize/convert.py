@@ -129,10 +129,19 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
         report = written_report(job, req, coverage, converted, fmt, reason, shards, float_bytes=float_bytes,
                                 artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
                                 quantized_numel=quantized_numel,
-                                max_logit_diff_vs_float=(quant_logits - float_logits).abs().max().item(),
+                                **_agreement(float_logits, quant_logits),
                                 reload_max_diff=reload_diff, llama_cpp_types=types, **lora_measured)
         write_artifact_meta(tmp, job.checkpoint, report)
     return report
+
+
+def _agreement(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> dict:
+    """How far the artifact's logits are from the unquantized model's on the verification batch, with a yardstick:
+    the largest change, the float logits' spread, and the share of positions whose top-1 token is the same."""
+    same = quant_logits.argmax(-1) == float_logits.argmax(-1)
+    return {"max_logit_diff_vs_float": (quant_logits - float_logits).abs().max().item(),
+            "float_logit_std": float_logits.float().std().item(), "top1_agreement": same.float().mean().item(),
+            "verification_positions": same.numel()}
 
 
 def _prepare_merged(model: torch.nn.Module, job: ConvertJob, learn: LearnScales | None,

@@ -33,6 +33,14 @@ class FinalizeReport:
     format_reason: str = ""
     bits_per_weight: float = 0.0
     max_logit_diff_vs_float: float = math.nan
+    """max |logit| difference between the artifact and the same checkpoint unquantized, on the verification batch
+    (`forge_qat.finalize.convert.sample_batch`); NaN: not measured (streaming)."""
+    float_logit_std: float = math.nan
+    """The unquantized model's logits' standard deviation on that batch: the scale the change is read against."""
+    top1_agreement: float = math.nan
+    """Share of that batch's positions whose most likely next token is the unquantized model's."""
+    verification_positions: int = 0
+    """Positions in the verification batch."""
     reload_max_diff: float = math.nan
     dry_run: bool = False
     streaming: bool = False
