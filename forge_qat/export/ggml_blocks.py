@@ -6,6 +6,7 @@ dequantizes the result to the values `forge_qat.qat.ggml` computes (tests/test_g
 import numpy as np
 import torch
 
+from forge_qat.errors import InputError
 from forge_qat.qat.ggml import Q4K, Q6K, Blocks32
 
 
@@ -16,6 +17,16 @@ def _half_bytes(d: torch.Tensor) -> torch.Tensor:
 
 def _rows(blocks: torch.Tensor) -> np.ndarray:
     return blocks.reshape(blocks.shape[0], -1).numpy()
+
+
+def q4_0_bytes(b: Blocks32) -> np.ndarray:
+    """18 bytes per 32 values: d, then 16 bytes holding codes + 8, element j in the low nibble of byte j and
+    element j + 16 in its high nibble. int2/int3 codes lie inside [-8, 7] and are held exactly."""
+    rows, n = b.d.shape
+    if b.q.min() < -8 or b.q.max() > 7:
+        raise InputError("int4 codes outside [-8, 7]: not a symmetric int4 grid")
+    codes = (b.q.to(torch.int16) + 8).to(torch.uint8).reshape(rows, n, 32)
+    return _rows(torch.cat([_half_bytes(b.d), codes[..., :16] | (codes[..., 16:] << 4)], -1))
 
 
 def q8_0_bytes(b: Blocks32) -> np.ndarray:

@@ -115,22 +115,6 @@ def _fp16_scales(scale: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor
     return half, int(((half.to(torch.float32) != scale.to(torch.float32)) & used).sum())
 
 
-def q4_0_bytes(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, int]:
-    """`Q4_0` blocks of int4 codes in [-8, 7] (rows, cols) with one scale per 32 columns (rows, cols/32):
-    per block the fp16 scale, then 16 bytes holding codes + 8, element j in the low nibble of byte j and
-    element j + 16 in its high nibble (ggml's block_q4_0). Returns (rows, cols/32*18) bytes and the rounded
-    scale count."""
-    lead, cols = qdata.shape[:-1], qdata.shape[-1]
-    rows = qdata.numel() // cols
-    if qdata.min() < -8 or qdata.max() > 7:
-        raise InputError("int4 codes outside [-8, 7]: not a symmetric int4 grid")
-    codes = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // 32, 32)
-    nibbles = codes[..., :16] | (codes[..., 16:] << 4)
-    d, rounded = _fp16_scales(scale.reshape(rows, cols // 32), qdata)
-    blocks = torch.cat([d.reshape(rows, cols // 32, 1).view(torch.uint8), nibbles], dim=-1)
-    return blocks.reshape(*lead, -1).numpy(), rounded
-
-
 # ---- what each tensor becomes ---------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +260,6 @@ def _pack(p: Planned, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torc
                          f"{p.ggml_type.name} form")
     t = gguf.GGMLQuantizationType
     rows = qdata.shape[0]
-    if p.ggml_type == t.Q4_0:
-        data, rounded = q4_0_bytes(qdata, scale)
-        return data, qdata.numel() // 32, rounded
     if p.ggml_type == t.Q6_K:
         blocks, rounded = _q6_k_blocks(qdata, scale.reshape(rows, -1))
         return ggml_blocks.q6_k_bytes(blocks), qdata.numel() // 256, rounded
@@ -286,8 +267,8 @@ def _pack(p: Planned, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torc
     if scale.shape[1] == 1:  # int8 per row (the tables): the row's scale for each block of 32
         scale = scale.expand(rows, qdata.shape[1] // 32)
     d, rounded = _fp16_scales(scale, qdata)
-    pack = ggml_blocks.q5_0_bytes if p.ggml_type == t.Q5_0 else ggml_blocks.q8_0_bytes
-    return pack(Blocks32(q=qdata, d=d)), qdata.numel() // 32, rounded
+    pack = {t.Q4_0: ggml_blocks.q4_0_bytes, t.Q5_0: ggml_blocks.q5_0_bytes, t.Q8_0: ggml_blocks.q8_0_bytes}
+    return pack[p.ggml_type](Blocks32(q=qdata, d=d)), qdata.numel() // 32, rounded
 
 
 def _q6_k_blocks(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[Q6K, int]:
