@@ -78,7 +78,8 @@ def main() -> None:
     print(json.dumps(results, indent=2, default=str))
     print(f"{args.recipe} ({report.scheme}) on {results['tokens']} tokens, perplexity: "
           + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
-          + f"; {report.bytes / 1e6:.1f} MB vs {report.float_bytes / 1e6:.1f} MB in {report.float_dtype}")
+          + f"; {report.bytes / 1e6:.1f} MB vs {report.source_bytes / 1e6:.1f} MB"
+          f" in {report.source_dtype} (the source)")
     rounding = results["activation_rounding"]
     print(f"activation rounding x / scale vs x * (1 / scale), random 576-wide rows: {rounding['rows_differing']:.1%} "
           f"of rows differ, {rounding['of_them_at_the_rows_absmax']} of {rounding['codes_differing']} differing "

@@ -45,7 +45,8 @@ t = time.perf_counter()
 r = finalize(FinalizeRequest(source=Path(sys.argv[1]), dest=Path(sys.argv[2]), ptq=get_recipe(sys.argv[3])))
 rss_mb = peak_rss_bytes() / 1e6
 print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": rss_mb,
-                  "artifact_bytes": r.artifact_bytes, "float_bytes": r.float_bytes, "converted": r.converted}))
+                  "artifact_bytes": r.artifact_bytes, "source_bytes": r.source_bytes,
+                  "source_dtype": r.source_dtype, "converted": r.converted}))
 """
 
 
@@ -144,14 +145,15 @@ def main() -> None:
             results[f"float32_{shape}_ms"] = med["float32"]
     results["linear_2048_batch8_ms"] = linear_2048(recipes, args.rounds)
 
-    float_mb = next(iter(results["recipes"].values()))["float_bytes"] / 1e6
-    print(f"SmolLM2-135M shape, {args.layers} layers, float32 weights {float_mb:.0f} MB, "
+    first = next(iter(results["recipes"].values()))
+    print(f"SmolLM2-135M shape, {args.layers} layers, {first['source_dtype']} weights "
+          f"{first['source_bytes'] / 1e6:.0f} MB, "
           f"{torch.get_num_threads()} threads, latency median of {args.rounds} interleaved rounds")
     print(f"  float32: prefill 1x256 {results['float32_prefill_1x256_ms']:.1f} ms, "
           f"decode 8x1 {results['float32_decode_8x1_ms']:.1f} ms")
     for n, r in results["recipes"].items():
         print(f"  {n}: finalize {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"artifact {r['artifact_bytes'] / r['float_bytes']:.2f}x float32; "
+              f"artifact {r['artifact_bytes'] / r['source_bytes']:.2f}x the {r['source_dtype']} source; "
               f"prefill {r['prefill_1x256_ms']:.1f} ms ({r['prefill_1x256_vs_float32']:.2f}x), "
               f"decode {r['decode_8x1_ms']:.1f} ms ({r['decode_8x1_vs_float32']:.2f}x)")
     lin = results["linear_2048_batch8_ms"]

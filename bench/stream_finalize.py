@@ -37,7 +37,7 @@ run(sys.argv[4], sys.argv[2] + "-warmup")
 reset_peak(); before = rss_bytes(); t = time.perf_counter()
 r = run(sys.argv[1], sys.argv[2])
 print(json.dumps({"wall_s": time.perf_counter() - t, "peak_increase_mb": (peak_rss_bytes() - before) / 1e6,
-                  "float_mb": r.float_bytes / 1e6, "artifact_mb": r.artifact_bytes / 1e6}))
+                  "source_mb": r.source_bytes / 1e6, "artifact_mb": r.artifact_bytes / 1e6}))
 """
 
 
@@ -76,7 +76,7 @@ def main() -> None:
                         flag, str(tmp / "warmup"), str(HERE), str(shard)]
                 out = subprocess.run(argv, capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                r["throughput_gb_s"] = r["float_mb"] / 1e3 / r["wall_s"]
+                r["throughput_gb_s"] = r["source_mb"] / 1e3 / r["wall_s"]
                 results[f"{mode}_{layers}"] = r | info
     a, b = args.depths
     bound = 1.5 * (results[f"streaming_{b}"]["largest_block_mb"] + shard / 1e6)
@@ -87,7 +87,7 @@ def main() -> None:
     for key, r in results.items():
         if key == "target":
             continue
-        print(f"  {key:14s} float {r['float_mb']:6.0f} MB: peak RSS +{r['peak_increase_mb']:6.0f} MB, "
+        print(f"  {key:14s} source {r['source_mb']:6.0f} MB: peak RSS +{r['peak_increase_mb']:6.0f} MB, "
               f"{r['wall_s']:5.1f} s, {r['throughput_gb_s']:.3f} GB/s")
     print(f"  streaming peak growth {a}->{b} layers: {growth:+.1%}")
     if args.json:

@@ -226,6 +226,12 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
+def _vs_source(size: int, source_bytes: int, source_dtype: str) -> str:
+    """"the bfloat16 source 16.06 GB (0.61x)": what an output is compared with, named by the dtype it is in."""
+    ratio = size / source_bytes if source_bytes else float("nan")
+    return f"the {source_dtype} source {_size(source_bytes)} ({ratio:.2f}x)"
+
+
 SCALE_SOURCES = {"learned": "learned in training", "mse": "chosen by error (mse search)",
                  "absmax": "absmax (the recipe's quantizer)", "extreme": "extreme (largest weight held exactly)",
                  "llama.cpp": "llama.cpp's (its reference quantizer, per layer type)"}
@@ -242,10 +248,10 @@ def print_finalize_report(report) -> None:
     console.print(f"quantized {coverage['quantized_share']:.1%} of the matmul weights by parameter count "
                   f"({coverage['quantized_params']:,} of {coverage['matmul_params']:,}; MoE experts "
                   f"{coverage['expert_params_quantized']:,}); kept in float: {kept}")
-    ratio = report.artifact_bytes / report.float_bytes if report.float_bytes else float("nan")
     size_word = "expected size" if report.dry_run else "artifact"
-    console.print(f"{size_word} {_size(report.artifact_bytes)} vs float32 {_size(report.float_bytes)} "
-                  f"({ratio:.2f}x), format {report.format}")
+    console.print(f"{size_word} {_size(report.artifact_bytes)} vs "
+                  f"{_vs_source(report.artifact_bytes, report.source_bytes, report.source_dtype)}, "
+                  f"format {report.format}")
     if not report.dry_run:
         console.print(f"format reason: {report.format_reason}")
         from forge_qat.qat.registry import RECIPES
@@ -511,12 +517,16 @@ def export_command(
     _emit(as_json, report.to_dict(), lambda: printer(report))
 
 
+def _vs(report) -> str:
+    """An export's size against the checkpoint its artifact came from, where the artifact recorded it."""
+    return f" vs {_vs_source(report.bytes, report.source_bytes, report.source_dtype)}" if report.source_bytes else ""
+
+
 def _print_compressed(report) -> None:
     console.print(f"[bold]compressed-tensors[/] {report.scheme} ({report.format}): {report.quantized_linears} "
                   f"quantized linear layers ({report.quantized_params:,} weights, codes and scales copied: "
                   f"{report.inexact} values inexact), {report.float_params:,} float; kept in float: "
-                  f"{', '.join(report.ignored) or 'none'}; {_size(report.bytes)} vs {_size(report.float_bytes)} in "
-                  f"{report.float_dtype} ({report.bytes / max(1, report.float_bytes):.2f}x)")
+                  f"{', '.join(report.ignored) or 'none'}; {_size(report.bytes)}{_vs(report)}")
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path}")
@@ -525,7 +535,7 @@ def _print_compressed(report) -> None:
 def _print_pte(report) -> None:
     console.print(f"[bold]ExecuTorch[/] program ({report.recipe}): {report.quantized_linears} quantized linears, "
                   f"{report.delegated_linears} linear ops run by XNNPACK; KV cache {report.max_seq_len} tokens; "
-                  f"{_size(report.bytes)}")
+                  f"{_size(report.bytes)}{_vs(report)}")
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path}" + (f" and {report.tokenizer}" if report.tokenizer else ""))
@@ -535,7 +545,8 @@ def _print_export(report) -> None:
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.by_type.items()))
     console.print(f"[bold]{report.architecture}[/] GGUF: {report.tensors} tensors ({kinds}); "
                   f"{report.quantized_params:,} quantized weights in {report.total_blocks:,} blocks, "
-                  f"{report.float_params:,} float; pre-tokenizer {report.pre_tokenizer}; {_size(report.bytes)}")
+                  f"{report.float_params:,} float; pre-tokenizer {report.pre_tokenizer}; {_size(report.bytes)}"
+                  f"{_vs(report)}")
     exact = "every block holds the trained grid exactly" if not report.rounded_blocks else \
         f"{report.rounded_blocks:,} blocks rounded (see the note)"
     console.print(exact)

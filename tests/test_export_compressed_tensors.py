@@ -77,8 +77,9 @@ def test_decompresses_to_the_artifacts_codes_times_scales(made, recipe, scheme, 
     _, arts = made
     report = export_compressed_tensors(arts[recipe], tmp_path / "ct")
     assert report.scheme == scheme and report.inexact == 0 and report.ignored == ["lm_head"]
-    assert report.quantized_linears == 14 and report.float_dtype == "float32"
-    assert report.float_bytes == 4 * (report.quantized_params + report.float_params) > report.bytes
+    assert report.quantized_linears == 14 and report.source_dtype == "float32"
+    source = json.loads((arts[recipe] / "forge_artifact.json").read_text())["source_bytes"]
+    assert report.source_bytes == source > report.bytes
     written, weights = _decompressed(tmp_path / "ct")
     reader = ArtifactReader(arts[recipe])
     for entry in reader.entries:

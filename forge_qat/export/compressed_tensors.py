@@ -31,6 +31,7 @@ import torch
 
 from forge_qat import __version__
 from forge_qat.errors import ConfigError
+from forge_qat.export.source import artifact_source_size
 from forge_qat.formats.artifact import ArtifactReader, Entry, ShardWriter
 from forge_qat.formats.atomic import atomic_dir, check_output
 from forge_qat.models import load_config
@@ -92,10 +93,10 @@ class CompressedTensorsReport:
     """Values that could not be written exactly as the artifact holds them (0: codes and scales are copied)."""
     bytes: int = 0
     """The written shards."""
-    float_dtype: str = ""
-    """The artifact's own float dtype (its float weights' and scales')."""
-    float_bytes: int = 0
-    """Every weight in `float_dtype`: what the model is without quantization."""
+    source_bytes: int = 0
+    source_dtype: str = ""
+    """The checkpoint the artifact was finalized from, as stored (`ArtifactMeta.source_size`; 0 and "": not
+    recorded): what `bytes` is compared with."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -277,9 +278,7 @@ def export_compressed_tensors(artifact: Path, out: Path, *, overwrite: bool = Fa
                 report.quantized_params += math.prod(shape)
             report.tensors += 1
         writer.close()
-        dtype = reader.reader.float_dtype()
-        report.float_dtype = str(dtype).removeprefix("torch.")
-        report.float_bytes = (report.quantized_params + report.float_params) * dtype.itemsize
+        report.source_bytes, report.source_dtype = artifact_source_size(artifact)
         _write_config(tmp, artifact, report, scheme)
         for f in artifact.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in COPIED_FILES_SKIPPED:

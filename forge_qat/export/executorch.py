@@ -23,6 +23,7 @@ import torch
 
 from forge_qat.errors import ConfigError, ConversionError, InputError
 from forge_qat.export.moe import make_exportable
+from forge_qat.export.source import artifact_source_size
 from forge_qat.formats.artifact_meta import ARTIFACT_META, ArtifactMeta
 from forge_qat.formats.atomic import atomic_file, check_output
 from forge_qat.models import load_config, load_model
@@ -54,6 +55,9 @@ class ExecutorchReport:
     """Quantized expert stacks, run by ExecuTorch's portable kernels on the routed experts' codes."""
     bytes: int = 0
     tokenizer: Path | None = None
+    source_bytes: int = 0
+    source_dtype: str = ""
+    """The checkpoint the artifact was finalized from, as stored (0 and "": not recorded)."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -213,7 +217,7 @@ def export_executorch(artifact: Path, out: Path, *, max_seq_len: int | None = No
     with atomic_file(out) as tmp:
         tmp.write_bytes(program.buffer)
     report = ExecutorchReport(out, recipe, max_seq_len, quantized, delegated, rounded, stacks, out.stat().st_size,
-                              tokenizer)
+                              tokenizer, *artifact_source_size(artifact))
     lookups = sum("embedding_byte" in str(n.target) for n in program.exported_program().graph_module.graph.nodes)
     if lookups:
         report.notes.append("the int8 embedding runs as ExecuTorch's quantized lookup (`embedding_byte`), a kernel of "

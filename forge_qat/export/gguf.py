@@ -25,6 +25,7 @@ import torch
 from forge_qat import __version__
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.export import ggml_blocks
+from forge_qat.export.source import artifact_source_size
 from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.artifact import ArtifactReader, Entry
 from forge_qat.formats.atomic import atomic_file, check_output
@@ -94,6 +95,9 @@ class GgufReport:
     widened: dict[str, int] = field(default_factory=dict)
     """Parameters by grid (int2, int3) stored in Q4_0, whose codes hold them exactly at 4.5 bits per weight."""
     bytes: int = 0
+    source_bytes: int = 0
+    source_dtype: str = ""
+    """The checkpoint the artifact was finalized from, as stored (0 and "": not recorded)."""
     pre_tokenizer: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -506,6 +510,7 @@ def export_gguf(artifact: Path, out: Path, *, pre_tokenizer: str | None = None,
         finally:
             writer.close()
     report.bytes = out.stat().st_size
+    report.source_bytes, report.source_dtype = artifact_source_size(artifact)
     for bits, params in report.widened.items():
         report.notes.append(f"{params:,} {bits} weights are stored as Q4_0 (GGUF has no {bits} type llama.cpp runs; "
                             f"Q4_0 holds their codes exactly, at 4.5 bits per weight)")

@@ -10,9 +10,16 @@ import shutil
 from pathlib import Path
 
 from forge_qat.errors import ConfigError, InputError
+from forge_qat.formats.artifact_meta import ArtifactMeta
 from forge_qat.formats.atomic import remove_stale_temporaries
 from forge_qat.models import is_quantized_artifact
 from forge_qat.qat.registry import Recipe
+
+
+def artifact_source_size(artifact: Path) -> tuple[int, str]:
+    """(bytes, dtype) of the checkpoint `artifact` was finalized from, from its metadata; (0, "") if not recorded."""
+    meta = ArtifactMeta.read(artifact)
+    return meta.source_size() if meta else (0, "")
 
 
 def artifact_of(source: Path, recipe: Recipe | None, output: Path) -> contextlib.AbstractContextManager[Path]:

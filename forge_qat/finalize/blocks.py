@@ -75,7 +75,6 @@ def split_blocks(model: torch.nn.Module) -> list[Block]:
 @dataclass
 class StreamStats:
     converted: list[str] = field(default_factory=list)
-    float_bytes: int = 0
     quantized_bytes: int = 0
     quantized_numel: int = 0
 
@@ -120,8 +119,6 @@ def convert_blocks(model: torch.nn.Module, blocks: list[Block], reader: TensorRe
         parent_name, _, last = block.module_name.rpartition(".")
         holder = torch.nn.Module()
         holder.add_module(last, module)
-        stats.float_bytes += sum(tensor_bytes(t) for k, t in module.state_dict().items()
-                                 if block.prefix + k in block.names)
         block_converted: list[str] = []
         with torch.no_grad():
             block_plan = plan(holder, recipe)

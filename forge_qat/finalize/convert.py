@@ -25,7 +25,7 @@ from forge_qat.finalize.job import (
     use_streaming,
 )
 from forge_qat.finalize.model_files import write_artifact_meta, write_model_files
-from forge_qat.finalize.report import FinalizeReport, dedup_state_dict, planned_report, written_report
+from forge_qat.finalize.report import FinalizeReport, dedup_state_dict, planned_report, source_size, written_report
 from forge_qat.finalize.streaming import finalize_streaming
 from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.artifact import ShardWriter, choose_format, tensor_bytes, unflattenable
@@ -70,7 +70,7 @@ def finalize(req: FinalizeRequest) -> FinalizeReport:
 
 def _dry_run(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport:
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(load_config(job.checkpoint))
+        skeleton = AutoModelForCausalLM.from_config(load_config(job.checkpoint), dtype=convert_placement(job)[1])
     coverage = plan_coverage(skeleton, job.recipe)
     check_useful(coverage, job.recipe)
     return planned_report(job, req, skeleton, coverage)
@@ -87,7 +87,7 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
     device, dtype = convert_placement(job)
     model, tokenizer = load_model(str(job.checkpoint), dtype=dtype, device=device)
     model.eval()
-    float_bytes = sum(tensor_bytes(t) for t in dedup_state_dict(model).values())
+    source = source_size(job, model)
     sample = sample_batch(tokenizer, model.config.vocab_size).to(device)
     lora_measured = {}
     with torch.no_grad():
@@ -126,7 +126,7 @@ def _finalize_in_memory(job: ConvertJob, req: FinalizeRequest) -> FinalizeReport
         if not reload_diff <= 1e-5:  # NaN too
             raise ConversionError(f"the written artifact does not reproduce the converted model "
                                   f"(max logit difference {reload_diff:.3e}); nothing was written")
-        report = written_report(job, req, coverage, converted, fmt, reason, shards, float_bytes=float_bytes,
+        report = written_report(job, req, coverage, converted, fmt, reason, shards, **source,
                                 artifact_bytes=writer.total_bytes, quantized_bytes=quantized_bytes,
                                 quantized_numel=quantized_numel,
                                 **_agreement(float_logits, quant_logits),

@@ -27,7 +27,11 @@ class FinalizeReport:
     by_module: dict[str, int]
     coverage: dict
     """`forge_qat.qat.coverage.Coverage.to_dict()`: what was quantized and what stayed float, by parameters."""
-    float_bytes: int
+    source_bytes: int
+    """The source checkpoint's weights as it stores them (`source_size`), what `artifact_bytes` is compared with."""
+    source_dtype: str
+    """The floating dtype the source holds most of its weights in ("bfloat16"; "float32" for a ZeRO state's
+    masters)."""
     artifact_bytes: int
     format: str = ""
     format_reason: str = ""
@@ -78,6 +82,32 @@ def dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
+def source_size(job, model: torch.nn.Module) -> dict:
+    """`source_bytes` and `source_dtype` of `job`'s checkpoint: from its safetensors headers (the bytes as stored, in
+    the dtype it was saved in, whatever dtype finalize converts in); a ZeRO state (fp32 masters) or a
+    `pytorch_model.bin` checkpoint is counted from `model`'s parameters in the dtype they were loaded in."""
+    from forge_qat.errors import InputError
+    from forge_qat.formats.weights import SafetensorsReader
+
+    if job.zero_dir is None:
+        try:
+            reader = SafetensorsReader.from_dir(job.checkpoint)
+        except InputError:
+            pass
+        else:
+            return {"source_bytes": reader.stored_bytes(),
+                    "source_dtype": str(reader.float_dtype()).removeprefix("torch.")}
+    params = dedup_state_dict(model).values()
+    if job.zero_dir is not None:  # fp32 masters, whatever dtype the model was built in
+        return {"source_bytes": 4 * sum(t.numel() for t in params), "source_dtype": "float32"}
+    by_dtype: Counter[torch.dtype] = Counter()
+    for t in params:
+        by_dtype[t.dtype] += t.numel()
+    floating = {d: n for d, n in by_dtype.items() if d.is_floating_point}
+    return {"source_bytes": sum(n * d.itemsize for d, n in by_dtype.items()),
+            "source_dtype": str(max(floating, key=floating.get, default=torch.float32)).removeprefix("torch.")}
+
+
 def written_report(job, req, coverage: Coverage, converted: list[str], fmt: str, reason: str, shards: list[Path], *,
                    quantized_bytes: int, quantized_numel: int, **measured) -> FinalizeReport:
     """The report of a written artifact (in-memory or streamed); `measured`: the byte counts and logit checks
@@ -91,19 +121,20 @@ def written_report(job, req, coverage: Coverage, converted: list[str], fmt: str,
 
 
 def planned_report(job, req, skeleton: torch.nn.Module, coverage: Coverage) -> FinalizeReport:
-    """`--dry-run`: what the artifact would hold, estimated from a meta-device skeleton."""
-    float_bytes = artifact = 0
+    """`--dry-run`: what the artifact would hold, estimated from a meta-device skeleton in the dtype finalize
+    converts in (the tensors kept in float are written in it)."""
+    artifact = 0
     for name, t in dedup_state_dict(skeleton).items():
-        float_bytes += t.numel() * 4
         if name in coverage.quantized:
             per_row = name.rpartition(".")[0] in coverage.tables
             group = t.shape[-1] if per_row else job.recipe.group_size or t.shape[-1]
             artifact += t.numel() * job.recipe.storage_bits // 8 + (t.numel() // group) * 5
         else:
-            artifact += t.numel() * 4
+            artifact += t.numel() * t.dtype.itemsize
     return FinalizeReport(dest=None, recipe=job.recipe.name, mode=job.mode, notes=list(job.notes),
                           converted=len(coverage.quantized),
                           by_module=dict(Counter(map(weight_kind, coverage.quantized))),
-                          coverage=coverage.to_dict(), float_bytes=float_bytes, artifact_bytes=artifact, dry_run=True,
+                          coverage=coverage.to_dict(), artifact_bytes=artifact, dry_run=True,
+                          **source_size(job, skeleton),
                           learned_scales=job.learned_scales, weight_scales=job.weight_scales,
                           format=choose_format(req.fmt, job.recipe.safetensors, [])[0])

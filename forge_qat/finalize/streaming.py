@@ -13,7 +13,7 @@ from forge_qat.errors import ConversionError
 from forge_qat.finalize.blocks import write_streamed
 from forge_qat.finalize.job import ConvertJob, FinalizeRequest, convert_placement
 from forge_qat.finalize.model_files import write_artifact_meta, write_model_files
-from forge_qat.finalize.report import FinalizeReport, written_report
+from forge_qat.finalize.report import FinalizeReport, source_size, written_report
 from forge_qat.formats.artifact import choose_format
 from forge_qat.formats.atomic import atomic_dir
 from forge_qat.formats.weights import TensorReader
@@ -63,7 +63,7 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
                                   f"coverage plan {len(coverage.quantized)}; nothing was written")
         write_model_files(tmp, config, generation_config, tokenizer, job.recipe, coverage)
         report = written_report(job, req, coverage, stats.converted, fmt, reason, shards,
-                                float_bytes=stats.float_bytes, artifact_bytes=total,
+                                artifact_bytes=total, **source_size(job, skeleton),
                                 quantized_bytes=stats.quantized_bytes, quantized_numel=stats.quantized_numel,
                                 streaming=True, **lora_measured)
         write_artifact_meta(tmp, job.checkpoint, report)

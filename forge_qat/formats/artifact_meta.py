@@ -32,6 +32,15 @@ class ArtifactMeta:
     forge_qat_version: str = __version__
     format_version: int = FORMAT_VERSION
 
+    def source_size(self) -> tuple[int, str]:
+        """(bytes, dtype name) of the checkpoint the artifact was converted from, as finalize measured it: what an
+        export's size is compared with. (0, "") for an artifact whose finalize did not record it (earlier forge
+        recorded a `float_bytes` whose dtype it did not name)."""
+        size, dtype = self.report.get("source_bytes"), self.report.get("source_dtype")
+        if isinstance(size, int) and size > 0 and isinstance(dtype, str) and dtype:
+            return size, dtype
+        return 0, ""
+
     def write(self, directory: Path) -> None:
         data = {"format_version": self.format_version, "forge_qat_version": self.forge_qat_version,
                 "source": self.source, **self.report, "recipe": self.recipe}

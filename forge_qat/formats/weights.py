@@ -108,6 +108,10 @@ class SafetensorsReader:
                 counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
         return max(counts, key=counts.get) if counts else torch.float32
 
+    def stored_bytes(self) -> int:
+        """Bytes of all the tensors as the files hold them (a tied pair is one tensor there)."""
+        return sum(end - begin for _, _, _, begin, end in self._index.values())
+
     def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) of the flattened tensor, read into `out`."""
         path, dtype, _, begin, end = self._index[name]

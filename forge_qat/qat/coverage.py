@@ -22,6 +22,8 @@ from forge_qat.qat import experts as experts_mod
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
 OUTPUT_HEAD = "output head"
+TIED_TABLE = "embedding table (tied with the output head)"
+"""The reason an output head that is the input embedding's Parameter is kept: one table, counted once."""
 ROUTER = "router"
 MISFIT = "group-size misfit"
 CONV1D = "Conv1D"
@@ -126,6 +128,7 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
     moe_blocks = {n.rpartition(".")[0]: experts_mod.num_experts(m) for n, m in expert_modules.items()}
     fits = lambda in_features: not recipe.group_size or in_features % recipe.group_size == 0  # noqa: E731
     tables = recipe.embeddings is not None
+    input_table = _input_table(model)
     for name, module in modules.items():
         parent, _, last = name.rpartition(".")
         if tables and isinstance(module, torch.nn.Embedding):
@@ -149,7 +152,8 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
             if last in OUTPUT_HEAD_NAMES and tables:
                 _plan_table(coverage, name, module)
             elif last in OUTPUT_HEAD_NAMES:
-                coverage.kept[pname] = (OUTPUT_HEAD, _numel(module.weight))
+                tied = input_table is not None and module.weight is input_table
+                coverage.kept[pname] = (TIED_TABLE if tied else OUTPUT_HEAD, _numel(module.weight))
             elif parent in moe_blocks and (module.out_features == moe_blocks[parent] or last.endswith("gate")):
                 coverage.kept[pname] = (ROUTER, _numel(module.weight))
             elif not fits(module.in_features):
@@ -168,6 +172,16 @@ def plan(model: torch.nn.Module, recipe) -> Coverage:
                 if len(true_shape(p)) == 3:
                     coverage.kept[f"{name}.{pname}" if name else pname] = (UNRECOGNISED, _numel(p))
     return coverage
+
+
+def _input_table(model: torch.nn.Module) -> torch.Tensor | None:
+    """The input embedding's weight, to tell a tied output head (the same Parameter) from its own matrix."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if get else None
+    except (NotImplementedError, AttributeError):  # a bare module or a model without the accessor
+        return None
+    return getattr(embedding, "weight", None)
 
 
 def _plan_table(coverage: Coverage, name: str, module: torch.nn.Module) -> None:
