@@ -21,6 +21,7 @@ from forge_qat.formats.artifact_meta import ArtifactMeta
 from forge_qat.formats.checkpoint import read_checkpoint_meta, read_learned_scales
 from forge_qat.formats.run_dir import resolve_checkpoint
 from forge_qat.lora import adapters as lora
+from forge_qat.lora import grid_base
 from forge_qat.lora.config import LoraConfig
 from forge_qat.models import load_model, max_positions
 from forge_qat.qat.prepare import LearnScales, prepare_qat
@@ -65,7 +66,7 @@ def eval_placement(target: Path) -> tuple[torch.device, torch.dtype]:
 def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe) -> None:
     """Fake-quantize `model` (the checkpoint's weights) as training did: with the scales the checkpoint
     learned where it learned them, else with scales chosen from the weights; with its LoRA adapters, in the
-    mode they trained in."""
+    mode they trained in, on its base's grid where it held the base in one (`--lora-base-grid`)."""
     scales = read_learned_scales(checkpoint)
     coverage = prepare_qat(model, recipe, learn=LearnScales(initial=scales) if scales is not None else None)
     trained = _lora_of(checkpoint)
@@ -73,6 +74,8 @@ def prepare_as_trained(model: torch.nn.Module, checkpoint: Path, recipe: Recipe)
         cfg, adapters = trained
         lora.install(model, cfg, list(coverage.linears), coverage.experts)
         lora.load(model, adapters, checkpoint)
+        if cfg.lora_base_grid:  # its frozen base trained on its grid (G; merged mode: q(G + s*BA))
+            grid_base.install(model, list(coverage.linears), coverage.experts, keep_weights=True)
 
 
 def _merge_adapters(model: torch.nn.Module, checkpoint: Path) -> None:

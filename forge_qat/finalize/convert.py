@@ -31,6 +31,7 @@ from forge_qat.formats import q4_k_blocks
 from forge_qat.formats.artifact import ShardWriter, choose_format, tensor_bytes, unflattenable
 from forge_qat.formats.atomic import atomic_dir
 from forge_qat.lora import adapters as lora_mod
+from forge_qat.lora import grid_base
 from forge_qat.models import load_config, load_model
 from forge_qat.qat.convert import convert_qat
 from forge_qat.qat.convert import q4_k_blocks as convert_q4_k_blocks
@@ -144,6 +145,14 @@ def _agreement(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> dict:
             "verification_positions": same.numel()}
 
 
+def _unquantized_logits(model: torch.nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    set_fake_quant_enabled(model, False)
+    try:
+        return model(sample).logits
+    finally:
+        set_fake_quant_enabled(model, True)
+
+
 def _prepare_merged(model: torch.nn.Module, job: ConvertJob, learn: LearnScales | None,
                     sample: torch.Tensor) -> tuple[Coverage, torch.Tensor, dict]:
     """A LoRA checkpoint, in memory: the model as it trained (fake quantization and adapters in their mode; the
@@ -153,10 +162,16 @@ def _prepare_merged(model: torch.nn.Module, job: ConvertJob, learn: LearnScales 
     adapters = job.read_adapters()
     installed = lora_mod.install(model, job.lora, list(coverage.linears), coverage.experts)
     lora_mod.load(model, adapters, job.checkpoint)
+    grid = bool(job.lora.lora_base_grid)
+    if grid:  # the unquantized logits first: a grid holds no float base to run
+        float_logits = _unquantized_logits(model, sample)
+        log.info("LoRA base grid: %s", grid_base.install(model, list(coverage.linears), coverage.experts,
+                                                         keep_weights=True).describe())
     trained = model(sample).logits
-    merged = lora_mod.merge(model)
-    set_fake_quant_enabled(model, False)
-    float_logits = model(sample).logits
-    set_fake_quant_enabled(model, True)
+    merged = lora_mod.merge(model)  # into the grid's values where training held the base in a grid
+    if grid:
+        grid_base.remove(model)
+    else:
+        float_logits = _unquantized_logits(model, sample)
     log.info("LoRA: adapters merged into %d weights (%s)", len(merged), installed.describe())
     return coverage, float_logits, {"trained": trained, "lora_merged": len(merged)}

@@ -18,9 +18,11 @@ from forge_qat.formats.artifact import choose_format
 from forge_qat.formats.atomic import atomic_dir
 from forge_qat.formats.weights import TensorReader
 from forge_qat.lora import adapters as lora_mod
+from forge_qat.lora import grid_base
 from forge_qat.models import load_config, load_tokenizer
 from forge_qat.qat.coverage import check_useful
 from forge_qat.qat.coverage import plan as plan_coverage
+from forge_qat.qat.prepare import prepare_qat
 
 
 def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
@@ -54,7 +56,7 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
             adapters = job.read_adapters()
             lora_mod.check_pairs(adapters, {n: list(t.shape) for n, t in skeleton.state_dict().items()},
                                  job.lora.lora_rank, job.checkpoint)
-            reader = lora_mod.MergedReader(reader, adapters, job.lora.scaling)
+            reader = lora_mod.MergedReader(reader, adapters, job.lora.scaling, grid=_grid_specs(config, dtype, job))
             lora_measured["lora_merged"] = len(lora_mod.adapted_weights(adapters))
         stats, shards, total = write_streamed(skeleton, reader, job.recipe, tmp, fmt, req.max_shard_bytes, device,
                                               learn=job.learn_scales())
@@ -68,3 +70,13 @@ def finalize_streaming(job: ConvertJob, req: FinalizeRequest,
                                 streaming=True, **lora_measured)
         write_artifact_meta(tmp, job.checkpoint, report)
     return report
+
+
+def _grid_specs(config, dtype: torch.dtype, job: ConvertJob) -> dict:
+    """The weights a merged-mode `--lora-base-grid` run held in a grid, and their grids: the same rule training
+    applied (`forge_qat.lora.grid_base.grid_specs`), read off a prepared meta-device skeleton."""
+    if not (job.lora.lora_base_grid and job.lora.lora_qat == "merged"):
+        return {}
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return grid_base.grid_specs(skeleton, list(prepare_qat(skeleton, job.recipe).linears))

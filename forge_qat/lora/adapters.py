@@ -30,12 +30,15 @@ from torch.utils.checkpoint import checkpoint
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats.weights import check_shapes, true_shape
 from forge_qat.lora.config import ADAPTER_ATTR, LoraConfig
+from forge_qat.lora.grid_base import base_weight, grid_linear, grid_of
 from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import (
+    AffineSpec,
     IntegerGridFakeQuantizedLinear,
     LearnedScaleFakeQuantizer,
     integer_grid_linear,
     is_learned_scale,
+    quantize_dequantize,
 )
 
 
@@ -104,8 +107,13 @@ def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor, weight: torch.Tens
 
 
 def _merged_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Merged mode's layer: the quantized linear of W + s*B@A."""
-    return quantized_linear(layer, x, layer.weight + getattr(layer, ADAPTER_ATTR).delta(layer.weight.dtype))
+    """Merged mode's layer: the quantized linear of W + s*B@A (of G + s*B@A on a grid base)."""
+    return quantized_linear(layer, x, base_weight(layer) + getattr(layer, ADAPTER_ATTR).delta(layer.weight.dtype))
+
+
+def _base_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The frozen base's output: fq(W) x, computed on the grid where the base is held in one."""
+    return quantized_linear(layer, x, layer.weight) if grid_of(layer) is None else grid_linear(layer, x)
 
 
 class LoraLinear:
@@ -115,7 +123,7 @@ class LoraLinear:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pair: LoraPair = getattr(self, ADAPTER_ATTR)
         if not pair.enabled:
-            return quantized_linear(self, x, self.weight)
+            return _base_linear(self, x)
         if pair.mode == "merged":
             if pair.trains_merged():
                 # Recomputed in backward: autograd would otherwise keep, per layer until backward, the merged
@@ -125,7 +133,7 @@ class LoraLinear:
                 # random numbers, so no RNG state is kept.
                 return checkpoint(_merged_linear, self, x, use_reentrant=False, preserve_rng_state=False)
             return _merged_linear(self, x)
-        return quantized_linear(self, x, self.weight) + pair.path(x)
+        return _base_linear(self, x) + pair.path(x)
 
 
 _LORA_CLASSES: dict[type, type] = {}
@@ -251,14 +259,15 @@ def is_adapter(name: str) -> bool:
 
 @torch.no_grad()
 def merge(model: torch.nn.Module) -> list[str]:
-    """Fold every adapter into its weight, W <- W + s*B@A (in the weight's dtype, the op merged mode's
-    forward runs), and restore the layers' classes: the model finalize converts. Returns the merged weights'
-    names."""
+    """Fold every adapter into its weight, W <- W + s*B@A (G + s*B@A where the base is held in a grid: what
+    merged mode trained; in the weight's dtype, the op merged mode's forward runs), and restore the layers'
+    classes: the model finalize converts. Returns the merged weights' names."""
     merged = []
     for name, module in model.named_modules():
         if is_lora_linear(module):
             pair = getattr(module, ADAPTER_ATTR)
-            module.weight.data = module.weight.data + pair.delta(module.weight.dtype)
+            base = base_weight(module) if pair.mode == "merged" else module.weight  # separate: deploys W + s*BA
+            module.weight.data = base.detach() + pair.delta(module.weight.dtype)
             delattr(module, ADAPTER_ATTR)
             module.__class__ = _ORIGINAL_CLASSES[type(module)]
             merged.append(f"{name}.weight")
@@ -284,10 +293,14 @@ def adapted_weights(adapters: dict[str, torch.Tensor]) -> dict[str, tuple[torch.
 
 class MergedReader:
     """A `TensorReader` whose adapted weights read as W + s*B@A (`delta`, in the dtype read): what finalize
-    converts block by block from a LoRA checkpoint. Reads of other tensors pass through."""
+    converts block by block from a LoRA checkpoint. Reads of other tensors pass through. `grid`: the weights a
+    merged-mode run held in a grid (`forge_qat.lora.grid_base.grid_specs`), which read as G + s*B@A, G their
+    grid's values, as that run trained."""
 
-    def __init__(self, reader, adapters: dict[str, torch.Tensor], scaling: float):
+    def __init__(self, reader, adapters: dict[str, torch.Tensor], scaling: float,
+                 grid: dict[str, AffineSpec] | None = None):
         self._reader, self._pairs, self._scaling = reader, adapted_weights(adapters), scaling
+        self._grid = grid or {}
 
     def keys(self) -> set[str]:
         return self._reader.keys()
@@ -306,7 +319,10 @@ class MergedReader:
         whole = torch.empty(math.prod(shape), dtype=out.dtype)
         self._reader.read_flat(name, 0, whole)
         a, b = self._pairs[name]
-        merged = whole.view(shape) + delta(a, b, self._scaling, out.dtype)
+        base = whole.view(shape)
+        if name in self._grid:
+            base = quantize_dequantize(base, self._grid[name])
+        merged = base + delta(a, b, self._scaling, out.dtype)
         out.copy_(merged.view(-1)[start:start + out.numel()])
 
 

@@ -28,6 +28,11 @@ class LoraConfig:
                                                 "experts.", resume_fixed=True)
     lora_qat: LoraMode = option("merged", "merged: fake-quantize W + s*BA, the weight that ships; separate: "
                                           "fq(W) + s*BA beside it, as peers train.", resume_fixed=True)
+    lora_base_grid: bool | None = option(
+        None, "Hold the frozen base's quantized linear layers as the recipe's codes and scales (int4: ~0.3x of "
+              "bf16), not in float; merged mode then trains q(G + s*BA), G the base's grid. Default: on where "
+              "exact (no learned scales, fake quantization from step 0, one process, a model directory).",
+        resume_fixed=True)
 
     def __post_init__(self) -> None:
         at_least(self, 0, "lora_rank")
@@ -44,6 +49,20 @@ class LoraConfig:
                 raise ConfigError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} LoRA adapters, which "
                                   f"--lora-rank 0 (the default) turns off: add --lora-rank R, or drop "
                                   f"{'it' if len(given) == 1 else 'them'} to train every weight")
+
+    def check_with(self, qat, distill, distributed, preset: bool) -> None:
+        """Resolve `lora_base_grid` (None: on where it is exact) against the rest of the run; refuse an explicit
+        --lora-base-grid the run can not honour, with the reason."""
+        if not self.enabled:
+            if self.lora_base_grid:
+                raise ConfigError("--lora-base-grid holds a LoRA run's frozen base in its grid: add --lora-rank R")
+            self.lora_base_grid = False
+            return
+        why = grid_obstacle(qat, distill, distributed, preset)
+        if self.lora_base_grid and why:
+            raise ConfigError(f"--lora-base-grid: {why}")
+        if self.lora_base_grid is None:
+            self.lora_base_grid = why is None
 
     @property
     def enabled(self) -> bool:
@@ -63,4 +82,22 @@ class LoraConfig:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
 
 
-CONFIG_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_qat")
+def grid_obstacle(qat, distill, distributed, preset: bool) -> str | None:
+    """Why this run's frozen base can not be held in its grid exactly; None when it can."""
+    if qat.recipe is None:
+        return "a float run (--qat-recipe none) has no grid to hold the base in"
+    if qat.qat_learn_scales:
+        return ("learned weight scales (--qat-learn-scales) would move the base's codes, which the grid fixes; "
+                "add --no-qat-learn-scales")
+    if qat.fake_quant_after_steps:
+        return "--fake-quant-after-steps trains on the float base first, which the grid does not keep"
+    if distill.enabled and distill.kd_teacher == "self":
+        return "--kd-teacher self runs the float base as the teacher, which the grid does not keep"
+    if distributed.uses_deepspeed:
+        return "not under DeepSpeed yet (ZeRO-3 partitions the float base); train on one process"
+    if preset:
+        return "checkpoints link the base's weight files from the model directory: a preset has none"
+    return None
+
+
+CONFIG_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_qat", "lora_base_grid")

@@ -28,6 +28,7 @@ from forge_qat.formats.layouts import Layout, model_layout_reader
 from forge_qat.formats.run_dir import checkpoint_dirs, checkpoint_path, prune_checkpoints
 from forge_qat.formats.weights import SafetensorsReader, check_shapes, tied_aliases, true_shape
 from forge_qat.lora import adapters as lora
+from forge_qat.lora import grid_base
 from forge_qat.qat.fake_quant import is_learned_scale
 from forge_qat.train.engine import Engine, full_tensors
 
@@ -79,7 +80,8 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, to
         engine.save_state(tmp, {"step": meta.step, **rng_state(), **(trainer_state or {})})
         shared = engine.broadcast(str(frozen_base_source(output_dir, model, meta) or "") if main else None)
         write_weights(tmp if main else None, engine, model, layout or Layout(),  # every rank skips alike
-                      base_from=Path(shared) if shared else None)
+                      base_from=Path(shared) if shared else None,
+                      model_dir=Path(str(meta.train_config.get("model", ""))))
         if main:
             model.config.save_pretrained(tmp)
             if model.generation_config is not None:
@@ -100,11 +102,13 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, output_dir: Path, to
 
 
 def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module, layout: Layout,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, base_from: Path | None = None) -> None:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, base_from: Path | None = None,
+                  model_dir: Path | None = None) -> None:
     """Gather every tensor (all ranks, in the same order); rank 0 (`directory` given) appends each to the
     current shard, learned scales to their own file. Rank 0 never holds more than one tensor plus one shard.
     `base_from`: a checkpoint of this run with the same frozen base (`frozen_base_source`; the same on every
-    rank): its weight files are linked instead, and only the trained tensors are gathered."""
+    rank): its weight files are linked instead, and only the trained tensors are gathered. Weights the model holds
+    in a grid (`--lora-base-grid`) are read from `model_dir`, the model the run started from, one at a time."""
     tied = tied_aliases(model)
     names = [n for n in model.state_dict() if n not in tied and not is_learned_scale(n) and not lora.is_adapter(n)]
     names = engine.checkpoint_names(model, names)
@@ -115,7 +119,11 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
         _link_weight_files(base_from, directory)
     scales, adapters = {}, {}
     trained = None if base_from is None else (lambda n: is_learned_scale(n) or lora.is_adapter(n))
-    for name, tensor in full_tensors(engine, model, only=trained):
+    gridded = grid_base.gridded_weights(model)
+    stream = full_tensors(engine, model, only=lambda n: n not in gridded and (trained is None or trained(n)))
+    if gridded and base_from is None:
+        stream = _with_base_from(stream, model, gridded, model_dir)
+    for name, tensor in stream:
         if directory is None:
             continue
         if is_learned_scale(name):
@@ -133,6 +141,29 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
         write_learned_scales(directory, scales)
     if adapters:
         adapter_files.write_adapters(directory, adapters)
+
+
+def _with_base_from(stream, model: torch.nn.Module, gridded: set[str], model_dir: Path | None):
+    """`stream` (full_tensors without the gridded weights) with each gridded weight put back in its place, read
+    as float32 from the model directory the run started from: the weights its grid was made from."""
+    if model_dir is None or not model_dir.is_dir():
+        raise InputError(f"the LoRA base grid's float weights are read from the run's model directory, and "
+                         f"{model_dir} is not one any more")
+    reader = model_layout_reader(SafetensorsReader.from_dir(model_dir), model)
+    params = dict(model.named_parameters())
+    tied = tied_aliases(model)
+    for name in model.state_dict():
+        if name in tied:
+            continue
+        if name in gridded:
+            value = torch.empty(params[name].shape, dtype=torch.float32)
+            reader.read_flat(name, 0, value.view(-1))
+            yield name, value
+        else:
+            item = next(stream)
+            if item[0] != name:  # full_tensors yields the state dict's order (the local engine's; no DeepSpeed)
+                raise RuntimeError(f"checkpoint writer out of order: {item[0]} where {name} was expected")
+            yield item
 
 
 def frozen_base_source(output_dir: Path, model: torch.nn.Module, meta: CheckpointMeta) -> Path | None:
@@ -180,8 +211,11 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     if missing or reader.layout.unexpected:
         raise InputError(f"{ckpt} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(reader.layout.unexpected)[:5]}")
+    gridded = grid_base.gridded_weights(model)  # the grid was made from the same base weights (the run's model)
     with torch.no_grad():
         for name in wanted:
+            if name in gridded:
+                continue
             target = state[name]
             if list(target.shape) != reader.shape(name):
                 raise InputError(f"{ckpt}: {name} has shape {reader.shape(name)}, the model's is "

@@ -17,6 +17,7 @@ from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError
 from forge_qat.formats.layouts import Layout, model_layout_reader
 from forge_qat.lora import adapters as lora
+from forge_qat.lora import grid_base
 from forge_qat.models import ModelSource, open_model_source
 from forge_qat.qat import experts, grouped_experts
 from forge_qat.qat.coverage import Coverage, plan
@@ -137,6 +138,9 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                     "fake-quantized experts forward, which a float run (--qat-recipe none) does not install",
                     len(basis.experts))
     log.info("%s", lora.install(model, cfg.lora, list(basis.linears), stacks, seed=cfg.run.seed).describe())
+    if cfg.lora.lora_base_grid:
+        held = grid_base.install(model, list(basis.linears), stacks)
+        (log.info if held.layers else log.warning)("%s", held.describe())
 
 
 def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:

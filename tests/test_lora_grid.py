@@ -1,0 +1,197 @@
+"""`--lora-base-grid`: a LoRA run's frozen base held as its recipe's codes and scales (forge_qat/qat/grid.py,
+forge_qat/lora/grid_base.py). Checked against today's float-base LoRA (separate mode: the same numerics),
+against the artifact (merged mode: what trained is what ships), and against the source weights (checkpoints)."""
+
+import pytest
+import torch
+from conftest import micro_train_args
+from safetensors.torch import load_file
+
+from forge_qat.config import TrainConfig
+from forge_qat.errors import ConfigError
+from forge_qat.formats.run_dir import checkpoint_dirs
+from forge_qat.lora import adapters as lora
+from forge_qat.lora import grid_base
+from forge_qat.models import preset_model
+from forge_qat.qat.fake_quant import AffineSpec, fake_quantize
+from forge_qat.qat.grid import FrozenGrid
+from forge_qat.qat.prepare import prepare_qat, set_fake_quant_enabled
+from forge_qat.qat.registry import get_recipe
+from forge_qat.train.trainer import run_training
+
+RECIPE = "int8-dynamic-act-int4-weight"  # without learned scales: its dynamic scales make the base constant
+
+
+@pytest.mark.parametrize("bits,granularity,group", [(4, "per_group", 32), (3, "per_group", 32),
+                                                    (2, "per_group", 32), (8, "per_token", None)])
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.float32, torch.bfloat16)])
+def test_the_grid_gives_the_fake_quantizers_values_bit_for_bit(bits, granularity, group, dtype, scale_dtype):
+    spec = AffineSpec(bits=bits, granularity=granularity, symmetric=True, group_size=group, scale_dtype=scale_dtype)
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits)).to(dtype) * 0.05
+    w[0, :5] = torch.tensor([0.3, -0.3, 0.0, 1e-9, -0.2])  # extremes of both signs, an exact zero, a tiny value
+    grid = FrozenGrid.of(w, spec)
+    for out in (dtype, torch.bfloat16):  # its own dtype, and autocast's
+        assert torch.equal(grid.dequantize(out), fake_quantize(w, spec, out))
+    codes = grid.int_codes()
+    assert codes.dtype == torch.int8 and codes.min() >= spec.qmin and codes.max() <= spec.qmax
+    assert codes.min() == spec.qmin  # the grid's whole range is used: packing keeps the negative end
+    per_weight = grid.nbytes() / w.numel()
+    assert per_weight <= (0.5 + 4 / 32 if bits <= 4 else 1 + 4 / 128)  # packed two to a byte up to 4 bits
+
+
+def _model(dir_=None):
+    model, tok = preset_model("micro-llama", seed=0)
+    return model.eval(), tok
+
+
+def _with_lora(mode: str, grid: bool, seed: int = 5):
+    model, _ = _model()
+    coverage = prepare_qat(model, get_recipe(RECIPE))
+    lora.install(model, lora.LoraConfig(lora_rank=4, lora_qat=mode, lora_targets="attention"),
+                 list(coverage.linears), coverage.experts)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    held = grid_base.install(model, list(coverage.linears), coverage.experts) if grid else None
+    return model, held
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_separate_mode_on_the_grid_is_todays_separate_mode(autocast):
+    """Logits, loss and every adapter's gradient: the grid base computes fq(W) x exactly as the float base did
+    (attention layers adapted, mlp layers frozen on their grid without adapters)."""
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for grid in (False, True):
+        model, held = _with_lora("separate", grid)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(),
+                        {n: p.grad for n, p in lora.adapter_parameters(model).items()}))
+    assert held.layers == 14 and held.params == sum(m.weight.numel() for m in model.modules()
+                                                    if grid_base.grid_of(m) is not None)
+    (la, loss_a, ga), (lb, loss_b, gb) = results
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    assert ga.keys() == gb.keys() and len(ga) == 16
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_grid_replaces_the_float_base_and_nothing_reads_it():
+    model, held = _with_lora("merged", grid=True)
+    gridded = [m for m in model.modules() if grid_base.grid_of(m) is not None]
+    assert len(gridded) == 14
+    # each float weight is one broadcast NaN now; the grid is int4 codes two to a byte plus fp32 group scales
+    assert all(m.weight.untyped_storage().nbytes() == 4 for m in gridded)
+    assert held.grid_bytes == sum(grid_base.grid_of(m).nbytes() for m in gridded)
+    assert held.grid_bytes / held.float_bytes == pytest.approx((0.5 + 4 / 32) / 4)
+    assert "kept in float" not in held.describe()
+    ids = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(model(ids).logits).all()
+    set_fake_quant_enabled(model, False)
+    with pytest.raises(RuntimeError, match="held in its grid only"):
+        model(ids)
+
+
+@pytest.fixture(scope="module")
+def grid_runs(tmp_path_factory):
+    """The micro preset saved as a model directory, and a merged-mode and a separate-mode LoRA run on it whose
+    base is held in its grid (on by default: no learned scales, one process, a model directory)."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("grid")
+    model, tok = _model()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "train.txt"
+    data.write_text(topics["if"] + topics["while"])
+    for mode in ("merged", "separate"):
+        cfg = TrainConfig.from_flat(**micro_train_args(
+            root / mode, data, model=str(root / "model"), qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
+            lora_qat=mode, max_steps=3, save_every=2))
+        assert cfg.lora.lora_base_grid is True
+        run_training(cfg)
+    return root
+
+
+def test_checkpoints_hold_the_source_weights(grid_runs):
+    source = load_file(grid_runs / "model" / "model.safetensors")
+    ckpts = [p for _, p in checkpoint_dirs(grid_runs / "merged")]
+    assert len(ckpts) == 2
+    for ckpt in ckpts:
+        written = load_file(ckpt / "model.safetensors")
+        assert written.keys() == source.keys()
+        for name, value in source.items():
+            assert torch.equal(written[name], value.float()), name
+    assert (ckpts[0] / "model.safetensors").stat().st_ino == (ckpts[1] / "model.safetensors").stat().st_ino
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_merged_grid_run_ships_what_it_trained(grid_runs, tmp_path, streaming):
+    """The artifact is q(G + s*BA) with G the base's grid: the model as trained (fake quant, grid, adapters),
+    logit for logit; and it is not q(W + s*BA), today's merged deployment of the same adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_qat.eval.models import prepare_as_trained
+    from forge_qat.finalize.convert import finalize, sample_batch
+    from forge_qat.finalize.job import FinalizeRequest
+    from forge_qat.models import load_model
+
+    report = finalize(FinalizeRequest(source=grid_runs / "merged", dest=tmp_path / "a", streaming=streaming))
+    assert report.lora_merged == 14
+    if not streaming:
+        assert report.lora_trained_vs_artifact == 0.0
+    ckpt = checkpoint_dirs(grid_runs / "merged")[-1][1]
+    fake, tok = load_model(str(ckpt))
+    prepare_as_trained(fake, ckpt, get_recipe(RECIPE))
+    assert sum(grid_base.grid_of(m) is not None for m in fake.modules()) == 14
+    real = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    x = sample_batch(tok, fake.config.vocab_size)
+    with torch.no_grad():
+        trained = fake.eval()(x).logits
+        torch.testing.assert_close(real(x).logits, trained, rtol=0, atol=0)
+        float_base, _ = load_model(str(ckpt))
+        prepare_qat(float_base, get_recipe(RECIPE))
+        cfg = lora.LoraConfig(lora_rank=4)
+        lora.install(float_base, cfg, [n for n, m in float_base.named_modules() if hasattr(m, "weight_fake_quantizer")],
+                     {})
+        lora.load(float_base, {k: v for k, v in fake.state_dict().items() if lora.is_adapter(k)}, ckpt)
+        assert not torch.equal(float_base.eval()(x).logits, trained)  # q(W + s*BA) is another model
+
+
+def test_a_separate_grid_run_deploys_the_base_plus_adapters(grid_runs, tmp_path):
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    memory = finalize(FinalizeRequest(source=grid_runs / "separate", dest=tmp_path / "m"))
+    finalize(FinalizeRequest(source=grid_runs / "separate", dest=tmp_path / "s", streaming=True))
+    assert memory.lora_merged == 14 and memory.lora_trained_vs_artifact > 0  # q(W + s*BA), as without the grid
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "s" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(qat_learn_scales=True), "learned weight scales"),
+    (dict(fake_quant_after_steps=1), "--fake-quant-after-steps"),
+    (dict(kd_weight=1.0, kd_loss="kl", kd_teacher="self"), "--kd-teacher self"),
+    (dict(zero_stage=3), "DeepSpeed"),
+    (dict(model="micro-llama"), "a preset has none"),
+    (dict(qat_recipe="none"), "float run"),
+    (dict(lora_rank=0), "add --lora-rank"),
+])
+def test_runs_the_grid_can_not_hold_are_refused_and_others_fall_back(tmp_path, extra, match):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    args = micro_train_args(tmp_path / "run", tmp_path / "data.txt", model=str(model_dir), qat_recipe=RECIPE,
+                            qat_learn_scales=False, lora_rank=4)
+    args.update(extra)
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_flat(**args, lora_base_grid=True)
+    if extra.get("lora_rank") != 0:
+        assert TrainConfig.from_flat(**args).lora.lora_base_grid is False  # the default: on only where exact
