@@ -2,6 +2,8 @@
 forge_qat/lora/grid_base.py). Checked against today's float-base LoRA (separate mode: the same numerics),
 against the artifact (merged mode: what trained is what ships), and against the source weights (checkpoints)."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import micro_train_args
@@ -40,7 +42,20 @@ def test_the_grid_gives_the_fake_quantizers_values_bit_for_bit(bits, granularity
     assert per_weight <= (0.5 + 4 / 32 if bits <= 4 else 1 + 4 / 128)  # packed two to a byte up to 4 bits
 
 
-def _model(dir_=None):
+@contextlib.contextmanager
+def _saved_bytes():
+    """The bytes autograd keeps for backward during the block."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield sizes
+
+
+def _model():
     model, tok = preset_model("micro-llama", seed=0)
     return model.eval(), tok
 
@@ -65,14 +80,20 @@ def test_separate_mode_on_the_grid_is_todays_separate_mode(autocast):
     (attention layers adapted, mlp layers frozen on their grid without adapters)."""
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
+    saved = []
     for grid in (False, True):
         model, held = _with_lora("separate", grid)
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _saved_bytes() as kept:
             out = model(ids, labels=ids)
         out.loss.backward()
         results.append((out.logits.detach(), out.loss.detach(),
                         {n: p.grad for n, p in lora.adapter_parameters(model).items()}))
+        saved.append(sum(kept))
+    # autograd keeps no copy of the base's values for backward: before, F.linear kept fq(W) (in the autocast dtype)
+    # wherever its input needs a gradient, i.e. everywhere but layer 0's q/k/v, which read the frozen embedding
+    first = sum(getattr(model.model.layers[0].self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj"))
+    assert saved[0] - saved[1] == (held.float_bytes - 4 * first) // (2 if autocast else 1)
     assert held.layers == 14 and held.params == sum(m.weight.numel() for m in model.modules()
                                                     if grid_base.grid_of(m) is not None)
     (la, loss_a, ga), (lb, loss_b, gb) = results
@@ -195,3 +216,69 @@ def test_runs_the_grid_can_not_hold_are_refused_and_others_fall_back(tmp_path, e
         TrainConfig.from_flat(**args, lora_base_grid=True)
     if extra.get("lora_rank") != 0:
         assert TrainConfig.from_flat(**args).lora.lora_base_grid is False  # the default: on only where exact
+
+
+def _moe_with_lora(model_type: str, mode: str, targets: str, grid: bool):
+    from conftest import tiny_moe
+
+    model, _ = tiny_moe(model_type)
+    coverage = prepare_qat(model, get_recipe(RECIPE))
+    lora.install(model, lora.LoraConfig(lora_rank=4, lora_qat=mode, lora_targets=targets), list(coverage.linears),
+                 coverage.experts)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in lora.adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    held = grid_base.install(model, list(coverage.linears), coverage.experts) if grid else None
+    return model.train(), held
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("targets", ["attention,mlp,experts", "attention"])
+def test_separate_mode_on_gridded_expert_stacks_is_todays(model_type, targets):
+    """Expert stacks on their grid: with separate adapters (transformers' eager loop) and without adapters (the
+    batched kernel, recomputed in backward): the float base's logits and loss, and its adapters' gradients."""
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    saved = []
+    for grid in (False, True):
+        model, held = _moe_with_lora(model_type, "separate", targets, grid)
+        with _saved_bytes() as kept:
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in lora.adapter_parameters(model).items()}))
+        saved.append(sum(kept))
+    assert saved[0] - saved[1] >= held.float_bytes  # the stacks' values are made again in backward, not kept
+    assert held.stacks == 4 and held.kept == {}
+    gridded = grid_base.gridded_weights(model)
+    assert {n for n in gridded if ".experts." in n} == {f"model.layers.{i}.mlp.experts.{s}" for i in range(2)
+                                                        for s in ("gate_up_proj", "down_proj")}
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_a_merged_moe_grid_run_ships_what_it_trained(tmp_path, text_file, layout):
+    """Expert stacks and linears trained as q(G + s*BA) on their grids; the checkpoint keeps the source's
+    layout; the artifact (in memory and block by block) is the model as trained."""
+    from conftest import save_tiny_moe
+
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    save_tiny_moe(tmp_path / "model", "qwen3_moe", layout)
+    cfg = TrainConfig.from_flat(**micro_train_args(tmp_path / "run", text_file, model=str(tmp_path / "model"),
+                                                   qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
+                                                   max_steps=2, save_every=0))
+    run_training(cfg)
+    ckpt = checkpoint_dirs(tmp_path / "run")[-1][1]
+    source, written = load_file(tmp_path / "model" / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+    memory = finalize(FinalizeRequest(source=tmp_path / "run", dest=tmp_path / "m"))
+    assert memory.lora_merged == 2 * (4 + 2) and memory.lora_trained_vs_artifact == 0.0  # 4 attention, 2 stacks
+    finalize(FinalizeRequest(source=tmp_path / "run", dest=tmp_path / "s", streaming=True))
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "s" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

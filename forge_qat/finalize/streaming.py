@@ -79,4 +79,5 @@ def _grid_specs(config, dtype: torch.dtype, job: ConvertJob) -> dict:
         return {}
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return grid_base.grid_specs(skeleton, list(prepare_qat(skeleton, job.recipe).linears))
+    coverage = prepare_qat(skeleton, job.recipe)
+    return grid_base.grid_specs(skeleton, list(coverage.linears), coverage.experts)

@@ -40,6 +40,7 @@ from forge_qat.qat.fake_quant import (
     is_learned_scale,
     quantize_dequantize,
 )
+from forge_qat.qat.grid import stack_grid
 
 
 def delta(a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -274,7 +275,9 @@ def merge(model: torch.nn.Module) -> list[str]:
         elif experts_mod.has_lora(module):
             for stack, pair in getattr(module, experts_mod.LORA_ATTR).items():
                 weight = getattr(module, stack)
-                weight.data = weight.data + pair.delta(weight.dtype)
+                grid = stack_grid(module, stack) if pair.mode == "merged" else None
+                base = weight.data if grid is None else grid.dequantize(weight.dtype)
+                weight.data = base + pair.delta(weight.dtype)
                 merged.append(f"{name}.{stack}")
             experts_mod.remove_lora(module)
     return merged

@@ -28,24 +28,21 @@ import torch
 import torch.nn.functional as F
 
 from forge_qat.lora.config import ADAPTER_ATTR
+from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
-from forge_qat.qat.grid import FrozenGrid, gridable
-
-GRID_ATTR = "forge_grid"
-"""The attribute (a submodule) holding a layer's `FrozenGrid`."""
-
-
-def grid_of(module: torch.nn.Module) -> FrozenGrid | None:
-    return module._modules.get(GRID_ATTR)
-
-
-def has_grid_base(model: torch.nn.Module) -> bool:
-    return any(grid_of(m) is not None for m in model.modules())
+from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_of, gridable
 
 
 def gridded_weights(model: torch.nn.Module) -> set[str]:
     """State-dict names of the weights held in a grid (their Parameters hold a placeholder)."""
-    return {f"{name}.weight" for name, m in model.named_modules() if grid_of(m) is not None}
+    names = set()
+    for name, module in model.named_modules():
+        grids = module._modules.get(GRID_ATTR)
+        if isinstance(grids, FrozenGrid):
+            names.add(f"{name}.weight")
+        elif isinstance(grids, torch.nn.ModuleDict):
+            names.update(f"{name}.{stack}" for stack in grids)
+    return names
 
 
 class _GridMatmul(torch.autograd.Function):
@@ -108,6 +105,7 @@ class GridBase:
     """What `install` put in a grid, counted by parameters."""
 
     layers: int = 0
+    stacks: int = 0
     params: int = 0
     grid_bytes: int = 0
     float_bytes: int = 0
@@ -116,7 +114,8 @@ class GridBase:
     """Frozen quantized parameters left in float, by reason."""
 
     def describe(self) -> str:
-        text = (f"LoRA base grid: {self.layers} linear layers ({self.params:,} frozen parameters) held as their "
+        text = (f"LoRA base grid: {self.layers} linear layers and {self.stacks} expert stacks ({self.params:,} "
+                f"frozen parameters) held as their "
                 f"recipe's codes and scales, {self.grid_bytes / 1e6:,.1f} MB vs {self.float_bytes / 1e6:,.1f} MB "
                 f"in float ({self.grid_bytes / max(self.float_bytes, 1):.2f}x)")
         if self.kept:
@@ -125,67 +124,77 @@ class GridBase:
 
 
 INTEGER_MATMUL = "integer-grid matmul layers (int8 x int8, not yet)"
-EXPERTS = "MoE expert stacks (not yet)"
 
 
-def grid_obstacle(layer: torch.nn.Module) -> str | None:
-    """Why a prepared linear layer's frozen weight can not be held in its grid; None when it can. The one rule
-    training (`install`) and finalize (`grid_specs`) share."""
-    if isinstance(layer, IntegerGridFakeQuantizedLinear):
+def grid_obstacle(quantizers: torch.nn.Module) -> str | None:
+    """Why the weight a prepared linear layer (or an experts module's `ProjectionFakeQuant`) quantizes can not be
+    held in its grid; None when it can. The one rule training (`install`) and finalize (`grid_specs`) share."""
+    if isinstance(quantizers, IntegerGridFakeQuantizedLinear) or getattr(quantizers, "integer_grid", False):
         return INTEGER_MATMUL
-    return gridable(getattr(layer, "weight_fake_quantizer", None))
+    return gridable(getattr(quantizers, "weight_fake_quantizer", None))
 
 
-def grid_specs(model: torch.nn.Module, linears: list[str]) -> dict[str, AffineSpec]:
-    """The grid of every weight a grid run held in one, by state-dict name, from the prepared `model` and its
-    quantized `linears` (module names, the coverage plan's): what finalize merges a grid run's adapters into."""
-    layers = {name: model.get_submodule(name) for name in linears}
-    return {f"{name}.weight": layer.weight_fake_quantizer.spec for name, layer in layers.items()
-            if grid_obstacle(layer) is None}
+def _sites(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[str]]):
+    """(state-dict name, owning module, stack name or None, quantizers) of every quantized weight."""
+    for name in linears:
+        layer = model.get_submodule(name)
+        yield f"{name}.weight", layer, None, layer
+    for name, names in stacks.items():
+        module = model.get_submodule(name)
+        for stack in names:
+            yield f"{name}.{stack}", module, stack, getattr(module, experts_mod.FAKE_QUANT_ATTR)[stack]
+
+
+def grid_specs(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[str]]) -> dict[str, AffineSpec]:
+    """The grid of every weight a grid run held in one, by state-dict name, from the prepared `model`, its
+    quantized `linears` (module names) and expert `stacks` (the coverage plan's): what finalize merges a grid
+    run's adapters into."""
+    return {name: q.weight_fake_quantizer.spec for name, _, _, q in _sites(model, linears, stacks)
+            if grid_obstacle(q) is None}
 
 
 @torch.no_grad()
 def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[str]],
             keep_weights: bool = False) -> GridBase:
-    """Hold the frozen weights of the prepared `model`'s quantized `linears` (module names: the coverage plan's)
-    in their grids.
-    `stacks`: the quantized expert stacks, counted as kept in float (their grid is not implemented yet).
-    `keep_weights`: leave the float weights in place too (finalize, which converts the layers without adapters
-    from them)."""
+    """Hold the frozen weights of the prepared `model`'s quantized `linears` (module names) and expert `stacks`
+    ({experts module: [stack, ...]}), the coverage plan's, in their grids. `keep_weights`: leave the float weights
+    in place too (finalize, which converts the weights without adapters from them)."""
     report = GridBase()
-    modules = dict(model.named_modules())
-    for name, names in stacks.items():
-        report.kept[EXPERTS] += sum(getattr(modules[name], s).numel() for s in names)
-    for name in linears:
-        layer = modules[name]
-        weight = layer.weight
+    for name, owner, stack, quantizers in _sites(model, linears, stacks):
+        weight = owner.weight if stack is None else getattr(owner, stack)
         if weight.requires_grad:
             raise ValueError(f"{name}: a grid holds frozen weights only")
-        why = grid_obstacle(layer)
+        why = grid_obstacle(quantizers)
         if why is not None:
             report.kept[why] += weight.numel()
             continue
-        grid = FrozenGrid.of(weight, layer.weight_fake_quantizer.spec)
-        report.layers += 1
+        grid = FrozenGrid.of(weight, quantizers.weight_fake_quantizer.spec)
+        report.layers += stack is None
+        report.stacks += stack is not None
         report.params += weight.numel()
         report.grid_bytes += grid.nbytes()
         report.float_bytes += weight.numel() * weight.element_size()
-        setattr(layer, GRID_ATTR, grid)
+        if stack is None:
+            setattr(owner, GRID_ATTR, grid)
+        else:
+            if GRID_ATTR not in owner._modules:
+                setattr(owner, GRID_ATTR, torch.nn.ModuleDict())
+            owner._modules[GRID_ATTR][stack] = grid
         if not keep_weights:
             weight.data = torch.full((), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-        if ADAPTER_ATTR not in layer._modules:  # a layer without adapters computes on its grid
-            cls = type(layer)
+        if stack is None and ADAPTER_ATTR not in owner._modules:  # a layer without adapters computes on its grid
+            cls = type(owner)
             if cls not in _GRID_CLASSES:
                 _GRID_CLASSES[cls] = type(f"Grid{cls.__name__}", (GridLinear, cls), {})
                 _ORIGINAL_CLASSES[_GRID_CLASSES[cls]] = cls
-            layer.__class__ = _GRID_CLASSES[cls]
+            owner.__class__ = _GRID_CLASSES[cls]
     return report
 
 
 def remove(model: torch.nn.Module) -> None:
     """Take every grid out and restore the layers' classes (finalize, after merging)."""
     for module in model.modules():
-        if grid_of(module) is not None:
+        if GRID_ATTR in module._modules:
             delattr(module, GRID_ATTR)
             if type(module) in _ORIGINAL_CLASSES:
                 module.__class__ = _ORIGINAL_CLASSES[type(module)]

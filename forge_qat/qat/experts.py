@@ -28,7 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError
 from forge_qat.formats.weights import true_shape
-from forge_qat.qat.fake_quant import AffineFakeQuantizer, LearnedScaleFakeQuantizer, integer_grid_linear
+from forge_qat.qat.fake_quant import (
+    AffineFakeQuantizer,
+    LearnedScaleFakeQuantizer,
+    consumer_dtype,
+    integer_grid_linear,
+)
+from forge_qat.qat.grid import GRID_ATTR, stack_grid
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +83,16 @@ class ProjectionFakeQuant(torch.nn.Module):
         self.integer_grid = integer_grid
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
+               scale: torch.Tensor | None = None, on_grid: bool = False) -> torch.Tensor:
         """What the recipe's `FakeQuantizedLinear` computes for weight `w` (one expert's slice); `scale`: that
-        expert's slice of the learned scales, where they are learned."""
+        expert's slice of the learned scales, where they are learned; `on_grid`: `w` is already the weight
+        quantizer's output (a frozen stack's grid, `forge_qat.qat.grid`)."""
         act, wq = self.activation_fake_quantizer, self.weight_fake_quantizer
         if self.integer_grid and act is not None and wq is not None and act.enabled and wq.enabled:
             return integer_grid_linear(x, w, b, act.spec, wq.spec, scale)
         if act is not None:
             x = act(x)
-        if wq is not None:
+        if wq is not None and not on_grid:
             w = wq(w) if scale is None else wq(w, scale)
         return F.linear(x, w, b)
 
@@ -118,10 +125,11 @@ class FakeQuantizedExperts:
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if _trains_merged_lora(self):
+        if _trains_merged_lora(self) or (GRID_ATTR in self._modules and torch.is_grad_enabled()):
             # Recomputed in backward, like a merged-LoRA linear (`forge_qat.lora.adapters.LoraLinear`): autograd would
             # otherwise keep, per experts module until backward, each stack's W + s*B@A and its fake-quantized
-            # copy (experts x out x in each: the stacks are most of an MoE model). Same ops, same autocast
+            # copy (experts x out x in each: the stacks are most of an MoE model), or the values of a frozen
+            # stack's grid, which would undo what holding it in the grid saves. Same ops, same autocast
             # state, no random draws: values and gradients are the plain forward's (tests/test_lora.py).
             return checkpoint(_fake_quant_forward, self, hidden_states, top_k_index, top_k_weights,
                               use_reentrant=False, preserve_rng_state=False)
@@ -139,7 +147,8 @@ class FakeQuantizedExperts:
         # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers'
         # eager loop does) makes autograd build a full-size zero gradient per expert and add it up,
         # O(experts^2) memory traffic; unbind's backward stacks the experts' gradients once.
-        w1, w2 = _stack(self, first.weight).unbind(0), _stack(self, down.weight).unbind(0)
+        (w1, grid1), (w2, grid2) = _stack_on_grid(self, first.weight), _stack_on_grid(self, down.weight)
+        w1, w2 = w1.unbind(0), w2.unbind(0)
         side1, side2 = _separate_pair(self, first.weight), _separate_pair(self, down.weight)
         b1 = getattr(self, first.bias).unbind(0) if first.bias else None
         b2 = getattr(self, down.bias).unbind(0) if down.bias else None
@@ -150,11 +159,11 @@ class FakeQuantizedExperts:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             x = hidden_states[token_idx]
-            h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None)
+            h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None, grid1)
             if side1 is not None:
                 h = h + side1.path(x, e)
             x = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None)
+            h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None, grid2)
             if side2 is not None:
                 h = h + side2.path(x, e)
             if self.has_post_expert_norm:
@@ -229,9 +238,13 @@ def _batched_fake_quant_forward(module, kernel, hidden_states, top_k_index, top_
     def quantize(q, x):
         return x if q is None else q(x)
 
+    def quantized_stack(name, q):
+        stack, on_grid = _stack_on_grid(module, name)
+        return stack if on_grid else quantize(q, stack)
+
     up, dn = per_projection[first.weight], per_projection[down.weight]
-    stacks = {first.weight: quantize(up.weight_fake_quantizer, _stack(module, first.weight)),
-              down.weight: quantize(dn.weight_fake_quantizer, _stack(module, down.weight))}
+    stacks = {first.weight: quantized_stack(first.weight, up.weight_fake_quantizer),
+              down.weight: quantized_stack(down.weight, dn.weight_fake_quantizer)}
     view = StackView(module, stacks, lambda x: quantize(dn.activation_fake_quantizer, x))
     return kernel(view, quantize(up.activation_fake_quantizer, hidden_states), top_k_index, top_k_weights)
 
@@ -241,10 +254,26 @@ LORA_ATTR = "forge_lora"
 
 
 def _stack(module: torch.nn.Module, name: str) -> torch.Tensor:
-    """The stack the expert matmuls use: the Parameter, plus s*B@A per expert where merged LoRA adapts it."""
+    """The stack the expert matmuls use: the Parameter (its grid's values where a frozen stack is held in one),
+    plus s*B@A per expert where merged LoRA adapts it."""
     weight = getattr(module, name)
+    grid = stack_grid(module, name)
+    base = weight if grid is None else grid.dequantize(weight.dtype)
     pair = _lora_pair(module, name)
-    return weight + pair.delta(weight.dtype) if pair is not None and pair.mode == "merged" else weight
+    return base + pair.delta(weight.dtype) if pair is not None and pair.mode == "merged" else base
+
+
+def _stack_on_grid(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, bool]:
+    """(stack, whether it is already its weight quantizer's output): a frozen stack held in its grid without
+    merged adapters is multiplied as its grid's values, in the dtype the quantizer would emit; else `_stack`."""
+    grid = stack_grid(module, name)
+    pair = _lora_pair(module, name)
+    if grid is not None and not (pair is not None and pair.mode == "merged"):
+        if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
+            raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
+                               f"quantization off")
+        return grid.dequantize(consumer_dtype(getattr(module, name))), True
+    return _stack(module, name), False
 
 
 def _lora_pair(module: torch.nn.Module, name: str):

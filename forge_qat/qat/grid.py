@@ -8,12 +8,29 @@ are `codes * scale`, so a LoRA run (`--lora-base-grid`, `forge_qat.lora.grid_bas
 them. `FrozenGrid.dequantize` reproduces the fake quantizer's forward exactly (same ops, same dtypes, checked
 when the grid is made), so training on the grid is training on today's fake-quantized base.
 
-Called by `forge_qat.lora.grid_base`.
+Called by `forge_qat.lora.grid_base` (which installs grids) and `forge_qat.qat.experts` (whose forward reads
+them).
 """
 
 import torch
 
 from forge_qat.qat.fake_quant import AffineFakeQuantizer, AffineSpec, _grouped, choose_qparams, quantize_dequantize
+
+GRID_ATTR = "forge_grid"
+"""Where a module keeps its grids: a linear layer its weight's `FrozenGrid`, an experts module a ModuleDict of
+them by stack name."""
+
+
+def grid_of(module: torch.nn.Module) -> "FrozenGrid | None":
+    """A linear layer's grid (None: its weight is its Parameter)."""
+    grid = module._modules.get(GRID_ATTR)
+    return grid if isinstance(grid, FrozenGrid) else None
+
+
+def stack_grid(module: torch.nn.Module, stack: str) -> "FrozenGrid | None":
+    """An experts module's grid of one stack (None: the stack is its Parameter)."""
+    grids = module._modules.get(GRID_ATTR)
+    return grids[stack] if isinstance(grids, torch.nn.ModuleDict) and stack in grids else None
 
 
 def gridable(quantizer: torch.nn.Module | None) -> str | None:
