@@ -3,6 +3,7 @@ forge_qat/lora/grid_base.py). Checked against today's float-base LoRA (separate 
 against the artifact (merged mode: what trained is what ships), and against the source weights (checkpoints)."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,47 @@ def test_a_merged_moe_grid_run_ships_what_it_trained(tmp_path, text_file, layout
     finalize(FinalizeRequest(source=tmp_path / "run", dest=tmp_path / "s", streaming=True))
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "s" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_base_is_read_straight_into_its_grid(tmp_path):
+    """A grid run's model is allocated without being written and each frozen weight is read into its grid one at a
+    time: the process's memory grows by about the grids, not by the float weights, even at its peak."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from memory import peak_rss_bytes, reset_peak, rss_bytes
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from forge_qat import heap
+    from forge_qat.formats.layouts import model_layout_reader
+    from forge_qat.formats.weights import SafetensorsReader
+
+    config = LlamaConfig(vocab_size=259, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    reference.save_pretrained(tmp_path / "model")
+    del reference
+    float_bytes = (tmp_path / "model" / "model.safetensors").stat().st_size
+    heap.map_large_allocations()  # the `forge` entry point's heap policy: freed temporaries go back to the system
+    before = rss_bytes()
+    reset_peak()
+    model = grid_base.allocated(config, torch.float32)
+    coverage = prepare_qat(model, get_recipe(RECIPE))
+    model.requires_grad_(False)
+    reader = model_layout_reader(SafetensorsReader.from_dir(tmp_path / "model"), model)
+    held = grid_base.install(model, list(coverage.linears), coverage.experts, source=reader)
+    grid_base.read_rest(model, reader)
+    grown, peak = rss_bytes() - before, peak_rss_bytes() - before
+    assert held.params > 0.95 * float_bytes / 4
+    assert grown < held.grid_bytes + 0.1 * float_bytes, (grown, held.grid_bytes, float_bytes)
+    # at its peak: the grids, the weight being read, and the temporaries of making its grid (measured: 1-1.5 times
+    # the largest weight here) and of the heap between trims; a float copy would be 1x the float bytes and more
+    largest = max(p.numel() * 4 for p in model.parameters())
+    assert peak < held.grid_bytes + 3 * largest and peak < 0.5 * float_bytes, (peak, held.grid_bytes, largest)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # the same grids as from the whole model
+    prepare_qat(loaded, get_recipe(RECIPE))
+    for name in coverage.linears:
+        layer = model.get_submodule(name)
+        assert torch.equal(grid_base.grid_of(layer).codes, FrozenGrid.of(loaded.get_submodule(name).weight,
+                                                                          layer.weight_fake_quantizer.spec).codes)

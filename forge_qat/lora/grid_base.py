@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from forge_qat import heap
+from forge_qat.errors import InputError
+from forge_qat.formats.weights import TensorReader, tied_aliases
 from forge_qat.lora.config import ADAPTER_ATTR
 from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
@@ -155,10 +158,12 @@ def grid_specs(model: torch.nn.Module, linears: list[str], stacks: dict[str, lis
 
 @torch.no_grad()
 def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[str]],
-            keep_weights: bool = False) -> GridBase:
+            keep_weights: bool = False, source: TensorReader | None = None) -> GridBase:
     """Hold the frozen weights of the prepared `model`'s quantized `linears` (module names) and expert `stacks`
     ({experts module: [stack, ...]}), the coverage plan's, in their grids. `keep_weights`: leave the float weights
-    in place too (finalize, which converts the weights without adapters from them)."""
+    in place too (finalize, which converts the weights without adapters from them). `source`: read each weight
+    from it (under the model's names) as its grid is made, one at a time, instead of from the model, whose
+    Parameters then need never have held them (`allocated`)."""
     report = GridBase()
     for name, owner, stack, quantizers in _sites(model, linears, stacks):
         weight = owner.weight if stack is None else getattr(owner, stack)
@@ -168,7 +173,17 @@ def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[s
         if why is not None:
             report.kept[why] += weight.numel()
             continue
-        grid = FrozenGrid.of(weight, quantizers.weight_fake_quantizer.spec)
+        value = weight
+        if source is not None:
+            value = torch.empty(weight.shape, dtype=weight.dtype)
+            source.read_flat(name, 0, value.view(-1))
+            value = value.to(weight.device)
+        grid = FrozenGrid.of(value, quantizers.weight_fake_quantizer.spec)
+        del value
+        if source is not None:
+            # the read and the grid's temporaries (a few times the weight) are free again: hand their pages back,
+            # or glibc keeps them below the grids that stay and the load grows by the float weights after all
+            heap.release_free_memory()
         report.layers += stack is None
         report.stacks += stack is not None
         report.params += weight.numel()
@@ -189,6 +204,54 @@ def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[s
                 _ORIGINAL_CLASSES[_GRID_CLASSES[cls]] = cls
             owner.__class__ = _GRID_CLASSES[cls]
     return report
+
+
+def allocated(config, dtype: torch.dtype) -> torch.nn.Module:
+    """A model of `config` whose weights are allocated and never written (`no_init_weights`): the operating
+    system gives their pages only when first written, so until `read_rest` and `install` fill them it holds
+    none of their bytes, and a weight a grid holds never does. Its buffers (rotary frequencies) are computed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def read_rest(model: torch.nn.Module, source: TensorReader) -> int:
+    """Read every frozen float weight of `model` its grids do not hold from `source` (under the model's names, one
+    at a time, straight into the Parameter); returns the bytes read. Buffers the source lacks keep their values."""
+    gridded, tied = gridded_weights(model), tied_aliases(model)
+    params, keys = dict(model.named_parameters()), source.keys()
+    read = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in gridded or name in tied or (name in params and params[name].requires_grad):
+            continue  # held in a grid, an alias, or added by forge and trained (adapters)
+        if name not in keys:
+            if name in params:
+                raise InputError(f"the model directory has no {name}, which the model needs")
+            continue  # a buffer the model computes itself
+        source.read_flat(name, 0, tensor.data.view(-1))
+        read += tensor.numel() * tensor.element_size()
+    return read
+
+
+@torch.no_grad()
+def to_device(model: torch.nn.Module, device: torch.device) -> None:
+    """`model.to(device)` for a model with grids: a held weight's placeholder is made again on `device` (moving it
+    would write out its full size there)."""
+    gridded = gridded_weights(model)
+    for name, p in model.named_parameters():
+        if name in gridded:
+            p.data = torch.full((), float("nan"), dtype=p.dtype, device=device).expand(p.shape)
+        else:
+            p.data = p.data.to(device)
+    for module in model.modules():
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.to(device)
 
 
 def remove(model: torch.nn.Module) -> None:

@@ -12,6 +12,8 @@ Called by `forge_qat.lora.grid_base` (which installs grids) and `forge_qat.qat.e
 them).
 """
 
+import math
+
 import torch
 
 from forge_qat.qat.fake_quant import AffineFakeQuantizer, AffineSpec, _grouped, choose_qparams, quantize_dequantize
@@ -43,6 +45,16 @@ def gridable(quantizer: torch.nn.Module | None) -> str | None:
     return None
 
 
+CHUNK_ELEMENTS = 1 << 18
+"""`FrozenGrid.of` quantizes and checks this many weight elements at a time (1 MB of float32 temporaries)."""
+
+
+def _row_chunks(shape: torch.Size) -> list[slice]:
+    rows, width = shape
+    step = max(1, CHUNK_ELEMENTS // width)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 class FrozenGrid(torch.nn.Module):
     """One weight (a linear layer's (out, in) or an expert stack's (experts, out, in)) as codes and scales.
 
@@ -66,43 +78,65 @@ class FrozenGrid(torch.nn.Module):
     @torch.no_grad()
     def of(cls, weight: torch.Tensor, spec: AffineSpec) -> "FrozenGrid":
         """The grid of `weight` under `spec`: the codes and scales `fake_quantize` computes for it, in its op
-        order (`forge_qat.qat.fake_quant._quantize_dequantize`). Raises ValueError if the grid's values are not
-        the fake quantizer's bit for bit."""
-        grouped = _grouped(weight.detach(), spec)
-        scale, _ = choose_qparams(grouped, spec)
-        q = grouped * (1.0 / scale)
-        q.round_()
-        codes = q.clamp_(spec.qmin, spec.qmax).to(torch.int8)
-        del q
-        if spec.bits <= 4:
-            if weight.shape[-1] % 2:
-                raise ValueError(f"a {spec.bits}-bit grid packs two codes per byte: last dim {weight.shape[-1]} "
-                                 f"is odd")
-            biased = (codes.view(torch.uint8) + (1 << (spec.bits - 1))).view(-1, 2)  # uint8 arithmetic wraps
-            codes = (biased[:, 0] | (biased[:, 1] << 4)).view(*weight.shape[:-1], weight.shape[-1] // 2)
-        else:
-            codes = codes.view(weight.shape)
-        grid = cls(codes, scale, spec, tuple(weight.shape), weight.dtype)
-        if not torch.equal(grid.dequantize(weight.dtype), quantize_dequantize(weight.detach(), spec)):
-            raise ValueError("the grid's values differ from the fake quantizer's")
+        order (`forge_qat.qat.fake_quant._quantize_dequantize`), a few rows at a time (`CHUNK_ELEMENTS`: the
+        temporaries stay small whatever the weight). Raises ValueError if the grid's values are not the fake
+        quantizer's bit for bit."""
+        w = weight.detach()
+        packed = spec.bits <= 4
+        if packed and w.shape[-1] % 2:
+            raise ValueError(f"a {spec.bits}-bit grid packs two codes per byte: last dim {w.shape[-1]} is odd")
+        rows = w.reshape(-1, w.shape[-1])
+        codes = torch.empty(rows.shape[0], rows.shape[1] // 2 if packed else rows.shape[1],
+                            dtype=torch.uint8 if packed else torch.int8, device=w.device)
+        scales = []
+        for chunk in _row_chunks(rows.shape):
+            grouped = _grouped(rows[chunk], spec)
+            scale, _ = choose_qparams(grouped, spec)
+            q = grouped * (1.0 / scale)
+            q.round_()
+            c = q.clamp_(spec.qmin, spec.qmax).to(torch.int8).view(-1, rows.shape[1])
+            del q
+            if packed:
+                biased = (c.view(torch.uint8) + (1 << (spec.bits - 1))).view(-1, 2)  # uint8 arithmetic wraps
+                c = (biased[:, 0] | (biased[:, 1] << 4)).view(-1, rows.shape[1] // 2)
+            codes[chunk] = c
+            scales.append(scale)
+        grid = cls(codes.view(*w.shape[:-1], -1), torch.cat(scales), spec, tuple(w.shape), w.dtype)
+        for chunk in _row_chunks(rows.shape):
+            if not torch.equal(grid._rows(chunk, w.dtype), quantize_dequantize(rows[chunk], spec)):
+                raise ValueError("the grid's values differ from the fake quantizer's")
         return grid
+
+    def _width(self) -> int:
+        return self.shape[-1]
+
+    def _group(self) -> int:
+        return self.spec.group_size if self.spec.granularity == "per_group" else self.shape[-1]
+
+    def _int_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Packed (or int8) code rows as int8 rows of the weight's width."""
+        if not self.packed:
+            return codes
+        lo = (codes & 0xF).to(torch.int8)
+        hi = (codes >> 4).to(torch.int8)
+        return (torch.stack((lo, hi), -1) - (1 << (self.spec.bits - 1))).view(codes.shape[0], -1)
 
     def int_codes(self) -> torch.Tensor:
         """The codes as int8, in the weight's shape."""
-        if not self.packed:
-            return self.codes
-        lo = (self.codes & 0xF).to(torch.int8)
-        hi = (self.codes >> 4).to(torch.int8)
-        return (torch.stack((lo, hi), -1) - (1 << (self.spec.bits - 1))).view(self.shape)
+        return self._int_rows(self.codes.reshape(-1, self.codes.shape[-1])).view(self.shape)
+
+    def _rows(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `rows` of the weight (flattened to 2-D) as the grid's values in `dtype` (see `dequantize`)."""
+        values = torch.promote_types(self.weight_dtype, self.scale.dtype)
+        codes = self._int_rows(self.codes.reshape(-1, self.codes.shape[-1])[rows])
+        per_row = self._width() // self._group()
+        scale = self.scale[rows.start * per_row:rows.stop * per_row]
+        return (codes.reshape(-1, self._group()).to(values) * scale).to(dtype).view(-1, self._width())
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """codes * scale, computed in the dtype the fake quantizer computes it in (the weight's and the scale's
         promotion), then rounded once to `dtype`: the fake quantizer's forward for that output dtype."""
-        values = torch.promote_types(self.weight_dtype, self.scale.dtype)
-        spec = self.spec
-        codes = self.int_codes()
-        grouped = codes.reshape(-1, spec.group_size if spec.granularity == "per_group" else self.shape[-1])
-        return (grouped.to(values) * self.scale).to(dtype).view(self.shape)
+        return self._rows(slice(0, math.prod(self.shape[:-1])), dtype).view(self.shape)
 
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()

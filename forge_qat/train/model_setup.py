@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from forge_qat.config import TrainConfig
 from forge_qat.errors import ConfigError
 from forge_qat.formats.layouts import Layout, model_layout_reader
+from forge_qat.formats.weights import TensorReader
 from forge_qat.lora import adapters as lora
 from forge_qat.lora import grid_base
 from forge_qat.models import ModelSource, open_model_source
@@ -50,14 +51,20 @@ class TrainingModels:
 def build_models(engine: Engine, cfg: TrainConfig) -> TrainingModels:
     """Materialize, prepare and (for mixed-precision weights) guard the models a run trains with (collective)."""
     source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.rank == 0)
-    student = engine.materialize(source)
+    grid_reader = None
+    if cfg.lora.lora_base_grid:
+        # the frozen base goes from the model directory straight into its grid, one weight at a time: no float copy
+        student = grid_base.allocated(source.config, engine.param_dtype)
+        grid_reader = model_layout_reader(source.reader, student)
+    else:
+        student = engine.materialize(source)
     teacher = None
     if cfg.distill.needs_float_teacher:
         # A second model with the same starting weights, frozen; taken from the source (not a copy of the
         # student) so that under ZeRO-3 it is built partitioned and no rank ever holds it whole.
         teacher = engine.materialize(source).requires_grad_(False).eval()
     layout = _input_layout(source, student) if source.reader is not None else Layout()
-    coverage = prepare_student(student, cfg, cfg.qat.recipe, engine)
+    coverage = prepare_student(student, cfg, cfg.qat.recipe, engine, grid_reader)
     if engine.param_dtype != torch.float32:
         for model in (student, teacher):
             if model is not None:
@@ -70,11 +77,12 @@ def _input_layout(source: ModelSource, model: torch.nn.Module) -> Layout:
 
 
 def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | None,
-                    engine: Engine) -> Coverage | None:
+                    engine: Engine, grid_reader: TensorReader | None = None) -> Coverage | None:
     """Everything a run config changes in a freshly materialized model before training, in the order
     torchtune uses (swaps, then activation checkpointing; sharding by the engine after). The swaps keep the
     model's Parameter objects (ZeRO-3 partitions included); `engine.gather` makes one whole while its
-    learned scales are chosen."""
+    learned scales are chosen. `grid_reader`: a `--lora-base-grid` model allocated but not read yet
+    (`forge_qat.lora.grid_base.allocated`), filled from this reader once its grids are known."""
     coverage = None
     if recipe is not None:
         learn = LearnScales(gather=engine.gather, init=cfg.qat.qat_scale_init, unread=engine.unread_scales) \
@@ -91,7 +99,7 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
     if cfg.lora.enabled:
-        _install_lora(model, cfg, coverage)
+        _install_lora(model, cfg, coverage, grid_reader, engine.device)
     if engine.param_dtype != torch.float32:
         _hold_trained_in(model, engine.param_dtype)
     if cfg.optim.freeze_embeddings:
@@ -128,7 +136,8 @@ def _hold_trained_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage | None) -> None:
+def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage | None,
+                  grid_reader: TensorReader | None, device: torch.device) -> None:
     """Adapters on the layers the recipe quantizes (a float run: the layers the default recipe would), the
     rest of the model frozen."""
     basis = coverage or plan(model, get_recipe(DEFAULT_RECIPE))
@@ -139,8 +148,11 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                     len(basis.experts))
     log.info("%s", lora.install(model, cfg.lora, list(basis.linears), stacks, seed=cfg.run.seed).describe())
     if cfg.lora.lora_base_grid:
-        held = grid_base.install(model, list(basis.linears), stacks)
-        (log.info if held.layers else log.warning)("%s", held.describe())
+        held = grid_base.install(model, list(basis.linears), stacks, source=grid_reader)
+        (log.info if held.layers or held.stacks else log.warning)("%s", held.describe())
+        if grid_reader is not None:
+            grid_base.read_rest(model, grid_reader)
+            grid_base.to_device(model, device)
 
 
 def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:
