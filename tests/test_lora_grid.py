@@ -327,3 +327,22 @@ def test_the_base_is_read_straight_into_its_grid(tmp_path):
         layer = model.get_submodule(name)
         assert torch.equal(grid_base.grid_of(layer).codes, FrozenGrid.of(loaded.get_submodule(name).weight,
                                                                           layer.weight_fake_quantizer.spec).codes)
+
+
+@pytest.mark.parametrize("model_type", [None, "qwen3_moe"])
+def test_merged_mode_on_the_grid_starts_as_the_frozen_quantized_base(model_type):
+    """At B = 0 merged mode on a grid is the frozen model's fake quantization exactly: G + 0 is quantized against
+    the grid's own scales (the recipe's dynamic quantizer would choose new ones from G and move values)."""
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(4))
+    logits = []
+    for grid in (False, True):
+        if model_type is None:
+            model, _ = _with_lora("merged", grid)
+        else:
+            model, _ = _moe_with_lora(model_type, "merged", "attention,mlp,experts", grid)
+        with torch.no_grad():
+            for name, p in lora.adapter_parameters(model).items():
+                if name.endswith("lora_B"):
+                    p.zero_()
+            logits.append(model.eval()(ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)

@@ -166,7 +166,8 @@ def _choose_recipe_job(req: FinalizeRequest) -> ConvertJob:
     ckpt, zero_dir, meta = _source(req)
     lora = meta.lora if meta else None
     trained = meta.qat_recipe if meta else None
-    learned = bool(meta and meta.learns_scales)
+    # a merged-mode LoRA run on a grid base quantized against the grid's scales, which its checkpoint keeps as learned
+    learned = bool(meta and (meta.learns_scales or (lora and lora.lora_base_grid and lora.lora_qat == "merged")))
     unused = "; the weight scales it learned (--qat-learn-scales) are not used" if learned else ""
     if req.ptq:
         return ConvertJob(ckpt, req.ptq, "ptq", (f"{ckpt}: --ptq{unused}",) if unused else (), zero_dir, lora=lora)

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats.weights import check_shapes, true_shape
 from forge_qat.lora.config import ADAPTER_ATTR, LoraConfig
-from forge_qat.lora.grid_base import base_weight, grid_linear, grid_of
+from forge_qat.lora.grid_base import base_weight, grid_linear, grid_of, merged_grid_linear
 from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import (
     AffineSpec,
@@ -108,8 +108,11 @@ def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor, weight: torch.Tens
 
 
 def _merged_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Merged mode's layer: the quantized linear of W + s*B@A (of G + s*B@A on a grid base)."""
-    return quantized_linear(layer, x, base_weight(layer) + getattr(layer, ADAPTER_ATTR).delta(layer.weight.dtype))
+    """Merged mode's layer: the quantized linear of W + s*B@A (of G + s*B@A against G's scales on a grid base)."""
+    delta = getattr(layer, ADAPTER_ATTR).delta(layer.weight.dtype)
+    if grid_of(layer) is not None:
+        return merged_grid_linear(layer, x, delta)
+    return quantized_linear(layer, x, layer.weight + delta)
 
 
 def _base_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

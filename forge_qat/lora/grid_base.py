@@ -8,10 +8,13 @@ plausible number). The layer then computes:
 
 - separate mode (and with its adapters off, e.g. as the `self` distillation teacher): `act(x) @ G^T + s*B(Ax)`
   with `G` the grid's values, which are `fq(W)` bit for bit: today's numerics;
-- merged mode: `q(G + s*B@A)`: the recipe's quantizer on the grid plus the adapters, what finalize converts from
-  a grid run (`forge_qat.finalize`), so the artifact is what trained. It differs from `q(W + s*B@A)` in that the
-  adapters move the already rounded weights: a value can only leave its grid point when the adapters move it at
-  least half a step.
+- merged mode: `q_G(G + s*B@A)`: the grid plus the adapters, quantized against the grid's own scales, which stay
+  fixed (`FrozenGrid.requantize`), so at B = 0 the layer is the frozen quantized base exactly. (The recipe's
+  dynamic quantizer would choose new scales from `G`: its largest value sits on the grid's end, not half a step
+  beyond it as in W, so every value of a group would move.) The checkpoint keeps those scales as learned scales
+  and finalize converts `G + s*B@A` with them, so the artifact is what trained. It differs from `q(W + s*B@A)`
+  in that the adapters move the already rounded weights: a value leaves its grid point only when the adapters
+  move it at least half a step.
 
 `G` is made from the codes when a forward needs it and again in backward (`_GridMatmul`), not kept between them.
 Checkpoints of a grid run link the base's float weights from the model directory the run started from (the grid
@@ -32,7 +35,7 @@ from forge_qat.errors import InputError
 from forge_qat.formats.weights import TensorReader, tied_aliases
 from forge_qat.lora.config import ADAPTER_ATTR
 from forge_qat.qat import experts as experts_mod
-from forge_qat.qat.fake_quant import AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
+from forge_qat.qat.fake_quant import SCALE_SUFFIX, AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
 from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_of, gridable
 
 
@@ -84,6 +87,33 @@ def grid_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     grid = grid_of(layer)
     dtype = consumer_dtype(layer.weight)
     return _GridMatmul.apply(x, layer.bias, grid, dtype)
+
+
+def merged_grid_linear(layer: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Merged mode on a grid: the layer's activation quantizer, then `G + s*B@A` fake-quantized against the grid's
+    own, fixed scales (`FrozenGrid.requantize`): at B = 0 exactly the frozen base (the layer's dynamic quantizer
+    would choose new scales from G and move every value)."""
+    act = getattr(layer, "activation_fake_quantizer", None)
+    if act is not None:
+        x = act(x)
+    grid = grid_of(layer)
+    w = grid.requantize(grid.dequantize(layer.weight.dtype) + delta, consumer_dtype(layer.weight))
+    return F.linear(x, w, layer.bias)
+
+
+def grid_scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every grid's scales under the name a learned scale of that weight has (`<layer>.weight_fake_quantizer.scale`,
+    `<experts>.forge_fake_quant.<stack>.weight_fake_quantizer.scale`): what a merged-mode grid run's checkpoint
+    keeps in `learned_scales/`, so finalize converts against the scales training quantized with."""
+    scales = {}
+    for name, module in model.named_modules():
+        grids = module._modules.get(GRID_ATTR)
+        if isinstance(grids, FrozenGrid):
+            scales[f"{name}{SCALE_SUFFIX}"] = grids.learned_scale().cpu()
+        elif isinstance(grids, torch.nn.ModuleDict):
+            for stack, grid in grids.items():
+                scales[f"{name}.{experts_mod.FAKE_QUANT_ATTR}.{stack}{SCALE_SUFFIX}"] = grid.learned_scale().cpu()
+    return scales
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:

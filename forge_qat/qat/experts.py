@@ -264,16 +264,20 @@ def _stack(module: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def _stack_on_grid(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, bool]:
-    """(stack, whether it is already its weight quantizer's output): a frozen stack held in its grid without
-    merged adapters is multiplied as its grid's values, in the dtype the quantizer would emit; else `_stack`."""
+    """(stack, whether it is already quantized): a frozen stack held in its grid is multiplied as its grid's
+    values (with merged adapters: G + s*B@A quantized against the grid's fixed scales), in the dtype the quantizer
+    would emit; else `_stack`, for the stack's quantizer."""
     grid = stack_grid(module, name)
+    if grid is None:
+        return _stack(module, name), False
+    if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
+        raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
+                           f"quantization off")
+    dtype = consumer_dtype(getattr(module, name))
     pair = _lora_pair(module, name)
-    if grid is not None and not (pair is not None and pair.mode == "merged"):
-        if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
-            raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
-                               f"quantization off")
-        return grid.dequantize(consumer_dtype(getattr(module, name))), True
-    return _stack(module, name), False
+    if pair is not None and pair.mode == "merged":  # G + s*B@A against the grid's fixed scales
+        return grid.requantize(_stack(module, name), dtype), True
+    return grid.dequantize(dtype), True
 
 
 def _lora_pair(module: torch.nn.Module, name: str):

@@ -16,7 +16,15 @@ import math
 
 import torch
 
-from forge_qat.qat.fake_quant import AffineFakeQuantizer, AffineSpec, _grouped, choose_qparams, quantize_dequantize
+from forge_qat.qat.fake_quant import (
+    AffineFakeQuantizer,
+    AffineSpec,
+    LearnedScaleFakeQuantizer,
+    _grouped,
+    _LearnedFakeQuantize,
+    choose_qparams,
+    quantize_dequantize,
+)
 
 GRID_ATTR = "forge_grid"
 """Where a module keeps its grids: a linear layer its weight's `FrozenGrid`, an experts module a ModuleDict of
@@ -37,8 +45,10 @@ def stack_grid(module: torch.nn.Module, stack: str) -> "FrozenGrid | None":
 
 def gridable(quantizer: torch.nn.Module | None) -> str | None:
     """Why a weight fake quantizer's output can not be held as a `FrozenGrid`; None when it can."""
-    if type(quantizer) is not AffineFakeQuantizer:
-        return "weight scales learned or chosen by llama.cpp's rules" if quantizer is not None else "no quantizer"
+    # a learned-scale quantizer only where scales are read back from a grid run's checkpoint (eval, finalize: the
+    # grid's own scales); training with learned scales is refused before this (`forge_qat.lora.config`)
+    if type(quantizer) not in (AffineFakeQuantizer, LearnedScaleFakeQuantizer):
+        return "weight scales chosen by llama.cpp's rules" if quantizer is not None else "no quantizer"
     spec = quantizer.spec
     if spec.convention != "torchao" or not spec.symmetric or spec.bits > 8:
         return "a grid other than symmetric int2-int8"
@@ -137,6 +147,18 @@ class FrozenGrid(torch.nn.Module):
         """codes * scale, computed in the dtype the fake quantizer computes it in (the weight's and the scale's
         promotion), then rounded once to `dtype`: the fake quantizer's forward for that output dtype."""
         return self._rows(slice(0, math.prod(self.shape[:-1])), dtype).view(self.shape)
+
+    def learned_scale(self) -> torch.Tensor:
+        """The scales as a `LearnedScaleFakeQuantizer` holds them (float32, one per group: (*rows, groups)), for
+        checkpoints (`learned_scales/`) and for `requantize`."""
+        return self.scale.float().reshape(*self.shape[:-1], self._width() // self._group())
+
+    def requantize(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`w` (the grid's values plus a merged LoRA update) fake-quantized against this grid's scales, which stay
+        fixed: a value leaves its grid point only when the update moves it half a step. The learned-scale
+        quantizer's forward and straight-through gradient (for `w` only), so convert with these scales as the
+        checkpoint's learned scales ships it exactly."""
+        return _LearnedFakeQuantize.apply(w, self.learned_scale(), self.spec, dtype)
 
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()

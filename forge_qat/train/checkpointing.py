@@ -137,6 +137,8 @@ def write_weights(directory: Path | None, engine: Engine, model: torch.nn.Module
         return
     if writer is not None:
         writer.close()
+    if gridded and any(isinstance(m, lora.LoraPair) and m.mode == "merged" for m in model.modules()):
+        scales.update(grid_base.grid_scales(model))  # what merged mode quantized against: finalize converts with them
     if scales:
         write_learned_scales(directory, scales)
     if adapters:
