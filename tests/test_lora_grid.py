@@ -250,7 +250,10 @@ def test_separate_mode_on_gridded_expert_stacks_is_todays(model_type, targets):
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad for n, p in lora.adapter_parameters(model).items()}))
         saved.append(sum(kept))
-    assert saved[0] - saved[1] >= held.float_bytes  # the stacks' values are made again in backward, not kept
+    # the stacks' values are made again in backward, not kept (an expert's at a time in the eager loop; the batched
+    # kernel's whole forward recomputed); layer 0's q/k/v read the frozen embedding, kept nothing before either
+    first = sum(getattr(model.model.layers[0].self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj"))
+    assert saved[0] - saved[1] >= held.float_bytes - 4 * first
     assert held.stacks == 4 and held.kept == {}
     gridded = grid_base.gridded_weights(model)
     assert {n for n in gridded if ".experts." in n} == {f"model.layers.{i}.mlp.experts.{s}" for i in range(2)

@@ -16,7 +16,8 @@ plausible number). The layer then computes:
   in that the adapters move the already rounded weights: a value leaves its grid point only when the adapters
   move it at least half a step.
 
-`G` is made from the codes when a forward needs it and again in backward (`_GridMatmul`), not kept between them.
+`G` is made from the codes when a forward needs it and again in backward (`forge_qat.qat.grid.grid_matmul`), not
+kept between them.
 Checkpoints of a grid run link the base's float weights from the model directory the run started from (the grid
 is a function of them), so every checkpoint stays a complete model that stock `from_pretrained` reads.
 
@@ -36,7 +37,7 @@ from forge_qat.formats.weights import TensorReader, tied_aliases
 from forge_qat.lora.config import ADAPTER_ATTR
 from forge_qat.qat import experts as experts_mod
 from forge_qat.qat.fake_quant import SCALE_SUFFIX, AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
-from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_of, gridable
+from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_matmul, grid_of, gridable
 
 
 def gridded_weights(model: torch.nn.Module) -> set[str]:
@@ -51,30 +52,6 @@ def gridded_weights(model: torch.nn.Module) -> set[str]:
     return names
 
 
-class _GridMatmul(torch.autograd.Function):
-    """x @ G^T (+ bias) with G the grid's values in `dtype`: made from the codes in forward and again in
-    backward, so autograd keeps no weight-sized tensor between them. The base is frozen: only x gets a gradient
-    (the bias too, if it trains). Under autocast F.linear runs in the autocast dtype, as it does on the fake
-    quantizer's output; backward multiplies in the dtype the forward did."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, grid: FrozenGrid, dtype: torch.dtype):
-        y = F.linear(x, grid.dequantize(dtype), bias)
-        ctx.grid, ctx.dtype, ctx.x_dtype = grid, dtype, x.dtype
-        ctx.bias_shape = None if bias is None else bias.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.grid.dequantize(ctx.dtype)
-            grad_x = grad.to(w.dtype).matmul(w).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_b, None, None
-
-
 def grid_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fake-quantized linear `layer` on its grid: its activation quantizer, then the product with the grid's
     values in the dtype its weight quantizer would have emitted."""
@@ -86,7 +63,7 @@ def grid_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = act(x)
     grid = grid_of(layer)
     dtype = consumer_dtype(layer.weight)
-    return _GridMatmul.apply(x, layer.bias, grid, dtype)
+    return grid_matmul(x, grid, dtype, layer.bias)
 
 
 def merged_grid_linear(layer: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from forge_qat.qat.fake_quant import (
     consumer_dtype,
     integer_grid_linear,
 )
-from forge_qat.qat.grid import GRID_ATTR, stack_grid
+from forge_qat.qat.grid import GRID_ATTR, grid_matmul, stack_grid
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,14 @@ class ProjectionFakeQuant(torch.nn.Module):
             w = wq(w) if scale is None else wq(w, scale)
         return F.linear(x, w, b)
 
+    def grid_linear(self, x: torch.Tensor, grid, expert: int, b: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """`linear` for a frozen stack held in its grid (`forge_qat.qat.grid`): expert `expert`'s values are made
+        from its codes for this product and again in backward, never the whole stack's."""
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
+        return grid_matmul(x, grid, dtype, b, expert)
+
     def expert_scales(self) -> tuple[torch.Tensor, ...] | None:
         """The learned scales as one view per expert (None where the scales are chosen dynamically). Read
         inside the experts module's forward: under ZeRO-3 the engine registers the scales as that module's
@@ -125,11 +133,13 @@ class FakeQuantizedExperts:
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if _trains_merged_lora(self) or (GRID_ATTR in self._modules and torch.is_grad_enabled()):
+        if _trains_merged_lora(self) or (GRID_ATTR in self._modules and torch.is_grad_enabled()
+                                         and self.training and _batched_kernel(self) is not None):
             # Recomputed in backward, like a merged-LoRA linear (`forge_qat.lora.adapters.LoraLinear`): autograd would
             # otherwise keep, per experts module until backward, each stack's W + s*B@A and its fake-quantized
-            # copy (experts x out x in each: the stacks are most of an MoE model), or the values of a frozen
-            # stack's grid, which would undo what holding it in the grid saves. Same ops, same autocast
+            # copy (experts x out x in each: the stacks are most of an MoE model), or, in the batched kernel, the
+            # values of a frozen stack's grid, which would undo what holding it in the grid saves (the eager loop
+            # makes one expert's values at a time, again in backward: `grid_matmul`). Same ops, same autocast
             # state, no random draws: values and gradients are the plain forward's (tests/test_lora.py).
             return checkpoint(_fake_quant_forward, self, hidden_states, top_k_index, top_k_weights,
                               use_reentrant=False, preserve_rng_state=False)
@@ -147,8 +157,11 @@ class FakeQuantizedExperts:
         # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers'
         # eager loop does) makes autograd build a full-size zero gradient per expert and add it up,
         # O(experts^2) memory traffic; unbind's backward stacks the experts' gradients once.
-        (w1, grid1), (w2, grid2) = _stack_on_grid(self, first.weight), _stack_on_grid(self, down.weight)
-        w1, w2 = w1.unbind(0), w2.unbind(0)
+        g1, g2 = _plain_grid(self, first.weight), _plain_grid(self, down.weight)
+        (w1, grid1), (w2, grid2) = ((None, None) if g1 is not None else _stack_on_grid(self, first.weight),
+                                    (None, None) if g2 is not None else _stack_on_grid(self, down.weight))
+        w1, w2 = (None if w is None else w.unbind(0) for w in (w1, w2))
+        dtype = consumer_dtype(getattr(self, down.weight))
         side1, side2 = _separate_pair(self, first.weight), _separate_pair(self, down.weight)
         b1 = getattr(self, first.bias).unbind(0) if first.bias else None
         b2 = getattr(self, down.bias).unbind(0) if down.bias else None
@@ -159,11 +172,19 @@ class FakeQuantizedExperts:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             x = hidden_states[token_idx]
-            h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None, grid1)
+            if g1 is not None:
+                h = per_projection[first.weight].grid_linear(x, g1, e, b1[e] if b1 else None, dtype)
+            else:
+                h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None,
+                                                        grid1)
             if side1 is not None:
                 h = h + side1.path(x, e)
             x = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None, grid2)
+            if g2 is not None:
+                h = per_projection[down.weight].grid_linear(x, g2, e, b2[e] if b2 else None, dtype)
+            else:
+                h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None,
+                                                       grid2)
             if side2 is not None:
                 h = h + side2.path(x, e)
             if self.has_post_expert_norm:
@@ -261,6 +282,18 @@ def _stack(module: torch.nn.Module, name: str) -> torch.Tensor:
     base = weight if grid is None else grid.dequantize(weight.dtype)
     pair = _lora_pair(module, name)
     return base + pair.delta(weight.dtype) if pair is not None and pair.mode == "merged" else base
+
+
+def _plain_grid(module: torch.nn.Module, name: str):
+    """The stack's grid where the stack is multiplied as its grid's values (no merged adapters), else None."""
+    grid = stack_grid(module, name)
+    pair = _lora_pair(module, name)
+    if grid is None or (pair is not None and pair.mode == "merged"):
+        return None
+    if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
+        raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
+                           f"quantization off")
+    return grid
 
 
 def _stack_on_grid(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, bool]:

@@ -148,6 +148,13 @@ class FrozenGrid(torch.nn.Module):
         promotion), then rounded once to `dtype`: the fake quantizer's forward for that output dtype."""
         return self._rows(slice(0, math.prod(self.shape[:-1])), dtype).view(self.shape)
 
+    def values(self, dtype: torch.dtype, expert: int | None = None) -> torch.Tensor:
+        """`dequantize`, or of an expert stack only expert `expert`'s (out, in) slice."""
+        if expert is None:
+            return self.dequantize(dtype)
+        out = self.shape[-2]
+        return self._rows(slice(expert * out, (expert + 1) * out), dtype).view(self.shape[-2:])
+
     def learned_scale(self) -> torch.Tensor:
         """The scales as a `LearnedScaleFakeQuantizer` holds them (float32, one per group: (*rows, groups)), for
         checkpoints (`learned_scales/`) and for `requantize`."""
@@ -165,3 +172,34 @@ class FrozenGrid(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"int{self.spec.bits} {tuple(self.shape)}, {self.nbytes():,} bytes"
+
+
+class _GridMatmul(torch.autograd.Function):
+    """x @ G^T (+ bias) with G the grid's values in `dtype` (one expert's, for a stack): made from the codes in
+    forward and again in backward, so autograd keeps no weight-sized tensor between them. The base is frozen: only
+    x gets a gradient (the bias too, if it trains). Under autocast F.linear runs in the autocast dtype, as it
+    does on a fake quantizer's output; backward multiplies in the dtype the forward did."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, grid: FrozenGrid, dtype: torch.dtype,
+                expert: int | None):
+        y = torch.nn.functional.linear(x, grid.values(dtype, expert), bias)
+        ctx.grid, ctx.dtype, ctx.expert, ctx.x_dtype = grid, dtype, expert, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.grid.values(ctx.dtype, ctx.expert)
+            grad_x = grad.to(w.dtype).matmul(w).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_b, None, None, None
+
+
+def grid_matmul(x: torch.Tensor, grid: FrozenGrid, dtype: torch.dtype, bias: torch.Tensor | None = None,
+                expert: int | None = None) -> torch.Tensor:
+    """x @ G^T (+ bias), G the grid's values in `dtype` (of an expert stack: expert `expert`'s), never kept for
+    backward (`_GridMatmul`)."""
+    return _GridMatmul.apply(x, bias, grid, dtype, expert)
