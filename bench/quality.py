@@ -153,6 +153,14 @@ def rows(kd_losses: list[str], self_losses: list[str], both: tuple[str, str],
         for mode in ("merged", "separate"):
             table[f"lora-{mode}-lr{lr:g}"] = {"train": {**lora, "lora_qat": mode, "lr": lr},
                                               "label": f"LoRA-QAT {mode}, rank {LORA_RANK}, lr {lr:g}"}
+        # the frozen base in its grid (--lora-base-grid) against the float base, both with the dynamic scales the
+        # grid needs; separate mode on the grid computes what separate mode computes on the float base
+        for mode, grid in (("merged", False), ("merged", True), ("separate", False), ("separate", True)):
+            name = f"lora-{mode}-{'grid' if grid else 'float'}-base-lr{lr:g}"
+            table[name] = {"train": {**lora, "lora_qat": mode, "lr": lr, "qat_learn_scales": False,
+                                     "lora_base_grid": grid},
+                           "label": f"LoRA-QAT {mode}, {'grid' if grid else 'float'} base, dynamic scales, "
+                                    f"rank {LORA_RANK}, lr {lr:g}"}
     teacher, loss = both
     table[f"qat-kd-{teacher}-{loss}-ls"] = {"train": {**shared, **_kd(teacher, loss)},
                                             "label": f"QAT + KD {loss}, {teacher} teacher, learnable scales"}

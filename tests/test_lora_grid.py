@@ -136,8 +136,8 @@ def grid_runs(tmp_path_factory):
     for mode in ("merged", "separate"):
         cfg = TrainConfig.from_flat(**micro_train_args(
             root / mode, data, model=str(root / "model"), qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
-            lora_qat=mode, max_steps=3, save_every=2))
-        assert cfg.lora.lora_base_grid is True
+            lora_qat=mode, max_steps=3, save_every=2, **({"lora_base_grid": True} if mode == "merged" else {})))
+        assert cfg.lora.lora_base_grid is True  # separate mode: by default
         run_training(cfg)
     return root
 
@@ -211,12 +211,14 @@ def test_runs_the_grid_can_not_hold_are_refused_and_others_fall_back(tmp_path, e
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     args = micro_train_args(tmp_path / "run", tmp_path / "data.txt", model=str(model_dir), qat_recipe=RECIPE,
-                            qat_learn_scales=False, lora_rank=4)
+                            qat_learn_scales=False, lora_rank=4, lora_qat="separate")
+    assert TrainConfig.from_flat(**args).lora.lora_base_grid is True  # the default, where it is exact
+    assert TrainConfig.from_flat(**{**args, "lora_qat": "merged"}).lora.lora_base_grid is False  # not today's merged
     args.update(extra)
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_flat(**args, lora_base_grid=True)
     if extra.get("lora_rank") != 0:
-        assert TrainConfig.from_flat(**args).lora.lora_base_grid is False  # the default: on only where exact
+        assert TrainConfig.from_flat(**args).lora.lora_base_grid is False  # and off where it would not be
 
 
 def _moe_with_lora(model_type: str, mode: str, targets: str, grid: bool):
@@ -276,7 +278,7 @@ def test_a_merged_moe_grid_run_ships_what_it_trained(tmp_path, text_file, layout
     save_tiny_moe(tmp_path / "model", "qwen3_moe", layout)
     cfg = TrainConfig.from_flat(**micro_train_args(tmp_path / "run", text_file, model=str(tmp_path / "model"),
                                                    qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
-                                                   max_steps=2, save_every=0))
+                                                   max_steps=2, save_every=0, lora_base_grid=True))
     run_training(cfg)
     ckpt = checkpoint_dirs(tmp_path / "run")[-1][1]
     source, written = load_file(tmp_path / "model" / "model.safetensors"), load_file(ckpt / "model.safetensors")

@@ -30,8 +30,8 @@ class LoraConfig:
                                           "fq(W) + s*BA beside it, as peers train.", resume_fixed=True)
     lora_base_grid: bool | None = option(
         None, "Hold the frozen base's quantized linear layers as the recipe's codes and scales (int4: ~0.3x of "
-              "bf16), not in float; merged mode then trains q(G + s*BA), G the base's grid. Default: on where "
-              "exact (no learned scales, fake quantization from step 0, one process, a model directory).",
+              "bf16), not in float; merged mode then trains q(G + s*BA) against G's scales. Default: on where "
+              "exact (--lora-qat separate, no learned scales, one process, a model directory).",
         resume_fixed=True)
 
     def __post_init__(self) -> None:
@@ -61,8 +61,8 @@ class LoraConfig:
         why = grid_obstacle(qat, distill, distributed, preset)
         if self.lora_base_grid and why:
             raise ConfigError(f"--lora-base-grid: {why}")
-        if self.lora_base_grid is None:
-            self.lora_base_grid = why is None
+        if self.lora_base_grid is None:  # on where it is exact: separate mode computes today's numerics on it
+            self.lora_base_grid = why is None and self.lora_qat == "separate"
 
     @property
     def enabled(self) -> bool:
