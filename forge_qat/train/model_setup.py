@@ -152,9 +152,10 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
         (log.info if held.layers or held.stacks else log.warning)("%s", held.describe())
         if cfg.lora.lora_qat == "merged":
             log.warning("--lora-base-grid with --lora-qat merged trains q(G + s*BA) against the grid's fixed scales: "
-                        "the adapters change the forward only where they move a weight half a grid step, and on "
-                        "SmolLM2-135M it trained a worse model than merged mode on the float base (docs/lora.md); "
-                        "separate mode computes the same numerics on the grid as on the float base")
+                        "the adapters change the forward only where they move a weight half a grid step (on "
+                        "SmolLM2-135M, 40 steps moved none: the artifact was PTQ of the starting model; "
+                        "docs/benchmarks.md); separate mode computes the same numerics on the grid as on the float "
+                        "base")
         if grid_reader is not None:
             grid_base.read_rest(model, grid_reader)
             grid_base.to_device(model, device)
