@@ -1,8 +1,9 @@
 """`--lora-base-grid`: the frozen base of a LoRA run held in its recipe's grid, not in float.
 
 With `--lora-rank` the base weights never change, so their fake quantization never changes either: each
-quantized linear layer keeps its weight as the codes and scales the recipe gives it (`forge_qat.qat.grid`,
-int4 codes two to a byte), and its float `weight` Parameter keeps its shape, dtype and device over one element
+quantized linear layer and expert stack keeps its weight as the codes and scales the recipe gives it
+(`forge_qat.qat.grid`, int4 codes two to a byte), and its float Parameter keeps its shape, dtype and device over
+one element
 (a NaN, broadcast: anything that read it instead of the grid would turn the loss into NaN, not into a
 plausible number). The layer then computes:
 
@@ -18,8 +19,9 @@ plausible number). The layer then computes:
 
 `G` is made from the codes when a forward needs it and again in backward (`forge_qat.qat.grid.grid_matmul`), not
 kept between them.
-Checkpoints of a grid run link the base's float weights from the model directory the run started from (the grid
-is a function of them), so every checkpoint stays a complete model that stock `from_pretrained` reads.
+A grid run's first checkpoint reads the base's float weights from the model directory the run started from (the
+grid is a function of them), one tensor at a time, and later ones hard-link it, so every checkpoint stays a
+complete model that stock `from_pretrained` reads.
 
 Called by `forge_qat.train.model_setup` (install), `forge_qat.lora.adapters` (the layers' forward) and
 `forge_qat.train.checkpointing`.
@@ -119,7 +121,8 @@ class GridBase:
     params: int = 0
     grid_bytes: int = 0
     float_bytes: int = 0
-    """The same weights as the model held them before."""
+    """The same weights as the model held them before, in `float_dtype`."""
+    float_dtype: str = ""
     kept: Counter = field(default_factory=Counter)
     """Frozen quantized parameters left in float, by reason."""
 
@@ -127,7 +130,7 @@ class GridBase:
         text = (f"LoRA base grid: {self.layers} linear layers and {self.stacks} expert stacks ({self.params:,} "
                 f"frozen parameters) held as their "
                 f"recipe's codes and scales, {self.grid_bytes / 1e6:,.1f} MB vs {self.float_bytes / 1e6:,.1f} MB "
-                f"in float ({self.grid_bytes / max(self.float_bytes, 1):.2f}x)")
+                f"in {self.float_dtype or 'float'} ({self.grid_bytes / max(self.float_bytes, 1):.2f}x)")
         if self.kept:
             text += "; kept in float: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(self.kept.items()))
         return text
@@ -196,6 +199,7 @@ def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[s
         report.params += weight.numel()
         report.grid_bytes += grid.nbytes()
         report.float_bytes += weight.numel() * weight.element_size()
+        report.float_dtype = str(weight.dtype).removeprefix("torch.")
         if stack is None:
             setattr(owner, GRID_ATTR, grid)
         else:
