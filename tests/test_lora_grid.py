@@ -351,3 +351,34 @@ def test_merged_mode_on_the_grid_starts_as_the_frozen_quantized_base(model_type)
                     p.zero_()
             logits.append(model.eval()(ids).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["separate", "merged"])
+def test_a_grid_run_resumes_bit_identically(grid_runs, tmp_path, mode):
+    """Stopped after its step-2 checkpoint and resumed, a grid run ends where the uninterrupted run ended: the
+    base's grid is made again from the model directory, the adapters and their optimizer state restored."""
+    from conftest import CrashAt
+
+    from forge_qat.formats.adapters import ADAPTER_DIR, PEFT_WEIGHTS
+
+    args = micro_train_args(tmp_path / "part", grid_runs / "train.txt", model=str(grid_runs / "model"),
+                            qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4, lora_qat=mode, max_steps=3,
+                            save_every=2, lora_base_grid=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(TrainConfig.from_flat(**args), observer=CrashAt(3))
+    run_training(TrainConfig.from_flat(**args, resume=True))
+    want, got = (load_file(checkpoint_dirs(run)[-1][1] / ADAPTER_DIR / PEFT_WEIGHTS)
+                 for run in (grid_runs / mode, tmp_path / "part"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_forge_eval_of_a_merged_grid_run_is_its_artifacts_loss(grid_runs, tmp_path):
+    from forge_qat.eval.models import evaluate_model
+    from forge_qat.finalize.convert import finalize
+    from forge_qat.finalize.job import FinalizeRequest
+
+    kw = dict(seq_len=32, batch_size=2, max_batches=2)
+    fake = evaluate_model(str(grid_runs / "merged"), str(grid_runs / "train.txt"), fake_quant=get_recipe(RECIPE), **kw)
+    artifact = finalize(FinalizeRequest(source=grid_runs / "merged", dest=tmp_path / "a")).dest
+    real = evaluate_model(str(artifact), str(grid_runs / "train.txt"), **kw)
+    assert fake.loss == real.loss

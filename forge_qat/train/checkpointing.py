@@ -201,6 +201,12 @@ def _link_weight_files(source: Path, directory: Path) -> None:
             shutil.copyfile(f, directory / f.name)
 
 
+def model_dir_of(ckpt: Path) -> str:
+    """The model a checkpoint's run started from, as its metadata records it."""
+    meta = read_checkpoint_meta(ckpt)
+    return str(meta.train_config.get("model", "its model")) if meta else "its model"
+
+
 def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a checkpoint's float weights (in the layout it was written in: MoE checkpoints keep their input's
     per-expert tensors) and learned scales into an (already prepared) model of the same architecture, one
@@ -226,6 +232,11 @@ def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
             reader.read_flat(name, 0, value)
             target.copy_(value.view(target.shape))
     scales = read_learned_scales(ckpt) or {}
+    for name, value in grid_base.grid_scales(model).items():  # a merged grid run's: its grids' own, made again
+        kept = scales.pop(name, None)
+        if kept is not None and not torch.equal(kept, value):
+            raise InputError(f"{ckpt}: the base's grid made from {model_dir_of(ckpt)} differs from the one the run "
+                             f"trained on ({name}): the model directory changed since; resume needs the same base")
     check_shapes(ckpt, "learned scales", scales, {n: true_shape(p) for n, p in state.items() if is_learned_scale(n)})
     with torch.no_grad():
         for name, value in scales.items():
