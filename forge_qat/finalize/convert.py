@@ -165,8 +165,7 @@ def _prepare_merged(model: torch.nn.Module, job: ConvertJob, learn: LearnScales 
     grid = bool(job.lora.lora_base_grid)
     if grid:  # the unquantized logits first: a grid holds no float base to run
         float_logits = _unquantized_logits(model, sample)
-        log.info("LoRA base grid: %s", grid_base.install(model, list(coverage.linears), coverage.experts,
-                                                         keep_weights=True).describe())
+        log.info("%s", grid_base.install(model, list(coverage.linears), coverage.experts, keep_weights=True).describe())
     trained = model(sample).logits
     merged = lora_mod.merge(model)  # into the grid's values where training held the base in a grid
     if grid:

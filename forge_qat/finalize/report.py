@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from forge_qat.errors import InputError
 from forge_qat.formats.artifact import choose_format
-from forge_qat.formats.weights import tied_aliases
+from forge_qat.formats.weights import SafetensorsReader, tied_aliases
 from forge_qat.qat.coverage import Coverage
 
 
@@ -86,9 +87,6 @@ def source_size(job, model: torch.nn.Module) -> dict:
     """`source_bytes` and `source_dtype` of `job`'s checkpoint: from its safetensors headers (the bytes as stored, in
     the dtype it was saved in, whatever dtype finalize converts in); a ZeRO state (fp32 masters) or a
     `pytorch_model.bin` checkpoint is counted from `model`'s parameters in the dtype they were loaded in."""
-    from forge_qat.errors import InputError
-    from forge_qat.formats.weights import SafetensorsReader
-
     if job.zero_dir is None:
         try:
             reader = SafetensorsReader.from_dir(job.checkpoint)

@@ -154,14 +154,7 @@ class FakeQuantizedExperts:
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers'
-        # eager loop does) makes autograd build a full-size zero gradient per expert and add it up,
-        # O(experts^2) memory traffic; unbind's backward stacks the experts' gradients once.
-        g1, g2 = _plain_grid(self, first.weight), _plain_grid(self, down.weight)
-        (w1, grid1), (w2, grid2) = ((None, None) if g1 is not None else _stack_on_grid(self, first.weight),
-                                    (None, None) if g2 is not None else _stack_on_grid(self, down.weight))
-        w1, w2 = (None if w is None else w.unbind(0) for w in (w1, w2))
-        dtype = consumer_dtype(getattr(self, down.weight))
+        run1, run2 = _expert_matmul(self, first.weight), _expert_matmul(self, down.weight)
         side1, side2 = _separate_pair(self, first.weight), _separate_pair(self, down.weight)
         b1 = getattr(self, first.bias).unbind(0) if first.bias else None
         b2 = getattr(self, down.bias).unbind(0) if down.bias else None
@@ -172,19 +165,11 @@ class FakeQuantizedExperts:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             x = hidden_states[token_idx]
-            if g1 is not None:
-                h = per_projection[first.weight].grid_linear(x, g1, e, b1[e] if b1 else None, dtype)
-            else:
-                h = per_projection[first.weight].linear(x, w1[e], b1[e] if b1 else None, s1[e] if s1 else None,
-                                                        grid1)
+            h = run1(x, e, b1[e] if b1 else None, s1[e] if s1 else None)
             if side1 is not None:
                 h = h + side1.path(x, e)
             x = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            if g2 is not None:
-                h = per_projection[down.weight].grid_linear(x, g2, e, b2[e] if b2 else None, dtype)
-            else:
-                h = per_projection[down.weight].linear(x, w2[e], b2[e] if b2 else None, s2[e] if s2 else None,
-                                                       grid2)
+            h = run2(x, e, b2[e] if b2 else None, s2[e] if s2 else None)
             if side2 is not None:
                 h = h + side2.path(x, e)
             if self.has_post_expert_norm:
@@ -280,37 +265,52 @@ def _stack(module: torch.nn.Module, name: str) -> torch.Tensor:
     weight = getattr(module, name)
     grid = stack_grid(module, name)
     base = weight if grid is None else grid.dequantize(weight.dtype)
-    pair = _lora_pair(module, name)
-    return base + pair.delta(weight.dtype) if pair is not None and pair.mode == "merged" else base
+    return base + _lora_pair(module, name).delta(weight.dtype) if _merged(module, name) else base
 
 
-def _plain_grid(module: torch.nn.Module, name: str):
-    """The stack's grid where the stack is multiplied as its grid's values (no merged adapters), else None."""
+def _grid_in_use(module: torch.nn.Module, name: str):
+    """The stack's grid (None: the stack is its Parameter), refusing a forward with fake quantization off, which a
+    stack held only in its grid can not run."""
     grid = stack_grid(module, name)
-    pair = _lora_pair(module, name)
-    if grid is None or (pair is not None and pair.mode == "merged"):
-        return None
-    if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
+    if grid is not None and not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
         raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
                            f"quantization off")
     return grid
+
+
+def _merged(module: torch.nn.Module, name: str) -> bool:
+    pair = _lora_pair(module, name)
+    return pair is not None and pair.mode == "merged"
 
 
 def _stack_on_grid(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, bool]:
     """(stack, whether it is already quantized): a frozen stack held in its grid is multiplied as its grid's
     values (with merged adapters: G + s*B@A quantized against the grid's fixed scales), in the dtype the quantizer
     would emit; else `_stack`, for the stack's quantizer."""
-    grid = stack_grid(module, name)
+    grid = _grid_in_use(module, name)
     if grid is None:
         return _stack(module, name), False
-    if not getattr(module, FAKE_QUANT_ATTR)[name].weight_fake_quantizer.enabled:
-        raise RuntimeError(f"{name} is held in its grid only: it has no float weight to run with fake "
-                           f"quantization off")
     dtype = consumer_dtype(getattr(module, name))
-    pair = _lora_pair(module, name)
-    if pair is not None and pair.mode == "merged":  # G + s*B@A against the grid's fixed scales
+    if _merged(module, name):  # G + s*B@A against the grid's fixed scales
         return grid.requantize(_stack(module, name), dtype), True
     return grid.dequantize(dtype), True
+
+
+def _expert_matmul(module: torch.nn.Module, name: str):
+    """The eager loop's product for one projection, `(x, expert, bias, learned scale) -> h`: on a frozen stack's
+    grid one expert's values are made for the product and again in backward (`grid_matmul`), never the whole
+    stack's; otherwise the stack (`_stack_on_grid`) is split into one view per expert."""
+    quantizers = getattr(module, FAKE_QUANT_ATTR)[name]
+    grid = _grid_in_use(module, name)
+    if grid is not None and not _merged(module, name):
+        dtype = consumer_dtype(getattr(module, name))
+        return lambda x, e, b, s: quantizers.grid_linear(x, grid, e, b, dtype)
+    stack, on_grid = _stack_on_grid(module, name)
+    # One view per expert from a single op: indexing the stack per expert (`w[e]`, as transformers' eager loop
+    # does) makes autograd build a full-size zero gradient per expert and add it up, O(experts^2) memory
+    # traffic; unbind's backward stacks the experts' gradients once.
+    experts = stack.unbind(0)
+    return lambda x, e, b, s: quantizers.linear(x, experts[e], b, s, on_grid)
 
 
 def _lora_pair(module: torch.nn.Module, name: str):
