@@ -10,6 +10,7 @@ from forge_qat.errors import ConfigError
 
 LoraMode = Literal["merged", "separate"]
 LORA_MODES = ("merged", "separate")
+EXPERTS_OFFLOAD = ("none", "host")
 ADAPTER_ATTR = "forge_lora"
 """The attribute holding a layer's adapters: its state-dict names are `<layer>.forge_lora.lora_A` / `.lora_B`."""
 TARGET_KINDS = ("attention", "mlp", "experts")
@@ -33,10 +34,14 @@ class LoraConfig:
               "bf16), not in float; merged mode then trains q(G + s*BA) against G's scales. Default: on where "
               "exact (--lora-qat separate, no learned scales, one process, a model directory).",
         resume_fixed=True)
+    experts_offload: Literal["none", "host"] = option(
+        "none", "host: hold the frozen expert stacks in host memory, in their grid, and compute them there (CPU "
+                "kernels); the accelerator holds the rest. Needs --lora-qat separate and the grid base.")
 
     def __post_init__(self) -> None:
         at_least(self, 0, "lora_rank")
         one_of(self, "lora_qat", list(LORA_MODES), label="--lora-qat mode")
+        one_of(self, "experts_offload", list(EXPERTS_OFFLOAD), label="--experts-offload place")
         unknown = [t for t in self.targets if t not in TARGET_KINDS]
         if unknown or not self.targets:
             raise ConfigError(f"--lora-targets {self.lora_targets!r}: valid kinds are {', '.join(TARGET_KINDS)}")
@@ -53,7 +58,12 @@ class LoraConfig:
     def check_with(self, qat, distill, distributed, preset: bool) -> None:
         """Resolve `lora_base_grid` (None: on where it is exact) against the rest of the run; refuse an explicit
         --lora-base-grid the run can not honour, with the reason."""
+        offload = self.experts_offload == "host"
         if not self.enabled:
+            if offload:
+                raise ConfigError("--experts-offload host holds a LoRA run's frozen experts in host memory; full QAT "
+                                  "trains the experts (their gradients and optimizer state would be there too): add "
+                                  "--lora-rank R")
             if self.lora_base_grid:
                 raise ConfigError("--lora-base-grid holds a LoRA run's frozen base in its grid: add --lora-rank R")
             self.lora_base_grid = False
@@ -63,6 +73,14 @@ class LoraConfig:
             raise ConfigError(f"--lora-base-grid: {why}")
         if self.lora_base_grid is None:  # on where it is exact: separate mode computes today's numerics on it
             self.lora_base_grid = why is None and self.lora_qat == "separate"
+        if offload:
+            if self.lora_qat != "separate":
+                raise ConfigError("--experts-offload host computes the frozen experts' grid beside separate adapters; "
+                                  "merged mode quantizes each stack plus its adapters on every step: add --lora-qat "
+                                  "separate")
+            if not self.lora_base_grid:
+                raise ConfigError(f"--experts-offload host holds the experts in their grid: "
+                                  f"{why or 'drop --no-lora-base-grid'}")
 
     @property
     def enabled(self) -> bool:
@@ -100,4 +118,4 @@ def grid_obstacle(qat, distill, distributed, preset: bool) -> str | None:
     return None
 
 
-CONFIG_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_qat", "lora_base_grid")
+CONFIG_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_qat", "lora_base_grid", "experts_offload")

@@ -27,6 +27,7 @@ Called by `forge_qat.train.model_setup` (install), `forge_qat.lora.adapters` (th
 `forge_qat.train.checkpointing`.
 """
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from forge_qat import heap
-from forge_qat.errors import InputError
+from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats.weights import TensorReader, tied_aliases
 from forge_qat.lora.config import ADAPTER_ATTR
 from forge_qat.qat import experts as experts_mod
+from forge_qat.qat import host_experts
 from forge_qat.qat.fake_quant import SCALE_SUFFIX, AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
 from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_matmul, grid_of, gridable
 
@@ -217,6 +219,41 @@ def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[s
     return report
 
 
+@dataclass
+class Offloaded:
+    """What `offload_experts` put in host memory."""
+
+    modules: int
+    stacks: int
+    params: int
+    host_bytes: int
+
+    def describe(self, device: torch.device) -> str:
+        where = ("the host is this run's device too: nothing moves" if device.type == host_experts.HOST.type
+                 else f"{device} holds the rest")
+        return (f"experts offload: {self.stacks} expert stacks in {self.modules} MoE layers ({self.params:,} frozen "
+                f"parameters, {self.host_bytes / 1e6:,.1f} MB in their grid) held and computed in host memory; "
+                f"{where}")
+
+
+def offload_experts(model: torch.nn.Module) -> Offloaded:
+    """`--experts-offload host`: pin the grids of every experts module whose stacks `install` holds in them to the
+    host, where their forward then runs (`forge_qat.qat.host_experts`). Raises ConfigError where none is held: the
+    flag would do nothing."""
+    report = Offloaded(0, 0, 0, 0)
+    for module in model.modules():
+        grids = module._modules.get(GRID_ATTR)
+        if experts_mod.is_experts(module) and isinstance(grids, torch.nn.ModuleDict) and len(grids):
+            report.host_bytes += host_experts.pin(module)
+            report.modules += 1
+            report.stacks += len(grids)
+            report.params += sum(math.prod(g.shape) for g in grids.values())
+    if not report.modules:
+        raise ConfigError("--experts-offload host: this model has no expert stacks held in their grid to offload "
+                          "(a dense model, or a recipe that leaves its experts in float)")
+    return report
+
+
 def allocated(config, dtype: torch.dtype) -> torch.nn.Module:
     """A model of `config` whose weights are allocated and never written (`no_init_weights`): the operating
     system gives their pages only when first written, so until `read_rest` and `install` fill them it holds
@@ -259,7 +296,15 @@ def to_device(model: torch.nn.Module, device: torch.device) -> None:
             p.data = torch.full((), float("nan"), dtype=p.dtype, device=device).expand(p.shape)
         else:
             p.data = p.data.to(device)
+    move_buffers(model, device)
+
+
+def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Every buffer of `model` (its grids' codes and scales among them) to `device`, except the grids pinned to the
+    host (`forge_qat.qat.host_experts`)."""
     for module in model.modules():
+        if isinstance(module, FrozenGrid) and module.on_host:
+            continue
         for key, b in module._buffers.items():
             if b is not None:
                 module._buffers[key] = b.to(device)

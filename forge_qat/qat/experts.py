@@ -34,6 +34,7 @@ from forge_qat.qat.fake_quant import (
     consumer_dtype,
     integer_grid_linear,
 )
+from forge_qat.qat import host_experts
 from forge_qat.qat.grid import GRID_ATTR, grid_matmul, stack_grid
 
 
@@ -133,6 +134,8 @@ class FakeQuantizedExperts:
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if host_experts.offloaded(self) and not host_experts.computing_on_host():
+            return host_experts.run(self, hidden_states, top_k_index, top_k_weights)  # which calls this again there
         if _trains_merged_lora(self) or (GRID_ATTR in self._modules and torch.is_grad_enabled()
                                          and self.training and _batched_kernel(self) is not None):
             # Recomputed in backward, like a merged-LoRA linear (`forge_qat.lora.adapters.LoraLinear`): autograd would
@@ -221,6 +224,10 @@ def _batched_kernel(module: torch.nn.Module):
     both keep the eager loop, as does eval mode, so eval losses are the converted model's exactly."""
     from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
+    if host_experts.computing_on_host():
+        # the host keeps the experts' activations for backward, not recomputing them: the batched kernel would keep
+        # every stack's values (their float size) where the eager loop makes one expert's at a time
+        return None
     per_projection = getattr(module, FAKE_QUANT_ATTR)
     quantizers = [x for q in per_projection.values() for x in (q.activation_fake_quantizer, q.weight_fake_quantizer)
                   if x is not None]

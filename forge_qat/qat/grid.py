@@ -79,6 +79,17 @@ class FrozenGrid(torch.nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.spec, self.shape, self.weight_dtype = spec, tuple(shape), weight_dtype
+        self.on_host = False
+        """Pinned to the host (`to_host`): moving the model moves everything but this grid."""
+
+    def to_host(self) -> None:
+        """Move the grid to the host and keep it there: `Module.to`/`cuda` (which reach a module's tensors through
+        `_apply`) pass it by (`forge_qat.qat.host_experts`)."""
+        self.codes, self.scale = self.codes.cpu(), self.scale.cpu()
+        self.on_host = True
+
+    def _apply(self, fn, recurse=True):
+        return self if self.on_host else super()._apply(fn, recurse)
 
     @property
     def packed(self) -> bool:

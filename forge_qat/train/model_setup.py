@@ -156,6 +156,8 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                         "SmolLM2-135M, 40 steps moved none: the artifact was PTQ of the starting model; "
                         "docs/benchmarks.md); separate mode computes the same numerics on the grid as on the float "
                         "base")
+        if cfg.lora.experts_offload == "host":
+            log.info("%s", grid_base.offload_experts(model).describe(device))
         if grid_reader is not None:
             grid_base.read_rest(model, grid_reader)
             grid_base.to_device(model, device)
