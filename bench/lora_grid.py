@@ -9,12 +9,25 @@ loads it in its own process, as `forge train` does on one process: today's path 
 (`forge_qat.lora.grid_base`). Recipe int8-dynamic-act-int4-weight without learned scales (the grid fixes the
 base's codes), LoRA rank --rank on attention and experts, fp32, batch --batch x --seq, AdamW.
 
+`separate-offload` is `separate-grid` with `--experts-offload host` (`forge_qat.qat.host_experts`): the expert
+stacks' grids pinned to the host and computed there through one autograd node. Here the host is the device too, so
+its memory is the grid run's; what it changes is `device_bytes`, the model's tensors an accelerator would hold
+(every parameter and buffer except the pinned grids, the grids' placeholders counted at one element), and the step
+time shows the node's cost (copies of the tokens and adapters, the host graph).
+
 Per variant: `base_bytes` (the quantized frozen weights as held: float32 Parameters, or codes + scales),
 `load_peak` / `held` (resident memory above the process's before loading: at the peak of loading, and once the
 model is ready), `step_peak` (the peak through --steps training steps, same origin), `step_s` (median step after
 one warm-up step).
 
     python bench/lora_grid.py                    # 2 layers, 32 experts, batch 1x128, rank 16, 2 steps
+    python bench/lora_grid.py --kernels          # the host's per-expert product: oneDNN on values vs int4 kernel
+
+`--kernels` times one expert's product at Qwen3-30B-A3B's expert shapes (gate_up 1536 x 2048, down 2048 x 768)
+for 8, 64 and 256 tokens, in bf16 and fp32: what the offloaded experts run (the grid's values made from the codes,
+then oneDNN's GEMM: `FrozenGrid.values` + `F.linear`) against torch's int4 CPU kernel on the packed codes
+(`torch._weight_int4pack_mm_for_cpu`, groups of 32), with the int4 kernel's largest difference from the exact
+product relative to its largest value.
 """
 
 import argparse
@@ -26,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("merged-float", "merged-grid", "separate-float", "separate-grid")
+VARIANTS = ("merged-float", "merged-grid", "separate-float", "separate-grid", "separate-offload")
 RECIPE = "int8-dynamic-act-int4-weight"
 
 
@@ -73,6 +86,8 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
     heap.map_large_allocations()  # as the `forge` entry point does
     torch.set_num_threads(args.threads)
     mode, base = variant.split("-")
+    offload = base == "offload"
+    base = "grid" if offload else base
     before = rss_bytes()
     reset_peak()
     if base == "grid":
@@ -86,6 +101,8 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
     if base == "grid":
         reader = model_layout_reader(SafetensorsReader.from_dir(model_dir), model)
         held = grid_base.install(model, list(coverage.linears), coverage.experts, source=reader)
+        if offload:
+            grid_base.offload_experts(model)
         grid_base.read_rest(model, reader)
         base_bytes = held.grid_bytes
     else:
@@ -107,8 +124,65 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     return {"base_bytes": base_bytes, "quantized_params": quantized_params, "load_peak": load_peak,
+            "device_bytes": device_bytes(model),
             "held": held_bytes, "step_peak": peak_rss_bytes() - before, "step_s": statistics.median(times[1:]),
             "losses": losses, "trainable": sum(p.numel() for p in trainable)}
+
+
+def device_bytes(model) -> int:
+    """The model's tensors an accelerator holds: all but the grids pinned to the host, a grid's placeholder
+    Parameter (one element, broadcast) at its one element."""
+    import torch
+
+    from forge_qat.qat.grid import FrozenGrid
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FrozenGrid) and module.on_host:
+            continue
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None:
+                stored = t.untyped_storage().nbytes() if t.numel() else 0
+                total += min(stored, t.numel() * t.element_size())
+    return total
+
+
+def kernels() -> None:
+    """The host's per-expert product: values + oneDNN (what runs) vs torch's int4 CPU kernel."""
+    import torch
+
+    from forge_qat.qat.fake_quant import AffineSpec
+    from forge_qat.qat.grid import FrozenGrid
+
+    def timed(fn, n=10):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    spec = AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32)
+    print("| shape (out x in) | dtype | tokens | values + oneDNN | int4 kernel on the codes | int4 / values | "
+          "int4 kernel's difference |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for out_f, in_f in ((1536, 2048), (2048, 768)):
+        w = torch.randn(out_f, in_f, generator=gen) * 0.02
+        grid = FrozenGrid.of(w, spec)
+        codes = grid.int_codes().to(torch.int32) + 8  # the kernel's unsigned codes, zero point 8
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        for dtype in (torch.bfloat16, torch.float32):
+            scales = grid.scale.view(out_f, -1).t().to(dtype)
+            scale_zeros = torch.stack([scales, torch.zeros_like(scales)], -1).contiguous()  # (groups, out, 2)
+            for tokens in (8, 64, 256):
+                x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+                exact = torch.nn.functional.linear(x, grid.values(dtype))
+                kernel = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros)
+                diff = ((kernel.float() - exact.float()).abs().max() / exact.float().abs().max()).item()
+                a = timed(lambda: torch.nn.functional.linear(x, grid.values(dtype)))
+                b = timed(lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros))
+                print(f"| {out_f} x {in_f} | {str(dtype).removeprefix('torch.')} | {tokens} | {a * 1e3:.2f} ms | "
+                      f"{b * 1e3:.2f} ms | {b / a:.2f}x | {diff:.1e} |")
 
 
 def main() -> None:
@@ -120,13 +194,21 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="timed steps per process, after one warm-up step")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernels", action="store_true", help="time the host's per-expert product kernels instead")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.kernels:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        kernels()
+        return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.model_dir, args)))
         return
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "model_dir")]
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("variant", "model_dir", "kernels")]
     with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp), args)
         results = {}
@@ -138,12 +220,13 @@ def main() -> None:
           f"batch {args.batch}x{args.seq}, rank {args.rank}, fp32, {args.threads} threads")
     for v, r in results.items():
         float_ref = results[f"{v.split('-')[0]}-float"]
+        device = f"; device tensors {r['device_bytes'] / 1e6:.0f} MB"
         bf16 = 2 * r["quantized_params"]
         print(f"  {v:15s} base {r['base_bytes'] / 1e6:7.0f} MB ({r['base_bytes'] / bf16:.2f}x bf16); load peak "
               f"{r['load_peak'] / 1e6:6.0f} MB, ready {r['held'] / 1e6:6.0f} MB, step peak "
               f"{r['step_peak'] / 1e6:6.0f} MB ({r['step_peak'] / float_ref['step_peak']:.2f}x float base); step "
               f"{r['step_s']:.2f} s ({r['step_s'] / float_ref['step_s']:.2f}x); losses "
-              f"{', '.join(f'{x:.4f}' for x in r['losses'])}")
+              f"{', '.join(f'{x:.4f}' for x in r['losses'])}{device}")
     print(json.dumps({"results": results, "args": {k: v for k, v in vars(args).items() if k != "model_dir"}},
                      default=str))
 

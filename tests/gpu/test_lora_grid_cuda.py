@@ -49,3 +49,36 @@ def test_separate_mode_on_the_grid_is_the_float_base_on_cuda_in_bf16_autocast():
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
     for name, grad in out[0][1].items():
         torch.testing.assert_close(out[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_offloaded_experts_on_the_host_train_as_the_experts_on_the_gpu():
+    """`--experts-offload host` with the rest on CUDA under bf16 autocast: the experts run on the CPU (oneDNN, CPU
+    autocast in bf16) and the loss and the adapters' gradients match the experts on the GPU to bf16 precision;
+    the GPU holds no expert grid, with and without gradient checkpointing."""
+    from forge_qat.qat.grid import FrozenGrid
+
+    ids = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(3)).cuda()
+    for checkpointing in (False, True):
+        out = []
+        for offload in (False, True):
+            model, _ = tiny_moe("qwen3_moe")
+            coverage = prepare_qat(model, get_recipe(RECIPE))
+            lora.install(model, lora.LoraConfig(lora_rank=4, lora_qat="separate"), list(coverage.linears),
+                         coverage.experts)
+            grid_base.install(model, list(coverage.linears), coverage.experts)
+            if offload:
+                grid_base.offload_experts(model)
+            grid_base.to_device(model, torch.device("cuda"))
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                result = model(ids, labels=ids)
+            result.loss.backward()
+            out.append((result.loss.detach().float(), {n: p.grad for n, p in lora.adapter_parameters(model).items()}))
+            grids = [m for n, m in model.named_modules() if isinstance(m, FrozenGrid) and ".experts." in n]
+            assert all(g.codes.device.type == ("cpu" if offload else "cuda") for g in grids)
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=2e-2, atol=0)
+        for name, grad in out[0][1].items():
+            assert out[1][1][name].device.type == "cuda"
+            torch.testing.assert_close(out[1][1][name], grad, rtol=5e-2, atol=5e-4, msg=name)
