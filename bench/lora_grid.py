@@ -132,8 +132,6 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace) -> dict
 def device_bytes(model) -> int:
     """The model's tensors an accelerator holds: all but the grids pinned to the host, a grid's placeholder
     Parameter (one element, broadcast) at its one element."""
-    import torch
-
     from forge_qat.qat.grid import FrozenGrid
 
     total = 0
@@ -179,8 +177,8 @@ def kernels() -> None:
                 exact = torch.nn.functional.linear(x, grid.values(dtype))
                 kernel = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros)
                 diff = ((kernel.float() - exact.float()).abs().max() / exact.float().abs().max()).item()
-                a = timed(lambda: torch.nn.functional.linear(x, grid.values(dtype)))
-                b = timed(lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros))
+                a = timed(lambda x=x, g=grid, d=dtype: torch.nn.functional.linear(x, g.values(d)))
+                b = timed(lambda x=x, p=packed, s=scale_zeros: torch._weight_int4pack_mm_for_cpu(x, p, 32, s))
                 print(f"| {out_f} x {in_f} | {str(dtype).removeprefix('torch.')} | {tokens} | {a * 1e3:.2f} ms | "
                       f"{b * 1e3:.2f} ms | {b / a:.2f}x | {diff:.1e} |")
 

@@ -90,7 +90,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.distill.check_with(self.qat)
-        self.distributed.check_with(self.qat)
+        self.distributed.check_with(self.qat, lora=self.lora.enabled)
         self.lora.check_with(self.qat, self.distill, self.distributed, preset=not Path(self.run.model).is_dir())
 
     @classmethod

@@ -285,7 +285,7 @@ def test_ds_config_contradictions_and_nproc_limits(tmp_path):
     ds_config(TrainConfig.from_flat(zero_stage=3, deepspeed_config=str(cfg_file)), "bf16", 2)  # both are fine
     with pytest.raises(ConfigError, match="exceeds"):
         check_nproc(10_000)
-    with pytest.raises(ConfigError, match="needs DeepSpeed"):
+    with pytest.raises(ConfigError, match="trains every weight under DeepSpeed"):
         TrainConfig.from_flat(nproc=2)
 
 
@@ -301,7 +301,7 @@ def test_the_reported_rank_is_the_cause_not_a_consequence():
 
 def test_process_group_maps_each_device_type_to_its_backend(monkeypatch):
     """One process group: NCCL for CUDA tensors, gloo for CPU tensors (forge's own sends, the loss mean)."""
-    from forge_qat.distributed.zero import process_group_backend
+    from forge_qat.distributed.collectives import process_group_backend
 
     assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(cuda=False) == "cpu:gloo"

@@ -96,8 +96,8 @@ def test_without_grad_the_offloaded_experts_compute_on_the_host_too(count_expert
 
 
 def test_the_offloaded_grids_stay_on_the_host_when_the_model_moves():
-    """What `.to(device)` and forge's own move (`grid_base.to_device`'s buffers) do to a model whose experts are offloaded:
-    everything moves but the experts' grids (the meta device stands in for an accelerator here)."""
+    """What `.to(device)` and forge's own move (`grid_base.to_device`'s buffers) do to a model whose experts are
+    offloaded: everything moves but the experts' grids (the meta device stands in for an accelerator here)."""
     model, report = _model("qwen3_moe", "attention,experts", offload=True)
     dense = next(m for name, m in model.named_modules() if isinstance(m, FrozenGrid) and ".experts." not in name)
     grid_base.move_buffers(model, torch.device("meta"))

@@ -10,6 +10,8 @@ FORGE_TEST_BLIND_RANK=RANK makes that rank unable to see the run directory, as o
 share the file system.
 FORGE_TEST_COUNT_READS=DIR records every read of a safetensors file, as "key start count bytes" lines in
 DIR/rank-N.txt (what each rank read of the checkpoint).
+FORGE_TEST_HOST_EXPERTS=DIR writes, when training ends, what the rank holds of the offloaded experts into
+DIR/rank-N.json: the grids' bytes, and its memory in the shared file (`host_store.mapped_bytes`).
 """
 
 import os
@@ -63,6 +65,23 @@ if os.environ.get("FORGE_TEST_SKEW_ROUTER") and int(os.environ["RANK"]) == int(o
         return logits, scores, chosen
 
     modeling_qwen3_moe.Qwen3MoeTopKRouter.forward = skewed
+
+if os.environ.get("FORGE_TEST_HOST_EXPERTS"):
+    import json
+    from pathlib import Path
+
+    from forge_qat.qat import host_experts, host_store
+    from forge_qat.train import trainer
+
+    real_finish = trainer.Trainer.finish
+
+    def recorded(self):
+        held = {"host_bytes": host_experts.host_bytes(self.models.student), **host_store.mapped_bytes()}
+        out = Path(os.environ["FORGE_TEST_HOST_EXPERTS"]) / f"rank-{os.environ['RANK']}.json"
+        out.write_text(json.dumps(held))
+        return real_finish(self)
+
+    trainer.Trainer.finish = recorded
 
 if os.environ.get("FORGE_TEST_LOAD_ONLY"):
     import json

@@ -15,7 +15,8 @@ from forge_qat.errors import ConfigError, InputError
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    nproc: int = option(1, "Processes to launch on this machine (each a rank); >1 needs --zero-stage.")
+    nproc: int = option(1, "Processes to launch on this machine (each a rank); >1 needs --zero-stage, or a LoRA "
+                           "run (--lora-rank), which then runs data parallel without DeepSpeed.")
     zero_stage: int = option(0, "DeepSpeed ZeRO stage (0: no DeepSpeed, 1, 2 or 3).")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON to use instead of the generated one.")
     dist_timeout_s: int = option(300, "Collective timeout: a hung or dead rank fails the job after this.")
@@ -29,8 +30,6 @@ class DistributedConfig:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.nproc < 1 or self.dist_timeout_s < 1:
             raise ConfigError("nproc and dist_timeout_s must be at least 1")
-        if self.nproc > 1 and not self.uses_deepspeed:
-            raise ConfigError(f"--nproc {self.nproc} needs DeepSpeed: add --zero-stage 3 (or --deepspeed-config)")
         if self.expert_parallel < 1:
             raise ConfigError(f"--expert-parallel must be at least 1, got {self.expert_parallel}")
         if self.expert_parallel > 1:
@@ -40,8 +39,13 @@ class DistributedConfig:
             if self.nproc > 1 and self.nproc % self.expert_parallel:
                 raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide --nproc {self.nproc}")
 
-    def check_with(self, qat) -> None:
-        """What expert parallelism does not cover yet, refused before any work (issue 31 lists them)."""
+    def check_with(self, qat, lora: bool) -> None:
+        """Several ranks without DeepSpeed only for LoRA runs (data parallel); what expert parallelism does not cover
+        yet, refused before any work (issue 31 lists them)."""
+        if self.nproc > 1 and not self.uses_deepspeed and not lora:
+            raise ConfigError(f"--nproc {self.nproc} trains every weight under DeepSpeed: add --zero-stage 3 (or "
+                              f"--deepspeed-config), or train LoRA adapters (--lora-rank R), which runs data "
+                              f"parallel without it")
         if self.expert_parallel == 1:
             return
         missing = [(qat.qat_learn_scales and qat.fake_quant_after_steps > 0,
@@ -56,6 +60,16 @@ class DistributedConfig:
     @property
     def uses_deepspeed(self) -> bool:
         return bool(self.zero_stage or self.deepspeed_config)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Several ranks without DeepSpeed: a LoRA run on `forge_qat.train.data_parallel` (checked by `check_with`)."""
+        return self.nproc > 1 and not self.uses_deepspeed
+
+    @property
+    def launches(self) -> bool:
+        """Whether `forge train` starts ranks through the launcher (DeepSpeed runs always do, even of one rank)."""
+        return self.uses_deepspeed or self.nproc > 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

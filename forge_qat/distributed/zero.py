@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from forge_qat import hardware
-from forge_qat.distributed import expert_parallel, use_cpu_accelerator_without_cuda
+from forge_qat.distributed import collectives, expert_parallel, use_cpu_accelerator_without_cuda
 from forge_qat.distributed.autoep_compat import accept_deepspeed_registry_keys
 from forge_qat.distributed.config import Batching, DistributedConfig, ds_config
 from forge_qat.errors import InputError
@@ -44,23 +44,14 @@ DS_STATE = "deepspeed"
 DS_TAG = "state"
 
 
-def process_group_backend(cuda: bool) -> str:
-    """One process group, a backend per device type: NCCL for CUDA tensors (the training collectives
-    DeepSpeed issues), gloo for CPU tensors. NCCL alone has no CPU path ("no backend for device type
-    cpu"), and forge's own collectives (the streamed load's sends, the loss mean, object broadcasts)
-    must work whichever device a tensor is on. On CPU-only machines the mapping names gloo alone."""
-    return "cpu:gloo,cuda:nccl" if cuda else "cpu:gloo"
-
-
 def init_process_group(timeout_s: int) -> tuple[int, int]:
     """Join the job described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
     cuda = hardware.cuda_available()
-    if cuda:  # before the process group: NCCL binds each rank to its device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    collectives.bind_device()
     if not dist.is_initialized():
         # DeepSpeed print()s a line per rank when it builds its CPU shared-memory op: nothing a user acts on
         with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(dist_backend=process_group_backend(cuda),
+            deepspeed.init_distributed(dist_backend=collectives.process_group_backend(cuda),
                                        timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
@@ -83,12 +74,6 @@ class PartitionedInit(deepspeed.zero.Init):
         param.partition()
 
 
-def close_process_group() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _import_architecture(config) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -96,12 +81,6 @@ def _import_architecture(config) -> None:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lazy mapping imports the modeling module
     except KeyError:
         raise InputError(f"transformers has no causal LM class for model type {config.model_type!r}") from None
-
-
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 TRANSFER_CHUNK_BYTES = 4 * 1024**2
@@ -172,7 +151,7 @@ def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, ran
                 problem = (f"the checkpoint does not match the model: missing {missing[:8]}"
                            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                            + (f", wrong shape {wrong[:4]}" if wrong else ""))
-    problem = _broadcast(problem)
+    problem = collectives.broadcast(problem)
     if problem:
         raise InputError(problem)
     world = dist.get_world_size()
@@ -192,10 +171,12 @@ class ZeroEngine:
     """`forge_qat.train.engine.Engine` for DeepSpeed ZeRO (stage 3 partitions parameters too)."""
 
     state_includes_weights = True
+    replicated = False
 
     def __init__(self, dist_cfg: DistributedConfig, batching: Batching):
         self.rank, self.world_size = init_process_group(dist_cfg.dist_timeout_s)
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.ranks_on_machine = collectives.local_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if hardware.cuda_available() \
             else torch.device("cpu")
         self.ds_config = ds_config(dist_cfg, batching, self.world_size)
@@ -332,10 +313,7 @@ class ZeroEngine:
         self.engine.step()  # counts micro-batches; steps the optimizer and scheduler at accumulation boundaries
 
     def mean(self, values: torch.Tensor) -> list[float]:
-        # On the values' own device: NCCL for a CUDA tensor, gloo for a CPU one (see init_process_group).
-        total = values.detach().to(torch.float64 if values.device.type == "cpu" else torch.float32)
-        dist.all_reduce(total)
-        return (total / self.world_size).tolist()
+        return collectives.mean(values)
 
     @contextlib.contextmanager
     def full_tensor(self, p: torch.nn.Parameter) -> Iterator[torch.Tensor]:
@@ -384,15 +362,13 @@ class ZeroEngine:
         return client
 
     def barrier(self) -> None:
-        dist.barrier()
+        collectives.barrier()
 
     def broadcast(self, obj: Any) -> Any:
-        return _broadcast(obj)
+        return collectives.broadcast(obj)
 
     def all_gather(self, obj: Any) -> list[Any]:
-        seen = [None] * self.world_size
-        dist.all_gather_object(seen, obj)
-        return seen
+        return collectives.all_gather(obj)
 
     def close(self) -> None:
         """Leave the job together and tear the process group down: exiting with gloo's (or DeepSpeed's
@@ -403,7 +379,7 @@ class ZeroEngine:
         Then `torch.nn.functional.linear` is DeepSpeed's again: zero.Init replaced it with ZeRO-3's wrapper for the
         process ("this will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py), whose
         `weight.t()` torchao's quantized tensors lack, and rank 0 may finalize in this process next."""
-        close_process_group()
+        collectives.close()
         from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
 
         original = getattr(ZeroInit, "linear_bk", None)

@@ -32,7 +32,7 @@ class LoraConfig:
     lora_base_grid: bool | None = option(
         None, "Hold the frozen base's quantized linear layers as the recipe's codes and scales (int4: ~0.3x of "
               "bf16), not in float; merged mode then trains q(G + s*BA) against G's scales. Default: on where "
-              "exact (--lora-qat separate, no learned scales, one process, a model directory).",
+              "exact (--lora-qat separate, no learned scales, no DeepSpeed, a model directory).",
         resume_fixed=True)
     experts_offload: Literal["none", "host"] = option(
         "none", "host: hold the frozen expert stacks in host memory, in their grid, and compute them there (CPU "
@@ -112,7 +112,8 @@ def grid_obstacle(qat, distill, distributed, preset: bool) -> str | None:
     if distill.enabled and distill.kd_teacher == "self":
         return "--kd-teacher self runs the float base as the teacher, which the grid does not keep"
     if distributed.uses_deepspeed:
-        return "not under DeepSpeed yet (ZeRO-3 partitions the float base); train on one process"
+        return ("not under DeepSpeed yet (ZeRO-3 partitions the float base); train on one process, or data "
+                "parallel (--nproc N without --zero-stage)")
     if preset:
         return "checkpoints link the base's weight files from the model directory: a preset has none"
     return None

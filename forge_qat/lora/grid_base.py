@@ -30,6 +30,7 @@ Called by `forge_qat.train.model_setup` (install), `forge_qat.lora.adapters` (th
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from forge_qat.errors import ConfigError, InputError
 from forge_qat.formats.weights import TensorReader, tied_aliases
 from forge_qat.lora.config import ADAPTER_ATTR
 from forge_qat.qat import experts as experts_mod
-from forge_qat.qat import host_experts
+from forge_qat.qat import host_experts, host_store
 from forge_qat.qat.fake_quant import SCALE_SUFFIX, AffineSpec, IntegerGridFakeQuantizedLinear, consumer_dtype
 from forge_qat.qat.grid import GRID_ATTR, FrozenGrid, grid_matmul, grid_of, gridable
 
@@ -202,21 +203,28 @@ def install(model: torch.nn.Module, linears: list[str], stacks: dict[str, list[s
         report.grid_bytes += grid.nbytes()
         report.float_bytes += weight.numel() * weight.element_size()
         report.float_dtype = str(weight.dtype).removeprefix("torch.")
-        if stack is None:
-            setattr(owner, GRID_ATTR, grid)
-        else:
-            if GRID_ATTR not in owner._modules:
-                setattr(owner, GRID_ATTR, torch.nn.ModuleDict())
-            owner._modules[GRID_ATTR][stack] = grid
-        if not keep_weights:
-            weight.data = torch.full((), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-        if stack is None and ADAPTER_ATTR not in owner._modules:  # a layer without adapters computes on its grid
-            cls = type(owner)
-            if cls not in _GRID_CLASSES:
-                _GRID_CLASSES[cls] = type(f"Grid{cls.__name__}", (GridLinear, cls), {})
-                _ORIGINAL_CLASSES[_GRID_CLASSES[cls]] = cls
-            owner.__class__ = _GRID_CLASSES[cls]
+        _hold(owner, stack, weight, grid, keep_weights)
     return report
+
+
+def _hold(owner: torch.nn.Module, stack: str | None, weight: torch.nn.Parameter, grid: FrozenGrid,
+          keep_weights: bool) -> None:
+    """Make `grid` the weight of `owner` (a linear layer; of an experts module, its stack `stack`); its Parameter
+    keeps a placeholder unless `keep_weights`."""
+    if stack is None:
+        setattr(owner, GRID_ATTR, grid)
+    else:
+        if GRID_ATTR not in owner._modules:
+            setattr(owner, GRID_ATTR, torch.nn.ModuleDict())
+        owner._modules[GRID_ATTR][stack] = grid
+    if not keep_weights:
+        weight.data = torch.full((), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+    if stack is None and ADAPTER_ATTR not in owner._modules:  # a layer without adapters computes on its grid
+        cls = type(owner)
+        if cls not in _GRID_CLASSES:
+            _GRID_CLASSES[cls] = type(f"Grid{cls.__name__}", (GridLinear, cls), {})
+            _ORIGINAL_CLASSES[_GRID_CLASSES[cls]] = cls
+        owner.__class__ = _GRID_CLASSES[cls]
 
 
 @dataclass
@@ -227,30 +235,84 @@ class Offloaded:
     stacks: int
     params: int
     host_bytes: int
+    shared_by: int = 1
+    """Ranks of this machine mapping the one copy (`share_experts`)."""
 
     def describe(self, device: torch.device) -> str:
         where = ("the host is this run's device too: nothing moves" if device.type == host_experts.HOST.type
                  else f"{device} holds the rest")
+        once = f", one copy shared by this machine's {self.shared_by} ranks" if self.shared_by > 1 else ""
         return (f"experts offload: {self.stacks} expert stacks in {self.modules} MoE layers ({self.params:,} frozen "
-                f"parameters, {self.host_bytes / 1e6:,.1f} MB in their grid) held and computed in host memory; "
-                f"{where}")
+                f"parameters, {self.host_bytes / 1e6:,.1f} MB in their grid) held and computed in host memory"
+                f"{once}; {where}")
 
 
 def offload_experts(model: torch.nn.Module) -> Offloaded:
     """`--experts-offload host`: pin the grids of every experts module whose stacks `install` holds in them to the
     host, where their forward then runs (`forge_qat.qat.host_experts`). Raises ConfigError where none is held: the
     flag would do nothing."""
-    report = Offloaded(0, 0, 0, 0)
     for module in model.modules():
         grids = module._modules.get(GRID_ATTR)
         if experts_mod.is_experts(module) and isinstance(grids, torch.nn.ModuleDict) and len(grids):
-            report.host_bytes += host_experts.pin(module)
-            report.modules += 1
-            report.stacks += len(grids)
-            report.params += sum(math.prod(g.shape) for g in grids.values())
+            host_experts.pin(module)
+    report = _offload_report(model)
     if not report.modules:
         raise ConfigError("--experts-offload host: this model has no expert stacks held in their grid to offload "
                           "(a dense model, or a recipe that leaves its experts in float)")
+    return report
+
+
+def _offload_report(model: torch.nn.Module) -> Offloaded:
+    report = Offloaded(0, 0, 0, 0)
+    for module in model.modules():
+        if host_experts.offloaded(module):
+            grids = module._modules[GRID_ATTR]
+            report.modules += 1
+            report.stacks += len(grids)
+            report.params += sum(math.prod(g.shape) for g in grids.values())
+            report.host_bytes += sum(g.nbytes() for g in grids.values())
+    return report
+
+
+def _offloaded_grids(model: torch.nn.Module) -> dict[str, FrozenGrid]:
+    return {f"{name}.{stack}": grid for name, module in model.named_modules() if host_experts.offloaded(module)
+            for stack, grid in module._modules[GRID_ATTR].items()}
+
+
+def share_experts(model: torch.nn.Module, stacks: dict[str, list[str]], ranks) -> Offloaded:
+    """`--experts-offload host` under several ranks: one copy of the experts' grids per machine (`forge_qat.qat.
+    host_store`). `ranks`: the engine (`rank`, `local_rank`, `ranks_on_machine`, `broadcast`, `barrier`). A machine's
+    local rank 0 has made and offloaded the grids (`install`, `offload_experts`) and publishes them; the others,
+    whose `install` left the `stacks` out (their Parameters allocated, never read), attach views of them."""
+    leader = ranks.local_rank == 0
+    path = Path(ranks.broadcast(str(host_store.new_path()) if ranks.rank == 0 else None))
+    slots = None
+    if leader:
+        host_store.remove_stale()
+        grids = _offloaded_grids(model)
+        tensors = {f"{key}.{part}": getattr(grid, part) for key, grid in grids.items() for part in ("codes", "scale")}
+        slots, views = host_store.publish(tensors, path)
+        del tensors
+        for key, grid in grids.items():
+            grid.codes, grid.scale = views[f"{key}.codes"], views[f"{key}.scale"]
+        heap.release_free_memory()
+    slots = ranks.broadcast(slots if ranks.rank == 0 else None)  # the layout is the same on every machine
+    ranks.barrier()  # every machine's file is written
+    if not leader:
+        views = host_store.attach(path, slots)
+        for name, names in stacks.items():
+            module = model.get_submodule(name)
+            for stack in names:
+                weight = getattr(module, stack)
+                spec = getattr(module, experts_mod.FAKE_QUANT_ATTR)[stack].weight_fake_quantizer.spec
+                key = f"{name}.{stack}"
+                _hold(module, stack, weight, FrozenGrid(views[f"{key}.codes"], views[f"{key}.scale"], spec,
+                                                        tuple(weight.shape), weight.dtype), keep_weights=False)
+    report = offload_experts(model) if not leader else _offload_report(model)
+    ranks.barrier()  # every rank has mapped it: the name can go, the memory stays until the last one exits
+    if leader:
+        path.unlink(missing_ok=True)
+    report.shared_by = ranks.ranks_on_machine
     return report
 
 

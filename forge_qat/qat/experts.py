@@ -28,13 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from forge_qat.errors import ConfigError
 from forge_qat.formats.weights import true_shape
+from forge_qat.qat import host_experts
 from forge_qat.qat.fake_quant import (
     AffineFakeQuantizer,
     LearnedScaleFakeQuantizer,
     consumer_dtype,
     integer_grid_linear,
 )
-from forge_qat.qat import host_experts
 from forge_qat.qat.grid import GRID_ATTR, grid_matmul, stack_grid
 
 

@@ -127,7 +127,7 @@ def run(module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor
             return _back(module.__dict__[_OUTPUT_ATTR], device)
         return _HostExperts.apply(module, tuple(names), frozen, hidden, top_k_index, top_k_weights, *trained)
     with _autocast_like(device):
-        tensors = {**frozen, **{n: p.detach().to(HOST) for n, p in zip(names, trained)}}
+        tensors = {**frozen, **{n: p.detach().to(HOST) for n, p in zip(names, trained, strict=True)}}
         out = _call(module, tensors, hidden.to(HOST), top_k_index.to(HOST), top_k_weights.to(HOST))
     return _back(out, device)
 
@@ -148,7 +148,7 @@ class _HostExperts(torch.autograd.Function):
             h = hidden.detach().to(HOST).requires_grad_(hidden.requires_grad)
             w = top_k_weights.detach().to(HOST).requires_grad_(top_k_weights.requires_grad)
             leaves = [p.detach().to(HOST).requires_grad_() for p in trained]
-            out = _call(module, {**frozen, **dict(zip(names, leaves))}, h, top_k_index.to(HOST), w)
+            out = _call(module, {**frozen, **dict(zip(names, leaves, strict=True))}, h, top_k_index.to(HOST), w)
         ctx.graph = (out, h, w, leaves)
         ctx.devices = (device, top_k_weights.device, [p.device for p in trained])
         module.__dict__[_OUTPUT_ATTR] = out.detach()
@@ -165,7 +165,7 @@ class _HostExperts(torch.autograd.Function):
         grads = [next(found) if t.requires_grad else None for t in (h, w, *leaves)]
         hidden_device, weights_device, trained_devices = ctx.devices
         devices = [hidden_device, weights_device, *trained_devices]
-        grads = [None if g is None else g.to(d) for g, d in zip(grads, devices)]
+        grads = [None if g is None else g.to(d) for g, d in zip(grads, devices, strict=True)]
         return (None, None, None, grads[0], None, grads[1], *grads[2:])
 
 

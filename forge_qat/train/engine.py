@@ -22,11 +22,16 @@ class Engine(Protocol):
     local_rank: int
     """The rank's index on its machine: local rank 0 tokenizes the data for the machine."""
     world_size: int
+    ranks_on_machine: int
+    """The ranks on this rank's machine (what `--experts-offload host` shares one copy of the experts among)."""
     device: torch.device
     param_dtype: torch.dtype
     """The dtype `materialize` gives weights (under DeepSpeed mixed precision, bf16/fp16; autocast runs keep
     fp32 weights)."""
     state_includes_weights: bool
+    replicated: bool
+    """Whether every rank holds (and reads) the whole model, as one process does; else ranks hold partitions that
+    rank 0 reads for them."""
     """Whether `save_state` / `load_state` carry the model weights too (else the checkpoint's HF files do)."""
 
     def materialize(self, source: ModelSource) -> torch.nn.Module:

@@ -1,5 +1,5 @@
-"""How `forge train` starts: in this process, or, for a DeepSpeed run not already inside a launcher, as N ranks
-through the distributed launcher, each entering `rank_main` here.
+"""How `forge train` starts: in this process, or, for a DeepSpeed or multi-rank run not already inside a launcher,
+as N ranks through the distributed launcher, each entering `rank_main` here.
 
 Called by the CLI (`train_or_launch`) and, in each launched rank, by `forge_qat.distributed.worker`.
 """
@@ -25,8 +25,9 @@ def launch_training(cfg: TrainConfig, worker: list[str] | None = None) -> None:
 
 
 def train_or_launch(cfg: TrainConfig, observer: TrainObserver | None = None) -> TrainResult | None:
-    """Train here, or launch the ranks a DeepSpeed run needs (None: the ranks ran, rank 0 reported)."""
-    if cfg.distributed.uses_deepspeed:
+    """Train here, or launch the ranks a DeepSpeed or data-parallel run needs (None: the ranks ran, rank 0
+    reported)."""
+    if cfg.distributed.launches:
         from forge_qat.distributed.launch import launched_by_a_launcher
 
         if not launched_by_a_launcher():

@@ -18,9 +18,10 @@ from forge_qat.models import ModelSource, load_model
 class LocalEngine:
     """Plain PyTorch on one device; autocast for mixed precision."""
 
-    rank, local_rank, world_size = 0, 0, 1
+    rank, local_rank, world_size, ranks_on_machine = 0, 0, 1, 1
     param_dtype = torch.float32
     state_includes_weights = False
+    replicated = True
 
     def __init__(self, device: torch.device, precision: str, grad_accum: int, max_grad_norm: float):
         self.device, self.precision = device, precision

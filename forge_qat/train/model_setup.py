@@ -50,7 +50,7 @@ class TrainingModels:
 
 def build_models(engine: Engine, cfg: TrainConfig) -> TrainingModels:
     """Materialize, prepare and (for mixed-precision weights) guard the models a run trains with (collective)."""
-    source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.rank == 0)
+    source = open_model_source(cfg.run.model, cfg.run.seed, reads=engine.replicated or engine.rank == 0)
     grid_reader = None
     if cfg.lora.lora_base_grid:
         # the frozen base goes from the model directory straight into its grid, one weight at a time: no float copy
@@ -99,7 +99,7 @@ def prepare_student(model: torch.nn.Module, cfg: TrainConfig, recipe: Recipe | N
         n = prepare_float8_training(model, cfg.qat.fp8_recipe)
         log.info("float8 training (%s) on %d linear layers", cfg.qat.fp8_recipe, n)
     if cfg.lora.enabled:
-        _install_lora(model, cfg, coverage, grid_reader, engine.device)
+        _install_lora(model, cfg, coverage, grid_reader, engine)
     if engine.param_dtype != torch.float32:
         _hold_trained_in(model, engine.param_dtype)
     if cfg.optim.freeze_embeddings:
@@ -137,7 +137,7 @@ def _hold_trained_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage | None,
-                  grid_reader: TensorReader | None, device: torch.device) -> None:
+                  grid_reader: TensorReader | None, engine: Engine) -> None:
     """Adapters on the layers the recipe quantizes (a float run: the layers the default recipe would), the
     rest of the model frozen."""
     basis = coverage or plan(model, get_recipe(DEFAULT_RECIPE))
@@ -148,7 +148,11 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                     len(basis.experts))
     log.info("%s", lora.install(model, cfg.lora, list(basis.linears), stacks, seed=cfg.run.seed).describe())
     if cfg.lora.lora_base_grid:
-        held = grid_base.install(model, list(basis.linears), stacks, source=grid_reader)
+        offload = cfg.lora.experts_offload == "host"
+        shared = offload and engine.ranks_on_machine > 1
+        # with one copy of the experts per machine, only its first rank reads them (`share_experts`)
+        held = grid_base.install(model, list(basis.linears), stacks if not shared or engine.local_rank == 0 else {},
+                                 source=grid_reader)
         (log.info if held.layers or held.stacks else log.warning)("%s", held.describe())
         if cfg.lora.lora_qat == "merged":
             log.warning("--lora-base-grid with --lora-qat merged trains q(G + s*BA) against the grid's fixed scales: "
@@ -156,11 +160,14 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                         "SmolLM2-135M, 40 steps moved none: the artifact was PTQ of the starting model; "
                         "docs/benchmarks.md); separate mode computes the same numerics on the grid as on the float "
                         "base")
-        if cfg.lora.experts_offload == "host":
-            log.info("%s", grid_base.offload_experts(model).describe(device))
+        if offload:
+            report = grid_base.offload_experts(model) if not shared or engine.local_rank == 0 else None
+            if shared:
+                report = grid_base.share_experts(model, stacks, engine)
+            log.info("%s", report.describe(engine.device))
         if grid_reader is not None:
             grid_base.read_rest(model, grid_reader)
-            grid_base.to_device(model, device)
+            grid_base.to_device(model, engine.device)
 
 
 def cast_inputs_to_weight_dtype(model: torch.nn.Module) -> None:

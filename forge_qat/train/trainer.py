@@ -76,6 +76,11 @@ class TrainResult:
 
 
 def make_engine(cfg: TrainConfig, placement: Placement) -> Engine:
+    if cfg.distributed.data_parallel:
+        from forge_qat.train.data_parallel import DataParallelEngine
+
+        return DataParallelEngine(cfg.distributed.dist_timeout_s, placement.precision, cfg.optim.grad_accum,
+                                  cfg.optim.max_grad_norm)
     if not cfg.distributed.uses_deepspeed:
         return LocalEngine(placement.device, placement.precision, cfg.optim.grad_accum, cfg.optim.max_grad_norm)
     from forge_qat.distributed.config import Batching
