@@ -76,3 +76,19 @@ def mean(values: torch.Tensor) -> list[float]:
 def barrier() -> None:
     dist.barrier()
 
+
+
+class RankCollectives:
+    """The engine protocol's collectives over torch's process group: a base of both multi-rank engines."""
+
+    def barrier(self) -> None:
+        barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast(obj)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return all_gather(obj)
+
+    def mean(self, values: torch.Tensor) -> list[float]:
+        return mean(values)

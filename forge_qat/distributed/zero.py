@@ -167,7 +167,7 @@ def stream_load_weights(model: torch.nn.Module, source: TensorReader | None, ran
 
 # ---- the engine ----------------------------------------------------------------------------------
 
-class ZeroEngine:
+class ZeroEngine(collectives.RankCollectives):
     """`forge_qat.train.engine.Engine` for DeepSpeed ZeRO (stage 3 partitions parameters too)."""
 
     state_includes_weights = True
@@ -312,9 +312,6 @@ class ZeroEngine:
     def step(self) -> None:
         self.engine.step()  # counts micro-batches; steps the optimizer and scheduler at accumulation boundaries
 
-    def mean(self, values: torch.Tensor) -> list[float]:
-        return collectives.mean(values)
-
     @contextlib.contextmanager
     def full_tensor(self, p: torch.nn.Parameter) -> Iterator[torch.Tensor]:
         """Its fp32 master where there is one (bf16/fp16 runs keep the module weights in 16 bits; the masters
@@ -360,15 +357,6 @@ class ZeroEngine:
         if client is None:
             raise InputError(f"--resume: DeepSpeed could not load {state_dir}")
         return client
-
-    def barrier(self) -> None:
-        collectives.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        return collectives.broadcast(obj)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        return collectives.all_gather(obj)
 
     def close(self) -> None:
         """Leave the job together and tear the process group down: exiting with gloo's (or DeepSpeed's

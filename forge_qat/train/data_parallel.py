@@ -28,7 +28,7 @@ from forge_qat.distributed import collectives
 from forge_qat.train.local import LocalEngine
 
 
-class DataParallelEngine(LocalEngine):
+class DataParallelEngine(collectives.RankCollectives, LocalEngine):
     """LocalEngine on every rank, the adapters' gradients averaged by DDP."""
 
     def __init__(self, timeout_s: int, precision: str, grad_accum: int, max_grad_norm: float):
@@ -55,21 +55,9 @@ class DataParallelEngine(LocalEngine):
         super().step()
         self._sync_on_last_micro_batch()
 
-    def mean(self, values: torch.Tensor) -> list[float]:
-        return collectives.mean(values)
-
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         if self.rank == 0:  # the optimizer and schedule are the same on every rank
             super().save_state(directory, client_state)
-
-    def barrier(self) -> None:
-        collectives.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        return collectives.broadcast(obj)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        return collectives.all_gather(obj)
 
     def close(self) -> None:
         collectives.close()
