@@ -23,11 +23,11 @@ one warm-up step).
     python bench/lora_grid.py                    # 2 layers, 32 experts, batch 1x128, rank 16, 2 steps
     python bench/lora_grid.py --kernels          # the host's per-expert product: oneDNN on values vs int4 kernel
 
-`--kernels` times one expert's product at Qwen3-30B-A3B's expert shapes (gate_up 1536 x 2048, down 2048 x 768)
-for 8, 64 and 256 tokens, in bf16 and fp32: what the offloaded experts run (the grid's values made from the codes,
-then oneDNN's GEMM: `FrozenGrid.values` + `F.linear`) against torch's int4 CPU kernel on the packed codes
-(`torch._weight_int4pack_mm_for_cpu`, groups of 32), with the int4 kernel's largest difference from the exact
-product relative to its largest value.
+`--kernels` times (median of 15, the two alternating) one expert's product at Qwen3-30B-A3B's expert shapes
+(gate_up 1536 x 2048, down 2048 x 768) for 8, 64 and 256 tokens, in bf16 and fp32: what the offloaded experts run
+(the grid's values made from the codes, then oneDNN's GEMM: `FrozenGrid.values` + `F.linear`) against torch's int4
+CPU kernel on the packed codes (`torch._weight_int4pack_mm_for_cpu`, groups of 32), with the int4 kernel's largest
+difference from the exact product relative to its largest value.
 """
 
 import argparse
@@ -152,12 +152,16 @@ def kernels() -> None:
     from forge_qat.qat.fake_quant import AffineSpec
     from forge_qat.qat.grid import FrozenGrid
 
-    def timed(fn, n=10):
-        fn()
-        t0 = time.perf_counter()
+    def timed(a, b, n=15):
+        """Median seconds of `a` and of `b`, run alternately (the machine's load changes under both alike)."""
+        a(), b()
+        times = ([], [])
         for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
+            for fn, out in zip((a, b), times, strict=True):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        return tuple(statistics.median(t) for t in times)
 
     spec = AffineSpec(bits=4, granularity="per_group", symmetric=True, group_size=32)
     print("| shape (out x in) | dtype | tokens | values + oneDNN | int4 kernel on the codes | int4 / values | "
@@ -177,8 +181,8 @@ def kernels() -> None:
                 exact = torch.nn.functional.linear(x, grid.values(dtype))
                 kernel = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zeros)
                 diff = ((kernel.float() - exact.float()).abs().max() / exact.float().abs().max()).item()
-                a = timed(lambda x=x, g=grid, d=dtype: torch.nn.functional.linear(x, g.values(d)))
-                b = timed(lambda x=x, p=packed, s=scale_zeros: torch._weight_int4pack_mm_for_cpu(x, p, 32, s))
+                a, b = timed(lambda x=x, g=grid, d=dtype: torch.nn.functional.linear(x, g.values(d)),
+                             lambda x=x, p=packed, s=scale_zeros: torch._weight_int4pack_mm_for_cpu(x, p, 32, s))
                 print(f"| {out_f} x {in_f} | {str(dtype).removeprefix('torch.')} | {tokens} | {a * 1e3:.2f} ms | "
                       f"{b * 1e3:.2f} ms | {b / a:.2f}x | {diff:.1e} |")
 
