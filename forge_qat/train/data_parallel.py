@@ -8,7 +8,8 @@ percent of the model, and the frozen base in its grid is 0.28x of bf16 (the grid
 partitions are float Parameters). With `--experts-offload host` the ranks of a machine share one host copy of the
 experts (`forge_qat.lora.grid_base.share_experts`). Full training of every weight keeps ZeRO (`--zero-stage`).
 
-DDP is told to synchronise only the adapters: the frozen weights, the grids (buffers) and their placeholders are the
+DDP is told to synchronise only the adapters (every other parameter and buffer is on its ignore list, so neither
+its start nor a forward broadcasts them): the frozen weights, the grids (buffers) and their placeholders are the
 same on every rank by construction (each rank reads the same model directory; the adapters are drawn from
 per-layer seeds), and broadcasting them would write the grids' placeholders out at full size. Gradient
 accumulation skips the all-reduce on all but the last micro-batch of a step (`require_backward_grad_sync`, what
@@ -44,7 +45,7 @@ class DataParallelEngine(collectives.RankCollectives, LocalEngine):
         fixed += [name for name, _ in model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
         devices = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=devices, broadcast_buffers=False)
+        self.ddp = DistributedDataParallel(model, device_ids=devices, forward_sync_buffers=False)
         self._sync_on_last_micro_batch()
         return self.ddp
 
