@@ -34,15 +34,35 @@ def _adapters(run_dir):
     return {**load_file(folder / PEFT_WEIGHTS), **load_file(folder / EXPERT_WEIGHTS)}
 
 
-def test_lora_data_parallel_with_shared_host_experts_matches_one_process(tmp_path, text_file, monkeypatch):
-    save_tiny_moe(tmp_path / "model", "qwen3_moe", "per-expert")
-    args = dict(model=str(tmp_path / "model"), qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
-                lora_qat="separate", experts_offload="host", max_steps=3, save_every=2, grad_accum=2)
-    monkeypatch.setenv("FORGE_TEST_HOST_EXPERTS", str(tmp_path))
-    cfg = TrainConfig.from_flat(**micro_train_args(tmp_path / "dp", text_file, nproc=2, dist_timeout_s=60, **args))
+def _args(root: Path, **extra) -> dict:
+    return dict(model=str(root / "model"), qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4, lora_qat="separate",
+                experts_offload="host", max_steps=3, save_every=2, grad_accum=2, **extra)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A tiny Qwen3-MoE, and a 3-step LoRA run on 2 ranks with the grid base and the experts offloaded (shared),
+    checkpoints at steps 2 and 3; each rank's memory in the shared file in rank-N.json."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("dp")
+    save_tiny_moe(root / "model", "qwen3_moe", "per-expert")
+    (root / "train.txt").write_text(topics["if"] + topics["while"] + topics["for"])
+    cfg = TrainConfig.from_flat(**micro_train_args(root / "dp", root / "train.txt", nproc=2, dist_timeout_s=60,
+                                                   **_args(root)))
     assert cfg.distributed.data_parallel and cfg.lora.lora_base_grid  # the grid: on by default without DeepSpeed
-    launch_training(cfg, worker=WORKER)
-    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", text_file, batch_size=4, **args)))
+    os.environ["FORGE_TEST_HOST_EXPERTS"] = str(root)
+    try:
+        launch_training(cfg, worker=WORKER)
+    finally:
+        del os.environ["FORGE_TEST_HOST_EXPERTS"]
+    return root
+
+
+def test_lora_data_parallel_with_shared_host_experts_matches_one_process(dp_run):
+    tmp_path = dp_run
+    run_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "one", tmp_path / "train.txt", batch_size=4,
+                                                          **_args(tmp_path))))
     for a, b in zip(_metrics(tmp_path / "dp"), _metrics(tmp_path / "one"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     dp, one = _adapters(tmp_path / "dp"), _adapters(tmp_path / "one")
@@ -79,22 +99,48 @@ def test_stale_shared_files_of_dead_processes_are_removed(tmp_path, monkeypatch)
     assert not stale.exists() and live.exists() and other.exists()
 
 
-def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path, text_file, monkeypatch):
-    """A 2-rank LoRA run whose rank 1 dies in step 3 ends the job; resumed from its step-2 checkpoint it ends where
-    the uninterrupted run ended: rank 0's optimizer state (the same on every rank) is read back by both."""
+def test_a_data_parallel_run_resumes_where_it_stopped(dp_run, tmp_path, monkeypatch):
+    """The same 2-rank run, its rank 1 killed in step 3, ends the job; resumed from its step-2 checkpoint it ends
+    where the uninterrupted run ended: rank 0's optimizer state (the same on every rank) is read back by both."""
     from forge_qat.distributed.launch import RankFailedError
 
-    save_tiny_moe(tmp_path / "model", "qwen3_moe", "fused")
-    args = dict(model=str(tmp_path / "model"), qat_recipe=RECIPE, qat_learn_scales=False, lora_rank=4,
-                lora_qat="separate", nproc=2, dist_timeout_s=60, save_every=2, max_steps=3)
-    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "a", text_file, **args)), worker=WORKER)
-    monkeypatch.setenv("FORGE_TEST_FAIL", "1:2")  # rank 1 dies drawing step 3's batch
-    with pytest.raises(RankFailedError, match="injected failure at micro-batch 2"):
-        launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "b", text_file, **args)), worker=WORKER)
+    args = micro_train_args(tmp_path / "b", dp_run / "train.txt", nproc=2, dist_timeout_s=60, **_args(dp_run))
+    monkeypatch.setenv("FORGE_TEST_FAIL", "1:4")  # rank 1 dies drawing step 3's first micro-batch (2 per step)
+    with pytest.raises(RankFailedError, match="injected failure at micro-batch 4"):
+        launch_training(TrainConfig.from_flat(**args), worker=WORKER)
     assert [s for s, _ in checkpoint_dirs(tmp_path / "b")] == [2]
     monkeypatch.delenv("FORGE_TEST_FAIL")
-    launch_training(TrainConfig.from_flat(**micro_train_args(tmp_path / "b", text_file, resume=True, **args)),
-                    worker=WORKER)
-    assert [m["loss"] for m in _metrics(tmp_path / "a")] == [m["loss"] for m in _metrics(tmp_path / "b")]
-    a, b = _adapters(tmp_path / "a"), _adapters(tmp_path / "b")
+    launch_training(TrainConfig.from_flat(**args, resume=True), worker=WORKER)
+    assert [m["loss"] for m in _metrics(dp_run / "dp")] == [m["loss"] for m in _metrics(tmp_path / "b")]
+    a, b = _adapters(dp_run / "dp"), _adapters(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_without_deepspeed_runs_a_lora_run_data_parallel(tmp_path, text_file):
+    """torchrun starts 2 ranks of `forge train` without --nproc: a LoRA run is data parallel over them, not two runs
+    writing one directory."""
+    import subprocess
+
+    flags = []
+    for k, v in micro_train_args(tmp_path / "t", text_file, max_steps=2, dist_timeout_s=60, lora_rank=4,
+                                 lora_qat="separate").items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           "-m", "forge_qat.cli", "train", *flags],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((checkpoint_dirs(tmp_path / "t")[-1][1] / "forge_checkpoint.json").read_text())
+    assert meta["world_size"] == 2
+
+
+def test_launched_ranks_without_deepspeed_must_train_lora(tmp_path, text_file, monkeypatch):
+    """torchrun's ranks reach the engine without --nproc (the config never saw them): training every weight there
+    without DeepSpeed is refused before the process group is joined."""
+    from forge_qat.train.optim import resolve_placement
+    from forge_qat.train.trainer import make_engine
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig.from_flat(**micro_train_args(tmp_path / "r", text_file))
+    with pytest.raises(ConfigError, match="2 ranks without DeepSpeed train LoRA adapters only"):
+        make_engine(cfg, resolve_placement(cfg))

@@ -279,11 +279,12 @@ def _offloaded_grids(model: torch.nn.Module) -> dict[str, FrozenGrid]:
             for stack, grid in module._modules[GRID_ATTR].items()}
 
 
-def share_experts(model: torch.nn.Module, stacks: dict[str, list[str]], ranks) -> Offloaded:
+def share_experts(model: torch.nn.Module, ranks) -> Offloaded:
     """`--experts-offload host` under several ranks: one copy of the experts' grids per machine (`forge_qat.qat.
     host_store`). `ranks`: the engine (`rank`, `local_rank`, `ranks_on_machine`, `broadcast`, `barrier`). A machine's
     local rank 0 has made and offloaded the grids (`install`, `offload_experts`) and publishes them; the others,
-    whose `install` left the `stacks` out (their Parameters allocated, never read), attach views of them."""
+    whose `install` left the expert stacks out (their Parameters allocated, never read), attach views of the
+    stacks it published."""
     leader = ranks.local_rank == 0
     path = Path(ranks.broadcast(str(host_store.new_path()) if ranks.rank == 0 else None))
     slots = None
@@ -300,14 +301,13 @@ def share_experts(model: torch.nn.Module, stacks: dict[str, list[str]], ranks) -
     ranks.barrier()  # every machine's file is written
     if not leader:
         views = host_store.attach(path, slots)
-        for name, names in stacks.items():
+        for key in dict.fromkeys(slot.key.rsplit(".", 1)[0] for slot in slots):  # <experts module>.<stack>
+            name, stack = key.rsplit(".", 1)
             module = model.get_submodule(name)
-            for stack in names:
-                weight = getattr(module, stack)
-                spec = getattr(module, experts_mod.FAKE_QUANT_ATTR)[stack].weight_fake_quantizer.spec
-                key = f"{name}.{stack}"
-                _hold(module, stack, weight, FrozenGrid(views[f"{key}.codes"], views[f"{key}.scale"], spec,
-                                                        tuple(weight.shape), weight.dtype), keep_weights=False)
+            weight = getattr(module, stack)
+            spec = getattr(module, experts_mod.FAKE_QUANT_ATTR)[stack].weight_fake_quantizer.spec
+            _hold(module, stack, weight, FrozenGrid(views[f"{key}.codes"], views[f"{key}.scale"], spec,
+                                                    tuple(weight.shape), weight.dtype), keep_weights=False)
     report = offload_experts(model) if not leader else _offload_report(model)
     ranks.barrier()  # every rank has mapped it: the name can go, the memory stays until the last one exits
     if leader:

@@ -163,7 +163,7 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
         if offload:
             report = grid_base.offload_experts(model) if not shared or engine.local_rank == 0 else None
             if shared:
-                report = grid_base.share_experts(model, stacks, engine)
+                report = grid_base.share_experts(model, engine)
             log.info("%s", report.describe(engine.device))
         if grid_reader is not None:
             grid_base.read_rest(model, grid_reader)

@@ -10,6 +10,7 @@ Reports progress to an optional `TrainObserver` on rank 0; it never prints.
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,13 @@ class TrainResult:
 
 
 def make_engine(cfg: TrainConfig, placement: Placement) -> Engine:
-    if cfg.distributed.data_parallel:
+    from forge_qat.distributed.launch import launched_by_a_launcher
+
+    launched = int(os.environ["WORLD_SIZE"]) if launched_by_a_launcher() else 1  # torchrun's ranks, or forge's
+    if cfg.distributed.data_parallel or (launched > 1 and not cfg.distributed.uses_deepspeed):
+        if not cfg.lora.enabled:  # torchrun without --nproc: `DistributedConfig.check_with` never saw the ranks
+            raise ConfigError(f"{launched} ranks without DeepSpeed train LoRA adapters only (data parallel): add "
+                              f"--zero-stage 3 to train every weight, or --lora-rank R")
         from forge_qat.train.data_parallel import DataParallelEngine
 
         return DataParallelEngine(cfg.distributed.dist_timeout_s, placement.precision, cfg.optim.grad_accum,
