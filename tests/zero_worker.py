@@ -11,7 +11,7 @@ share the file system.
 FORGE_TEST_COUNT_READS=DIR records every read of a safetensors file, as "key start count bytes" lines in
 DIR/rank-N.txt (what each rank read of the checkpoint).
 FORGE_TEST_HOST_EXPERTS=DIR writes, when training ends, what the rank holds of the offloaded experts into
-DIR/rank-N.json: the grids' bytes, and its memory in the shared file (`host_store.mapped_bytes`).
+DIR/rank-N.json: the grids' bytes, and its memory in the shared file (`mapped_bytes`).
 """
 
 import os
@@ -73,10 +73,24 @@ if os.environ.get("FORGE_TEST_HOST_EXPERTS"):
     from forge_qat.qat import host_experts, host_store
     from forge_qat.train import trainer
 
+    def mapped_bytes() -> dict[str, int]:
+        """This process's memory in the shared experts files (`/proc/self/smaps`): `Rss` (pages it maps), `Pss` (its
+        share of them: Rss divided among the processes mapping each page), `Private` (pages only it maps), bytes."""
+        totals = {"Rss": 0, "Pss": 0, "Private": 0}
+        inside = False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping: range perms offset dev inode path
+                inside = len(fields) >= 6 and host_store.PREFIX in fields[5]
+            elif inside and fields and fields[0].rstrip(":") in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                key = fields[0].rstrip(":")
+                totals["Private" if key.startswith("Private") else key] += int(fields[1]) * 1024
+        return totals
+
     real_finish = trainer.Trainer.finish
 
     def recorded(self):
-        held = {"host_bytes": host_experts.host_bytes(self.models.student), **host_store.mapped_bytes()}
+        held = {"host_bytes": host_experts.host_bytes(self.models.student), **mapped_bytes()}
         out = Path(os.environ["FORGE_TEST_HOST_EXPERTS"]) / f"rank-{os.environ['RANK']}.json"
         out.write_text(json.dumps(held))
         return real_finish(self)

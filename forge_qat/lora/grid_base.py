@@ -251,26 +251,18 @@ def offload_experts(model: torch.nn.Module) -> Offloaded:
     """`--experts-offload host`: pin the grids of every experts module whose stacks `install` holds in them to the
     host, where their forward then runs (`forge_qat.qat.host_experts`). Raises ConfigError where none is held: the
     flag would do nothing."""
+    report = Offloaded(0, 0, 0, 0)
     for module in model.modules():
         grids = module._modules.get(GRID_ATTR)
         if experts_mod.is_experts(module) and isinstance(grids, torch.nn.ModuleDict) and len(grids):
             host_experts.pin(module)
-    report = _offload_report(model)
-    if not report.modules:
-        raise ConfigError("--experts-offload host: this model has no expert stacks held in their grid to offload "
-                          "(a dense model, or a recipe that leaves its experts in float)")
-    return report
-
-
-def _offload_report(model: torch.nn.Module) -> Offloaded:
-    report = Offloaded(0, 0, 0, 0)
-    for module in model.modules():
-        if host_experts.offloaded(module):
-            grids = module._modules[GRID_ATTR]
             report.modules += 1
             report.stacks += len(grids)
             report.params += sum(math.prod(g.shape) for g in grids.values())
             report.host_bytes += sum(g.nbytes() for g in grids.values())
+    if not report.modules:
+        raise ConfigError("--experts-offload host: this model has no expert stacks held in their grid to offload "
+                          "(a dense model, or a recipe that leaves its experts in float)")
     return report
 
 
@@ -282,13 +274,14 @@ def _offloaded_grids(model: torch.nn.Module) -> dict[str, FrozenGrid]:
 def share_experts(model: torch.nn.Module, ranks) -> Offloaded:
     """`--experts-offload host` under several ranks: one copy of the experts' grids per machine (`forge_qat.qat.
     host_store`). `ranks`: the engine (`rank`, `local_rank`, `ranks_on_machine`, `broadcast`, `barrier`). A machine's
-    local rank 0 has made and offloaded the grids (`install`, `offload_experts`) and publishes them; the others,
-    whose `install` left the expert stacks out (their Parameters allocated, never read), attach views of the
-    stacks it published."""
+    local rank 0 has made the grids (`install`) and offloads and publishes them; the others, whose `install` left
+    the expert stacks out (their Parameters allocated, never read), attach views of the stacks it published and
+    offload those."""
     leader = ranks.local_rank == 0
     path = Path(ranks.broadcast(str(host_store.new_path()) if ranks.rank == 0 else None))
     slots = None
     if leader:
+        report = offload_experts(model)
         host_store.remove_stale()
         grids = _offloaded_grids(model)
         tensors = {f"{key}.{part}": getattr(grid, part) for key, grid in grids.items() for part in ("codes", "scale")}
@@ -308,7 +301,7 @@ def share_experts(model: torch.nn.Module, ranks) -> Offloaded:
             spec = getattr(module, experts_mod.FAKE_QUANT_ATTR)[stack].weight_fake_quantizer.spec
             _hold(module, stack, weight, FrozenGrid(views[f"{key}.codes"], views[f"{key}.scale"], spec,
                                                     tuple(weight.shape), weight.dtype), keep_weights=False)
-    report = offload_experts(model) if not leader else _offload_report(model)
+        report = offload_experts(model)
     ranks.barrier()  # every rank has mapped it: the name can go, the memory stays until the last one exits
     if leader:
         path.unlink(missing_ok=True)

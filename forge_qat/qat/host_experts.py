@@ -45,18 +45,14 @@ def offloaded(module: torch.nn.Module) -> bool:
     return module.__dict__.get(OFFLOAD_ATTR, False)
 
 
-def pin(module: torch.nn.Module) -> int:
-    """Pin the grids of an experts module's stacks to the host and make its forward run there; returns the grids'
-    bytes."""
+def pin(module: torch.nn.Module) -> None:
+    """Pin the grids of an experts module's stacks to the host and make its forward run there."""
     grids = module._modules.get(GRID_ATTR)
     if not isinstance(grids, torch.nn.ModuleDict) or not len(grids):
         raise ValueError("only an experts module whose stacks are held in their grid can be offloaded")
-    total = 0
     for grid in grids.values():
         grid.to_host()
-        total += grid.nbytes()
     module.__dict__[OFFLOAD_ATTR] = True
-    return total
 
 
 def computing_on_host() -> bool:
@@ -93,8 +89,8 @@ def _split(module: torch.nn.Module) -> tuple[list[str], list[torch.Tensor], dict
             trained.append(p)
         elif p.device != HOST:
             frozen[name] = p.detach().to(HOST)
-    for name, b in module.named_buffers():
-        if b.device != HOST and not name.startswith(f"{GRID_ATTR}."):
+    for name, b in module.named_buffers():  # the grids' are pinned to the host already
+        if b.device != HOST:
             frozen[name] = b.to(HOST)
     return names, trained, frozen
 

@@ -15,6 +15,7 @@ file's pages are written once, by the publisher, before anyone maps them.
 Called by `forge_qat.lora.grid_base.share_experts`, which binds the views to the experts modules.
 """
 
+import math
 import os
 import tempfile
 import uuid
@@ -42,10 +43,7 @@ class Slot:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * getattr(torch, self.dtype).itemsize
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
     def view(self, mapping: torch.Tensor) -> torch.Tensor:
         return mapping[self.offset:self.offset + self.nbytes].view(getattr(torch, self.dtype)).view(self.shape)
@@ -110,21 +108,3 @@ def attach(path: Path, slots: list[Slot]) -> dict[str, torch.Tensor]:
     heap.release_free_memory()
     return views
 
-
-def mapped_bytes(path_fragment: str = PREFIX) -> dict[str, int]:
-    """This process's memory in the shared files (`/proc/self/smaps`): `Rss` (pages it maps), `Pss` (its share of
-    them: Rss divided among the processes mapping each page), and `Private` (pages only it maps), in bytes. Linux
-    only; {} elsewhere."""
-    smaps = Path("/proc/self/smaps")
-    if not smaps.is_file():
-        return {}
-    totals = {"Rss": 0, "Pss": 0, "Private": 0}
-    inside = False
-    for line in smaps.read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header: range perms offset dev inode [path]
-            inside = len(fields) >= 6 and path_fragment in fields[5]
-        elif inside and fields and fields[0].rstrip(":") in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
-            key = fields[0].rstrip(":")
-            totals["Private" if key.startswith("Private") else key] += int(fields[1]) * 1024
-    return totals

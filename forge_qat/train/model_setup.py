@@ -151,8 +151,8 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
         offload = cfg.lora.experts_offload == "host"
         shared = offload and engine.ranks_on_machine > 1
         # with one copy of the experts per machine, only its first rank reads them (`share_experts`)
-        held = grid_base.install(model, list(basis.linears), stacks if not shared or engine.local_rank == 0 else {},
-                                 source=grid_reader)
+        reads_experts = not shared or engine.local_rank == 0
+        held = grid_base.install(model, list(basis.linears), stacks if reads_experts else {}, source=grid_reader)
         (log.info if held.layers or held.stacks else log.warning)("%s", held.describe())
         if cfg.lora.lora_qat == "merged":
             log.warning("--lora-base-grid with --lora-qat merged trains q(G + s*BA) against the grid's fixed scales: "
@@ -161,9 +161,7 @@ def _install_lora(model: torch.nn.Module, cfg: TrainConfig, coverage: Coverage |
                         "docs/benchmarks.md); separate mode computes the same numerics on the grid as on the float "
                         "base")
         if offload:
-            report = grid_base.offload_experts(model) if not shared or engine.local_rank == 0 else None
-            if shared:
-                report = grid_base.share_experts(model, engine)
+            report = grid_base.share_experts(model, engine) if shared else grid_base.offload_experts(model)
             log.info("%s", report.describe(engine.device))
         if grid_reader is not None:
             grid_base.read_rest(model, grid_reader)
